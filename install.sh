@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs forge_dist for CPU work on a fresh Debian/Ubuntu machine: OpenMPI from apt, a .venv
+# with the pinned CPU torch and the project's requirements, then the package itself (editable).
+# GPU users: see README ("Installing on a GPU machine").
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if ! command -v mpirun >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+fi
+
+[ -d .venv ] || python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+pip install -q torch==2.13.0                      # first, so nothing else can pull a CUDA build
+DS_BUILD_OPS=0 pip install -q -r requirements-cpu.txt
+pip install -q --no-build-isolation -e .
+echo "forge_dist installed in $(pwd)/.venv"

@@ -2,7 +2,11 @@
 
 Activations are applied as act(h - x_offset) - y_offset (ReaLLM-Forge's MLP offsets; 0-d buffers,
 or parameters when learn_mlp_*_offset). Up-projections are column-splittable and down-projections
-row-splittable nn.Linear-like layers, named as upstream (c_fc / c_proj; swiglu c_fc_in1/2, c_fc_out).
+row-splittable nn.Linear-like layers from build_linear, named as upstream (c_fc / c_proj; swiglu
+c_fc_in1/2, c_fc_out; dual_path c_fc, c_proj1/2). An activation that halves the width (glu) gets an
+up projection of width_divisor * F outputs, so every variant keeps its hidden width F.
+
+Every variant acts on each position independently (no mixing over T), so all are causal.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from forge_dist.model.activation import build_activation
+from forge_dist.model.kan import KANetwork
 from forge_dist.model.linear import build_linear
 from forge_dist.model.registries import MLP
 
@@ -23,15 +28,23 @@ def _offset(module: nn.Module, name: str, value: float, learn: bool) -> None:
 
 
 class OffsetActivationMixin:
-    """Adds activation_x_offset / activation_y_offset and ``activate(h)`` to an MLP module."""
+    """Adds activation_x_offset / activation_y_offset and ``activate(h)`` to an MLP module, and
+    ``act_width``: how many up-projection outputs feed the F hidden units (2F for glu)."""
 
     def _init_activation(self, config):
         self.activation_variant = build_activation(config.activation_variant, config)
+        self.act_width = config.mlp_hidden * self.activation_variant.width_divisor
         _offset(self, "activation_x_offset", config.mlp_x_offset, config.learn_mlp_x_offset)
         _offset(self, "activation_y_offset", config.mlp_y_offset, config.learn_mlp_y_offset)
 
-    def activate(self, h):
+    def activate(self, h):  # (..., act_width) -> (..., F)
         return self.activation_variant(h - self.activation_x_offset) - self.activation_y_offset
+
+
+def sum_down_projs(y: torch.Tensor, m: int) -> torch.Tensor:  # (..., m*C) -> (..., C)
+    """mlp_down_projs = m: the down projection outputs m slices of C that are summed (a
+    re-parameterisation of one projection, as upstream)."""
+    return y.view(*y.shape[:-1], m, -1).sum(-2) if m > 1 else y
 
 
 @MLP.register("mlp")
@@ -40,19 +53,89 @@ class OriginalMLP(OffsetActivationMixin, nn.Module):
 
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
-        self.n_embd = config.n_embd
-        self.down_projs = config.mlp_down_projs
-        self.c_fc = build_linear("mlp_up", config.n_embd, config.mlp_hidden, config, config.mlp_up_bias_resolved)
         self._init_activation(config)
+        self.down_projs = config.mlp_down_projs
+        self.c_fc = build_linear("mlp_up", config.n_embd, self.act_width, config, config.mlp_up_bias_resolved)
         self.c_proj = build_linear("mlp_down", config.mlp_hidden, config.n_embd * self.down_projs, config,
                                    config.mlp_down_bias_resolved)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        y = self.c_proj(self.activate(self.c_fc(x)))  # (B, T, m*C)
-        if self.down_projs > 1:
-            y = y.view(*y.shape[:-1], self.down_projs, self.n_embd).sum(-2)
-        return self.dropout(y)
+        return self.dropout(sum_down_projs(self.c_proj(self.activate(self.c_fc(x))), self.down_projs))
+
+
+@MLP.register("swiglu")
+class SwiGLU(OffsetActivationMixin, nn.Module):
+    """Gated MLP (Shazeer 2020, GLU variants): y = W_out((act(W_in1 x - x_off) - y_off) * W_in2 x).
+
+    The gate is activation_variant, whose default gelu makes this GeGLU unless activation_variant
+    is silu, exactly as upstream.
+    """
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self._init_activation(config)
+        self.down_projs = config.mlp_down_projs
+        up_bias = config.mlp_up_bias_resolved
+        self.c_fc_in1 = build_linear("mlp_up", config.n_embd, self.act_width, config, up_bias)
+        self.c_fc_in2 = build_linear("mlp_up", config.n_embd, config.mlp_hidden, config, up_bias)
+        self.c_fc_out = build_linear("mlp_down", config.mlp_hidden, config.n_embd * self.down_projs, config,
+                                     config.mlp_down_bias_resolved)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        h = self.activate(self.c_fc_in1(x)) * self.c_fc_in2(x)  # (B, T, F)
+        return self.dropout(sum_down_projs(self.c_fc_out(h), self.down_projs))
+
+
+@MLP.register("dual_path")
+class DualPathMLP(OffsetActivationMixin, nn.Module):
+    """h = W_up x;  y = W_p1(act(h - x_off) - y_off) + W_p2(-act(-(h + x_off)) - y_off).
+
+    The second path mirrors the first through the origin, so a one-sided activation (relu, gelu)
+    also passes the negative side. Biases read mlp_up_bias/mlp_down_bias directly (None -> no
+    bias; ``bias`` is not consulted), as upstream.
+    """
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self._init_activation(config)
+        up_bias, down_bias = bool(config.mlp_up_bias), bool(config.mlp_down_bias)
+        self.c_fc = build_linear("mlp_up", config.n_embd, self.act_width, config, up_bias)
+        self.c_proj1 = build_linear("mlp_down", config.mlp_hidden, config.n_embd, config, down_bias)
+        self.c_proj2 = build_linear("mlp_down", config.mlp_hidden, config.n_embd, config, down_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        h = self.c_fc(x)
+        y1 = self.activate(h)
+        y2 = -self.activation_variant(-(h + self.activation_x_offset)) - self.activation_y_offset
+        return self.dropout(self.c_proj1(y1) + self.c_proj2(y2))
+
+
+@MLP.register("kan")
+class KanMLP(nn.Module):
+    """A Kolmogorov-Arnold network n_embd -> kan_middle_layers -> n_embd (forge_dist.model.kan),
+    applied per token."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self.kan = KANetwork(config.n_embd, config.n_embd, config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return self.dropout(self.kan(x))
+
+
+@MLP.register("identity")
+class IdentityMLP(nn.Module):
+    """Returns its input (upstream's MLP_Identity crashes in its constructor)."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+
+    def forward(self, x):
+        return x
 
 
 def build_mlp(config, layer_idx: int = 0) -> nn.Module:

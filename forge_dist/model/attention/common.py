@@ -1,10 +1,13 @@
-"""Pieces shared by the attention variants (head split/merge, QK-norm, flash-LOBO sink, FIRE)."""
+"""Pieces shared by the attention variants (head split/merge, KV-cache append, QK-norm,
+flash-LOBO sink, FIRE)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from forge_dist.errors import ConfigError
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -17,6 +20,20 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
     """(B, H, T, D) -> (B, T, H*D)."""
     B, H, T, D = y.shape
     return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def extend_cache(cache, **new: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Append each new tensor (..., T, D) to the layer cache's tensor of that name along the time
+    dim (-2) and return the full tensors, in argument order. Without a cache, returns the inputs."""
+    if cache is None:
+        return tuple(new.values())
+    out = []
+    for name, t in new.items():
+        prev = cache.state.get(name)
+        full = t if prev is None else torch.cat([prev, t], dim=-2)
+        cache.state[name] = full
+        out.append(full)
+    return tuple(out)
 
 
 def qk_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +72,12 @@ def build_fire(config, n_head: int, shared) -> Optional[nn.Module]:
     if not config.use_fire_embeddings:
         return None
     if config.shared_fire_embeddings and shared is not None and shared.get("fire") is not None:
-        return shared["fire"]
+        fire = shared["fire"]
+        if fire.n_head != n_head:
+            raise ConfigError(
+                f"shared_fire_embeddings=True shares one FIRE of {fire.n_head} heads, but layer has "
+                f"n_head={n_head}; use equal n_head in every layer or shared_fire_embeddings=False")
+        return fire
     from forge_dist.model.position import FIRE
 
     fire = FIRE(config, n_head)

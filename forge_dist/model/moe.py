@@ -1,0 +1,203 @@
+"""Mixture of experts (use_moe): a router sends each token to moe_top_k of n_experts MLPs.
+
+One MoE layer runs four separate steps, so expert parallelism can replace the two in the middle
+(local grouping) by all-to-all exchanges without touching the others:
+
+    route     logits = W_r x + b (N, E); chosen = top-k over the expert axis;
+              gate weights w = softmax over the chosen logits (sum to 1 per token)
+    dispatch  sort the (token, slot) assignments by expert, first choices before second ones;
+              an expert takes at most `capacity` of them, the rest are dropped
+    experts   expert e runs once on its contiguous slice of tokens (no loop over tokens)
+    combine   y_n = sum_j w_nj expert_{e_nj}(x_n), scattered back into token order
+
+Beyond upstream: a load-balancing loss (Switch Transformer, Fedus et al. 2021, eq. 4-6:
+n_experts * sum_e f_e P_e), the router z-loss (ST-MoE, Zoph et al. 2022, eq. 5:
+mean_n logsumexp(logits_n)^2), a capacity factor (GShard, Lepikhin et al. 2020:
+capacity = ceil(factor * N * k / E); None = dropless) and per-expert token counts as a metric.
+Names follow upstream's state dict: ``mlp.router.route_linear.*`` (+ ``noise_linear`` for
+noisy_top_k) and ``mlp.experts.{e}.*``, each expert a full MLP of ``mlp_variant``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from forge_dist.config.validate import register_rule
+from forge_dist.errors import ConfigError
+from forge_dist.model.mlp import build_mlp
+from forge_dist.model.registries import ROUTER
+
+
+@dataclass
+class Routing:
+    logits: torch.Tensor  # (N, E) the router's clean logits (z-loss)
+    probs: torch.Tensor  # (N, E) softmax over all experts of the selection logits (load balance P_e)
+    experts: torch.Tensor  # (N, k) chosen expert ids, best first
+    weights: torch.Tensor  # (N, k) gate weights, renormalised over the chosen experts
+
+
+@ROUTER.register("softmax")
+class TopKRouter(nn.Module):
+    """Keep the top-k logits, set the others to -inf, softmax: renormalised weights (upstream's
+    TopKRouter). With k = 1 every weight is 1, so the router learns only from the auxiliary loss."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.moe_top_k
+        self.route_linear = nn.Linear(config.n_embd, config.n_experts, bias=True)
+
+    def selection_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def forward(self, x: torch.Tensor) -> Routing:  # x (N, C)
+        logits = self.route_linear(x)  # (N, E)
+        sel = self.selection_logits(x, logits)
+        top, experts = sel.topk(self.top_k, dim=-1)  # over the expert axis
+        return Routing(logits, F.softmax(sel, dim=-1), experts, F.softmax(top, dim=-1))
+
+
+@ROUTER.register("noisy_top_k")
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5): during training the selection logits are
+    H = W_r x + b + eps * softplus(W_n x + b_n) * moe_noise_std, eps ~ N(0, 1), and the top-k and
+    the gate softmax use H; in eval the clean logits. Upstream took the top-k over the sequence
+    axis and never used the noise (docs/divergences.md)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.noise_linear = nn.Linear(config.n_embd, config.n_experts, bias=True)
+        self.noise_std = config.moe_noise_std
+
+    def selection_logits(self, x, logits):
+        if not self.training:
+            return logits
+        return logits + torch.randn_like(logits) * F.softplus(self.noise_linear(x)) * self.noise_std
+
+
+@dataclass
+class DispatchPlan:
+    tokens: torch.Tensor  # (M,) token of each kept assignment, grouped by expert
+    slots: torch.Tensor  # (M,) flat index j * N + n of each kept assignment into routing.weights.T
+    counts: torch.Tensor  # (E,) kept assignments per expert
+    routed: torch.Tensor  # (E,) assignments per expert before the capacity cut
+    dropped: torch.Tensor  # () assignments dropped by the capacity
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: Optional[float]) -> Optional[int]:
+    """ceil(factor * N * k / E) assignments per expert; None (dropless) without a factor."""
+    return None if factor is None else math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+def plan_dispatch(experts: torch.Tensor, n_experts: int, capacity: Optional[int]) -> DispatchPlan:
+    """Group the (N, k) assignments by expert. Priority inside an expert: every token's first
+    choice before any second choice, then token order; beyond ``capacity`` they are dropped."""
+    N, k = experts.shape
+    flat = experts.t().reshape(-1)  # (k*N,) slot-major: index j * N + n
+    order = torch.argsort(flat, stable=True)  # by expert, priority preserved inside each
+    routed = torch.bincount(flat, minlength=n_experts)
+    counts = routed
+    if capacity is not None:
+        starts = torch.cumsum(routed, 0) - routed
+        rank = torch.arange(order.numel(), device=order.device) - starts[flat[order]]
+        order = order[rank < capacity]
+        counts = routed.clamp(max=capacity)
+    return DispatchPlan(order % N, order, counts, routed, routed.sum() - counts.sum())
+
+
+class MoELayer(nn.Module):
+    """Drop-in for the MLP of a block: (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__()
+        self.n_experts = config.n_experts
+        self.top_k = config.moe_top_k
+        self.capacity_factor = config.moe_capacity_factor
+        self.aux_loss_coef = config.moe_aux_loss_coef
+        self.z_loss_coef = config.moe_z_loss_coef
+        self.router = ROUTER.build(config.moe_router_scheme, config, option="moe_router_scheme")
+        self.experts = nn.ModuleList(build_mlp(config, layer_idx) for _ in range(config.n_experts))
+        self.last_aux_loss: Optional[torch.Tensor] = None  # with grad; collect_moe_aux_loss sums them
+        self.last_tokens_per_expert: Optional[torch.Tensor] = None  # (E,) kept assignments, metric
+        self.last_dropped_tokens: Optional[torch.Tensor] = None  # () assignments over capacity
+
+    # --- the four steps -------------------------------------------------------------------------
+    def dispatch(self, x: torch.Tensor, routing: Routing):  # x (N, C) -> (M, C) grouped by expert
+        cap = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        plan = plan_dispatch(routing.experts, self.n_experts, cap)
+        return x[plan.tokens], plan
+
+    def run_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # (M, C) -> (M, C)
+        # every expert runs, even on no tokens, so all parameters stay in the graph (DDP, ZeRO)
+        chunks = torch.split(x, counts.tolist())
+        return torch.cat([e(c.unsqueeze(0)).squeeze(0) for e, c in zip(self.experts, chunks)])
+
+    def combine(self, y: torch.Tensor, routing: Routing, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
+        w = routing.weights.t().reshape(-1)[plan.slots].unsqueeze(-1)  # (M, 1)
+        out = y.new_zeros(n_tokens, y.shape[-1])
+        return out.index_add(0, plan.tokens, y * w.to(y.dtype))  # (N, C)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        flat = x.reshape(-1, x.shape[-1])
+        routing = self.router(flat)
+        grouped, plan = self.dispatch(flat, routing)
+        y = self.combine(self.run_experts(grouped, plan.counts), routing, plan, flat.shape[0])
+        self._record(routing, plan)
+        return y.view_as(x)
+
+    # --- auxiliary losses and metrics ----------------------------------------------------------
+    def load_balance_loss(self, routing: Routing, plan: DispatchPlan) -> torch.Tensor:
+        """E * sum_e f_e P_e: f_e = share of the N*k assignments routed to e (before the capacity
+        cut), P_e = mean router probability of e. 1 for a perfectly uniform router."""
+        f = plan.routed.to(routing.probs.dtype) / plan.routed.sum()
+        return self.n_experts * torch.sum(f * routing.probs.mean(0))
+
+    @staticmethod
+    def z_loss(routing: Routing) -> torch.Tensor:
+        return torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
+
+    def _record(self, routing: Routing, plan: DispatchPlan) -> None:
+        self.last_tokens_per_expert = plan.counts.detach()
+        self.last_dropped_tokens = plan.dropped.detach()
+        aux = None
+        if self.aux_loss_coef > 0:
+            aux = self.aux_loss_coef * self.load_balance_loss(routing, plan)
+        if self.z_loss_coef > 0:
+            z = self.z_loss_coef * self.z_loss(routing)
+            aux = z if aux is None else aux + z
+        self.last_aux_loss = aux
+
+
+def build_ffn(config, layer_idx: int) -> nn.Module:
+    """The feed-forward module of layer ``layer_idx``: an MoE layer when use_moe and
+    layer_idx % moe_layer_freq == 0 (layers 0, 2, 4, ... by default, as upstream), else the MLP."""
+    if config.use_moe and layer_idx % config.moe_layer_freq == 0:
+        return MoELayer(config, layer_idx)
+    return build_mlp(config, layer_idx)
+
+
+def collect_moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the auxiliary losses of the last forward of every MoE layer (0 when none); add it
+    to the training loss."""
+    losses = [m.last_aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.last_aux_loss is not None]
+    if losses:
+        return torch.stack(losses).sum()
+    p = next(model.parameters(), None)
+    return torch.zeros((), device=p.device if p is not None else None)
+
+
+def collect_tokens_per_expert(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """{MoE layer name: (E,) tokens each expert processed in the last forward} for logging."""
+    return {name: m.last_tokens_per_expert for name, m in model.named_modules()
+            if isinstance(m, MoELayer) and m.last_tokens_per_expert is not None}
+
+
+@register_rule
+def rule_moe_extras(cfg):
+    for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_noise_std"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be >= 0")

@@ -150,7 +150,7 @@ def rule_heads(cfg):
 
 
 def rule_positions(cfg):
-    if cfg.rope_length is not None and cfg.attention_variant != "mla":  # mla: see rule_mla
+    if cfg.use_rotary_embeddings and cfg.rope_length is not None and cfg.attention_variant != "mla":
         head_dim = cfg.n_qk_head_dim or cfg.head_dim
         if cfg.rope_length % 2:
             raise ConfigError(f"rope_length={cfg.rope_length} must be even (RoPE rotates pairs)")

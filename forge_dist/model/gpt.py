@@ -19,8 +19,10 @@ from forge_dist.model.attention import build_attention
 from forge_dist.model.block import Block
 from forge_dist.model.cache import KVCache
 from forge_dist.model.init import init_weights
-from forge_dist.model.mlp import build_mlp
+from forge_dist.model.moe import build_ffn, collect_moe_aux_loss
 from forge_dist.model.norm import build_norm
+from forge_dist.model.sharing import SharedModules, SharingPlan
+from forge_dist.model.steering import attach_steering, steer
 
 
 class LMHead(nn.Module):
@@ -46,12 +48,12 @@ class LMHead(nn.Module):
 
 
 def build_blocks(config: ModelConfig) -> nn.ModuleList:
+    """One Block per layer; layers tied by shared_{attn,mlp}_* hold the same module objects
+    (forge_dist.model.sharing), and the MLP slot is an MoE layer where use_moe places one."""
     shared: dict = {}  # model-wide modules reused across layers (shared FIRE, ...)
-    blocks = []
-    for i in range(config.n_layer):
-        layer_cfg = config.for_layer(i)
-        blocks.append(Block(layer_cfg, build_attention(layer_cfg, i, shared), build_mlp(layer_cfg, i)))
-    return nn.ModuleList(blocks)
+    attn = SharedModules(config, "attn", lambda cfg, p: build_attention(cfg, p, shared))
+    mlp = SharedModules(config, "mlp", build_ffn)
+    return nn.ModuleList(Block(config.for_layer(i), attn[i], mlp[i]) for i in range(config.n_layer))
 
 
 class GPT(nn.Module):
@@ -66,15 +68,24 @@ class GPT(nn.Module):
         ))
         if config.use_abs_pos_embeddings:
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        if config.n_embd_wte is not None:  # factorised embeddings: wte lives in the small space
+        if config.n_embd_wte is not None:
+            # factorised embeddings: wte and lm_head live in the small n_embd_wte space; both
+            # adapters hold a (n_embd, n_embd_wte) weight: scale_up(x) = x W^T, scale_down = x W
             self.transformer["scale_up"] = nn.Linear(config.n_embd_wte, config.n_embd, bias=False)
             self.transformer["scale_down"] = nn.Linear(config.n_embd_wte, config.n_embd, bias=False)
+        if config.use_embedding_scale:
+            # learnable scalar on the token embeddings, init sqrt(n_embd); shape (1,), top level
+            init = config.embedding_scale_init
+            self.embedding_scale = nn.Parameter(torch.sqrt(torch.tensor([float(config.n_embd)]))
+                                                if init is None else torch.tensor([float(init)]))
+        attach_steering(self, config)  # self.steering, and self.lsv_matrix with use_lsv
         self.lm_head = LMHead(config)
         init_weights(self, config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        """Re-establish weight tying (call again after replacing tied modules)."""
+        """Re-establish weight tying (call again after replacing tied modules): lm_head shares
+        wte's table (wte_weight_tying) and scale_down shares scale_up's (n_embd_wte_scale_tying)."""
         if self.config.wte_weight_tying:
             self.lm_head.weight = self.transformer.wte.weight
         if self.config.n_embd_wte is not None and self.config.n_embd_wte_scale_tying:
@@ -82,21 +93,31 @@ class GPT(nn.Module):
 
     # --- forward pieces (pipeline stages call these separately) ---------------------------------
     def embed(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        x = self.transformer.wte(idx)
+        x = self.transformer.wte(idx)  # (B, T, wte_dim)
         if self.config.n_embd_wte is not None:
-            x = self.transformer.scale_up(x)
+            x = self.transformer.scale_up(x)  # (B, T, n_embd_wte) -> (B, T, C)
+        if self.config.use_embedding_scale:
+            x = x * self.embedding_scale
         if "wpe" in self.transformer:
             pos = torch.arange(offset, offset + idx.shape[1], device=idx.device)
             x = x + self.transformer.wpe(pos)
         return self.transformer.drop(x)
 
+    @property
+    def sharing_plan(self) -> SharingPlan:
+        """Module index of each layer's attention and MLP; equal indices are one tied module."""
+        return SharingPlan.from_config(self.config)
+
     def run_blocks(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The blocks, with the steering points between them (0 = the input, k = after block k)."""
+        x = steer(self, x, 0)
         for i, block in enumerate(self.transformer.h):
             layer_cache = cache.layer(i) if cache is not None else None
             if self.config.use_gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, layer_cache, use_reentrant=False)
             else:
                 x = block(x, cache=layer_cache)
+            x = steer(self, x, i + 1)
         return x
 
     def head(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None):
@@ -106,6 +127,8 @@ class GPT(nn.Module):
         if targets is None:
             x = x[:, -1:, :]  # inference: only the last position's logits
         return self.lm_head(x, targets)
+
+    last_ce_loss: Optional[torch.Tensor] = None  # the last forward's cross-entropy, without aux losses
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None):
@@ -118,7 +141,11 @@ class GPT(nn.Module):
         x = self.run_blocks(self.embed(idx, offset), cache)
         if cache is not None:
             cache.advance(idx.shape[1])
-        return self.head(x, targets)
+        logits, loss = self.head(x, targets)
+        self.last_ce_loss = None if loss is None else loss.detach()  # the plain CE, before aux losses
+        if loss is not None and self.training and self.config.use_moe:
+            loss = loss + collect_moe_aux_loss(self)
+        return logits, loss
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Unique parameters; with non_embedding, minus the position table (as upstream)."""

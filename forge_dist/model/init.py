@@ -1,37 +1,157 @@
 """Weight initialisation (ReaLLM-Forge's _init_weights) and the token-embedding init variants.
 
-Every linear weight ~ N(linear_mean_init, linear_std_init), biases 0; every embedding ~
-N(embedding_mean_init, embedding_std_init), except that ``init_variant`` decides the token table;
-finally residual output projections (names ending in ``c_proj.weight``) are redrawn with std
-0.02/sqrt(2 n_layer) (GPT-2's scaled init).
+Every linear weight ~ N(linear_mean_init, linear_std_init), biases 0; the position table (and any
+other embedding) ~ N(embedding_mean_init, embedding_std_init); ``init_variant`` decides the token
+table (EMBED_INIT, upstream's initialization_variations.py); finally residual output projections
+(parameter names ending in ``c_proj.weight``) are redrawn with std 0.02/sqrt(2 n_layer) (GPT-2's
+scaled init). A tied lm_head shares the token table's values.
+
+Each variant builds a (vocab, width) table for the token table's actual shape, so factorised
+tables (width n_embd_wte) work too; upstream builds (vocab, n_embd) and fails on them.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 
+from forge_dist.errors import ConfigError
 from forge_dist.model.registries import EMBED_INIT
 
 
 @EMBED_INIT.register("gaussian")
 def gaussian_init(config, shape, generator=None) -> torch.Tensor:
+    """N(embedding_mean_init, embedding_std_init)."""
     return torch.empty(shape).normal_(config.embedding_mean_init, config.embedding_std_init, generator=generator)
+
+
+@EMBED_INIT.register("onehot")
+def onehot_init(config, shape, generator=None) -> torch.Tensor:
+    """Row i = init_scale * e_i: every token its own axis (needs width >= vocab)."""
+    V, D = shape
+    if D < V:
+        raise ConfigError(f"init_variant=onehot needs an embedding width >= vocab_size; got width {D} < "
+                          f"vocab_size {V}: raise n_embd (or n_embd_wte) or choose another init_variant")
+    w = torch.zeros(V, D)
+    w[torch.arange(V), torch.arange(V)] = config.init_scale
+    return w
+
+
+@EMBED_INIT.register("hypercube")
+def hypercube_init(config, shape, generator=None) -> torch.Tensor:
+    """Row i = init_scale * (binary digits of i): corners of {0,1}^D in index order (2^D >= vocab)."""
+    V, D = shape
+    if D < 63 and 2 ** D < V:
+        raise ConfigError(f"init_variant=hypercube needs 2^width >= vocab_size; 2^{D} = {2 ** D} < "
+                          f"{V}: raise n_embd (or n_embd_wte) to at least {math.ceil(math.log2(V))}")
+    d = torch.arange(D)
+    bits = (torch.arange(V).unsqueeze(1) >> d.clamp(max=62)) & 1  # (V, D); digits >= 63 are 0
+    bits[:, d >= 63] = 0
+    return bits.float() * config.init_scale
+
+
+def _unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def _signs(shape, generator) -> torch.Tensor:
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
+@EMBED_INIT.register("rand_hypercube")
+def rand_hypercube_init(config, shape, generator=None) -> torch.Tensor:
+    """Random +-1 corners, L2-normalised, times init_scale."""
+    return _unit_rows(_signs(shape, generator)) * config.init_scale
+
+
+@EMBED_INIT.register("unique_hypercube")
+def unique_hypercube_init(config, shape, generator=None) -> torch.Tensor:
+    """Random +-1 corners with no duplicate and no antipodal pair, L2-normalised, times init_scale."""
+    V, D = shape
+    if D < 63 and V > 2 ** (D - 1):
+        raise ConfigError(f"init_variant=unique_hypercube has only 2^(width-1) = {2 ** (D - 1)} corners "
+                          f"without antipodes for vocab_size {V}: raise n_embd (or n_embd_wte)")
+    rows, seen = [], set()
+    while len(rows) < V:
+        for r in _signs((V - len(rows), D), generator):
+            key = (r * r[0]).to(torch.int8).numpy().tobytes()  # r and -r share a key
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    return _unit_rows(torch.stack(rows)) * config.init_scale
+
+
+@EMBED_INIT.register("angle_hypersphere")
+def angle_hypersphere_init(config, shape, generator=None) -> torch.Tensor:
+    """cos of uniform angles in [0, 2 pi), L2-normalised, times init_radius."""
+    angles = torch.rand(shape, generator=generator) * (2 * math.pi)
+    return _unit_rows(torch.cos(angles)) * config.init_radius
+
+
+@EMBED_INIT.register("gaussian_norm_range")
+def gaussian_norm_range_init(config, shape, generator=None, max_rounds: int = 1000) -> torch.Tensor:
+    """Gaussian rows (embedding_mean_init, embedding_std_init) whose L2 norm lies in
+    [gaussian_min_norm, gaussian_max_norm], by rejection sampling."""
+    V, D = shape
+    lo, hi = config.gaussian_min_norm, config.gaussian_max_norm
+    if lo > hi:
+        raise ConfigError(f"gaussian_min_norm={lo} exceeds gaussian_max_norm={hi}")
+    kept, n = [], 0
+    for _ in range(max_rounds):
+        cand = torch.empty(2 * (V - n) + 16, D).normal_(config.embedding_mean_init, config.embedding_std_init,
+                                                       generator=generator)
+        norms = cand.norm(dim=1)
+        ok = cand[(norms >= lo) & (norms <= hi)][: V - n]
+        kept.append(ok)
+        n += ok.shape[0]
+        if n == V:
+            return torch.cat(kept)
+    typical = math.sqrt(D * (config.embedding_std_init ** 2 + config.embedding_mean_init ** 2))
+    raise ConfigError(f"init_variant=gaussian_norm_range: rows of N({config.embedding_mean_init}, "
+                      f"{config.embedding_std_init}) in {D} dims have norms near {typical:.4g}, almost never in "
+                      f"[gaussian_min_norm={lo}, gaussian_max_norm={hi}]; widen the range")
+
+
+@EMBED_INIT.register("numpy_import")
+def numpy_import_init(config, shape, generator=None) -> torch.Tensor:
+    """The table in init_wte_npy (a plain .npy array, read without pickle), times init_scale."""
+    path = config.init_wte_npy
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} does not exist") from None
+    except ValueError as e:
+        raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} is not a plain numeric .npy "
+                          f"array (object arrays need pickle and are refused): {e}") from None
+    if not isinstance(data, np.ndarray) or data.shape != tuple(shape):
+        got = getattr(data, "shape", type(data).__name__)
+        raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} holds shape {got}, the token "
+                          f"table is (vocab_size, width) = {tuple(shape)}")
+    return torch.from_numpy(np.asarray(data, dtype=np.float32)) * config.init_scale
+
+
+def build_embedding_init(config, shape, generator=None) -> torch.Tensor:
+    w = EMBED_INIT.build(config.init_variant, config, tuple(shape), generator=generator, option="init_variant")
+    if tuple(w.shape) != tuple(shape):  # a registered variant broke the contract
+        raise ConfigError(f"init_variant={config.init_variant!r} built shape {tuple(w.shape)} for a token "
+                          f"table of shape {tuple(shape)}")
+    return w
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, config) -> None:
+    wte = model.transformer.wte
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=config.linear_mean_init, std=config.linear_std_init)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding) and module is not wte:
             nn.init.normal_(module.weight, mean=config.embedding_mean_init, std=config.embedding_std_init)
-    wte = model.transformer.wte.weight
-    wte.copy_(EMBED_INIT.build(config.init_variant, config, tuple(wte.shape), option="init_variant"))
-    if model.lm_head.weight is not wte:
+    wte.weight.copy_(build_embedding_init(config, wte.weight.shape))
+    if model.lm_head.weight is not wte.weight:
         nn.init.normal_(model.lm_head.weight, mean=config.linear_mean_init, std=config.linear_std_init)
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):

@@ -36,14 +36,10 @@ from forge_dist.model.registries import SOFTMAX
 from forge_dist.ops.reference import softmax_variants as ref
 
 
-# Learned per-layer scalars that ReaLLM-Forge stores with shape (1,) and we store 0-d (a converter
-# reshapes these attribute names of a softmax module; pfla's _gamma_raw/_obo_raw are 0-d upstream too).
-UPSTREAM_ONE_ELEMENT_SCALARS = ("beta", "gamma", "obo_offset", "temperature_factor")
-
-
-def _scalar(value: float, learnable: bool = True):
-    """A per-layer scalar: a 0-d Parameter, or a plain float (kept out of the state dict, as upstream)."""
-    return nn.Parameter(torch.tensor(float(value))) if learnable else float(value)
+def _scalar(value: float, learnable: bool = True, shape=(1,)):
+    """A per-layer scalar: a Parameter of upstream's shape ((1,) for beta, gamma, obo_offset and
+    temperature_factor; 0-d for pfla's raw values), or a plain float kept out of the state dict."""
+    return nn.Parameter(torch.full(shape, float(value))) if learnable else float(value)
 
 
 def _log_base(use_euler: bool, base: float) -> float:
@@ -72,13 +68,6 @@ class ScoreNormalizer(nn.Module):
     def per_head(p: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """(H, 1, 1) against (B, H, Tq, Tk) or (B, T, V); (H, 1) against logits (B, V)."""
         return p.reshape(p.shape[0], *([1] * (min(scores.dim(), 3) - 1)))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in UPSTREAM_ONE_ELEMENT_SCALARS:  # upstream (1,) scalars -> our 0-d ones
-            p, key = self._parameters.get(name), prefix + name
-            if p is not None and p.dim() == 0 and key in state_dict and state_dict[key].shape == (1,):
-                state_dict[key] = state_dict[key].reshape(())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # --- row-normalised ---------------------------------------------------------------------------
@@ -312,7 +301,7 @@ class PFLASoftmax(ScoreNormalizer):
                            if config.pfla_softmax_use_learned_divisor else None)
         self._obo_raw = None
         if config.pfla_softmax_use_obo:
-            self._obo_raw = _scalar(config.pfla_softmax_obo, config.pfla_softmax_use_learned_obo)
+            self._obo_raw = _scalar(config.pfla_softmax_obo, config.pfla_softmax_use_learned_obo, shape=())
 
     def _knots(self, name: str, values: torch.Tensor, learnable: bool) -> None:
         if learnable:

@@ -133,7 +133,7 @@ def test_consmax_quan_rounds_beta_gamma_with_straight_through_gradient():
     close(y[0, 0], [[0.01, 0.02, 0], [0.005, 0.01, 0.05]])
     y.sum().backward()
     # straight-through: d y / d beta = -y, so d sum / d beta = -(0.01+0.02+0.005+0.01+0.05) = -0.095
-    close(m.beta.grad, -0.095, atol=1e-12)
+    close(m.beta.grad, [-0.095], atol=1e-12)
 
 
 def test_saturatingconsmax_golden_with_seq_len():
@@ -382,11 +382,11 @@ def test_div_by_seq_len_counts_real_keys_not_sinks():
 def test_parameter_names_and_shapes_follow_upstream():
     shapes = lambda m: {n: tuple(p.shape) for n, p in m.state_dict().items()}  # noqa: E731
     c = cfg(n_head=4)
-    assert shapes(build_softmax("consmax", c)) == {"beta": (), "gamma": ()}
+    assert shapes(build_softmax("consmax", c)) == {"beta": (1,), "gamma": (1,)}  # upstream torch.Tensor([x])
     assert shapes(build_softmax("consmax_v2", c)) == {"beta_factor": (4, 1, 1), "gamma_factor": (4, 1, 1)}
     assert shapes(build_softmax("strongermax", cfg(strongermax_use_learned_obo_per_head=True,
                                                    strongermax_use_learned_temperature_factor=True))) == {
-        "obo_offset": (2, 1, 1), "temperature_factor": ()}
+        "obo_offset": (2, 1, 1), "temperature_factor": (1,)}
     assert shapes(build_softmax("strongermax", c)) == {}
     assert shapes(build_softmax("pfla_softmax", cfg(pfla_softmax_use_learned_divisor=True))) == {
         "x_vals": (30,), "y_vals": (30,), "_gamma_raw": ()}
@@ -397,7 +397,7 @@ def test_parameter_names_and_shapes_follow_upstream():
 def test_loads_upstream_one_element_scalars():
     m = build_softmax("consmax", cfg())
     m.load_state_dict({"beta": torch.tensor([1.5]), "gamma": torch.tensor([7.0])})
-    assert m.beta.shape == () and m.beta.item() == 1.5 and m.gamma.item() == 7.0
+    assert m.beta.shape == (1,) and m.beta.item() == 1.5 and m.gamma.item() == 7.0
 
 
 # --- option checks ------------------------------------------------------------------------------

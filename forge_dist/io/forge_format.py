@@ -1,0 +1,107 @@
+"""forge_dist's checkpoint: a directory with ``model.safetensors`` and ``config.json``.
+
+model.safetensors   the plain (unsharded) model's state dict under its logical names, every tensor
+                    once; metadata ``forge_dist.aliases`` (JSON {alias: stored name}) lists the other
+                    names of tied and cross-layer-shared tensors, re-tied on load.
+config.json         {"format": "forge_dist", "format_version": 1, "model_config": ModelConfig.to_dict(),
+                     "training": {...}}; ``training`` (optional) keeps iter_num, best_val_loss and
+                    an imported ReaLLM-Forge run's ``config``, so conversions round-trip them.
+
+Safetensors holds tensors only, so loading runs no code. The directory is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Tuple
+
+from forge_dist.config.loading import model_config_from_dict
+from forge_dist.config.model_config import ModelConfig
+from forge_dist.errors import CheckpointError
+from forge_dist.io.atomic import atomic_directory
+from forge_dist.io.state import dedupe, expand_aliases, load_state
+
+FORMAT = "forge_dist"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+ALIASES_KEY = "forge_dist.aliases"
+
+
+def is_forge_checkpoint(path: str) -> bool:
+    config = os.path.join(path, CONFIG_NAME)
+    if not (os.path.isdir(path) and os.path.isfile(config)):
+        return False
+    try:
+        with open(config, "r", encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_pretrained(model, path: str, training: Optional[dict] = None) -> None:
+    """Write ``model`` (a single-device GPT) to the directory ``path``, atomically.
+
+    An existing forge_dist checkpoint at ``path`` is replaced; any other existing content is refused.
+    """
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors, aliases = dedupe(model.state_dict())
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": model.config.to_dict()}
+    if training:
+        meta["training"] = training
+    with atomic_directory(path, may_replace=is_forge_checkpoint) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
+                  metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
+        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def read_config(path: str) -> Tuple[ModelConfig, dict]:
+    """(ModelConfig, training info) from a checkpoint directory's config.json."""
+    file = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(file, "r", encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a forge_dist checkpoint: {CONFIG_NAME} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model_config" not in meta:
+        raise CheckpointError(f"{file} is not a forge_dist checkpoint config (expected \"format\": "
+                              f"\"{FORMAT}\" and a \"model_config\" section)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{file} has format_version {version!r}; this forge_dist reads versions up "
+                              f"to {FORMAT_VERSION}: upgrade forge_dist to load it")
+    return model_config_from_dict(meta["model_config"], source=file), meta.get("training") or {}
+
+
+def read_weights(path: str) -> dict:
+    """The full state dict (aliases expanded) from a checkpoint directory."""
+    from safetensors import SafetensorError, safe_open
+
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path} is not a forge_dist checkpoint: {WEIGHTS_NAME} is missing")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    return expand_aliases(tensors, aliases, file)
+
+
+def load_pretrained(path: str):
+    """(GPT, training info) from our checkpoint directory; the model is in train mode."""
+    from forge_dist.model.gpt import GPT
+
+    path = os.fspath(path)
+    cfg, training = read_config(path)
+    state = read_weights(path)
+    model = GPT(cfg)
+    load_state(model, state, os.path.join(path, WEIGHTS_NAME))
+    return model, training

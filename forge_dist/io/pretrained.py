@@ -1,0 +1,43 @@
+"""``forge_dist.from_pretrained(path)``: one entry point for every checkpoint we can read."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from forge_dist.errors import CheckpointError
+from forge_dist.io import forge_format, reallm_forge
+
+
+def checkpoint_kind(path: str) -> str:
+    """"forge" (our directory), "reallm-forge" (a ckpt.pt or an out_dir holding one)."""
+    path = os.fspath(path)
+    if forge_format.is_forge_checkpoint(path):
+        return "forge"
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return "reallm-forge"
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, reallm_forge.CKPT_NAME)):
+        return "reallm-forge"
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist")
+    raise CheckpointError(
+        f"{path} is not a checkpoint forge_dist can read: expected a forge_dist directory "
+        f"({forge_format.CONFIG_NAME} + {forge_format.WEIGHTS_NAME}), a ReaLLM-Forge ckpt.pt, or an "
+        f"out_dir holding ckpt.pt")
+
+
+def load_any(path: str):
+    """(GPT in train mode, training info dict) from either format."""
+    path = os.fspath(path)
+    if checkpoint_kind(path) == "forge":
+        return forge_format.load_pretrained(path)
+    return reallm_forge.load_ckpt(path)
+
+
+def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, device=None):
+    """The GPT stored at ``path`` in eval mode (float32 unless ``dtype``), on ``device`` (CPU)."""
+    model, _ = load_any(path)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,265 @@
+"""ReaLLM-Forge ``ckpt.pt`` import and export.
+
+A ckpt.pt is ``{"model": state_dict, "model_args": GPTConfig kwargs, "iter_num", "best_val_loss"
+(tensor), "best_iter", "config": vars(args), "optimizer", "scheduler"}`` (reference 3.5). Module
+names are the same on both sides by design; the differences live in ``RULES`` below, the one
+place that maps state dicts between the two:
+
+  StripPrefixes   ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) prefixes, import only
+  RenameModules   module spellings that changed upstream (peri-LN ``out_ln_*`` at the snapshot,
+                  ``peri_ln_*`` later): both accepted on import, the layout's spelling on export
+  ScalarShape     one-element parameters whose shape changed upstream (``embedding_scale``: 0-d at
+                  the snapshot, (1,) later)
+  DerivedBuffer   tensors upstream keeps in its state dict and forge_dist derives instead (the
+                  causal-mask ``attn.bias``): dropped on import, rebuilt on export
+
+Export targets a ``layout``: "snapshot" (the reference snapshot 42dfe7f, default) or "latest"
+(upstream master as stored in the public index, which renamed the items above).
+
+A variant family whose parameters differ from upstream (quantized linears' buffers, stacked MoE
+experts, LSV matrices) adds its rule with ``register_rule``; each rule maps whole state dicts so it
+may rename, drop, synthesise, split or stack tensors.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from forge_dist.config.loading import model_args_from_config, model_config_from_model_args
+from forge_dist.config.model_config import ModelConfig
+from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.io.atomic import write_file_atomic
+from forge_dist.io.state import load_state
+
+CKPT_NAME = "ckpt.pt"
+REQUIRED_KEYS = ("model", "model_args")
+
+LAYOUTS = ("snapshot", "latest")  # ReaLLM-Forge versions an export can target (module docstring)
+
+StateDict = Dict[str, torch.Tensor]
+
+
+class StateDictRule:
+    """Maps a whole state dict in each direction; the default is the identity."""
+
+    def from_upstream(self, sd: StateDict, cfg: ModelConfig) -> StateDict:
+        return sd
+
+    def to_upstream(self, sd: StateDict, cfg: ModelConfig, layout: str) -> StateDict:
+        return sd
+
+
+class StripPrefixes(StateDictRule):
+    def __init__(self, *prefixes: str):
+        self.prefixes = prefixes
+
+    def from_upstream(self, sd, cfg):
+        out = {}
+        for name, t in sd.items():
+            for p in self.prefixes:
+                while name.startswith(p):
+                    name = name[len(p):]
+            out[name] = t
+        return out
+
+
+class RenameModules(StateDictRule):
+    """Dotted name components: ``accepted`` upstream spellings -> ours on import;
+    ``exported[layout]`` ours -> upstream on export."""
+
+    def __init__(self, accepted: Dict[str, str], exported: Optional[Dict[str, Dict[str, str]]] = None):
+        self.accepted, self.exported = accepted, exported or {}
+
+    @staticmethod
+    def _rename(sd, table):
+        if not table:
+            return sd
+        return {".".join(table.get(part, part) for part in name.split(".")): t for name, t in sd.items()}
+
+    def from_upstream(self, sd, cfg):
+        return self._rename(sd, self.accepted)
+
+    def to_upstream(self, sd, cfg, layout):
+        return self._rename(sd, self.exported.get(layout, {}))
+
+
+class ScalarShape(StateDictRule):
+    """A one-element tensor ``name`` whose shape differs between layouts; ours is (1,)."""
+
+    def __init__(self, name: str, shapes: Dict[str, tuple]):
+        self.name, self.shapes = name, shapes
+
+    def from_upstream(self, sd, cfg):
+        t = sd.get(self.name)
+        if t is not None and t.numel() == 1:
+            sd = {**sd, self.name: t.reshape(1)}
+        return sd
+
+    def to_upstream(self, sd, cfg, layout):
+        if self.name in sd:
+            sd = {**sd, self.name: sd[self.name].reshape(self.shapes[layout])}
+        return sd
+
+
+class DerivedBuffer(StateDictRule):
+    """A per-layer tensor upstream stores and we derive: ``transformer.h.{i}.<suffix>``.
+
+    ``build(layer_cfg, cfg)`` returns the tensor upstream holds for that layer, or None where
+    upstream has none.
+    """
+
+    def __init__(self, suffix: str, build: Callable[[ModelConfig, ModelConfig], Optional[torch.Tensor]]):
+        self.suffix, self.build = suffix, build
+        self.pattern = re.compile(r"transformer\.h\.\d+\." + re.escape(suffix) + "$")
+
+    def from_upstream(self, sd, cfg):
+        return {n: t for n, t in sd.items() if not self.pattern.match(n)}
+
+    def to_upstream(self, sd, cfg, layout):
+        out = dict(sd)
+        for i in range(cfg.n_layer):
+            t = self.build(cfg.for_layer(i), cfg)
+            if t is not None:
+                out[f"transformer.h.{i}.{self.suffix}"] = t
+        return out
+
+
+def upstream_attention_is_manual(layer_cfg: ModelConfig) -> bool:
+    """Whether upstream's CausalSelfAttention takes its manual (non-SDPA) path, which registers
+    the persistent causal-mask buffer ``bias``: any softmax variant, a window, GQA, FIRE, soft-capping,
+    attention activation quantization or disable_flash_attention (reference 2.5)."""
+    c = layer_cfg
+    quant = [c.quantize_attn_act, c.quantize_attn_act_bits]
+    for name in c.field_names():
+        if name.startswith("quantize_attn_act_"):
+            group = c.quantize_attn_act_bits if name.endswith("_bits") else c.quantize_attn_act
+            quant.append(getattr(c, name) or group)  # upstream's set_variant fallback
+        elif name.startswith("quantize_linear_attn_") and name.endswith("_bits"):
+            quant.append(getattr(c, name) or c.quantize_linear_bits)
+    quantized = any(v is True or (type(v) is int and v == 1) for v in quant)  # upstream tests `== True`
+    return (c.softmax_variant_attn != "softmax" or c.window_size is not None or c.kv_groups != c.n_head
+            or c.use_fire_embeddings or bool(c.attn_logit_softcapping) or quantized
+            or c.disable_flash_attention)
+
+
+def causal_mask_buffer(layer_cfg: ModelConfig, cfg: ModelConfig) -> Optional[torch.Tensor]:
+    """``attn.bias``: tril(ones(block, block)) viewed (1, 1, block, block), where upstream has it."""
+    variant = layer_cfg.attention_variant
+    if variant == "infinite" or (variant == "causal" and upstream_attention_is_manual(layer_cfg)):
+        L = cfg.block_size
+        return torch.tril(torch.ones(L, L)).view(1, 1, L, L)
+    return None
+
+
+RULES: List[StateDictRule] = [
+    StripPrefixes("_orig_mod.", "module."),
+    RenameModules(accepted={"peri_ln_attn": "out_ln_attn", "peri_ln_mlp": "out_ln_mlp"},
+                  exported={"latest": {"out_ln_attn": "peri_ln_attn", "out_ln_mlp": "peri_ln_mlp"}}),
+    ScalarShape("embedding_scale", {"snapshot": (), "latest": (1,)}),
+    DerivedBuffer("attn.bias", causal_mask_buffer),
+]
+
+
+def register_rule(rule: StateDictRule) -> StateDictRule:
+    """Add a variant family's mapping (applied after the built-in rules on import, before the
+    derived buffers are added on export, i.e. in list order both ways)."""
+    RULES.append(rule)
+    return rule
+
+
+def from_upstream_state_dict(sd: StateDict, cfg: ModelConfig) -> StateDict:
+    for rule in RULES:
+        sd = rule.from_upstream(sd, cfg)
+    return sd
+
+
+def to_upstream_state_dict(sd: StateDict, cfg: ModelConfig, layout: str = "snapshot") -> StateDict:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r} is not a ReaLLM-Forge layout; valid values: {', '.join(LAYOUTS)}")
+    for rule in RULES:
+        sd = rule.to_upstream(sd, cfg, layout)
+    return sd
+
+
+# --- files ----------------------------------------------------------------------------------
+def ckpt_path(path: str) -> str:
+    """``path`` itself, or the ckpt.pt inside an upstream out_dir."""
+    path = os.fspath(path)
+    return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
+
+
+def read_ckpt(path: str) -> dict:
+    """torch.load(weights_only=True) of a ckpt.pt; a file that needs pickle is refused."""
+    path = ckpt_path(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist (expected a ReaLLM-Forge ckpt.pt or the out_dir holding it)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} needs pickle to load: it holds objects other than tensors and plain Python values "
+            f"({first}). forge_dist refuses it because unpickling can run arbitrary code. If you trust "
+            f"the file, re-save it with plain values: in a trusted session load it with "
+            f"torch.load(path, weights_only=False), replace the offending objects (e.g. an "
+            f"argparse.Namespace under 'config' by vars(namespace)), torch.save the dict and convert "
+            f"that file") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {e}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        keys = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a ReaLLM-Forge checkpoint: expected keys {list(REQUIRED_KEYS)}, "
+                              f"found {keys}")
+    return ckpt
+
+
+def load_ckpt(path: str):
+    """(GPT in train mode, training info) from a ReaLLM-Forge ckpt.pt (or its out_dir)."""
+    from forge_dist.model.gpt import GPT
+
+    ckpt = read_ckpt(path)
+    try:
+        cfg = model_config_from_model_args(ckpt["model_args"])
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt_path(path)}: {e}") from None
+    model = GPT(cfg)
+    load_state(model, from_upstream_state_dict(dict(ckpt["model"]), cfg), ckpt_path(path))
+    training = {k: ckpt[k] for k in ("iter_num", "best_iter") if isinstance(ckpt.get(k), int)}
+    best = ckpt.get("best_val_loss")
+    if isinstance(best, (torch.Tensor, int, float)) and not isinstance(best, bool):
+        training["best_val_loss"] = float(best.item() if isinstance(best, torch.Tensor) else best)
+    if isinstance(ckpt.get("config"), dict):
+        training["reallm_forge_config"] = ckpt["config"]
+    return model, training
+
+
+def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "snapshot") -> str:
+    """Write a ckpt.pt upstream's train.py/sample.py load (strict key match with its GPT).
+
+    ``path`` ending in .pt is the file; anything else is an out_dir that receives ckpt.pt.
+    Returns the file written. Loads with torch.load(weights_only=True): tensors and plain values only.
+    """
+    training, path = training or {}, os.fspath(path)
+    file = path if path.endswith(".pt") else os.path.join(path, CKPT_NAME)
+    cfg = model.config
+    model_args = model_args_from_config(cfg)
+    sd = to_upstream_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg, layout)
+    best = training.get("best_val_loss")
+    config = dict(training.get("reallm_forge_config") or {})
+    config.update({k: v for k, v in model_args.items() if k not in config})
+    ckpt = {
+        "model": sd,
+        "model_args": model_args,
+        "iter_num": int(training.get("iter_num", 0)),
+        "best_iter": int(training.get("best_iter", training.get("iter_num", 0))),
+        "best_val_loss": torch.tensor(1e9 if best is None else float(best)),
+        "config": config,
+        "optimizer": None,
+        "scheduler": None,
+    }
+    write_file_atomic(file, lambda tmp: torch.save(ckpt, tmp))
+    return file

@@ -9,6 +9,7 @@ from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.activation import build_activation, natural_cubic_second_derivatives
 from forge_dist.model.gpt import GPT
 from forge_dist.model.registries import ACTIVATION
+from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -32,15 +33,6 @@ def phi(x):  # standard normal CDF, for gelu(x) = x * phi(x)
 def gelu(x):
     return x * phi(x)
 
-
-def gradcheck_module(module, x):
-    """gradcheck in float64 over the input and every parameter of ``module``."""
-    names, params = zip(*[(n, p.detach().double().requires_grad_()) for n, p in module.named_parameters()])
-
-    def f(x, *ps):
-        return torch.func.functional_call(module, dict(zip(names, ps)), (x,))
-
-    return torch.autograd.gradcheck(f, (x.double().requires_grad_(), *params), eps=1e-6, atol=1e-5)
 
 
 # --- golden values --------------------------------------------------------------------------------

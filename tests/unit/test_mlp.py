@@ -11,6 +11,7 @@ from forge_dist.model.gpt import GPT
 from forge_dist.model.kan import KANetwork, legendre_basis, minmax_features
 from forge_dist.model.mlp import build_mlp
 from forge_dist.model.registries import MLP
+from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -32,15 +33,6 @@ def set_weights(module, **weights):
         for name, value in weights.items():
             module.get_parameter(name).copy_(torch.as_tensor(value, dtype=torch.float64))
 
-
-def gradcheck_module(module, x):
-    """gradcheck in float64 over the input and every parameter of ``module``."""
-    names, params = zip(*[(n, p.detach().double().requires_grad_()) for n, p in module.named_parameters()])
-
-    def f(x, *ps):
-        return torch.func.functional_call(module, dict(zip(names, ps)), (x,))
-
-    return torch.autograd.gradcheck(f, (x.double().requires_grad_(), *params), eps=1e-6, atol=1e-5)
 
 
 SMALL = dict(n_embd=2, n_head=1)

@@ -10,6 +10,7 @@ from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.gpt import GPT
 from forge_dist.model.norm import build_norm
 from forge_dist.model.registries import NORM
+from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -25,15 +26,6 @@ def norm(name, dim, **kw):
 def t(*rows):
     return torch.tensor(rows, dtype=torch.float64)
 
-
-def gradcheck_module(module, x):
-    """gradcheck in float64 over the input and every parameter of ``module``."""
-    names, params = zip(*[(n, p.detach().double().requires_grad_()) for n, p in module.named_parameters()])
-
-    def f(x, *ps):
-        return torch.func.functional_call(module, dict(zip(names, ps)), (x,))
-
-    return torch.autograd.gradcheck(f, (x.double().requires_grad_(), *params), eps=1e-6, atol=1e-5)
 
 
 # --- golden values --------------------------------------------------------------------------------

@@ -11,6 +11,26 @@ import dataclasses
 LIST_SUFFIX = "_layerlist"
 
 
+def _parse_item(value):
+    """Upstream sweeps write list items as strings: "none" -> None, "12" -> 12."""
+    if isinstance(value, str):
+        if value.strip().lower() == "none":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def normalize_layerlists(cfg) -> None:
+    """Parse string items of the integer ``*_layerlist`` options in place (before validation)."""
+    for name in cfg.field_names():
+        values = getattr(cfg, name)
+        if name.endswith(LIST_SUFFIX) and "attention" not in name and isinstance(values, list):
+            setattr(cfg, name, [_parse_item(v) for v in values])
+
+
 def layer_overrides(cfg, layer_idx: int) -> dict:
     changes = {}
     for name in cfg.field_names():

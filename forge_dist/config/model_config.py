@@ -35,12 +35,12 @@ class ModelConfig:
 
     # --- per-layer overrides (layer i uses list[i % len]; "none" -> None) ---------------------
     attention_list: List[str] = _list()
-    n_head_layerlist: List[int] = _list()
-    n_qk_head_dim_layerlist: List[int] = _list()
-    n_v_head_dim_layerlist: List[int] = _list()
-    mlp_size_layerlist: List[int] = _list()
-    n_cproj_layerlist: List[int] = _list()
-    n_kv_group_layerlist: List[int] = _list()
+    n_head_layerlist: List[Optional[int]] = _list()
+    n_qk_head_dim_layerlist: List[Optional[int]] = _list()
+    n_v_head_dim_layerlist: List[Optional[int]] = _list()
+    mlp_size_layerlist: List[Optional[int]] = _list()
+    n_cproj_layerlist: List[Optional[int]] = _list()
+    n_kv_group_layerlist: List[Optional[int]] = _list()
     attention_variant_layerlist: List[str] = _list()
 
     # --- token embeddings ---------------------------------------------------------------------
@@ -323,8 +323,10 @@ class ModelConfig:
     shared_attn_seq: int = 1
 
     def __post_init__(self):
+        from forge_dist.config.layerwise import normalize_layerlists
         from forge_dist.config.validate import validate_model_config
 
+        normalize_layerlists(self)
         validate_model_config(self)
 
     # --- derived values (read these, never recompute them elsewhere) ----------------------------

@@ -105,3 +105,16 @@ def test_none_strings_map_to_none():
 def test_an_invalid_layer_is_refused_by_number():
     with pytest.raises(ConfigError, match=r"layer 1 \(after the \*_layerlist overrides\).*n_head=3"):
         ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, n_head_layerlist=[2, 3])
+
+
+def test_string_items_parse_like_upstream_sweeps():
+    # upstream sweeps write list items as strings; "none" means "use the default" for that layer
+    from forge_dist import ConfigError, ModelConfig
+
+    c = ModelConfig(n_layer=3, n_head=4, n_embd=32, mlp_size_layerlist=["64", "none", 96],
+                    n_head_layerlist=["2", 4])
+    assert c.mlp_size_layerlist == [64, None, 96]
+    assert [c.for_layer(i).mlp_hidden for i in range(3)] == [64, 4 * 32, 96]
+    assert [c.for_layer(i).n_head for i in range(3)] == [2, 4, 2]
+    with pytest.raises(ConfigError, match="n_head_layerlist"):
+        ModelConfig(n_head_layerlist=["x"])

@@ -121,8 +121,10 @@ class DerivedBuffer(StateDictRule):
 
     def to_upstream(self, sd, cfg, layout):
         out = dict(sd)
+        from forge_dist.model.sharing import module_config
+
         for i in range(cfg.n_layer):
-            t = self.build(cfg.for_layer(i), cfg)
+            t = self.build(module_config(cfg, i, "attn"), cfg)  # the config layer i's attention was built from
             if t is not None:
                 out[f"transformer.h.{i}.{self.suffix}"] = t
         return out

@@ -19,7 +19,7 @@ from forge_dist.model.attention import build_attention
 from forge_dist.model.block import Block
 from forge_dist.model.cache import KVCache
 from forge_dist.model.init import init_weights
-from forge_dist.model.moe import build_ffn, collect_moe_aux_loss
+from forge_dist.model.moe import build_ffn, collect_moe_aux_loss, reset_moe_state
 from forge_dist.model.norm import build_norm
 from forge_dist.model.sharing import SharedModules, SharingPlan
 from forge_dist.model.steering import attach_steering, steer
@@ -138,6 +138,8 @@ class GPT(nn.Module):
         if offset + idx.shape[1] > self.config.block_size and "wpe" in self.transformer:
             raise ValueError(f"sequence of {offset + idx.shape[1]} tokens exceeds block_size="
                              f"{self.config.block_size} of learned absolute positions")
+        if self.config.use_moe:
+            reset_moe_state(self)
         x = self.run_blocks(self.embed(idx, offset), cache)
         if cache is not None:
             cache.advance(idx.shape[1])

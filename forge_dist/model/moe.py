@@ -121,9 +121,15 @@ class MoELayer(nn.Module):
         self.z_loss_coef = config.moe_z_loss_coef
         self.router = ROUTER.build(config.moe_router_scheme, config, option="moe_router_scheme")
         self.experts = nn.ModuleList(build_mlp(config, layer_idx) for _ in range(config.n_experts))
-        self.last_aux_loss: Optional[torch.Tensor] = None  # with grad; collect_moe_aux_loss sums them
+        # Per-forward records; a module shared by several layers records every use (reset_moe_state
+        # clears them at the start of each model forward).
+        self.aux_losses: list = []  # with grad; collect_moe_aux_loss sums them
         self.last_tokens_per_expert: Optional[torch.Tensor] = None  # (E,) kept assignments, metric
         self.last_dropped_tokens: Optional[torch.Tensor] = None  # () assignments over capacity
+
+    def reset_state(self) -> None:
+        self.aux_losses = []
+        self.last_tokens_per_expert = self.last_dropped_tokens = None
 
     # --- the four steps -------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, routing: Routing):  # x (N, C) -> (M, C) grouped by expert
@@ -161,15 +167,18 @@ class MoELayer(nn.Module):
         return torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
 
     def _record(self, routing: Routing, plan: DispatchPlan) -> None:
-        self.last_tokens_per_expert = plan.counts.detach()
-        self.last_dropped_tokens = plan.dropped.detach()
+        counts, dropped = plan.counts.detach(), plan.dropped.detach()
+        if self.last_tokens_per_expert is not None:  # a shared module: sum over its uses
+            counts, dropped = counts + self.last_tokens_per_expert, dropped + self.last_dropped_tokens
+        self.last_tokens_per_expert, self.last_dropped_tokens = counts, dropped
         aux = None
         if self.aux_loss_coef > 0:
             aux = self.aux_loss_coef * self.load_balance_loss(routing, plan)
         if self.z_loss_coef > 0:
             z = self.z_loss_coef * self.z_loss(routing)
             aux = z if aux is None else aux + z
-        self.last_aux_loss = aux
+        if aux is not None:
+            self.aux_losses.append(aux)
 
 
 def build_ffn(config, layer_idx: int) -> nn.Module:
@@ -181,13 +190,20 @@ def build_ffn(config, layer_idx: int) -> nn.Module:
 
 
 def collect_moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the auxiliary losses of the last forward of every MoE layer (0 when none); add it
-    to the training loss."""
-    losses = [m.last_aux_loss for m in model.modules() if isinstance(m, MoELayer) and m.last_aux_loss is not None]
+    """Sum of the auxiliary losses of the last forward of every MoE layer and every use of a
+    shared one (0 when none); add it to the training loss."""
+    losses = [a for m in model.modules() if isinstance(m, MoELayer) for a in m.aux_losses]
     if losses:
         return torch.stack(losses).sum()
     p = next(model.parameters(), None)
     return torch.zeros((), device=p.device if p is not None else None)
+
+
+def reset_moe_state(model: nn.Module) -> None:
+    """Forget the previous forward's records (called at the start of every model forward)."""
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.reset_state()
 
 
 def collect_tokens_per_expert(model: nn.Module) -> Dict[str, torch.Tensor]:

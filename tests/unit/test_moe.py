@@ -125,6 +125,7 @@ def test_collected_aux_loss_is_the_weighted_sum_and_trains_the_router():
     x = torch.randn(2, 6, 32)
     model(x)
     aux = collect_moe_aux_loss(model)
+    counts = collect_tokens_per_expert(model)
     expected, h = 0.0, x
     for m in model:  # each layer's loss on its own input
         r = m.router(h.reshape(-1, 32))
@@ -134,7 +135,6 @@ def test_collected_aux_loss_is_the_weighted_sum_and_trains_the_router():
     assert torch.allclose(aux, expected)
     aux.backward()
     assert model[0].router.route_linear.weight.grad.abs().sum() > 0
-    counts = collect_tokens_per_expert(model)
     assert list(counts) == ["0", "1"] and all(int(c.sum()) == 12 * 2 for c in counts.values())
     off = nn.Sequential(layer_for())
     off(x)
@@ -191,3 +191,24 @@ def test_aux_loss_survives_activation_checkpointing():
 def test_bad_moe_options_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**kw)
+
+
+def test_shared_moe_module_adds_the_aux_loss_of_every_use():
+    # layers 0 and 1 share one MoE module (shared_mlp_size=2, moe_layer_freq=1): both uses count
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.model.moe import MoELayer, collect_moe_aux_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, use_moe=True,
+                      moe_layer_freq=1, n_experts=4, moe_top_k=1, moe_aux_loss_coef=0.5, shared_mlp_size=2)
+    model = GPT(cfg).train()
+    moe = model.transformer.h[0].mlp
+    assert isinstance(moe, MoELayer) and model.transformer.h[1].mlp is moe
+    idx = torch.randint(0, 64, (2, 16))
+    _, loss = model(idx, idx)
+    assert len(moe.aux_losses) == 2
+    torch.testing.assert_close(loss - model.last_ce_loss, moe.aux_losses[0] + moe.aux_losses[1])
+    assert int(moe.last_tokens_per_expert.sum()) == 2 * 2 * 16  # two uses x 32 tokens, top-1
+    model(idx, idx)  # a new forward starts from empty records
+    assert len(moe.aux_losses) == 2 and collect_moe_aux_loss(model).requires_grad

@@ -124,7 +124,7 @@ class DerivedBuffer(StateDictRule):
         from forge_dist.model.sharing import module_config
 
         for i in range(cfg.n_layer):
-            t = self.build(module_config(cfg, i, "attn"), cfg)  # the config layer i's attention was built from
+X
             if t is not None:
                 out[f"transformer.h.{i}.{self.suffix}"] = t
         return out

@@ -15,6 +15,9 @@ Causality: upstream min-max-normalises over the *time* dimension, so every token
 the whole sequence, future tokens included. Here the range is taken per token over the features:
 each position is transformed on its own (no position mixing at all, so it also works token by
 token with a KV cache).
+
+As the ``kan`` MLP, the activation_input / activation_output fake-quant points (``act_quant``)
+wrap every base_activation call, each call with its own per-tensor statistics.
 """
 from __future__ import annotations
 
@@ -60,13 +63,18 @@ class KANetwork(nn.Module):
             self.poly_weights.append(nn.Parameter(_kaiming_uniform(n_out, n_in * (self.poly_order + 1))))
             self.layer_norms.append(nn.LayerNorm(n_out))
 
-    def forward(self, x):  # (..., in) -> (..., out)
+    def forward(self, x, act_quant=None):  # (..., in) -> (..., out)
         for base_w, poly_w, norm in zip(self.base_weights, self.poly_weights, self.layer_norms):
-            base = F.linear(self.base_activation(x), base_w)
+            base = F.linear(self.activate(x, act_quant), base_w)
             basis = legendre_basis(minmax_features(x), self.poly_order)  # (..., n_in, p+1)
             poly = F.linear(basis.flatten(-2), poly_w)
-            x = self.base_activation(norm(base + poly))
+            x = self.activate(norm(base + poly), act_quant)
         return x
+
+    def activate(self, x, act_quant=None):
+        if act_quant is None:
+            return self.base_activation(x)
+        return act_quant("activation_output", self.base_activation(act_quant("activation_input", x)))
 
 
 def _kaiming_uniform(n_out: int, n_in: int) -> torch.Tensor:

@@ -4,8 +4,10 @@ Separate q/k/v projections (c_attn_q, c_attn_k, c_attn_v) and an output projecti
 as upstream. Grouped-query attention through n_kv_group (query head h uses KV head
 h // (n_head / n_kv_group)); RoPE/SOAP on q and k; QK-norm (with a learned scale
 g = log2(L^2 - L) replacing 1/sqrt(d)); flash-LOBO sink; sliding window; soft-capping; FIRE bias;
-any softmax variant; KV-cached decoding. The head count is read from the projection outputs at
-run time, so a tensor-parallel shard (fewer heads per rank) runs the same forward.
+any softmax variant; KV-cached decoding; every activation fake-quant point (quantize_attn_act_*:
+input/output around ``transform``, the rest in core.attend). The head count is read from the
+projection outputs at run time, so a tensor-parallel shard (fewer heads per rank) runs the same
+forward.
 
 The head layout (how many heads, of which q/k and v widths) and how head outputs become the
 residual update are hooks, so infinite-head attention reuses this class (infinite.py).
@@ -23,7 +25,7 @@ from forge_dist.model.registries import ATTENTION
 @ATTENTION.register("causal")
 class CausalSelfAttention(DotProductAttention):
     def __init__(self, config, layer_idx: int = 0, shared=None):
-        super().__init__()
+        super().__init__(config)
         n_head, n_kv, self.qk_head_dim, self.v_head_dim = self.head_shapes(config)
         C = config.n_embd
         self.c_attn_q = build_linear("q", C, n_head * self.qk_head_dim, config, config.bias)
@@ -44,7 +46,7 @@ class CausalSelfAttention(DotProductAttention):
     def combine_heads(self, y):  # (B, H, T, Dv) -> (B, T, C): concatenate heads, project
         return self.c_proj(merge_heads(y))
 
-    def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
+    def transform(self, x, cache=None):  # (B, T, C) -> (B, T, C)
         offset = 0 if cache is None else cache.offset
         q = split_heads(self.c_attn_q(x), self.qk_head_dim)  # (B, H, T, Dqk)
         k = split_heads(self.c_attn_k(x), self.qk_head_dim)  # (B, Hkv, T, Dqk)

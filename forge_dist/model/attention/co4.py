@@ -23,11 +23,12 @@ import math
 import torch
 import torch.nn as nn
 
-from forge_dist.model.attention.common import extend_cache, merge_heads, split_heads
+from forge_dist.model.attention.common import AttentionModule, extend_cache, merge_heads, split_heads
 from forge_dist.model.attention.core import attend
 from forge_dist.model.attention.triadic import cooperation  # noqa: F401  (registers MOD_FN)
 from forge_dist.model.linear import build_linear
 from forge_dist.model.mask import MaskSpec
+from forge_dist.model.quantize import ATTN_ACT_POINTS
 from forge_dist.model.registries import ATTENTION, MOD_FN
 
 
@@ -43,9 +44,11 @@ def running_mean(x: torch.Tensor, cache, name: str, offset: int) -> torch.Tensor
 
 
 @ATTENTION.register("co4")
-class Co4Attention(nn.Module):
+class Co4Attention(AttentionModule):
+    act_points = ATTN_ACT_POINTS  # the attention runs through core.attend
+
     def __init__(self, config, layer_idx: int = 0, shared=None):
-        super().__init__()
+        super().__init__(config)
         C = config.n_embd
         self.head_dim = config.head_dim
         self.triadic_loops = config.triadic_loops
@@ -57,7 +60,7 @@ class Co4Attention(nn.Module):
         self.out_proj = build_linear("attn_proj", C, C, config, False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
+    def transform(self, x, cache=None):  # (B, T, C) -> (B, T, C)
         B, T, C = x.shape
         offset = 0 if cache is None else cache.offset
         f = self.mod_fn
@@ -75,6 +78,6 @@ class Co4Attention(nn.Module):
         qh = q.view(B, T, Lq, -1, D).permute(0, 3, 2, 1, 4).reshape(B, -1, T, D)
         kh, vh = extend_cache(cache, k=split_heads(k, D), v=split_heads(v, D))  # (B, H, S, D)
         y = attend(qh, kh, vh, normalizer=None, mask=MaskSpec(causal=True, q_offset=offset),
-                   scale=1.0 / math.sqrt(D))  # (B, H*Lq, T, D)
+                   scale=1.0 / math.sqrt(D), act_quant=self.act_quant)  # (B, H*Lq, T, D)
         y = y.view(B, -1, Lq, T, D).mean(dim=2)  # (B, H, T, D): mean over latents
         return self.resid_dropout(self.out_proj(merge_heads(y)))

@@ -1,5 +1,5 @@
-"""Pieces shared by the attention variants (head split/merge, KV-cache append, QK-norm,
-flash-LOBO sink, FIRE)."""
+"""Pieces shared by the attention variants (base class with the input/output activation-quant
+points, head split/merge, KV-cache append, QK-norm, flash-LOBO sink, FIRE)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -8,6 +8,18 @@ import torch
 import torch.nn as nn
 
 from forge_dist.errors import ConfigError
+from forge_dist.model.act_points import ActQuantModule
+
+
+class AttentionModule(ActQuantModule):
+    """Base of every attention variant: ``transform(x (B, T, C), cache) -> (B, T, C)``, wrapped by
+    the input/output activation-quant points. Variants with q.k scores also have the inner points
+    (``act_points``) and pass ``self.act_quant`` to ``core.attend``."""
+
+    act_group = "attn"
+
+    def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
+        return super().forward(x, cache)
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -1,10 +1,16 @@
 """The part every dot-product attention variant shares: scores -> mask -> normaliser -> values.
 
-    scores = q k^T * scale                          (B, H, T, S)
+    scores = Q(q) Q(k)^T * scale                    (B, H, T, S)
     scores = c * tanh(scores / c)                   attention soft-capping (Gemma 2), before masking
     scores = scores + bias                          FIRE relative bias (hidden keys stay hidden)
+    scores = Q(scores)                              statistics over the visible entries only
     probs  = normaliser(scores, mask)               softmax or any softmax variant; 0 where hidden
-    y      = dropout(probs) v                       (B, H, T, Dv)
+    y      = Q(Q(dropout(probs)) Q(v))              (B, H, T, Dv)
+
+Q marks an activation fake-quantization point (qk_mult_q_input, qk_mult_k_input, softmax_input,
+pv_mult_p_input, pv_mult_v_input, pv_mult_output), in upstream's manual-path order; each is the
+identity unless the caller's ``act_quant`` has it enabled. Hidden scores are neither counted in
+the softmax_input statistics nor changed, so they stay hidden.
 
 A sink (flash-LOBO, "off-by-one" attention) is a virtual leading key with logit log C and a zero
 value: for softmax it adds C to the denominator, y_i = sum_j e^{s_ij} v_j / (C + sum_j e^{s_ij}).
@@ -12,7 +18,9 @@ Unlike upstream, every query also sees its own key (see docs/divergences.md).
 
 Plain softmax (soft-capping off) runs PyTorch's fused scaled_dot_product_attention, grouped-query
 attention included (``enable_gqa``); FIRE bias and sink then travel in its additive mask instead
-of a materialised score matrix. Head counts are read from the tensors, so the same code runs on a
+of a materialised score matrix. Only the quant points on tensors the kernel keeps inside
+(softmax_input, pv_mult_p_input) force the materialised path; q, k, v and the output are quantized
+around the kernel. Head counts are read from the tensors, so the same code runs on a
 tensor-parallel shard of heads.
 """
 from __future__ import annotations
@@ -25,9 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge_dist.model.attention.common import build_fire, init_lobo, lobo_logit, qk_normalize, uses_plain_softmax
+from forge_dist.model.attention.common import (AttentionModule, build_fire, init_lobo, lobo_logit, qk_normalize,
+                                               uses_plain_softmax)
 from forge_dist.model.mask import MaskSpec
 from forge_dist.model.position import build_rotary
+from forge_dist.model.quantize import ATTN_ACT_POINTS
 from forge_dist.model.softmax import Softmax, build_softmax
 
 
@@ -44,6 +54,22 @@ def _sink_column(sink_logit, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(sink_logit, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)
 
 
+SCORE_POINTS = ("softmax_input", "pv_mult_p_input")  # tensors only the materialised path has
+
+
+class _NoPoints:
+    """Stands in for an ActQuantPoints with every point off."""
+
+    def __contains__(self, point: str) -> bool:
+        return False
+
+    def __call__(self, point: str, x: torch.Tensor, mask=None) -> torch.Tensor:
+        return x
+
+
+_NO_POINTS = _NoPoints()
+
+
 def attend(
     q: torch.Tensor,  # (B, Hq, T, D)
     k: torch.Tensor,  # (B, Hkv, S, D)
@@ -57,21 +83,36 @@ def attend(
     sink_logit: Optional[torch.Tensor] = None,  # scalar or (H,) / (H, 1, 1)
     dropout_p: float = 0.0,
     fused: bool = True,
+    act_quant: Optional[nn.Module] = None,  # an ActQuantPoints of group "attn"
 ) -> torch.Tensor:  # (B, Hq, T, Dv)
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key/value heads evenly")
     n_rep = q.shape[1] // k.shape[1]
+    points = _NO_POINTS if act_quant is None else act_quant
+    # per-tensor statistics of k and v over the KV heads, before GQA repeats them (as upstream)
+    q, k = points("qk_mult_q_input", q), points("qk_mult_k_input", k)
+    v = points("pv_mult_v_input", v)
     if torch.is_tensor(scale):  # a learned scale (qk-norm g): (g q) . k = g (q . k)
         q, scale = q * scale, 1.0
-    if fused and normalizer is None and softcap is None:
-        return _sdpa(q, k, v, mask, float(scale), dropout_p, n_rep, bias, sink_logit)
+    if fused and normalizer is None and softcap is None and not any(p in points for p in SCORE_POINTS):
+        y = _sdpa(q, k, v, mask, float(scale), dropout_p, n_rep, bias, sink_logit)
+    else:
+        y = _materialised(q, k, v, n_rep, normalizer, mask, scale, softcap, bias, sink_logit, dropout_p, points)
+    return points("pv_mult_output", y)
 
+
+def _materialised(q, k, v, n_rep: int, normalizer, mask: MaskSpec, scale, softcap, bias, sink_logit,
+                  dropout_p: float, points) -> torch.Tensor:
+    """The score matrix spelled out: every variant and option, and the score-level quant points."""
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-2, -1)) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
+    if "softmax_input" in points:  # statistics over the visible (causal, windowed) entries only
+        T, S = scores.shape[-2:]
+        scores = points("softmax_input", scores, mask.keep(T, S, scores.device))
     if sink_logit is not None:
         B, H, T, _ = scores.shape
         sink = _sink_column(sink_logit, scores).expand(H, T, 1).expand(B, H, T, 1)
@@ -82,7 +123,7 @@ def attend(
         probs = probs[..., 1:]  # the sink's value is zero: it only takes probability mass
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    return probs @ v
+    return points("pv_mult_p_input", probs) @ v
 
 
 def _sdpa(q, k, v, mask: MaskSpec, scale: float, dropout_p: float, n_rep: int, bias, sink_logit):
@@ -110,14 +151,16 @@ def _sdpa(q, k, v, mask: MaskSpec, scale: float, dropout_p: float, n_rep: int, b
     )
 
 
-class DotProductAttention(nn.Module):
+class DotProductAttention(AttentionModule):
     """Base of the dot-product variants (causal, infinite, mla): everything between their
     projections and their output projection, configured once from the layer's config.
 
     Subclasses project, call ``rotate`` (RoPE/SOAP), extend the cache, then ``mix``. Attribute
     names follow upstream's state dict: qk_norm_factor, flash_lobo_log_const, fire_pos_enc,
-    softmax_layer_attn.
+    softmax_layer_attn. Every activation-quant point applies.
     """
+
+    act_points = ATTN_ACT_POINTS
 
     def init_scoring(self, config, n_head: int, rotary_size: int, shared, always_rotary: bool = False):
         self.rotary_emb_q = build_rotary(config, rotary_size, always_rotary)
@@ -163,4 +206,5 @@ class DotProductAttention(nn.Module):
         mask = MaskSpec(causal=True, window=self.window_size, q_offset=offset)
         return attend(q, k, v, normalizer=self.softmax_layer_attn, mask=mask, scale=scale,
                       softcap=self.attn_logit_softcapping, bias=bias, sink_logit=self.sink_logit(),
-                      dropout_p=self.attn_dropout_p if self.training else 0.0, fused=self.fused)
+                      dropout_p=self.attn_dropout_p if self.training else 0.0, fused=self.fused,
+                      act_quant=self.act_quant)

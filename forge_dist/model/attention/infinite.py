@@ -20,7 +20,7 @@ from forge_dist.model.linear import build_linear
 from forge_dist.model.registries import ATTENTION
 
 
-@ATTENTION.register("infinite")
+@ATTENTION.register("infinite", "iqa")  # "iqa": the name older configs use
 class InfiniteHeadAttention(CausalSelfAttention):
     @staticmethod
     def head_shapes(config):

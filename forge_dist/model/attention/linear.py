@@ -18,22 +18,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from forge_dist.model.attention.common import merge_heads, split_heads
+from forge_dist.model.attention.common import AttentionModule, merge_heads, split_heads
 from forge_dist.model.linear import build_linear
 from forge_dist.model.registries import ATTENTION
 
 
 @ATTENTION.register("linear")
-class LinearAttention(nn.Module):
+class LinearAttention(AttentionModule):  # activation-quant points: input, output (no q.k scores)
     def __init__(self, config, layer_idx: int = 0, shared=None):
-        super().__init__()
+        super().__init__(config)
         C = config.n_embd
         self.head_dim = config.head_dim
         self.c_attn = build_linear("q", C, 3 * C, config, True)
         self.c_proj = build_linear("attn_proj", C, C, config, True)
         self.scale = nn.Parameter(torch.tensor(1.0 / math.sqrt(self.head_dim)))
 
-    def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
+    def transform(self, x, cache=None):  # (B, T, C) -> (B, T, C)
         q, k, v = (split_heads(t, self.head_dim) for t in self.c_attn(x).chunk(3, dim=-1))  # (B, H, T, D)
         q = F.elu(q * self.scale) + 1
         k = F.elu(k * self.scale) + 1

@@ -28,7 +28,7 @@ from forge_dist.model.registries import ATTENTION
 @ATTENTION.register("mla")
 class MultiHeadLatentAttention(DotProductAttention):
     def __init__(self, config, layer_idx: int = 0, shared=None):
-        super().__init__()
+        super().__init__(config)
         H, C = config.n_head, config.n_embd
         self.d_head = config.head_dim
         self.d_latent = config.mla_latent_dim or 4 * self.d_head
@@ -55,7 +55,7 @@ class MultiHeadLatentAttention(DotProductAttention):
         # both sinks on: denominators add, C_h + C_flash = exp(logaddexp(log C_h, log C_flash))
         return own if flash is None else torch.logaddexp(own, flash.to(own))
 
-    def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
+    def transform(self, x, cache=None):  # (B, T, C) -> (B, T, C)
         offset = 0 if cache is None else cache.offset
         q_c = split_heads(self.q_proj(x), self.d_head)  # (B, H, T, d_h)
         q_r = split_heads(self.q_rope_proj(x), self.d_rope)  # (B, H, T, d_r)

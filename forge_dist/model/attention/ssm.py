@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
+from forge_dist.model.attention.common import AttentionModule
 from forge_dist.model.linear import build_linear
 from forge_dist.model.registries import ATTENTION
 
@@ -44,9 +45,9 @@ def selective_scan(x, dt, A, Bm, Cm, h):
 
 
 @ATTENTION.register("ssm")
-class SelectiveSSM(nn.Module):
+class SelectiveSSM(AttentionModule):  # activation-quant points: input, output (no q.k scores)
     def __init__(self, config, layer_idx: int = 0, shared=None):
-        super().__init__()
+        super().__init__(config)
         C = config.n_embd
         E, N, R, K = config.ssm_mamba_expand * C, config.ssm_d_state, config.ssm_dt_rank, config.ssm_conv_kernel_size
         self.d_state, self.dt_rank, self.kernel_size = N, R, K
@@ -63,7 +64,7 @@ class SelectiveSSM(nn.Module):
         self.out_proj = build_linear("attn_proj", E, C, config, config.ssm_io_bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, u, cache=None):  # (B, T, C) -> (B, T, C)
+    def transform(self, u, cache=None):  # (B, T, C) -> (B, T, C)
         B, T, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (B, T, E) each
         E, ctx = x.shape[-1], self.kernel_size - 1

@@ -124,7 +124,8 @@ class DerivedBuffer(StateDictRule):
         from forge_dist.model.sharing import module_config
 
         for i in range(cfg.n_layer):
-X
+            kind = self.suffix.split(".")[0]  # "attn" or "mlp": the module the buffer belongs to
+            t = self.build(module_config(cfg, i, kind), cfg)  # the config that module was built from
             if t is not None:
                 out[f"transformer.h.{i}.{self.suffix}"] = t
         return out

@@ -16,18 +16,24 @@ place that maps state dicts between the two:
 Export targets a ``layout``: "snapshot" (the reference snapshot 42dfe7f, default) or "latest"
 (upstream master as stored in the public index, which renamed the items above).
 
-A variant family whose parameters differ from upstream (quantized linears' buffers, stacked MoE
-experts, LSV matrices) adds its rule with ``register_rule``; each rule maps whole state dicts so it
-may rename, drop, synthesise, split or stack tensors.
+A variant family whose state differs from upstream's adds its rule with ``register_rule``
+(forge_dist/io/variant_rules.py: quantized linears' buffers, bitlinear_optimized's signs,
+stored activations, the latest layout's LSV names); each rule maps whole state dicts so it may
+rename, drop, synthesise, split or stack tensors. Rules see a ``Conversion``: the forge_dist model
+on our side (its modules tell a rule which names belong to which variant), the layout, the
+iteration, and ``extra``, tensors we keep that upstream's state dict has no slot for; they travel
+in the ckpt.pt under ``forge_dist_tensors``, which upstream ignores.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
-from typing import Callable, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from forge_dist.config.loading import model_args_from_config, model_config_from_model_args
 from forge_dist.config.model_config import ModelConfig
@@ -37,19 +43,41 @@ from forge_dist.io.state import load_state
 
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args")
+EXTRA_KEY = "forge_dist_tensors"  # ckpt.pt entry for Conversion.extra (upstream reads only "model")
 
 LAYOUTS = ("snapshot", "latest")  # ReaLLM-Forge versions an export can target (module docstring)
 
 StateDict = Dict[str, torch.Tensor]
 
 
+@dataclass
+class Conversion:
+    """What a rule may read besides the state dict it maps."""
+
+    model: nn.Module  # the forge_dist GPT being loaded into (import) or exported from (export)
+    layout: str = "snapshot"  # the upstream version an export targets (import accepts all)
+    iter_num: int = 0  # the checkpoint's training iteration
+    extra: StateDict = field(default_factory=dict)  # our tensors upstream has no slot for
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.config
+
+    def modules(self, cls) -> Iterator[Tuple[str, nn.Module]]:
+        """(state-dict prefix, module) of every ``cls`` module, a shared one under every name it
+        has (as state_dict lists it)."""
+        for name, module in self.model.named_modules(remove_duplicate=False):
+            if isinstance(module, cls):
+                yield (name + "." if name else ""), module
+
+
 class StateDictRule:
     """Maps a whole state dict in each direction; the default is the identity."""
 
-    def from_upstream(self, sd: StateDict, cfg: ModelConfig) -> StateDict:
+    def from_upstream(self, sd: StateDict, conv: Conversion) -> StateDict:
         return sd
 
-    def to_upstream(self, sd: StateDict, cfg: ModelConfig, layout: str) -> StateDict:
+    def to_upstream(self, sd: StateDict, conv: Conversion) -> StateDict:
         return sd
 
 
@@ -57,7 +85,7 @@ class StripPrefixes(StateDictRule):
     def __init__(self, *prefixes: str):
         self.prefixes = prefixes
 
-    def from_upstream(self, sd, cfg):
+    def from_upstream(self, sd, conv):
         out = {}
         for name, t in sd.items():
             for p in self.prefixes:
@@ -80,11 +108,11 @@ class RenameModules(StateDictRule):
             return sd
         return {".".join(table.get(part, part) for part in name.split(".")): t for name, t in sd.items()}
 
-    def from_upstream(self, sd, cfg):
+    def from_upstream(self, sd, conv):
         return self._rename(sd, self.accepted)
 
-    def to_upstream(self, sd, cfg, layout):
-        return self._rename(sd, self.exported.get(layout, {}))
+    def to_upstream(self, sd, conv):
+        return self._rename(sd, self.exported.get(conv.layout, {}))
 
 
 class ScalarShape(StateDictRule):
@@ -93,15 +121,15 @@ class ScalarShape(StateDictRule):
     def __init__(self, name: str, shapes: Dict[str, tuple]):
         self.name, self.shapes = name, shapes
 
-    def from_upstream(self, sd, cfg):
+    def from_upstream(self, sd, conv):
         t = sd.get(self.name)
         if t is not None and t.numel() == 1:
             sd = {**sd, self.name: t.reshape(1)}
         return sd
 
-    def to_upstream(self, sd, cfg, layout):
+    def to_upstream(self, sd, conv):
         if self.name in sd:
-            sd = {**sd, self.name: sd[self.name].reshape(self.shapes[layout])}
+            sd = {**sd, self.name: sd[self.name].reshape(self.shapes[conv.layout])}
         return sd
 
 
@@ -116,11 +144,11 @@ class DerivedBuffer(StateDictRule):
         self.suffix, self.build = suffix, build
         self.pattern = re.compile(r"transformer\.h\.\d+\." + re.escape(suffix) + "$")
 
-    def from_upstream(self, sd, cfg):
+    def from_upstream(self, sd, conv):
         return {n: t for n, t in sd.items() if not self.pattern.match(n)}
 
-    def to_upstream(self, sd, cfg, layout):
-        out = dict(sd)
+    def to_upstream(self, sd, conv):
+        out, cfg = dict(sd), conv.cfg
         from forge_dist.model.sharing import module_config
 
         for i in range(cfg.n_layer):
@@ -168,23 +196,25 @@ RULES: List[StateDictRule] = [
 
 
 def register_rule(rule: StateDictRule) -> StateDictRule:
-    """Add a variant family's mapping (applied after the built-in rules on import, before the
-    derived buffers are added on export, i.e. in list order both ways)."""
+    """Add a variant family's mapping. Rules run in list order both ways, so a registered rule
+    sees names without prefixes and in our spelling on import, and every built-in rule applied
+    on export."""
     RULES.append(rule)
     return rule
 
 
-def from_upstream_state_dict(sd: StateDict, cfg: ModelConfig) -> StateDict:
+def from_upstream_state_dict(sd: StateDict, conv: Conversion) -> StateDict:
     for rule in RULES:
-        sd = rule.from_upstream(sd, cfg)
+        sd = rule.from_upstream(sd, conv)
     return sd
 
 
-def to_upstream_state_dict(sd: StateDict, cfg: ModelConfig, layout: str = "snapshot") -> StateDict:
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout={layout!r} is not a ReaLLM-Forge layout; valid values: {', '.join(LAYOUTS)}")
+def to_upstream_state_dict(sd: StateDict, conv: Conversion) -> StateDict:
+    """Our state dict in upstream's names; tensors upstream cannot hold go to ``conv.extra``."""
+    if conv.layout not in LAYOUTS:
+        raise ConfigError(f"layout={conv.layout!r} is not a ReaLLM-Forge layout; valid values: {', '.join(LAYOUTS)}")
     for rule in RULES:
-        sd = rule.to_upstream(sd, cfg, layout)
+        sd = rule.to_upstream(sd, conv)
     return sd
 
 
@@ -230,14 +260,22 @@ def load_ckpt(path: str):
     except ConfigError as e:
         raise ConfigError(f"{ckpt_path(path)}: {e}") from None
     model = GPT(cfg)
-    load_state(model, from_upstream_state_dict(dict(ckpt["model"]), cfg), ckpt_path(path))
     training = {k: ckpt[k] for k in ("iter_num", "best_iter") if isinstance(ckpt.get(k), int)}
+    conv = Conversion(model, iter_num=training.get("iter_num", 0), extra=_extra_tensors(ckpt, path))
+    load_state(model, from_upstream_state_dict(dict(ckpt["model"]), conv), ckpt_path(path))
     best = ckpt.get("best_val_loss")
     if isinstance(best, (torch.Tensor, int, float)) and not isinstance(best, bool):
         training["best_val_loss"] = float(best.item() if isinstance(best, torch.Tensor) else best)
     if isinstance(ckpt.get("config"), dict):
         training["reallm_forge_config"] = ckpt["config"]
     return model, training
+
+
+def _extra_tensors(ckpt: dict, path: str) -> StateDict:
+    extra = ckpt.get(EXTRA_KEY) or {}
+    if not isinstance(extra, dict) or not all(isinstance(t, torch.Tensor) for t in extra.values()):
+        raise CheckpointError(f"{ckpt_path(path)}: {EXTRA_KEY} must map names to tensors")
+    return extra
 
 
 def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "snapshot") -> str:
@@ -250,7 +288,8 @@ def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "
     file = path if path.endswith(".pt") else os.path.join(path, CKPT_NAME)
     cfg = model.config
     model_args = model_args_from_config(cfg)
-    sd = to_upstream_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg, layout)
+    conv = Conversion(model, layout, int(training.get("iter_num", 0)))
+    sd = to_upstream_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, conv)
     best = training.get("best_val_loss")
     config = dict(training.get("reallm_forge_config") or {})
     config.update({k: v for k, v in model_args.items() if k not in config})
@@ -264,5 +303,7 @@ def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "
         "optimizer": None,
         "scheduler": None,
     }
+    if conv.extra:
+        ckpt[EXTRA_KEY] = conv.extra
     write_file_atomic(file, lambda tmp: torch.save(ckpt, tmp))
     return file

@@ -6,7 +6,6 @@ pipeline and expert parallelism are applied to this model from outside (forge_di
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -21,6 +20,7 @@ from forge_dist.model.cache import KVCache
 from forge_dist.model.init import init_weights
 from forge_dist.model.moe import build_ffn, collect_moe_aux_loss, reset_moe_state
 from forge_dist.model.norm import build_norm
+from forge_dist.model.quantize import build_embedding
 from forge_dist.model.sharing import SharedModules, SharingPlan
 from forge_dist.model.steering import attach_steering, steer
 
@@ -61,13 +61,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.wte_dim),
+            wte=build_embedding(config, "wte", config.vocab_size, config.wte_dim),  # quantize_wte
             drop=nn.Dropout(config.dropout),
             h=build_blocks(config),
             ln_f=build_norm(config.norm_variant_output, config, option="norm_variant_output"),
         ))
         if config.use_abs_pos_embeddings:
-            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            self.transformer["wpe"] = build_embedding(config, "wpe", config.block_size, config.n_embd)
         if config.n_embd_wte is not None:
             # factorised embeddings: wte and lm_head live in the small n_embd_wte space; both
             # adapters hold a (n_embd, n_embd_wte) weight: scale_up(x) = x W^T, scale_down = x W

@@ -1,5 +1,6 @@
 """Quantizers against hand-computed codes, straight-through gradients, the schedule, activation
-points, quantized embeddings, validation and the integer export."""
+points, quantized embeddings (alone and in the GPT), validation and the integer export."""
+import copy
 import json
 
 import pytest
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.quantize import (ActQuant, ActQuantPoints, QuantizedEmbedding, act_quant_setting,
                                        build_embedding, fake_quant, quant_level, set_quant_iteration)
+from forge_dist.model.gpt import GPT
+from forge_dist.model.linear import BitLinear1p58, QuantizedLinear
 from forge_dist.ops.reference import quantize as ref
 
 LOWER = torch.tril(torch.ones(2, 2, dtype=torch.bool))
@@ -209,6 +212,61 @@ def test_quantized_embedding_value_and_straight_through_rows():
     assert type(build_embedding(tiny(), "wpe", 16, 6)) is nn.Embedding
 
 
+QUANT_EMBED = dict(quantize_wte=True, quantize_wte_bits=4, quantize_wpe=True, quantize_wpe_bits=5,
+                   quantize_wpe_method="symmetric_quant")
+
+
+def test_gpt_embeds_with_the_fake_quantized_tables_and_keeps_the_tie():
+    torch.manual_seed(0)
+    model = GPT(tiny(**QUANT_EMBED)).eval()
+    wte, wpe = model.transformer.wte, model.transformer.wpe
+    assert isinstance(wte, QuantizedEmbedding) and isinstance(wpe, QuantizedEmbedding)
+    assert model.lm_head.weight is wte.weight  # weight tying: the head uses the float table, as upstream
+    for table in (wte.weight, wpe.weight):  # init_weights drew the tables, N(0, 0.02)
+        assert abs(table.std().item() - 0.02) < 0.004
+    reference = copy.deepcopy(model)  # plain embeddings holding the fake-quantized tables
+    tables = {"wte": (wte, "affine_quant", 4), "wpe": (wpe, "symmetric_quant", 5)}
+    for name, (emb, method, bits) in tables.items():
+        reference.transformer[name] = nn.Embedding.from_pretrained(ref.fake_quantize(emb.weight.detach(), method, bits))
+    assert reference.lm_head.weight is not reference.transformer.wte.weight
+    unquantized = copy.deepcopy(model)
+    unquantized.transformer.wte = nn.Embedding.from_pretrained(wte.weight.detach())
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(x, x)[0]
+        assert torch.equal(logits, reference(x, x)[0])
+        assert not torch.allclose(logits, unquantized(x, x)[0], atol=1e-4)  # 4 bits change the result
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt_quantized_embedding_rows_get_the_straight_through_gradient(tied):
+    torch.manual_seed(0)
+    model = GPT(tiny(**QUANT_EMBED, wte_weight_tying=tied)).train()
+    wte = model.transformer.wte
+    seen = {}
+
+    def keep_output(module, inputs, out):
+        out.retain_grad()
+        seen["out"] = out
+
+    wte.register_forward_hook(keep_output)
+    x = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(1))  # rows 40.. unused
+    model(x, x)[1].backward()
+    out_grad = seen["out"].grad.reshape(-1, 32)
+    through_lookup = torch.zeros_like(wte.weight).index_add_(0, x.reshape(-1), out_grad)
+    used = torch.zeros(64, dtype=torch.bool)
+    used[x.unique()] = True
+    assert (through_lookup[used].abs().sum(1) > 1e-6).all()  # every used row learns through the lookup
+    if tied:  # one table, two uses: the head's gradient adds to the lookup's
+        assert model.lm_head.weight is wte.weight
+        head_grad = wte.weight.grad - through_lookup
+        assert head_grad[~used].abs().sum() > 0
+    else:  # the table's gradient is exactly the lookup's, straight through the quantizer
+        assert torch.allclose(wte.weight.grad, through_lookup, atol=1e-7)
+        assert torch.equal(wte.weight.grad[~used], torch.zeros_like(wte.weight.grad[~used]))
+    assert (model.transformer.wpe.weight.grad[:16].abs().sum(1) > 0).all()
+
+
 # --- validation --------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
     (dict(quant_scheduler="linear"), "full_quant_iteration"),
@@ -231,7 +289,6 @@ def test_export_dequantizes_to_the_fake_quantized_weights(tmp_path):
 
     from forge_dist.io.forge_format import save_pretrained
     from forge_dist.io.quant_export import main
-    from forge_dist.model.gpt import GPT
 
     cfg = tiny(linear_variant_attn="quantized_linear", linear_variant_mlp="bitlinear_1p58",
                quantize_linear_bits=6, quantize_linear_attn_v_method="symmetric_quant",
@@ -269,12 +326,8 @@ def test_export_quantized_embedding_keeps_tied_head_float(tmp_path):
     from safetensors.torch import load_file
 
     from forge_dist.io.quant_export import export_quantized
-    from forge_dist.model.gpt import GPT
 
-    cfg = tiny(quantize_wte=True, quantize_wte_bits=4)
-    model = GPT(cfg)
-    model.transformer.wte = build_embedding(cfg, "wte", cfg.vocab_size, cfg.n_embd)
-    model.tie_weights()
+    model = GPT(tiny(quantize_wte=True, quantize_wte_bits=4))
     manifest = export_quantized(model, str(tmp_path), include_float=True)
     t = load_file(str(tmp_path / "quantized.safetensors"))
     wte = "transformer.wte.weight"
@@ -283,3 +336,52 @@ def test_export_quantized_embedding_keeps_tied_head_float(tmp_path):
     assert torch.equal(value, fake_quant(model.transformer.wte.weight, "affine_quant", 4))
     assert "lm_head.weight" in manifest["float_parameters"] and wte not in manifest["float_parameters"]
     assert torch.equal(t["lm_head.weight"], model.lm_head.weight)
+
+
+def test_quant_export_of_a_trained_model_dequantizes_to_what_eval_uses(tmp_path):
+    """Train 3 steps, save with forge_dist.io, run forge-quant-export, compare with the eval model."""
+    from safetensors.torch import load_file
+
+    from forge_dist.io import from_pretrained, save_pretrained
+    from forge_dist.io.quant_export import main
+
+    cfg = tiny(linear_variant_attn="quantized_linear", linear_variant_mlp="bitlinear_1p58", bias=True,
+               linear_variant_mlp_down="quantized_linear", quantize_linear_mlp_down_method="symmetric_quant",
+               quantize_linear_bits=6, quantization_warmup_iters=1, **QUANT_EMBED)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    start = model.transformer.h[0].attn.c_attn_q.weight.detach().clone()
+    for it in range(3):
+        set_quant_iteration(model, it)
+        opt.zero_grad()
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
+    assert not torch.equal(start, model.transformer.h[0].attn.c_attn_q.weight)
+    save_pretrained(model, tmp_path / "ckpt", training={"iter_num": 3})
+    assert main([str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+    t = load_file(str(tmp_path / "out" / "quantized.safetensors"))
+
+    def deq(name):
+        return ref.dequantize(t[f"{name}.zero_point"].double(), t[f"{name}.scale"].double(), t[name]).float()
+
+    loaded = from_pretrained(tmp_path / "ckpt")  # eval
+    expected = {"transformer.wte.weight", "transformer.wpe.weight"}
+    h = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        for name, m in loaded.named_modules():
+            if isinstance(m, QuantizedLinear):  # eval runs F.linear on exactly the exported values
+                expected |= {f"{name}.weight", f"{name}.bias"}
+                inp = h if m.in_features == 32 else torch.randn(3, 5, m.in_features)
+                assert torch.equal(m(inp), F.linear(inp, deq(f"{name}.weight"), deq(f"{name}.bias"))), name
+            elif isinstance(m, BitLinear1p58):
+                expected.add(f"{name}.weight")
+                assert torch.equal(deq(f"{name}.weight"), fake_quant(m.weight, "ternary_quant", 2)), name
+        assert set(json.loads((tmp_path / "out" / "manifest.json").read_text())["tensors"]) == expected
+        assert t["transformer.h.1.mlp.c_proj.weight.zero_point"].item() == 0  # symmetric_quant
+        idx = torch.tensor([[3, 7, 7, 60]])
+        assert torch.equal(loaded.transformer.wte(idx), deq("transformer.wte.weight")[idx])
+        assert torch.equal(loaded.transformer.wpe(torch.arange(16)), deq("transformer.wpe.weight"))
+        trained = model.transformer.wte.weight  # the export holds the trained table, not a fresh one
+        assert torch.equal(deq("transformer.wte.weight"), fake_quant(trained, "affine_quant", 4))

@@ -42,11 +42,11 @@ class Block(nn.Module):
         self.out_ln_mlp = norm_if(_flag(config, "peri", "mlp"))
 
     @staticmethod
-    def _apply(norm, x):
+    def _maybe_norm(norm, x):
         return x if norm is None else norm(x)
 
     def forward(self, x, cache=None):  # (B, T, C) -> (B, T, C)
-        n = self._apply
+        n = self._maybe_norm
         if self.parallel:
             h = n(self.pre_ln, x)
             a = n(self.out_ln_attn, self.attn(h, cache=cache))

@@ -1,0 +1,2 @@
+"""Tensor and sequence parallelism: mappings, parallel layers, vocab-parallel embedding/head/loss,
+RNG regions, shard metadata, sharding plans and the per-variant rules (rules/)."""

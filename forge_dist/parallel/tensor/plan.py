@@ -1,0 +1,204 @@
+"""Sharding plans: what a rule returns, and the styles that carry it out.
+
+A rule (rules/) looks at one module of the plain model and returns a ``Plan``, a declaration:
+
+    Plan(children={"c_attn_q": Column(), "c_proj": Row()},       # submodules it takes over
+         params={"qk_norm_factor": Replicate(partial=True)},      # its own parameters
+         enter=True,                # a TP region: enter once (copy / all-gather) on the input
+         rng="sharded",             # dropout inside sees sharded activations
+         residual_dropout=("resid_dropout",),   # dropout on the module's output (residual stream)
+         inner_sharded=True)        # submodules it does not take over see sharded activations
+
+Plans are made for the whole model before anything changes, so a module with parameters and no
+rule (or a rule that forgets a parameter) is refused before the model is touched; then the
+styles apply them. Styles build the parallel layers from the full modules (slicing), and every
+parameter ends with a ShardInfo.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Optional, Tuple
+
+import torch.nn as nn
+
+from forge_dist.errors import ConfigError
+from forge_dist.parallel.groups import ProcessGroups, RankGroup
+from forge_dist.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, sharded_parameter
+from forge_dist.parallel.tensor.metadata import ShardInfo, set_shard_info
+from forge_dist.parallel.tensor.random import RNGTracker
+from forge_dist.parallel.tensor.sequence import enter_region
+
+
+class NoShardingRuleError(ConfigError):
+    """A module (or parameter) of the model has no tensor-parallel rule; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """What a rule may look at besides the module: the groups, the effective sequence parallelism
+    (only with tp > 1), the vocabulary padding, the RNG tracker (None when the model has no
+    randomness), the module's path, and whether the module sees sharded activations (a partial
+    view of the data: head/feature shards, or sequence shards) so that its replicated parameters
+    get partial gradients."""
+
+    groups: ProcessGroups
+    sequence_parallel: bool = False
+    vocab_divisible_by: int = 128
+    tracker: Optional[RNGTracker] = None
+    path: str = ""
+    sharded_data: bool = False
+
+    @property
+    def tp(self) -> RankGroup:
+        return self.groups.tp
+
+    def at(self, path: str, sharded_data: bool) -> "ShardContext":
+        return replace(self, path=path, sharded_data=sharded_data)
+
+    def name(self, child: str) -> str:
+        return f"{self.path}.{child}" if self.path else child
+
+
+# --- linear classes the Column/Row styles can split ----------------------------------------------
+# class -> (column factory, row factory); quantized linear variants register their own here.
+LINEAR_TP: Dict[type, Tuple[Callable, Callable]] = {
+    nn.Linear: (ColumnParallelLinear.from_linear, RowParallelLinear.from_linear),
+}
+
+
+def _linear_factories(module: nn.Module, path: str) -> Tuple[Callable, Callable]:
+    if type(module) not in LINEAR_TP:
+        raise NoShardingRuleError(
+            f"{path} is a {type(module).__qualname__}, which has no tensor-parallel linear; register "
+            f"its column/row versions in forge_dist.parallel.tensor.plan.LINEAR_TP "
+            f"(see forge_dist/parallel/tensor/rules/)")
+    return LINEAR_TP[type(module)]
+
+
+# --- styles ---------------------------------------------------------------------------------------
+class ModuleStyle(abc.ABC):
+    """How one submodule is sharded."""
+
+    def check(self, module: nn.Module, path: str) -> None:
+        """Raise NoShardingRuleError if this style cannot take ``module`` (changes nothing)."""
+
+    @abc.abstractmethod
+    def apply(self, module: nn.Module, ctx: ShardContext, owner: nn.Module, entered: bool) -> nn.Module:
+        """Return the module to put in place of ``module`` (it may be ``module``, annotated)."""
+
+
+class ParamStyle(abc.ABC):
+    """How one parameter of the planned module itself is sharded."""
+
+    @abc.abstractmethod
+    def apply_param(self, owner: nn.Module, name: str, ctx: ShardContext) -> None:
+        """Annotate (or replace) ``owner.<name>``."""
+
+
+@dataclass(frozen=True)
+class Column(ModuleStyle):
+    """Column-parallel linear; ``num_shards`` distinct shards (default: one per TP rank),
+    ``segments`` blocks split separately (2 for [a | b] gated layouts)."""
+
+    num_shards: Optional[int] = None
+    segments: int = 1
+
+    def check(self, module, path):
+        _linear_factories(module, path)
+
+    def apply(self, module, ctx, owner, entered):
+        mode = "none" if entered else ("sequence" if ctx.sequence_parallel else "copy")
+        column, _ = _linear_factories(module, ctx.path)
+        return column(module, ctx.tp, input_mode=mode, num_shards=self.num_shards, segments=self.segments)
+
+
+@dataclass(frozen=True)
+class Row(ModuleStyle):
+    """Row-parallel linear whose input is a column layer's output (input_is_parallel)."""
+
+    def check(self, module, path):
+        _linear_factories(module, path)
+
+    def apply(self, module, ctx, owner, entered):
+        _, row = _linear_factories(module, ctx.path)
+        return row(module, ctx.tp, input_is_parallel=True, sequence_parallel=ctx.sequence_parallel)
+
+
+@dataclass(frozen=True)
+class Replicate(ModuleStyle, ParamStyle):
+    """Every parameter of the submodule (or the one parameter) stays whole on every TP rank;
+    ``partial``: its gradient on a rank is a partial sum (it is used on sharded data)."""
+
+    partial: bool = False
+
+    def apply(self, module, ctx, owner, entered):
+        for p in module.parameters():
+            set_shard_info(p, ShardInfo.replicated(p, self.partial and ctx.tp.size > 1))
+        return module
+
+    def apply_param(self, owner: nn.Module, name: str, ctx: ShardContext) -> None:
+        p = getattr(owner, name)
+        set_shard_info(p, ShardInfo.replicated(p, self.partial and ctx.tp.size > 1))
+
+
+@dataclass(frozen=True)
+class Shard(ParamStyle):
+    """A parameter split along ``dim`` with the heads (or features) it belongs to."""
+
+    dim: int = 0
+    num_shards: Optional[int] = None
+
+    def apply_param(self, owner: nn.Module, name: str, ctx: ShardContext) -> None:
+        p = getattr(owner, name)
+        n = ctx.tp.size if self.num_shards is None else self.num_shards
+        if p.shape[self.dim] % n:
+            raise ConfigError(f"{ctx.name(name)} of shape {tuple(p.shape)} cannot be split into {n} "
+                              f"shards along dim {self.dim}")
+        info = ShardInfo(tuple(p.shape), self.dim, n, partial_grad=n < ctx.tp.size)
+        setattr(owner, name, sharded_parameter(p, info, ctx.tp))
+
+
+# --- the plan -------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    children: Dict[str, ModuleStyle] = field(default_factory=dict)
+    params: Dict[str, ParamStyle] = field(default_factory=dict)
+    enter: bool = False
+    rng: Optional[str] = None
+    residual_dropout: Tuple[str, ...] = ()
+    inner_sharded: Optional[bool] = None
+    finalize: Optional[Callable[[nn.Module, ShardContext], None]] = None
+
+    def check(self, module: nn.Module, ctx: ShardContext, rule_name: str) -> None:
+        for name, p in module.named_parameters(recurse=False):
+            if name not in self.params:
+                raise NoShardingRuleError(
+                    f"the tensor-parallel rule {rule_name} of {type(module).__qualname__} ({ctx.path or 'model'}) "
+                    f"does not say how to shard its parameter {name!r} {tuple(p.shape)}")
+        for path, style in self.children.items():
+            style.check(module.get_submodule(path), ctx.name(path))
+        for path in self.residual_dropout:
+            module.get_submodule(path)
+
+    def apply(self, module: nn.Module, ctx: ShardContext) -> None:
+        for path, style in self.children.items():
+            parent_path, _, attr = path.rpartition(".")
+            parent = module.get_submodule(parent_path) if parent_path else module
+            child = getattr(parent, attr)
+            new = style.apply(child, ctx.at(ctx.name(path), ctx.sharded_data), module, self.enter)
+            if new is not child:
+                setattr(parent, attr, new)
+        for name, style in self.params.items():
+            if isinstance(getattr(module, name, None), nn.Parameter):
+                style.apply_param(module, name, ctx)
+        if self.enter and ctx.tp.size > 1:
+            enter_region(module, ctx.tp, ctx.sequence_parallel)
+        if ctx.tracker is not None:
+            if self.rng is not None:
+                ctx.tracker.attach(module, self.rng)
+            kind = "sharded" if ctx.sequence_parallel else ("replicated" if self.rng else None)
+            for path in self.residual_dropout if kind else ():
+                ctx.tracker.attach(module.get_submodule(path), kind)
+        if self.finalize is not None:
+            self.finalize(module, ctx)

@@ -1,0 +1,1 @@
+"""Inference: KV-cached generation (generate.py), forge-sample (sample.py), forge-eval (evaluate.py)."""

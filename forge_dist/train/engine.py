@@ -1,0 +1,113 @@
+"""The engine seam: everything between "here are this iteration's micro-batches" and "the weights
+moved", so a DeepSpeed engine or a tensor/pipeline-parallel one plugs into the same loop.
+
+The trainer calls, per iteration::
+
+    loss = engine.forward_backward(micro_batches)   # list of (x, y); returns the mean loss
+    stats = engine.step(lr)                           # clip, optimizer step, zero grads
+
+and ``engine.eval_loss(x, y)``, ``engine.train()/eval()``, ``engine.save_state(dir, ctx)`` /
+``engine.load_state(dir)`` (optimizer, scaler: whatever the engine owns) and ``engine.model`` (the
+plain module, for weights and sampling). A parallel engine also syncs gradients inside
+``forward_backward``/``step``; the loop does not change.
+
+LocalEngine is one process on CPU or one GPU: autocast for bfloat16/float16, a GradScaler for
+float16 (its loss scale skips steps with inf/NaN gradients), accumulation of ``loss / n`` over the
+n micro-batches, and clipping of the global gradient norm after unscaling (as upstream).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Protocol, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from forge_dist.train.statefile import load_state, save_state
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class Engine(Protocol):
+    model: nn.Module
+
+    def forward_backward(self, micro_batches: Sequence[Batch]) -> torch.Tensor: ...
+    def step(self, lr: float) -> dict: ...
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def save_state(self, directory: str, ctx) -> None: ...
+    def load_state(self, directory: str) -> None: ...
+
+
+class LocalEngine:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: str, dtype: str,
+                 grad_clip: float = 0.0, compile: bool = False):
+        self.model = model
+        self.module = torch.compile(model) if compile else model  # what runs the forward
+        self.optimizer = optimizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.grad_clip = grad_clip
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == "float16")
+        self._params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def forward_backward(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for x, y in micro_batches:
+            with self.autocast():
+                _, loss = self.module(self.to_device(x), self.to_device(y))
+            self.scaler.scale(loss / n).backward()
+            total += loss.detach().float()
+        return total / n
+
+    def step(self, lr: float) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        grad_norm: Optional[torch.Tensor] = None
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            _, loss = self.module(self.to_device(x), self.to_device(y))
+        return loss.float()
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save_state(self, directory: str, ctx) -> None:
+        if ctx.is_main:  # one process owns the whole optimizer state
+            save_state(self.state_dict(), directory, "optimizer")
+
+    def load_state(self, directory: str) -> None:
+        self.load_state_dict(load_state(directory, "optimizer", map_location=str(self.device)))

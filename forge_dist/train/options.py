@@ -1,0 +1,160 @@
+"""TrainConfig: the training options of forge-train, under ReaLLM-Forge's train_args.py names.
+
+Defaults are upstream's command-line defaults except where those cannot run on a machine without a
+GPU (``device``/``dtype`` default to ``auto``) or where upstream's option is dead code (the
+warm-up + cosine schedule is really applied here); see docs/divergences.md. The embedded preset
+(forge_dist/presets/tiny.yaml) overrides many of these for the no-argument run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from forge_dist.config.validate import _type_ok, type_name
+from forge_dist.errors import ConfigError
+
+DEFAULT_DATASET = "default"  # the corpus shipped with the package (forge_dist.data)
+
+CHOICES = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "init_from": ("scratch", "resume", "prev_run"),
+    "lr_scheduler": ("none", "cosine", "step", "exponential"),
+}
+
+
+@dataclass
+class TrainConfig:
+    # --- I/O ------------------------------------------------------------------------------------
+    out_dir: str = "out"
+    dataset: str = DEFAULT_DATASET
+    init_from: str = "scratch"
+    prev_run_ckpt: Optional[str] = None  # a checkpoint for --init_from prev_run
+    init_from_ckpt: Optional[str] = None  # resume from this checkpoint (name or path); None -> latest
+    always_save_checkpoint: bool = False
+    never_save_checkpoint: bool = False
+    keep_checkpoints: int = 2  # forge_dist extra: most recent checkpoints kept (plus the best)
+    tensorboard_log: bool = True
+    progress: bool = True  # forge_dist extra: the live progress bar (rank 0, when stderr is a tty)
+
+    # --- loop -----------------------------------------------------------------------------------
+    batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 3500
+    eval_interval: int = 250
+    eval_iters: int = 200
+    log_interval: int = 10
+    patience: Optional[int] = None  # stop after this many evaluations without improvement
+    seed: int = 1337
+
+    # --- optimizer (AdamW, one parameter group unless weight_decay_split) ------------------------
+    learning_rate: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adamw_eps: float = 1e-8
+    adamw_weight_decay: float = 0.01
+    weight_decay_split: bool = False  # nanoGPT split: decay only tensors of 2+ dims
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    # --- learning-rate schedule -----------------------------------------------------------------
+    lr_scheduler: str = "none"
+    warmup_iters: int = 100  # linear warm-up of every schedule except none
+    lr_decay_iters: Optional[int] = None  # cosine reaches min_lr here; None -> max_iters
+    min_lr: float = 1e-4
+    step_lr_size: int = 1000
+    step_lr_gamma: float = 0.1
+    exponential_gamma: float = 0.9
+
+    # --- system ---------------------------------------------------------------------------------
+    device: str = "auto"  # auto -> cuda if available, else cpu
+    dtype: str = "auto"  # auto -> bfloat16 on a GPU that supports it, else float32
+    compile: bool = False
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU when the device is not in the table
+
+    # --- sample printed at the end of training --------------------------------------------------
+    max_sample_tokens: Optional[int] = 100
+    sample_start_tokens: str = "\n"
+
+    def __post_init__(self):
+        validate_train_config(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- resolved values (read these, never re-derive them elsewhere) ---------------------------
+    @property
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+    @property
+    def resolved_dtype(self) -> str:
+        return resolve_dtype(self.dtype, self.resolved_device)
+
+    @property
+    def resolved_lr_decay_iters(self) -> int:
+        return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda if a GPU is visible, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """auto -> bfloat16 on a GPU that supports it, else float32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def check_device(device: str, dtype: str) -> None:
+    """The device/dtype combinations that cannot run here, refused with what to use instead."""
+    if not device.startswith(("cpu", "cuda")):
+        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use --device cpu")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise ConfigError("dtype=float16 runs on CUDA GPUs only (with a gradient scaler for training); "
+                          "use --dtype bfloat16 (or float32) on CPU")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    for name, tp in _hints().items():
+        value = getattr(cfg, name)
+        if not _type_ok(value, tp):
+            raise ConfigError(f"{name}={value!r} has the wrong type; expected {type_name(tp)}")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not valid; valid values: {', '.join(choices)}")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                 "log_interval", "step_lr_size", "keep_checkpoints"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must be positive")
+    for name in ("max_iters", "warmup_iters", "learning_rate", "min_lr", "grad_clip", "adamw_weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)} must not be negative")
+    if cfg.patience is not None and cfg.patience < 0:
+        raise ConfigError(f"patience={cfg.patience} must not be negative (or none to disable)")
+    if cfg.init_from == "prev_run" and not cfg.prev_run_ckpt:
+        raise ConfigError("init_from=prev_run needs --prev_run_ckpt PATH (a checkpoint directory or ckpt.pt)")
+    check_device(cfg.resolved_device, cfg.resolved_dtype)

@@ -1,0 +1,247 @@
+"""The training loop: evaluate, step, log, checkpoint, stop.
+
+Per iteration ``it`` (0-based; ``it`` steps are done when it starts), as ReaLLM-Forge orders it:
+
+  1. evaluate when it % eval_interval == 0 or it == max_iters (not again at the iteration a resumed
+     run starts from: that evaluation is in the checkpoint); save a checkpoint when the validation
+     loss improved or --always_save_checkpoint (never at iteration 0); stop on --patience
+  2. stop at max_iters
+  3. engine.forward_backward(this rank's micro-batches of ``it``); a NaN/inf loss on any rank
+     stops every rank here, before the step, so the last checkpoint stays the last good state
+  4. engine.step(lr(it)); log every log_interval iterations
+
+Everything that must be identical on all ranks (the stop decisions) goes through the RunContext;
+files and output are rank 0's. A final checkpoint is written at the end unless the run hit NaN.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from forge_dist.train import checkpoint as ckpt
+from forge_dist.train.arguments import dump_options
+from forge_dist.train.build import Run
+from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
+from forge_dist.train.plots import plot_losses
+from forge_dist.train.progress import Progress, fmt_time
+from forge_dist.train.schedule import LRSchedule
+
+CONFIG_FILE = "config.yaml"
+PLOT_FILE = "loss.png"
+NAN_FILE = "nan_iter_num.txt"  # upstream's name
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    iteration: int
+    stop_reason: str  # "max_iters" | "patience" | "nan"
+    best_val_loss: float
+    checkpoint: Optional[str]
+    wall_s: float
+    nan_iter: Optional[int] = None
+    sample: Optional[str] = None
+
+
+class Trainer:
+    def __init__(self, run: Run):
+        self.run, self.cfg, self.ctx, self.engine = run, run.train_cfg, run.ctx, run.engine
+        self.schedule = LRSchedule.from_config(self.cfg)
+        self.out_dir = self.cfg.out_dir
+        self.root = os.path.join(self.out_dir, ckpt.ROOT)
+        self.mfu = MFU(run.model, self.cfg.resolved_device, self.cfg.resolved_dtype, self.cfg.peak_flops)
+        self.tokens_per_iter = run.loader.global_batch_size * run.model_cfg.block_size
+        self.best_val_loss, self.best_iter = run.best_val_loss, run.best_iter
+        self.evals_since_best = run.evals_since_best
+        self.last_checkpoint: Optional[str] = run.resumed_from
+        self.saved_at = run.start_iter if run.resumed_from else None
+
+    # --- pieces -------------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> None:
+        """A resumed run continues the out_dir's logs; a new one sets the old run's files aside."""
+        if self.ctx.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            if self.run.resumed_from is not None:
+                rewind_metrics(self.out_dir, self.run.start_iter)
+            else:
+                if os.path.isdir(self.root):
+                    prev = self.root + ".prev"
+                    shutil.rmtree(prev, ignore_errors=True)
+                    os.rename(self.root, prev)
+                    self.run.notes.append(f"moved the previous run's checkpoints to {prev}")
+                shutil.rmtree(os.path.join(self.out_dir, TENSORBOARD_DIR), ignore_errors=True)
+            if os.path.exists(os.path.join(self.out_dir, NAN_FILE)):
+                os.remove(os.path.join(self.out_dir, NAN_FILE))
+            with open(os.path.join(self.out_dir, CONFIG_FILE), "w", encoding="utf-8") as fh:
+                fh.write(dump_options(self.run.values))
+        self.ctx.barrier()
+
+    def _eval_due(self, it: int) -> bool:
+        if self.run.resumed_from is not None and it == self.run.start_iter:
+            return False
+        return it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
+
+    def estimate_loss(self) -> dict:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        from forge_dist.inference.evaluate import eval_batches, mean_loss
+
+        self.engine.eval()
+        out = {split: self.ctx.mean(mean_loss(self.engine.eval_loss,
+                                              eval_batches(self.run.loader, split, self.cfg.eval_iters)))
+               for split in ("train", "val")}
+        self.engine.train()
+        return out
+
+    def _trainer_state(self, it: int) -> dict:
+        return {"iteration": it, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
+                "evals_since_best": self.evals_since_best, "loader": self.run.loader.state_dict(),
+                "schedule": self.schedule.state_dict(), "rng": ckpt.rng_state(), "config": self.run.values,
+                "tokenizer": self.run.tokenizer.spec(), "data_dir": os.path.abspath(self.run.data_dir)}
+
+    def save(self, it: int, is_best: bool) -> None:
+        if self.cfg.never_save_checkpoint or self.saved_at == it:
+            return
+        self.last_checkpoint = ckpt.save_checkpoint(self.root, it, self.run.model, self.engine, self._trainer_state(it),
+                                                    self.ctx, keep=self.cfg.keep_checkpoints, is_best=is_best)
+        self.saved_at = it
+
+    def _evaluate(self, it: int, progress: Progress) -> dict:
+        losses = self.estimate_loss()
+        improved = losses["val"] < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_iter, self.evals_since_best = losses["val"], it, 0
+        else:
+            self.evals_since_best += 1
+        progress.write(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                       + (" (best so far)" if improved else ""))
+        if (improved or self.cfg.always_save_checkpoint) and it > 0:
+            self.save(it, is_best=improved)
+        return {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _step(self, it: int):
+        """One optimizer step; (loss, stats), or None when the loss is not finite on some rank."""
+        micro_batches = [self.run.loader.get(it, m) for m in range(self.cfg.gradient_accumulation_steps)]
+        loss = self.engine.forward_backward(micro_batches)
+        if self.ctx.any(not bool(torch.isfinite(loss))):
+            return None
+        return loss, self.engine.step(self.schedule(it))
+
+    def _record(self, it: int, loss, stats: dict, tokens_per_s: float) -> dict:
+        record = {"iter": it, "loss": self.ctx.mean(loss.item()), "lr": self.schedule(it),
+                  "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s / self.ctx.world_size)}
+        if stats.get("grad_norm") is not None:
+            record["grad_norm"] = float(stats["grad_norm"])
+        return record
+
+    def fit(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        start_time = time.time()
+        self._prepare_out_dir()
+        metrics = MetricsLog(self.out_dir, ctx.is_main, cfg.tensorboard_log, append=self.run.resumed_from is not None)
+        progress = Progress(cfg.max_iters, self.run.start_iter, ctx.is_main, cfg.progress and sys.stderr.isatty())
+        for note in self.run.notes + ([self.mfu.reason] if self.mfu.reason else []):
+            progress.write(note)
+        it, stop, nan_iter, pending, record = self.run.start_iter, "max_iters", None, None, None
+        window = (time.time(), it)  # tokens/s is measured between logged steps, evaluations excluded
+        self.engine.train()
+        try:
+            while True:
+                if self._eval_due(it):
+                    pending = self._evaluate(it, progress)
+                    window = (time.time(), it)
+                    if cfg.patience is not None and ctx.any(self.evals_since_best > cfg.patience):
+                        stop = "patience"
+                        break
+                if it >= cfg.max_iters:
+                    break
+                stepped = self._step(it)
+                if stepped is None:
+                    stop, nan_iter = "nan", it
+                    break
+                logged = it % cfg.log_interval == 0 or it + 1 == cfg.max_iters
+                if logged:
+                    now = time.time()
+                    tokens_per_s = self.tokens_per_iter * (it + 1 - window[1]) / max(now - window[0], 1e-9)
+                    record = self._record(it, *stepped, tokens_per_s)
+                    if pending is not None:  # the evaluation before this step joins its record
+                        record.update(val_loss=pending["val_loss"], train_loss=pending["train_loss"])
+                        pending = None
+                    metrics.log(record)
+                    window = (now, it + 1)
+                if pending is not None:
+                    metrics.log(pending)
+                    pending = None
+                it += 1
+                if record is not None:
+                    progress.step(it, record, logged)
+            if pending is not None:
+                metrics.log(pending)
+        finally:
+            progress.close()
+        if stop == "nan":
+            self._record_nan(nan_iter, metrics)
+        else:
+            self.save(it, is_best=self.best_iter == it)
+        metrics.close()
+        result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter)
+        if ctx.is_main:
+            plot_losses(read_metrics(self.out_dir), os.path.join(self.out_dir, PLOT_FILE))
+            if stop != "nan":
+                result.sample = self.sample()
+        ctx.barrier()
+        result.wall_s = time.time() - start_time
+        return result
+
+    def _record_nan(self, it: int, metrics: MetricsLog) -> None:
+        metrics.log({"iter": it, "nan_stop": True})
+        if self.ctx.is_main:
+            with open(os.path.join(self.out_dir, NAN_FILE), "w", encoding="utf-8") as fh:
+                fh.write(f"{it}\n")
+
+    def sample(self) -> Optional[str]:
+        """A short sample from the trained model (rank 0), or None when disabled or not encodable."""
+        from forge_dist.errors import ConfigError
+        from forge_dist.inference.generate import generate
+
+        n = self.cfg.max_sample_tokens
+        if not n:
+            return None
+        try:
+            prompt = self.run.tokenizer.encode(self.cfg.sample_start_tokens)
+        except ConfigError as e:  # e.g. an external tokenizer we cannot run
+            self.run.notes.append(f"no sample: {e}")
+            return None
+        device = self.cfg.resolved_device
+        gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        ids = generate(self.run.model, prompt or [0], n, temperature=0.8, top_k=200, generator=gen, device=device)
+        return self.run.tokenizer.decode(prompt + ids)
+
+
+def summary(result: TrainResult, run: Run) -> str:
+    """What the CLI prints at the end: the sample, why it stopped, and where everything is."""
+    out, lines = result.out_dir, []
+    if result.sample is not None:
+        lines += ["--- sample ---", result.sample.strip("\n"), "--------------"]
+    best = f"best val loss {result.best_val_loss:.4f}" if math.isfinite(result.best_val_loss) else "no evaluation"
+    if result.stop_reason == "nan":
+        lines.append(f"stopped: the loss became NaN/inf at iteration {result.nan_iter} (recorded in "
+                     f"{os.path.join(out, NAN_FILE)}); last good checkpoint: {result.checkpoint or 'none saved'}")
+    else:
+        why = "patience exhausted" if result.stop_reason == "patience" else "max_iters reached"
+        lines.append(f"stopped at iteration {result.iteration} ({why}) after {fmt_time(result.wall_s)}; {best}")
+    written = [f for f in (CONFIG_FILE, "metrics.jsonl", PLOT_FILE, TENSORBOARD_DIR, ckpt.ROOT)
+               if os.path.exists(os.path.join(out, f))]
+    latest = f" (latest checkpoint: {os.path.basename(result.checkpoint)})" if result.checkpoint else ""
+    lines.append(f"wrote {os.path.join(out, '')}: {', '.join(written)}{latest}")
+    if result.checkpoint:
+        lines.append(f"next: forge-sample --out_dir {out}   |   forge-train --out_dir {out} --init_from resume "
+                     f"--max_iters {2 * max(run.train_cfg.max_iters, 1)}")
+    return "\n".join(lines)

@@ -34,6 +34,9 @@ class OptionGroup:
     prefix: str = ""  # "" -> --name; "parallel." -> --parallel.name
     help: Mapping[str, str] = field(default_factory=dict)
     choices: Mapping[str, Sequence] = field(default_factory=dict)
+    # False for options that describe how this launch runs (parallel sizes, the engine), not the
+    # run itself: --init_from resume never takes them from the checkpoint, the command line decides
+    resumable: bool = True
 
     def keys(self) -> List[str]:
         return [self.prefix + f.name for f in dataclasses.fields(self.cls)]

@@ -11,6 +11,14 @@ Where each value comes from:
             weights, optimizer, loader, RNG and counters from the checkpoint
   prev_run  model options from the --prev_run_ckpt model (ours or a ReaLLM-Forge ckpt.pt) with the
             explicit model options on top; matching weights copied, iteration reset to 0
+Launch options (option groups with ``resumable=False``: the parallel sizes, --deepspeed_config) are
+never taken from a checkpoint: how a run is launched is decided by the command that launches it.
+
+Two phases, so that a parallel launch can refuse bad input before any process group exists:
+``resolve_run(parsed, groups)`` decides every value and reads the dataset's metadata and the
+checkpoint (no model, no communication); ``build_run(..., resolved=)`` then builds the full model
+(the same seed on every rank), hands it to the engine factory (which may shard it), and opens the
+loader on this rank's data-parallel slice.
 """
 from __future__ import annotations
 
@@ -50,6 +58,22 @@ class Run:
     evals_since_best: int = 0
     resumed_from: Optional[str] = None
     notes: list = field(default_factory=list)  # one-line remarks for the user (rank 0 prints them)
+    flops_per_token: Optional[float] = None  # of the full model (counted before any sharding), for MFU
+    resumed_state: Optional[dict] = None  # the trainer state of the checkpoint resumed from
+
+
+@dataclass
+class Resolved:
+    """Everything decided before the model exists (and before any process group)."""
+    values: Dict[str, Any]
+    train_cfg: TrainConfig
+    model_cfg: ModelConfig
+    data_dir: str
+    meta: Any
+    resume_path: Optional[str]
+    saved: Optional[dict]
+    prev_state: Optional[dict]
+    notes: list
 
 
 def local_engine(model, train_cfg: TrainConfig, values: dict, ctx: RunContext):
@@ -75,7 +99,8 @@ def _resume_checkpoint(values: dict) -> str:
 
 
 def _known(values: dict, groups: Sequence[OptionGroup]) -> dict:
-    keys = {k for g in groups for k in g.keys()}
+    """The saved options a resume takes over: those of this version's resumable option groups."""
+    keys = {k for g in groups if g.resumable for k in g.keys()}
     return {k: v for k, v in values.items() if k in keys}
 
 
@@ -171,7 +196,8 @@ def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_pa
     seed_everything(train_cfg.seed)  # the same initial weights on every rank
     device = train_cfg.resolved_device
     if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+        if torch.device(device).index is not None:  # plain "cuda": the current device (a launch set it)
+            torch.cuda.set_device(torch.device(device))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = GPT(cfg)
@@ -182,22 +208,67 @@ def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_pa
     return model.to(device)
 
 
+def restore_rng(saved: dict, ctx: RunContext, seed: int, notes: Optional[list] = None) -> None:
+    """Each rank's RNG streams as saved, when the layout is the one saved (an exact continuation,
+    dropout masks included). On another layout the saved streams cannot give the same masks: rank
+    0's python/numpy/torch states are restored and, in a parallel run, the torch stream is then
+    reseeded like a fresh start (equal on a TP group, different across data-parallel replicas)
+    at seed + iteration, so the continuation is still deterministic."""
+    per_rank, layout = saved.get("rng_ranks"), saved.get("layout")
+    same = layout == ctx.layout() if layout is not None else not ctx.distributed
+    if same and per_rank is not None and len(per_rank) == ctx.world_size:
+        ckpt.set_rng_state(per_rank[ctx.rank])
+        return
+    ckpt.set_rng_state(saved["rng"])
+    if ctx.distributed or (layout is not None and layout.get("world_size", 1) > 1):
+        if ctx.groups is not None:
+            from forge_dist.parallel.tensor.random import seed_everything as seed_parallel
+
+            seed_parallel(seed + int(saved["iteration"]), ctx.groups)
+        if notes is not None:
+            notes.append(f"the checkpoint was written by {_fmt_layout(layout)}, this run is {_fmt_layout(ctx.layout())}: "
+                         f"weights and optimizer state are resharded; dropout streams restart from seed + iteration")
+
+
+def _fmt_layout(layout: Optional[dict]) -> str:
+    if not layout:
+        return "a run of unknown layout"
+    sp = " with sequence parallelism" if layout.get("sequence_parallel") else ""
+    return (f"{layout['world_size']} process(es) (tensor_parallel_size={layout['tensor_parallel_size']}, "
+            f"{layout['dp_size']} data-parallel replica(s){sp})")
+
+
+def _open_loader(data_dir: str, model_cfg: ModelConfig, train_cfg: TrainConfig, dp_rank: int, dp_size: int):
+    from forge_dist.data.loader import BatchLoader
+
+    return BatchLoader.from_dir(data_dir, model_cfg.block_size, train_cfg.batch_size,
+                                grad_accum_steps=train_cfg.gradient_accumulation_steps,
+                                dp_rank=dp_rank, dp_size=dp_size, seed=train_cfg.seed)
+
+
+def check_data(resolved: "Resolved", dp_size: int) -> None:
+    """The loader checks (a dataset too small for block_size; on resume, a changed global batch)
+    for a launch of ``dp_size`` data-parallel replicas, before any process group exists."""
+    loader = _open_loader(resolved.data_dir, resolved.model_cfg, resolved.train_cfg, 0, dp_size)
+    if resolved.saved is not None:
+        loader.load_state_dict(resolved.saved["loader"])
+
+
 def _restore(run: Run, path: str, saved: dict) -> None:
     """Everything but the weights from a resumed checkpoint."""
     run.engine.load_state(path)
     run.loader.load_state_dict(saved["loader"])
-    ckpt.set_rng_state(saved["rng"])
+    restore_rng(saved, run.ctx, run.train_cfg.seed, notes=run.notes)
+    run.resumed_state = saved
     run.start_iter, run.best_val_loss = int(saved["iteration"]), float(saved["best_val_loss"])
     run.best_iter, run.evals_since_best = saved.get("best_iter"), int(saved.get("evals_since_best", 0))
     run.resumed_from = path
     run.notes.append(f"resumed from {path} at iteration {run.start_iter}")
 
 
-def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optional[RunContext] = None,
-              engine_factory: Callable = local_engine) -> Run:
-    from forge_dist.data.loader import BatchLoader
-
-    ctx = ctx or RunContext()
+def resolve_run(parsed: ParsedOptions, groups: Sequence[OptionGroup]) -> Resolved:
+    """Every option value, the dataset's metadata and the checkpoint to resume, checked; raises
+    ConfigError/CheckpointError. Builds nothing and communicates with no other rank."""
     model_group, train_group = _group(groups, ModelConfig), _group(groups, TrainConfig)
     values, resume_path, saved = _resolve_values(parsed, groups)
     train_cfg = TrainConfig(**parsed.group_kwargs(train_group, values))
@@ -207,15 +278,57 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
                                           resume_path, notes)
     resolved = {**values, **{model_group.prefix + k: v for k, v in _model_values(model_cfg).items()},
                 **{train_group.prefix + k: v for k, v in train_cfg.to_dict().items()}}
-    model = _build_model(model_cfg, train_cfg, prev_state, resume_path, notes)
-    engine = engine_factory(model, train_cfg, resolved, ctx)
-    loader = BatchLoader.from_dir(data_dir, model_cfg.block_size, train_cfg.batch_size,
-                                  grad_accum_steps=train_cfg.gradient_accumulation_steps,
-                                  dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, seed=train_cfg.seed)
-    run = Run(model_cfg, train_cfg, resolved, ctx, data_dir, loader.splits["train"].tokenizer(), loader, model,
-              engine, notes=notes)
-    if saved is not None:
-        _restore(run, resume_path, saved)
+    return Resolved(resolved, train_cfg, model_cfg, data_dir, meta, resume_path, saved, prev_state, notes)
+
+
+def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.Module:
+    """A launched run's model before any engine sees it: sharded over ctx.groups.tp when
+    tensor_parallel_size > 1 (sliced from the full weights every rank built alike, or loaded from a
+    checkpoint's logical weights, so any TP size starts from the same model), and the dropout
+    streams seeded: equal on a TP group, different across data-parallel replicas."""
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.random import seed_everything as seed_parallel
+
+    names = [n for n, _ in model.named_parameters()]
+    if ctx.tp_size > 1:
+        parallelize(model, ctx.groups, ctx.parallel_config)
+        after = [n for n, _ in model.named_parameters()]
+        if after != names:  # optimizer state in checkpoints is stored in this order
+            raise RuntimeError(f"parallelize changed the parameters' names or order: {names} -> {after}")
+    seed_parallel(seed, ctx.groups)
+    return model
+
+
+def _rank_train_config(train_cfg: TrainConfig, ctx: RunContext) -> TrainConfig:
+    """``--device cuda`` (or auto) on a multi-GPU launch means this rank's GPU (cuda:LOCAL_RANK,
+    which init_distributed selected). Only the running copy changes: config.yaml and checkpoints
+    keep the device as given, so a resume on another layout picks its own GPUs."""
+    device = train_cfg.resolved_device
+    if ctx.distributed and device == "cuda" and str(ctx.device).startswith("cuda:"):
+        return train_cfg.replace(device=str(ctx.device))
+    return train_cfg
+
+
+def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optional[RunContext] = None,
+              engine_factory: Callable = local_engine, resolved: Optional[Resolved] = None) -> Run:
+    """The ready run. ``engine_factory(model, train_cfg, values, ctx)`` receives the model (weights
+    already loaded on resume; in a launched run already sharded over ctx.groups by shard_model) and
+    returns the engine (see engine.py)."""
+    from forge_dist.train.metrics import flops_per_token
+
+    ctx = ctx or RunContext()
+    r = resolved or resolve_run(parsed, groups)
+    train_cfg = _rank_train_config(r.train_cfg, ctx)
+    model = _build_model(r.model_cfg, train_cfg, r.prev_state, r.resume_path, r.notes)
+    flops = flops_per_token(model)  # the full model's, before it is sharded
+    if ctx.groups is not None:
+        shard_model(model, ctx, train_cfg.seed)
+    engine = engine_factory(model, train_cfg, r.values, ctx)
+    loader = _open_loader(r.data_dir, r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
+    run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.splits["train"].tokenizer(), loader,
+              model, engine, notes=r.notes, flops_per_token=flops)
+    if r.saved is not None:
+        _restore(run, r.resume_path, r.saved)
     return run
 
 

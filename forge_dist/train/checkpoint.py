@@ -15,7 +15,9 @@ then do the pointers move. A crash at any point leaves the previous checkpoint a
 they were; a leftover ``.tmp-*`` directory is ignored and replaced by the next save. Loading
 verifies every checksum first, so a corrupt or truncated checkpoint is reported, never loaded.
 All ranks call ``save_checkpoint`` together: each may write its own engine files (e.g. ZeRO
-shards) into the temporary directory; rank 0 writes the rest, the manifest and the pointers.
+shards) into the temporary directory; ``engine.full_state_dict()`` (a collective) gives the
+logical full weights, which rank 0 writes as model/ whatever the parallel layout (so any layout
+loads any other); rank 0 writes the rest, the manifest and the pointers.
 """
 from __future__ import annotations
 
@@ -45,11 +47,25 @@ def checkpoint_name(iteration: int) -> str:
 
 
 # --- weights (the only use of forge_dist.io here) -----------------------------------------------
-def save_weights(model, directory: str, training: Optional[dict] = None) -> None:
-    """``directory/model``: a forge_dist checkpoint directory that from_pretrained reads as is."""
+class _LogicalWeights:
+    """What save_pretrained reads from a model (config and state_dict), for weights gathered from
+    a sharded model: the file is the one a single process writes, whatever the layout."""
+
+    def __init__(self, config, state: dict):
+        self.config, self._state = config, state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def save_weights(model, directory: str, training: Optional[dict] = None, state: Optional[dict] = None) -> None:
+    """``directory/model``: a forge_dist checkpoint directory that from_pretrained reads as is.
+    ``state``: the logical full state dict to write instead of ``model.state_dict()`` (a sharded
+    model's gathered weights)."""
     from forge_dist.io import save_pretrained
 
-    save_pretrained(model, os.path.join(directory, MODEL_DIR), training=training)
+    source = model if state is None else _LogicalWeights(model.config, state)
+    save_pretrained(source, os.path.join(directory, MODEL_DIR), training=training)
 
 
 def load_weights(model, directory: str) -> None:
@@ -119,10 +135,12 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
         os.makedirs(tmp)
     ctx.barrier()
     engine.save_state(tmp, ctx)
+    full = engine.full_state_dict() if hasattr(engine, "full_state_dict") else None  # collective
     if ctx.is_main:
         best = trainer_state.get("best_val_loss")
         save_weights(model, tmp, {"iter_num": iteration,
-                                  "best_val_loss": best if best is not None and math.isfinite(best) else None})
+                                  "best_val_loss": best if best is not None and math.isfinite(best) else None},
+                     state=full)
         save_state(trainer_state, tmp, "trainer_state")
     ctx.barrier()
     if ctx.is_main:

@@ -10,10 +10,11 @@ import sys
 from typing import List, Optional, Sequence
 
 from forge_dist.config.model_config import ModelConfig
+from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.train.arguments import OptionGroup, parse_options
-from forge_dist.train.options import CHOICES as TRAIN_CHOICES, TrainConfig
+from forge_dist.train.options import CHOICES as TRAIN_CHOICES, EngineOptions, TrainConfig
 
 PROG = "forge-train"
 DESCRIPTION = """\
@@ -22,7 +23,12 @@ Train a GPT of the ReaLLM-Forge family (flat option names as in ReaLLM-Forge's t
 With no options it trains the embedded tiny preset on the bundled corpus (about a minute on a
 2-core CPU). The defaults shown are the embedded preset's; --config FILE replaces the preset, and
 options given on the command line override the file. --init_from resume continues the run in
---out_dir with its saved options, overridden only by the options given."""
+--out_dir with its saved options, overridden only by the options given (the parallel and engine
+options are always this launch's own).
+
+In parallel: torchrun --nproc_per_node 2 -m forge_dist.train --tensor_parallel_size 2 ...
+(or mpirun -np 2 forge-train ..., srun, the deepspeed launcher); processes beyond
+tensor_parallel_size are data-parallel replicas, each taking its slice of the global batch."""
 
 MODEL_HELP = {
     "vocab_size": "taken from the dataset unless given (a larger value pads the token table).",
@@ -42,6 +48,23 @@ TRAIN_HELP = {
 }
 
 
+PARALLEL_HELP = {
+    "tensor_parallel_size": "processes that split every layer (Megatron tensor parallelism); the launched "
+                            "world must be a multiple of it, the remaining factor is data parallelism.",
+    "pipeline_parallel_size": "validated; sizes other than 1 are refused until pipeline parallelism lands.",
+    "expert_parallel_size": "validated; sizes other than 1 are refused until expert parallelism lands.",
+    "sequence_parallel": "split the residual stream along the sequence over the tensor-parallel ranks "
+                         "(block_size must be divisible by tensor_parallel_size).",
+    "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of this x tensor_parallel_size "
+                                    "(padded ids are never predicted).",
+    "dist_timeout_minutes": "collective timeout: a lost rank fails the run instead of hanging it.",
+    "dist_backend": "none: nccl on GPUs, gloo on CPU.",
+}
+ENGINE_HELP = {
+    "deepspeed_config": "train with the DeepSpeed engine and this JSON config (docs/deepspeed.md).",
+}
+
+
 def _model_choices() -> dict:
     import forge_dist.model  # noqa: F401  (registers every variant)
     from forge_dist.model import registries
@@ -56,35 +79,75 @@ def option_groups() -> List[OptionGroup]:
     return [
         OptionGroup("model", ModelConfig, help=MODEL_HELP, choices=_model_choices()),
         OptionGroup("training", TrainConfig, help=TRAIN_HELP, choices=TRAIN_CHOICES),
+        OptionGroup("parallel", ParallelConfig, help=PARALLEL_HELP, choices={"dist_backend": BACKENDS},
+                    resumable=False),
+        OptionGroup("engine", EngineOptions, help=ENGINE_HELP, resumable=False),
     ]
 
 
-def fail(message: str, prog: str = PROG) -> None:
-    """Exit 2 with one line (user errors never show a traceback)."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+def fail(message: str, prog: str = PROG, quiet: bool = False) -> None:
+    """Exit 2 with one line (user errors never show a traceback); ``quiet``: exit without it (the
+    other ranks of a launch, whose rank 0 says the same)."""
+    if not quiet:
+        print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
 
 
+LAUNCHER_ARGS = ("--local_rank", "--local-rank")  # added by the deepspeed launcher (torch.distributed.launch too)
+
+
+def strip_launcher_args(argv: Sequence[str]) -> List[str]:
+    """argv without ``--local_rank N`` / ``--local_rank=N``: launchers append it, and the rank
+    is read from the environment they also set (LOCAL_RANK)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in LAUNCHER_ARGS:
+            skip = "=" not in arg and i + 1 < len(argv) and argv[i + 1].isdigit()
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """One process, or one rank of a launch (torchrun, deepspeed, mpirun, srun): everything that can
+    be refused is refused before any process group exists, by rank 0 with one line (exit 2)."""
     from forge_dist.presets import read_preset
-    from forge_dist.train.build import build_run
+    from forge_dist.train.build import build_run, check_data, resolve_run
+    from forge_dist.train.launch import detect_env, plan_launch
     from forge_dist.train.trainer import Trainer, summary
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
     groups = option_groups()
+    quiet = False
     try:
+        env = detect_env()
+        quiet = env.rank != 0  # every rank reaches the same verdict on the same input; rank 0 says it
         parsed = parse_options(argv, PROG, groups, read_preset(), DESCRIPTION)
-        run = build_run(parsed, groups)
+        resolved = resolve_run(parsed, groups)
+        launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
+        check_data(resolved, launch.dp_size)
     except (ConfigError, CheckpointError) as e:
-        fail(str(e))
+        fail(str(e), quiet=quiet)
     try:
-        result = Trainer(run).fit()
+        with launch.start() as ctx:
+            try:
+                run = build_run(parsed, groups, ctx, launch.engine_factory, resolved)
+            except (ConfigError, CheckpointError) as e:
+                fail(f"rank {ctx.rank}: {e}" if ctx.distributed else str(e))
+            result = Trainer(run).fit()
+            text = summary(result, run) if ctx.is_main else None
+            del run  # the model and engine go before the process groups do (Launch.start)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; resume with: {PROG} --out_dir {run.train_cfg.out_dir} --init_from resume",
-              file=sys.stderr)
+        if not quiet:
+            print(f"\n{PROG}: interrupted; resume with: {PROG} --out_dir {resolved.train_cfg.out_dir} "
+                  f"--init_from resume", file=sys.stderr)
         return 130
-    if run.ctx.is_main:
-        print(summary(result, run), flush=True)
+    if text is not None:
+        print(text, flush=True)
     return 1 if result.stop_reason == "nan" else 0
 
 

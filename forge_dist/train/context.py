@@ -5,11 +5,15 @@ The loop never reads torch.distributed state directly; it asks the context. A si
 groups it created and passes it in, so there is no module-level distributed state. Stop decisions
 go through ``any``: if one rank sees a NaN, every rank leaves the loop at the same iteration
 (upstream can hang with ranks waiting in a collective for one that already left).
+
+A parallel run also carries its layout for the engine factory: ``groups`` (forge_dist.parallel's
+ProcessGroups: tp, dp, ... of this rank) and ``parallel_config`` (the ParallelConfig the run was
+launched with). Both are None for a single process.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -22,17 +26,22 @@ class RunContext:
     dp_size: int = 1
     group: Optional[Any] = None  # torch.distributed ProcessGroup of every rank of the run
     device: str = "cpu"  # where collective tensors live (cuda for NCCL)
+    groups: Optional[Any] = None  # forge_dist.parallel.ProcessGroups of a parallel run
+    parallel_config: Optional[Any] = None  # forge_dist.config.parallel.ParallelConfig likewise
+    launcher: str = "single"  # torchrun | deepspeed | env | mpirun | slurm | single
 
     @classmethod
-    def from_dist(cls, dist_ctx) -> "RunContext":
+    def from_dist(cls, dist_ctx, parallel_config=None) -> "RunContext":
         """From forge_dist.dist's DistContext: the data-parallel coordinate comes from its topology
         (every rank its own replica when there is none); collectives use the default group."""
         topology = getattr(dist_ctx, "topology", None)
         dp_rank, dp_size = dist_ctx.rank, dist_ctx.world_size
         if topology is not None:
             dp_rank, dp_size = topology.coord(dist_ctx.rank).dp, topology.dp
+        env = getattr(dist_ctx, "env", None)
         return cls(rank=dist_ctx.rank, world_size=dist_ctx.world_size, dp_rank=dp_rank, dp_size=dp_size,
-                   device=str(dist_ctx.device))
+                   device=str(dist_ctx.device), groups=getattr(dist_ctx, "groups", None),
+                   parallel_config=parallel_config, launcher=getattr(env, "launcher", "env"))
 
     @property
     def is_main(self) -> bool:
@@ -41,6 +50,20 @@ class RunContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def tp_size(self) -> int:
+        return 1 if self.groups is None else self.groups.tp.size
+
+    @property
+    def tp_rank(self) -> int:
+        return 0 if self.groups is None else self.groups.tp.rank
+
+    def layout(self) -> dict:
+        """The parallel layout, as recorded in checkpoints (a resume compares it with its own)."""
+        pcfg = self.parallel_config
+        return {"world_size": self.world_size, "dp_size": self.dp_size, "tensor_parallel_size": self.tp_size,
+                "sequence_parallel": bool(pcfg is not None and pcfg.sequence_parallel and self.tp_size > 1)}
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank."""
@@ -53,7 +76,8 @@ class RunContext:
         return bool(t.item() > 0)
 
     def mean(self, value: float) -> float:
-        """The mean over all ranks (used for logged losses)."""
+        """The mean over all ranks (used for logged losses: tensor-parallel ranks of a replica hold
+        the same loss, so this is the mean over the data-parallel replicas)."""
         if not self.distributed:
             return float(value)
         import torch.distributed as dist
@@ -61,6 +85,16 @@ class RunContext:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return float(t.item()) / self.world_size
+
+    def gather_object(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (picklable values only)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
 
     def barrier(self) -> None:
         if self.distributed:

@@ -7,9 +7,12 @@ The trainer calls, per iteration::
     stats = engine.step(lr)                           # clip, optimizer step, zero grads
 
 and ``engine.eval_loss(x, y)``, ``engine.train()/eval()``, ``engine.save_state(dir, ctx)`` /
-``engine.load_state(dir)`` (optimizer, scaler: whatever the engine owns) and ``engine.model`` (the
-plain module, for weights and sampling). A parallel engine also syncs gradients inside
-``forward_backward``/``step``; the loop does not change.
+``engine.load_state(dir)`` (optimizer, scaler: whatever the engine owns), ``engine.model`` (the
+module the engine trains), ``engine.full_state_dict()`` (collective: the logical full weights for
+the checkpoint's ``model/``, on rank 0 at least), ``engine.generation_model()`` (the module the
+end-of-run sample is drawn from) and ``engine.forward_is_collective`` (True when every rank must
+run that sampling forward, as under tensor parallelism). A parallel engine also syncs gradients
+inside ``forward_backward``/``step``; the loop does not change.
 
 LocalEngine is one process on CPU or one GPU: autocast for bfloat16/float16, a GradScaler for
 float16 (its loss scale skips steps with inf/NaN gradients), accumulation of ``loss / n`` over the
@@ -18,15 +21,25 @@ n micro-batches, and clipping of the global gradient norm after unscaling (as up
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from forge_dist.errors import CheckpointError
 from forge_dist.train.statefile import load_state, save_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def require_optimizer_files(directory: str) -> None:
+    """A checkpoint written by another engine (DeepSpeed keeps its own files) is named as such."""
+    if not os.path.isfile(os.path.join(directory, "optimizer.json")):
+        raise CheckpointError(f"{directory} has no optimizer state of forge_dist's own engine (optimizer.json); "
+                              f"it was written by another engine (e.g. DeepSpeed): resume with the same "
+                              f"--deepspeed_config, or start from its weights with --init_from prev_run")
 
 
 class Engine(Protocol):
@@ -39,9 +52,14 @@ class Engine(Protocol):
     def eval(self) -> None: ...
     def save_state(self, directory: str, ctx) -> None: ...
     def load_state(self, directory: str) -> None: ...
+    def full_state_dict(self) -> Optional[dict]: ...
+    def generation_model(self) -> nn.Module: ...
 
 
 class LocalEngine:
+    name = "local"
+    forward_is_collective = False  # one process: rank 0 alone samples
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: str, dtype: str,
                  grad_clip: float = 0.0, compile: bool = False):
         self.model = model
@@ -101,7 +119,12 @@ class LocalEngine:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. another weight_decay_split: the parameter groups differ
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this run's optimizer ({e}); "
+                                  f"keep weight_decay_split as it was, or start from the weights with "
+                                  f"--init_from prev_run") from None
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -110,4 +133,12 @@ class LocalEngine:
             save_state(self.state_dict(), directory, "optimizer")
 
     def load_state(self, directory: str) -> None:
+        require_optimizer_files(directory)
         self.load_state_dict(load_state(directory, "optimizer", map_location=str(self.device)))
+
+    def full_state_dict(self) -> dict:
+        """The logical weights written to the checkpoint's model/ (the module's own state here)."""
+        return self.model.state_dict()
+
+    def generation_model(self) -> nn.Module:
+        return self.model

@@ -63,8 +63,10 @@ def flops_per_token(model) -> float:
 class MFU:
     """tokens/s -> fraction of the device's peak; ``None`` (and a reason) when the peak is unknown."""
 
-    def __init__(self, model, device: str, dtype: str, peak: Optional[float] = None):
-        self.flops_per_token = flops_per_token(model)
+    def __init__(self, model, device: str, dtype: str, peak: Optional[float] = None,
+                 flops: Optional[float] = None):
+        # ``flops``: F counted on the full model, when ``model`` is a tensor-parallel shard
+        self.flops_per_token = flops if flops is not None else flops_per_token(model)
         self.device = device_name(device)
         self.peak = peak if peak is not None else peak_flops(self.device, dtype)
         self.reason = None if self.peak else f"MFU n/a (unknown peak for {self.device})"

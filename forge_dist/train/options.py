@@ -133,6 +133,19 @@ def check_device(device: str, dtype: str) -> None:
                           "use --dtype bfloat16 (or float32) on CPU")
 
 
+@dataclass
+class EngineOptions:
+    """Which engine trains: forge_dist's own (one process, or tensor + data parallel under a
+    launcher) unless a DeepSpeed JSON config is given. A launch option: --init_from resume takes
+    it from the command line, never from the checkpoint."""
+
+    deepspeed_config: Optional[str] = None  # DeepSpeed JSON config: train with the DeepSpeed engine
+
+    def __post_init__(self):
+        if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, str):
+            raise ConfigError(f"deepspeed_config={self.deepspeed_config!r} must be a file path")
+
+
 @functools.lru_cache(maxsize=None)
 def _hints() -> dict:
     return typing.get_type_hints(TrainConfig)

@@ -56,7 +56,8 @@ class Trainer:
         self.schedule = LRSchedule.from_config(self.cfg)
         self.out_dir = self.cfg.out_dir
         self.root = os.path.join(self.out_dir, ckpt.ROOT)
-        self.mfu = MFU(run.model, self.cfg.resolved_device, self.cfg.resolved_dtype, self.cfg.peak_flops)
+        self.mfu = MFU(run.model, self.cfg.resolved_device, self.cfg.resolved_dtype, self.cfg.peak_flops,
+                       flops=run.flops_per_token)
         self.tokens_per_iter = run.loader.global_batch_size * run.model_cfg.block_size
         self.best_val_loss, self.best_iter = run.best_val_loss, run.best_iter
         self.evals_since_best = run.evals_since_best
@@ -103,7 +104,11 @@ class Trainer:
         return {"iteration": it, "best_val_loss": self.best_val_loss, "best_iter": self.best_iter,
                 "evals_since_best": self.evals_since_best, "loader": self.run.loader.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": ckpt.rng_state(), "config": self.run.values,
-                "tokenizer": self.run.tokenizer.spec(), "data_dir": os.path.abspath(self.run.data_dir)}
+                "tokenizer": self.run.tokenizer.spec(), "data_dir": os.path.abspath(self.run.data_dir),
+                # every rank's streams (a collective), so a resume at the same layout replays every
+                # rank's dropout masks; the layout says when it is the same
+                "rng_ranks": self.ctx.gather_object(ckpt.rng_state()), "layout": self.ctx.layout(),
+                "engine": getattr(self.engine, "name", type(self.engine).__name__)}
 
     def save(self, it: int, is_best: bool) -> None:
         if self.cfg.never_save_checkpoint or self.saved_at == it:
@@ -194,8 +199,10 @@ class Trainer:
         result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter)
         if ctx.is_main:
             plot_losses(read_metrics(self.out_dir), os.path.join(self.out_dir, PLOT_FILE))
-            if stop != "nan":
-                result.sample = self.sample()
+        if stop != "nan":
+            sample = self.sample()  # every rank calls: the engine decides who runs the forward
+            if ctx.is_main:
+                result.sample = sample
         ctx.barrier()
         result.wall_s = time.time() - start_time
         return result
@@ -206,8 +213,23 @@ class Trainer:
             with open(os.path.join(self.out_dir, NAN_FILE), "w", encoding="utf-8") as fh:
                 fh.write(f"{it}\n")
 
+    def _sampling_model(self):
+        """The model this rank samples with, or None when it takes no part. An engine whose model
+        cannot run a forward on rank 0 alone says how: ``generation_model()`` with
+        ``forward_is_collective`` (tensor parallelism: every rank runs the forward), or
+        ``export_model(ctx)`` (a collective that returns a plain model on rank 0, e.g. ZeRO-3)."""
+        if hasattr(self.engine, "generation_model"):
+            collective = getattr(self.engine, "forward_is_collective", False)
+            return self.engine.generation_model() if collective or self.ctx.is_main else None
+        if hasattr(self.engine, "export_model"):
+            model = self.engine.export_model(self.ctx)
+            return None if model is None else model.to(self.cfg.resolved_device)
+        return self.run.model if self.ctx.is_main else None
+
     def sample(self) -> Optional[str]:
-        """A short sample from the trained model (rank 0), or None when disabled or not encodable."""
+        """A short sample from the trained model on rank 0 (None elsewhere, or when disabled or not
+        encodable). Called by every rank; under tensor parallelism every rank runs the forward and
+        draws the same tokens (the generator is seeded alike, the logits are gathered in full)."""
         from forge_dist.errors import ConfigError
         from forge_dist.inference.generate import generate
 
@@ -216,13 +238,16 @@ class Trainer:
             return None
         try:
             prompt = self.run.tokenizer.encode(self.cfg.sample_start_tokens)
-        except ConfigError as e:  # e.g. an external tokenizer we cannot run
+        except ConfigError as e:  # e.g. an external tokenizer we cannot run (the same on every rank)
             self.run.notes.append(f"no sample: {e}")
+            return None
+        model = self._sampling_model()
+        if model is None:
             return None
         device = self.cfg.resolved_device
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
-        ids = generate(self.run.model, prompt or [0], n, temperature=0.8, top_k=200, generator=gen, device=device)
-        return self.run.tokenizer.decode(prompt + ids)
+        ids = generate(model, prompt or [0], n, temperature=0.8, top_k=200, generator=gen, device=device)
+        return self.run.tokenizer.decode(prompt + ids) if self.ctx.is_main else None
 
 
 def summary(result: TrainResult, run: Run) -> str:

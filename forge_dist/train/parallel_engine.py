@@ -1,0 +1,228 @@
+"""ParallelEngine: forge-train under a launcher, with tensor parallelism and plain data parallelism.
+
+The factory receives the model that build_run built from the same seed on every rank and then
+sharded (``parallelize``, when tensor_parallel_size > 1), with the dropout streams seeded (equal
+on a TP group, different across data-parallel replicas). Per optimizer step:
+
+  forward/backward   every micro-batch of this rank's data-parallel slice (LocalEngine's code;
+                     TP ranks of one replica see the same rows and compute the same loss)
+  tp_grad_sync       partial gradients of replicated parameters summed over their TP ranks
+  dp average         one flattened all-reduce per bucket over the data-parallel group, divided by
+                     dp: every replica then holds the gradient of the mean loss over the global
+                     batch, exactly as one process with dp times the batch would
+  unscale, clip      the global norm from tp_grad_norm (TP shards and replicated values counted
+                     once; after the average every replica holds the same gradient, so the norm is
+                     already the whole data-parallel batch's), clip coefficient as torch's
+                     clip_grad_norm_
+  step               AdamW on the local shards (elementwise, so sharded AdamW is exact)
+
+Why a hand-written all-reduce and not torch DDP: the average runs once per optimizer step, after
+accumulation (DDP needs no_sync for that), on the parameters the optimizer steps, so the engine's
+``model`` stays the plain (sharded) module that checkpoints, evaluation and sampling use, with no
+wrapper and no hooks beside those of tensor parallelism. It gives up DDP's overlap of the
+all-reduce with the backward pass, which matters at scale on GPUs; that is the DeepSpeed engine's
+job (--deepspeed_config). Parameters without a gradient on every replica stay without one (an
+all-reduced mask decides), so the optimizer skips exactly what a single process would skip.
+
+Checkpoints are layout-free: ``full_state_dict`` gathers the logical weights (the checkpoint's
+model/ is what one process writes), and the optimizer state is written as the single process's
+AdamW state dict, each moment tensor gathered to its logical shape with the parameter's shard
+metadata. Loading slices it again for this rank, so any TP size (and the one-process LocalEngine)
+resumes from any other.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from forge_dist.errors import CheckpointError
+from forge_dist.train.engine import LocalEngine, require_optimizer_files
+from forge_dist.train.optim import build_optimizer
+from forge_dist.train.statefile import load_state, save_state
+
+BUCKET_BYTES = 64 << 20  # data-parallel all-reduce bucket: bounds the flattened copy's memory
+
+
+def dp_average_gradients(params: List[torch.Tensor], group) -> int:
+    """Average the gradients of ``params`` over the RankGroup ``group`` (a collective: every member
+    passes the same parameter list). A parameter with a gradient on no member keeps None; one
+    with a gradient on some members only counts zeros for the others. Returns how many averaged."""
+    if group.size == 1 or not params:
+        return 0
+    device = params[0].device
+    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
+    has = group.all_reduce(has, op=dist.ReduceOp.MAX, phase="grad_sync")
+    grads = []
+    for p, flag in zip(params, has.tolist()):
+        if flag:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+    buckets: Dict[tuple, List[List[torch.Tensor]]] = {}
+    for g in grads:  # same dtype and device in a bucket, at most BUCKET_BYTES each
+        chain = buckets.setdefault((g.dtype, g.device), [[]])
+        if chain[-1] and sum(t.numel() * t.element_size() for t in chain[-1]) + g.numel() * g.element_size() > BUCKET_BYTES:
+            chain.append([])
+        chain[-1].append(g)
+    for chain in buckets.values():
+        for bucket in chain:
+            flat = group.all_reduce(_flatten_dense_tensors(bucket), phase="grad_sync")
+            flat.div_(group.size)
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
+    return len(grads)
+
+
+class ParallelEngine(LocalEngine):
+    name = "parallel"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: str, dtype: str,
+                 grad_clip: float, compile: bool, groups, parallel_config):
+        super().__init__(model, optimizer, device, dtype, grad_clip, compile)
+        self.groups, self.parallel_config = groups, parallel_config
+        self.tp, self.dp = groups.tp.size, groups.dp.size
+        self.sequence_parallel = bool(parallel_config.sequence_parallel) and self.tp > 1
+        self.forward_is_collective = self.tp > 1  # sampling: every TP rank runs the forward
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._names = [names.get(id(p), f"#{i}") for i, p in enumerate(self._params)]
+
+    # --- gradients ------------------------------------------------------------------------------
+    def sync_gradients(self) -> None:
+        if self.tp > 1:
+            from forge_dist.parallel.tensor.metadata import tp_grad_sync
+
+            tp_grad_sync(self.model, self.groups)
+        if self.dp > 1:
+            dp_average_gradients(self._params, self.groups.dp)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip to the norm of the whole model's gradient; returns that norm."""
+        if self.tp == 1:
+            return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        from forge_dist.parallel.tensor.metadata import tp_grad_norm
+
+        norm = tp_grad_norm(self.model, self.groups)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+        for p in self._params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        return norm
+
+    def _agree_on_overflow(self) -> None:
+        """float16: skip the step on every rank if any rank's (shard of the) gradient overflowed,
+        so replicas never diverge. Reads the scaler's per-device flags (torch's private dict)."""
+        if not self.scaler.is_enabled():
+            return
+        for found in self.scaler._found_inf_per_device(self.optimizer).values():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+
+    def step(self, lr: float) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sync_gradients()
+        self.scaler.unscale_(self.optimizer)
+        self._agree_on_overflow()
+        grad_norm: Optional[torch.Tensor] = None
+        if self.grad_clip > 0:
+            grad_norm = self.clip_grad_norm(self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm}
+
+    # --- weights and sampling -------------------------------------------------------------------
+    def full_state_dict(self) -> Optional[dict]:
+        """Logical names -> full tensors on data-parallel replica 0 (its TP ranks gather together);
+        None on the other replicas, which hold the same values."""
+        if self.groups.coord.dp != 0:
+            return None
+        if self.tp == 1:
+            return self.model.state_dict()
+        from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+
+        return gather_full_state_dict(self.model, self.groups)
+
+    def generation_model(self) -> nn.Module:
+        """The trained model for sampling (a collective under TP: every rank runs the forward). KV-
+        cached decoding cannot split one token over sequence shards, so a sequence-parallel model
+        is rebuilt from its gathered weights as a plain TP model."""
+        if not self.sequence_parallel:
+            return self.model
+        from forge_dist.model.gpt import GPT
+        from forge_dist.parallel.parallelize import parallelize
+        from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+
+        full = gather_full_state_dict(self.model, self.groups)
+        plain = GPT(self.model.config).to(self.device)
+        plain.load_state_dict(full)
+        return parallelize(plain, self.groups, dataclasses.replace(self.parallel_config, sequence_parallel=False))
+
+    # --- optimizer state ------------------------------------------------------------------------
+    def full_optimizer_state(self) -> dict:
+        """The optimizer state dict a single process would have: every moment tensor gathered to
+        its parameter's logical shape (collective over the TP group)."""
+        from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
+
+        sd = self.optimizer.state_dict()
+        for i in sorted(sd["state"]):
+            p = self._params[i]
+            info = shard_info(p)
+            sd["state"][i] = {k: (full_tensor(v, info, self.groups) if _param_shaped(v, p) else v)
+                              for k, v in sd["state"][i].items()}
+        return sd
+
+    def save_state(self, directory: str, ctx) -> None:
+        full = self.full_optimizer_state() if self.groups.coord.dp == 0 else None
+        if ctx.is_main:
+            save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
+                        "layout": ctx.layout()}, directory, "optimizer")
+
+    def load_state(self, directory: str) -> None:
+        from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info, shard_tensor
+
+        require_optimizer_files(directory)
+        state = load_state(directory, "optimizer", map_location="cpu")
+        sd = state["optimizer"]
+        for i, entry in sd["state"].items():
+            if not 0 <= i < len(self._params):
+                raise CheckpointError(f"the optimizer state in {directory} has more parameters than this model "
+                                      f"({len(self._params)}); it is from another model")
+            p = self._params[i]
+            info = shard_info(p) or ShardInfo.replicated(p)
+            for k, v in entry.items():
+                if not (torch.is_tensor(v) and v.dim() > 0):
+                    continue
+                if tuple(v.shape) != tuple(info.full_shape):
+                    raise CheckpointError(f"the optimizer state {k} of {self._names[i]} in {directory} has shape "
+                                          f"{tuple(v.shape)}, the parameter's logical shape is {info.full_shape}; "
+                                          f"the checkpoint is from another model")
+                entry[k] = shard_tensor(v, info, self.groups.tp.rank, self.tp)
+        self.load_state_dict(state)
+
+
+def _param_shaped(v, p: torch.Tensor) -> bool:
+    return torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape
+
+
+def parallel_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
+    """forge-train's default engine factory: LocalEngine for one process, ParallelEngine when the
+    run was launched on several (ctx.groups and ctx.parallel_config set by the launch; build_run
+    has already sharded the model over ctx.groups.tp)."""
+    if ctx.groups is None or not ctx.distributed:
+        from forge_dist.train.build import local_engine
+
+        return local_engine(model, train_cfg, values, ctx)
+    from forge_dist.parallel.tensor.metadata import shard_info
+
+    if ctx.tp_size > 1 and any(shard_info(p) is None for p in model.parameters()):
+        raise RuntimeError("tensor_parallel_size > 1 but the model is not sharded: build_run shards it "
+                           "(forge_dist.train.build.shard_model) before calling the engine factory")
+    device = train_cfg.resolved_device
+    optimizer = build_optimizer(model, train_cfg, torch.device(device).type)
+    return ParallelEngine(model, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
+                          train_cfg.compile, ctx.groups, ctx.parallel_config)

@@ -111,8 +111,6 @@ def check_choices(cfg) -> None:
     for name, reg_name in REGISTRY_OPTIONS.items():
         value = getattr(cfg, name)
         registry = getattr(registries, reg_name)
-        if not registry.names():  # DEVELOPMENT GUARD: remove once every family is implemented
-            continue
         for item in value if isinstance(value, list) else [value]:
             if item is not None:
                 registry.check(item, option=name)

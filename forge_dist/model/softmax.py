@@ -8,7 +8,8 @@ Forward: ``module(scores, mask: MaskSpec | None) -> probs`` of the same shape, s
 for attention, or logits (B, V) / (B, T, V) without a mask.
 
 The numerics live in ``forge_dist.ops.reference.softmax_variants`` (what a fused kernel must
-reproduce); a module here only holds the parameters, under ReaLLM-Forge's attribute names so
+reproduce) and are called through ``forge_dist.ops`` (the fused kernel, mask applied inside, or that
+reference); a module here only holds the parameters, under ReaLLM-Forge's attribute names so
 checkpoints convert by name, and resolves the mask. Hidden keys come out exactly 0 with finite
 gradients, and sink columns (MaskSpec.n_sink) count as visible keys, in every variant.
 Per-head parameters are (n_head, 1, 1), head first, so tensor parallelism can slice them;
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from forge_dist import ops
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.model.mask import MaskSpec
@@ -76,7 +78,7 @@ class Softmax(ScoreNormalizer):
     """e^{x - max} / sum e^{x - max} over visible keys; a fully hidden row gives zeros."""
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.softmax(scores, self.keep(scores, mask))
+        return ops.softmax(scores, mask)
 
 
 @SOFTMAX.register("softermax")
@@ -88,7 +90,7 @@ class Softermax(ScoreNormalizer):
         self.subtract_max = config.softermax_use_xmax
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.softermax(scores, self.keep(scores, mask), self.subtract_max)
+        return ops.softermax(scores, mask, self.subtract_max)
 
 
 @SOFTMAX.register("strongermax")
@@ -122,8 +124,8 @@ class Strongermax(ScoreNormalizer):
         obo = self.obo_offset
         if torch.is_tensor(obo) and obo.dim() == 3:
             obo = self.per_head(obo, scores)
-        return ref.strongermax(
-            scores, self.keep(scores, mask), log_strength=self.log_strength,
+        return ops.strongermax(
+            scores, mask, log_strength=self.log_strength,
             temperature=self.temperature_factor, use_xmax=self.subtract_max, xmax_guess=self.xmax_guess,
             overflow_recompute=self.overflow_recompute, overflow_value=self.overflow_recompute_value,
             clamp_value=self.clamp_value, div_by_sum_of_terms=self.div_by_sum_of_terms, obo=obo,
@@ -140,7 +142,7 @@ class SigSoftmax(ScoreNormalizer):
         self.log_base = _log_base(config.sigsoftmax_use_euler_base, config.sigsoftmax_base)
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.sigsoftmax(scores, self.keep(scores, mask), self.log_base)
+        return ops.sigsoftmax(scores, mask, self.log_base)
 
 
 # --- ConSmax family (elementwise, learned beta and gamma) --------------------------------------
@@ -155,7 +157,7 @@ class ConSmax(ScoreNormalizer):
         self.log_base = _log_base(config.consmax_use_euler_base, config.consmax_base)
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.consmax(scores, self.keep(scores, mask), self.beta, self.gamma, self.log_base)
+        return ops.consmax(scores, mask, self.beta, self.gamma, self.log_base)
 
 
 @SOFTMAX.register("consmax_quan")
@@ -169,7 +171,7 @@ class ConSmaxQuan(ConSmax):
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
         beta, gamma = ref.round_ste(self.beta, 100.0), ref.round_ste(self.gamma, 10.0)
-        return ref.consmax(scores, self.keep(scores, mask), beta, gamma, self.log_base)
+        return ops.consmax(scores, mask, beta, gamma, self.log_base)
 
 
 @SOFTMAX.register("consmax_v2")
@@ -189,7 +191,7 @@ class ConSmaxV2(ScoreNormalizer):
     def forward(self, scores, mask: Optional[MaskSpec] = None):
         beta = self.beta_init * self.per_head(self.beta_factor, scores)
         gamma = self.gamma_init * self.per_head(self.gamma_factor, scores)
-        return ref.consmax(scores, self.keep(scores, mask), beta, gamma, self.log_base, self.clamp_value)
+        return ops.consmax(scores, mask, beta, gamma, self.log_base, self.clamp_value)
 
 
 @SOFTMAX.register("saturatingconsmax")
@@ -206,7 +208,7 @@ class SaturatingConSmax(ScoreNormalizer):
         self.x_sat = float(config.consmax_saturation + config.consmax_initial_beta)
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.saturating_consmax(scores, self.keep(scores, mask), self.beta, self.gamma, self.x_sat,
+        return ops.saturating_consmax(scores, mask, self.beta, self.gamma, self.x_sat,
                                       self.log_base, self.seq_len(scores, mask))
 
 
@@ -215,7 +217,7 @@ class SaturatingConSmax(ScoreNormalizer):
 class Polymax(ScoreNormalizer):
     """0 below x0, a linear ramp to y0 on [x0, 0], x^p + y0 above 0; / polymax_divisor."""
 
-    formula = staticmethod(ref.polymax)
+    formula = staticmethod(ops.polymax)
 
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
@@ -225,7 +227,7 @@ class Polymax(ScoreNormalizer):
         self.divisor = config.polymax_divisor
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return self.formula(scores, self.keep(scores, mask), self.x_intercept, self.y_intercept,
+        return self.formula(scores, mask, self.x_intercept, self.y_intercept,
                             self.power, self.divisor, self.seq_len(scores, mask))
 
 
@@ -233,7 +235,7 @@ class Polymax(ScoreNormalizer):
 class VPolymax(Polymax):
     """Polymax whose linear piece falls from 2 y0 at x0 to y0 at 0 (a V); same options."""
 
-    formula = staticmethod(ref.vpolymax)
+    formula = staticmethod(ops.vpolymax)
 
 
 @SOFTMAX.register("exppolymax")
@@ -248,7 +250,7 @@ class ExpPolymax(ScoreNormalizer):
         self.divisor = config.exppolymax_divisor
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ref.exppolymax(scores, self.keep(scores, mask), self.log_base, self.power, self.y_intercept,
+        return ops.exppolymax(scores, mask, self.log_base, self.power, self.y_intercept,
                               self.divisor, self.seq_len(scores, mask))
 
 
@@ -262,18 +264,18 @@ def _divisor_variant(name: str, class_name: str, formula, divisor_option: str):
             self.divisor = float(getattr(config, divisor_option))
 
         def forward(self, scores, mask: Optional[MaskSpec] = None):
-            return formula(scores, self.keep(scores, mask), self.divisor, self.seq_len(scores, mask))
+            return formula(scores, mask, self.divisor, self.seq_len(scores, mask))
 
     _Variant.__name__ = _Variant.__qualname__ = class_name
     _Variant.__doc__ = f"{formula.__doc__.splitlines()[0]} D = {divisor_option}."
     return SOFTMAX.register(name)(_Variant)
 
 
-ReLUMax = _divisor_variant("relumax", "ReLUMax", ref.relumax, "relumax_divisor")
-ReLU2Max = _divisor_variant("relu2max", "ReLU2Max", ref.relu2max, "relu2max_divisor")
-SigmoidMax = _divisor_variant("sigmoidmax", "SigmoidMax", ref.sigmoidmax, "sigmoidmax_divisor")
-Softplus = _divisor_variant("softplus", "Softplus", ref.softplus, "softplus_divisor")
-Squareplus = _divisor_variant("squareplus", "Squareplus", ref.squareplus, "squareplus_divisor")
+ReLUMax = _divisor_variant("relumax", "ReLUMax", ops.relumax, "relumax_divisor")
+ReLU2Max = _divisor_variant("relu2max", "ReLU2Max", ops.relu2max, "relu2max_divisor")
+SigmoidMax = _divisor_variant("sigmoidmax", "SigmoidMax", ops.sigmoidmax, "sigmoidmax_divisor")
+Softplus = _divisor_variant("softplus", "Softplus", ops.softplus, "softplus_divisor")
+Squareplus = _divisor_variant("squareplus", "Squareplus", ops.squareplus, "squareplus_divisor")
 
 
 # --- learned piecewise-linear curve -----------------------------------------------------------

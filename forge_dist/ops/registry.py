@@ -9,6 +9,7 @@ FORGE_OPS (read when the process first asks, or on ``refresh()``):
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -124,9 +125,17 @@ def refresh() -> None:
             _STATE.tried = False
 
 
-@torch.compiler.disable
+_EAGER_LOADER = None
+
+
 def _ensure_loaded_eager() -> None:
-    ensure_loaded()
+    """ensure_loaded() outside torch.compile's tracing. Decorating at import time would import
+    torch._dynamo in every process (seconds per spawned rank); dynamo is only in sys.modules when
+    something compiles, and only then does the loader need hiding from it."""
+    global _EAGER_LOADER
+    if _EAGER_LOADER is None:
+        _EAGER_LOADER = torch.compiler.disable(ensure_loaded) if "torch._dynamo" in sys.modules else ensure_loaded
+    _EAGER_LOADER()
 
 
 def kernel_device(t: torch.Tensor, op: str) -> bool:

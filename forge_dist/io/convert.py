@@ -2,6 +2,7 @@
 
     forge-convert out/ckpt.pt converted/ --to forge           # ReaLLM-Forge -> forge_dist
     forge-convert converted/ out2/ --to reallm-forge          # -> out2/ckpt.pt (or DST.pt)
+    forge-convert out/checkpoints/iter_0000100 model/ --to forge   # a DeepSpeed checkpoint (ZeRO 0-3, any TP)
 
 The source format is detected. Weights and the model configuration convert exactly; iter_num,
 best_val_loss and ReaLLM-Forge's run ``config`` travel along; optimizer state does not.
@@ -14,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.io import forge_format, reallm_forge
+from forge_dist.io import deepspeed_ckpt, forge_format, reallm_forge
 from forge_dist.io.pretrained import load_any
 
 TARGETS = ("forge", "reallm-forge")
@@ -25,7 +26,8 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot") -> str:
     ``layout`` picks upstream's spelling for --to reallm-forge (see reallm_forge.LAYOUTS)."""
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r} is not a checkpoint format; valid values: {', '.join(TARGETS)}")
-    model, training = load_any(src)
+    load = deepspeed_ckpt.load_deepspeed if deepspeed_ckpt.is_deepspeed_checkpoint(src) else load_any
+    model, training = load(src)
     dst = os.fspath(dst)
     if to == "forge":
         forge_format.save_pretrained(model, dst, training=training)
@@ -36,7 +38,8 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot") -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forge-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="forge_dist checkpoint directory, ReaLLM-Forge ckpt.pt, or its out_dir")
+    p.add_argument("src", help="forge_dist checkpoint directory, ReaLLM-Forge ckpt.pt, or its out_dir, or a DeepSpeed "
+                               "checkpoint of forge-train (its deepspeed/ folder or the checkpoint holding it)")
     p.add_argument("dst", help="output: a directory (forge), or a .pt file / out_dir (reallm-forge)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format")
     p.add_argument("--layout", default="snapshot", choices=reallm_forge.LAYOUTS,

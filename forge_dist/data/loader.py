@@ -20,11 +20,15 @@ y = tokens[i+1 : i+1+T] (int64), with i uniform in [0, len - T).
 Evaluation uses a separate stream seeded by (seed, "eval" stream, split, eval round, step): it
 never shifts the training batches, and the same eval round gives the same batches on resume.
 An eval batch has b * D rows, sliced by rank like micro-step 0.
+
+Several datasets (``MultiDatasetLoader``, forge-train --dataset_list): iteration k trains on one
+dataset, drawn from the sampling probabilities by a generator seeded with (seed, choice stream, k);
+its batch is then drawn from that dataset exactly as above.
 """
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ from forge_dist.data.dataset import TokenDataset
 from forge_dist.data.errors import DataError
 
 STATE_VERSION = 1
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+_TRAIN_STREAM, _EVAL_STREAM, _CHOICE_STREAM = 0, 1, 2
 
 
 def _stream(seed: int, stream: int, split: str, *index: int) -> np.random.Generator:
@@ -98,6 +102,10 @@ class BatchLoader:
     def fingerprint(self) -> str:
         return self.splits[self.train_split].fingerprint()
 
+    def tokenizer(self):
+        """The dataset's tokenizer (every split shares it)."""
+        return self.splits[self.train_split].tokenizer()
+
     def iteration_offsets(self, iteration: int) -> np.ndarray:
         """The window offsets of the whole global batch of ``iteration`` (all ranks, all micro-steps)."""
         if iteration < 0:
@@ -149,6 +157,10 @@ class BatchLoader:
         global batch and block size must be too, else batches would differ from an unbroken run."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state.get("kind") == MultiDatasetLoader.KIND:
+            raise DataError(f"the checkpoint trained on several datasets (--dataset_list with "
+                            f"{len(state['datasets'])}); resume with the same --dataset_list, or start from "
+                            f"the weights with --init_from prev_run")
         if state["fingerprint"] != self.fingerprint:
             raise DataError(f"the dataset changed since the checkpoint (split sizes then "
                             f"{state['split_tokens']}, now {self.state_dict()['split_tokens']}; fingerprint "
@@ -162,3 +174,117 @@ class BatchLoader:
                                     f"* data-parallel size and block_size unchanged to resume exactly")
         self.seed, self.next_iteration = int(state["seed"]), int(state["next_iteration"])
         self._cached = (-1, self._cached[1])
+
+
+def normalized_probs(probs: Optional[Sequence[float]], n: int) -> np.ndarray:
+    """Sampling probabilities of ``n`` datasets: uniform for None, else ``probs`` scaled to sum 1
+    (relative weights, as upstream's --dataset_sampling_probs)."""
+    if probs is None:
+        return np.full(n, 1.0 / n)
+    p = np.asarray(list(probs), dtype=np.float64)
+    if p.shape != (n,):
+        raise DataError(f"--dataset_sampling_probs has {p.size} values for {n} datasets in --dataset_list; "
+                        f"give one weight per dataset")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise DataError(f"--dataset_sampling_probs {list(probs)} must be non-negative weights with a positive sum")
+    return p / p.sum()
+
+
+def choose_dataset(seed: int, iteration: int, probs: np.ndarray) -> int:
+    """The dataset of training iteration ``iteration``: a draw from ``probs`` by a generator seeded
+    with (seed, choice stream, iteration) alone, so every rank, and a resumed run, picks the same."""
+    u = _stream(seed, _CHOICE_STREAM, "dataset_list", iteration).random()
+    return min(int(np.searchsorted(np.cumsum(probs), u, side="right")), len(probs) - 1)
+
+
+class MultiDatasetLoader:
+    """Several prepared datasets trained together (ReaLLM-Forge's multidataset mode, --dataset_list).
+
+    Each training iteration draws one dataset with ``choose_dataset(seed, iteration, probs)``; its
+    whole global batch (every rank, every micro-step) comes from that dataset, through a BatchLoader
+    per dataset with the usual row layout. The choice, like the rows, is a function of (seed,
+    iteration) alone: data-parallel ranks agree without communicating and a resumed run continues
+    with the same datasets. ``loaders[i]`` serves dataset i's evaluation batches.
+    """
+
+    KIND = "multi"
+
+    def __init__(self, loaders: Sequence[BatchLoader], probs: Optional[Sequence[float]] = None,
+                 names: Optional[Sequence[str]] = None):
+        if not loaders:
+            raise DataError("--dataset_list is empty; name at least one prepared dataset")
+        first = loaders[0]
+        for ld in loaders[1:]:
+            if (ld.global_batch_size, ld.block_size, ld.seed, ld.dp_rank) != \
+                    (first.global_batch_size, first.block_size, first.seed, first.dp_rank):
+                raise DataError("the loaders of a multi-dataset run must share batch layout and seed")
+        self.loaders = list(loaders)
+        self.probs = normalized_probs(probs, len(self.loaders))
+        self.names = list(names) if names is not None else [str(i) for i in range(len(self.loaders))]
+        self.seed = first.seed
+        self.next_iteration = 0
+
+    @classmethod
+    def from_dirs(cls, data_dirs: Sequence, block_size: int, micro_batch_size: int,
+                  probs: Optional[Sequence[float]] = None, names: Optional[Sequence[str]] = None,
+                  **kwargs) -> "MultiDatasetLoader":
+        return cls([BatchLoader.from_dir(d, block_size, micro_batch_size, **kwargs) for d in data_dirs],
+                   probs, names)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.loaders[0].global_batch_size
+
+    @property
+    def block_size(self) -> int:
+        return self.loaders[0].block_size
+
+    def tokenizer(self):
+        return self.loaders[0].tokenizer()
+
+    def dataset_index(self, iteration: int) -> int:
+        """Which dataset trains iteration ``iteration`` (the LSV index the trainer selects)."""
+        if iteration < 0:
+            raise DataError(f"iteration {iteration} must be >= 0")
+        return choose_dataset(self.seed, iteration, self.probs)
+
+    def get(self, iteration: int, micro_step: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This rank's micro-batch ``micro_step`` of ``iteration``, from that iteration's dataset."""
+        x_y = self.loaders[self.dataset_index(iteration)].get(iteration, micro_step)
+        self.next_iteration = max(self.next_iteration, iteration + 1)
+        return x_y
+
+    def get_eval(self, split: str, eval_round: int, step: int, dataset: int = 0):
+        return self.loaders[dataset].get_eval(split, eval_round, step)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "kind": self.KIND, "seed": self.seed,
+                "next_iteration": self.next_iteration, "probs": [float(p) for p in self.probs],
+                "names": self.names, "datasets": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue a checkpointed multi-dataset stream: the same datasets in the same order and the
+        same sampling probabilities (else the iterations would draw other datasets), each dataset
+        checked as BatchLoader.load_state_dict does."""
+        if state.get("kind") != self.KIND:
+            raise DataError("the checkpoint trained on one dataset (--dataset), this run on several "
+                            "(--dataset_list); resume with the checkpoint's --dataset, or start from the "
+                            "weights with --init_from prev_run")
+        saved = state["datasets"]
+        if len(saved) != len(self.loaders):
+            raise DataError(f"the checkpoint trained on {len(saved)} datasets ({', '.join(state['names'])}), "
+                            f"this run has {len(self.loaders)} in --dataset_list ({', '.join(self.names)}); "
+                            f"resume with the same --dataset_list")
+        if not np.allclose(state["probs"], self.probs, rtol=0, atol=1e-12):
+            raise DataError(f"--dataset_sampling_probs changed since the checkpoint (normalised then "
+                            f"{state['probs']}, now {[float(p) for p in self.probs]}); keep them to resume "
+                            f"exactly, or start from the weights with --init_from prev_run")
+        for name, ld, st in zip(self.names, self.loaders, saved):
+            try:
+                ld.load_state_dict(st, strict=strict)
+            except DataError as e:
+                raise DataError(f"dataset {name} of --dataset_list: {e}") from None
+        self.seed, self.next_iteration = int(state["seed"]), int(state["next_iteration"])

@@ -36,6 +36,7 @@ from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.arguments import OptionGroup, ParsedOptions
 from forge_dist.train.context import RunContext
+from forge_dist.train.datasets import fill_lsv_dataset_num, open_data, open_loader
 from forge_dist.train.engine import LocalEngine
 from forge_dist.train.optim import build_optimizer
 from forge_dist.train.options import TrainConfig
@@ -60,6 +61,7 @@ class Run:
     notes: list = field(default_factory=list)  # one-line remarks for the user (rank 0 prints them)
     flops_per_token: Optional[float] = None  # of the full model (counted before any sharding), for MFU
     resumed_state: Optional[dict] = None  # the trainer state of the checkpoint resumed from
+    data_dirs: list = field(default_factory=list)  # every dataset folder (several with --dataset_list)
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Resolved:
     saved: Optional[dict]
     prev_state: Optional[dict]
     notes: list
+    data_dirs: list = field(default_factory=list)  # [data_dir], or the --dataset_list folders
 
 
 def local_engine(model, train_cfg: TrainConfig, values: dict, ctx: RunContext):
@@ -102,17 +105,6 @@ def _known(values: dict, groups: Sequence[OptionGroup]) -> dict:
     """The saved options a resume takes over: those of this version's resumable option groups."""
     keys = {k for g in groups if g.resumable for k in g.keys()}
     return {k: v for k, v in values.items() if k in keys}
-
-
-def _open_data(train_cfg: TrainConfig):
-    from forge_dist.data.dataset import read_meta, resolve_dataset
-
-    data_dir = resolve_dataset(train_cfg.dataset)
-    meta = read_meta(data_dir)
-    if "val" not in meta.splits:
-        raise ConfigError(f"dataset {data_dir} has no val split, which training evaluates on; prepare it "
-                          f"with a validation fraction above 0 (see forge-prepare --help)")
-    return str(data_dir), meta
 
 
 def _check_vocab(model_vocab: int, data_vocab: int, data_dir: str, source: str) -> None:
@@ -179,11 +171,13 @@ def _model_config(parsed: ParsedOptions, group: OptionGroup, values: dict, train
     if train_cfg.init_from == "prev_run":
         explicit = parsed.group_kwargs(group, parsed.explicit)
         cfg, prev_state = _prev_run_model(train_cfg.prev_run_ckpt, explicit, notes)
+        fill_lsv_dataset_num(_model_values(cfg), train_cfg)  # the checkpoint's LSV must fit the datasets
         source = f"checkpoint {train_cfg.prev_run_ckpt}"
     else:
         kwargs = parsed.group_kwargs(group, values)
         if resume_path is None and "vocab_size" not in parsed.explicit:
             kwargs["vocab_size"] = data_vocab
+        fill_lsv_dataset_num(kwargs, train_cfg)
         cfg = ModelConfig(**kwargs)
         source = f"checkpoint {resume_path}" if resume_path else "the model options"
     _check_vocab(cfg.vocab_size, data_vocab, data_dir, source)
@@ -238,18 +232,10 @@ def _fmt_layout(layout: Optional[dict]) -> str:
             f"{layout['dp_size']} data-parallel replica(s){sp})")
 
 
-def _open_loader(data_dir: str, model_cfg: ModelConfig, train_cfg: TrainConfig, dp_rank: int, dp_size: int):
-    from forge_dist.data.loader import BatchLoader
-
-    return BatchLoader.from_dir(data_dir, model_cfg.block_size, train_cfg.batch_size,
-                                grad_accum_steps=train_cfg.gradient_accumulation_steps,
-                                dp_rank=dp_rank, dp_size=dp_size, seed=train_cfg.seed)
-
-
 def check_data(resolved: "Resolved", dp_size: int) -> None:
     """The loader checks (a dataset too small for block_size; on resume, a changed global batch)
     for a launch of ``dp_size`` data-parallel replicas, before any process group exists."""
-    loader = _open_loader(resolved.data_dir, resolved.model_cfg, resolved.train_cfg, 0, dp_size)
+    loader = open_loader(resolved.data_dirs, resolved.model_cfg, resolved.train_cfg, 0, dp_size)
     if resolved.saved is not None:
         loader.load_state_dict(resolved.saved["loader"])
 
@@ -272,13 +258,15 @@ def resolve_run(parsed: ParsedOptions, groups: Sequence[OptionGroup]) -> Resolve
     model_group, train_group = _group(groups, ModelConfig), _group(groups, TrainConfig)
     values, resume_path, saved = _resolve_values(parsed, groups)
     train_cfg = TrainConfig(**parsed.group_kwargs(train_group, values))
-    data_dir, meta = _open_data(train_cfg)
+    data_dirs, meta = open_data(train_cfg, parsed.explicit)
+    data_dir = data_dirs[0]
     notes: list = []
     model_cfg, prev_state = _model_config(parsed, model_group, values, train_cfg, meta.vocab_size, data_dir,
                                           resume_path, notes)
     resolved = {**values, **{model_group.prefix + k: v for k, v in _model_values(model_cfg).items()},
                 **{train_group.prefix + k: v for k, v in train_cfg.to_dict().items()}}
-    return Resolved(resolved, train_cfg, model_cfg, data_dir, meta, resume_path, saved, prev_state, notes)
+    return Resolved(resolved, train_cfg, model_cfg, data_dir, meta, resume_path, saved, prev_state, notes,
+                    data_dirs)
 
 
 def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.Module:
@@ -324,9 +312,9 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
     if ctx.groups is not None:
         shard_model(model, ctx, train_cfg.seed)
     engine = engine_factory(model, train_cfg, r.values, ctx)
-    loader = _open_loader(r.data_dir, r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
-    run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.splits["train"].tokenizer(), loader,
-              model, engine, notes=r.notes, flops_per_token=flops)
+    loader = open_loader(r.data_dirs or [r.data_dir], r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
+    run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.tokenizer(), loader,
+              model, engine, notes=r.notes, flops_per_token=flops, data_dirs=list(r.data_dirs or [r.data_dir]))
     if r.saved is not None:
         _restore(run, r.resume_path, r.saved)
     return run

@@ -37,6 +37,9 @@ MODEL_HELP = {
 TRAIN_HELP = {
     "out_dir": "where config.yaml, metrics.jsonl, loss.png, tensorboard/ and checkpoints/ go.",
     "dataset": "a prepared folder, a name under ./data/, or 'default' (the bundled corpus).",
+    "dataset_list": "several prepared datasets (one tokenizer) trained together, one drawn per iteration "
+                    "from (seed, iteration); replaces --dataset; with use_lsv the LSV index is the position.",
+    "dataset_sampling_probs": "one weight per --dataset_list entry (normalised); none: uniform.",
     "init_from": "scratch; resume (the latest checkpoint in out_dir); prev_run (weights of --prev_run_ckpt).",
     "batch_size": "sequences per micro-batch per data-parallel rank.",
     "lr_scheduler": "none is constant; the others warm up linearly for warmup_iters.",

@@ -86,6 +86,18 @@ class RunContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return float(t.item()) / self.world_size
 
+    def sum_over_replicas(self, values: List[float]) -> List[float]:
+        """Each value summed over the data-parallel replicas (one all-reduce), for counts that the
+        tensor-parallel ranks of a replica hold alike (e.g. tokens per expert)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values] or [0.0], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        t /= self.world_size // self.dp_size  # the ranks of one replica counted it alike
+        return t.tolist()[:len(values)]
+
     def gather_object(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order, on every rank (picklable values only)."""
         if not self.distributed:

@@ -125,8 +125,8 @@ def rewind_metrics(out_dir: str, iteration: int) -> None:
     for r in read_metrics(out_dir):
         if r.get("iter", -1) < iteration:
             kept.append(r)
-        elif r.get("iter") == iteration and "val_loss" in r:
-            kept.append({"iter": iteration, "train_loss": r.get("train_loss"), "val_loss": r["val_loss"]})
+        elif r.get("iter") == iteration and "val_loss" in r:  # with the per-dataset losses (val_loss/<name>)
+            kept.append({"iter": iteration, **{k: v for k, v in r.items() if k.startswith(("train_loss", "val_loss"))}})
     with open(path, "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in kept)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -32,6 +33,10 @@ class TrainConfig:
     # --- I/O ------------------------------------------------------------------------------------
     out_dir: str = "out"
     dataset: str = DEFAULT_DATASET
+    # several prepared datasets trained together (upstream's multidataset mode): one is drawn per
+    # iteration from (seed, iteration); replaces --dataset. Weights: uniform unless given
+    dataset_list: Optional[List[str]] = None
+    dataset_sampling_probs: Optional[List[float]] = None
     init_from: str = "scratch"
     prev_run_ckpt: Optional[str] = None  # a checkpoint for --init_from prev_run
     init_from_ckpt: Optional[str] = None  # resume from this checkpoint (name or path); None -> latest
@@ -146,6 +151,22 @@ class EngineOptions:
             raise ConfigError(f"deepspeed_config={self.deepspeed_config!r} must be a file path")
 
 
+def _validate_dataset_list(cfg: TrainConfig) -> None:
+    datasets, probs = cfg.dataset_list, cfg.dataset_sampling_probs
+    if datasets is not None and not datasets:
+        raise ConfigError("dataset_list is empty; name the prepared datasets to train on (or use --dataset)")
+    if probs is None:
+        return
+    if datasets is None:
+        raise ConfigError("dataset_sampling_probs is given without dataset_list; they weight the datasets of "
+                          "--dataset_list")
+    if len(probs) != len(datasets):
+        raise ConfigError(f"dataset_sampling_probs has {len(probs)} values but dataset_list has {len(datasets)} "
+                          f"datasets; give one weight per dataset")
+    if any(not math.isfinite(p) or p < 0 for p in probs) or sum(probs) <= 0:
+        raise ConfigError(f"dataset_sampling_probs={probs} must be non-negative weights with a positive sum")
+
+
 @functools.lru_cache(maxsize=None)
 def _hints() -> dict:
     return typing.get_type_hints(TrainConfig)
@@ -168,6 +189,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name}={getattr(cfg, name)} must not be negative")
     if cfg.patience is not None and cfg.patience < 0:
         raise ConfigError(f"patience={cfg.patience} must not be negative (or none to disable)")
+    _validate_dataset_list(cfg)
     if cfg.init_from == "prev_run" and not cfg.prev_run_ckpt:
         raise ConfigError("init_from=prev_run needs --prev_run_ckpt PATH (a checkpoint directory or ckpt.pt)")
     check_device(cfg.resolved_device, cfg.resolved_dtype)

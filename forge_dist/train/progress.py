@@ -44,7 +44,9 @@ class Progress:
         """``done`` iterations complete; ``record`` is the latest logged step."""
         if not self.enabled:
             return
-        stats = f"loss {record['loss']:.4f}, {human(record['tokens_per_s'])} tok/s, MFU {fmt_mfu(record['mfu'])}"
+        # loss is the cross-entropy; an MoE run's auxiliary losses (added for the backward) beside it
+        aux = f" (aux {record['aux_loss']:.4f})" if record.get("aux_loss") is not None else ""
+        stats = f"loss {record['loss']:.4f}{aux}, {human(record['tokens_per_s'])} tok/s, MFU {fmt_mfu(record['mfu'])}"
         if self._bar is not None:
             self._bar.set_description_str(stats, refresh=False)
             self._bar.update(done - self._bar.n)

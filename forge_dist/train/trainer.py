@@ -6,9 +6,12 @@ Per iteration ``it`` (0-based; ``it`` steps are done when it starts), as ReaLLM-
      run starts from: that evaluation is in the checkpoint); save a checkpoint when the validation
      loss improved or --always_save_checkpoint (never at iteration 0); stop on --patience
   2. stop at max_iters
-  3. engine.forward_backward(this rank's micro-batches of ``it``); a NaN/inf loss on any rank
+  3. the model's per-step settings (ModelFeatures.begin_step: the quantization schedule's
+     iteration, the LSV index of the dataset drawn for ``it``), then
+     engine.forward_backward(this rank's micro-batches of ``it``); a NaN/inf loss on any rank
      stops every rank here, before the step, so the last checkpoint stays the last good state
-  4. engine.step(lr(it)); log every log_interval iterations
+  4. engine.step(lr(it)); log every log_interval iterations (``loss`` is the cross-entropy; MoE
+     runs add ``aux_loss``, the auxiliary losses that were backpropagated with it)
 
 Everything that must be identical on all ranks (the stop decisions) goes through the RunContext;
 files and output are rank 0's. A final checkpoint is written at the end unless the run hit NaN.
@@ -28,6 +31,7 @@ import torch
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.arguments import dump_options
 from forge_dist.train.build import Run
+from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
 from forge_dist.train.plots import plot_losses
 from forge_dist.train.progress import Progress, fmt_time
@@ -63,6 +67,8 @@ class Trainer:
         self.evals_since_best = run.evals_since_best
         self.last_checkpoint: Optional[str] = run.resumed_from
         self.saved_at = run.start_iter if run.resumed_from else None
+        self.features = ModelFeatures(run.model)
+        self.multi = hasattr(run.loader, "dataset_index")  # --dataset_list: a MultiDatasetLoader
 
     # --- pieces -------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -89,14 +95,27 @@ class Trainer:
             return False
         return it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
 
-    def estimate_loss(self) -> dict:
-        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+    def _split_losses(self, loader) -> dict:
         from forge_dist.inference.evaluate import eval_batches, mean_loss
 
+        return {split: self.ctx.mean(mean_loss(self.engine.eval_loss, eval_batches(loader, split, self.cfg.eval_iters)))
+                for split in ("train", "val")}
+
+    def estimate_loss(self) -> dict:
+        """Mean cross-entropy (eval mode: no auxiliary losses) over eval_iters fixed batches of each
+        split (the same batches every time). With --dataset_list each dataset is evaluated with its
+        own LSV entry, under ``datasets``; ``train``/``val`` are then the means weighted by the
+        sampling probabilities (the loss of the training mixture)."""
         self.engine.eval()
-        out = {split: self.ctx.mean(mean_loss(self.engine.eval_loss,
-                                              eval_batches(self.run.loader, split, self.cfg.eval_iters)))
-               for split in ("train", "val")}
+        if not self.multi:
+            out = self._split_losses(self.run.loader)
+        else:
+            loader, out = self.run.loader, {"datasets": {}}
+            for i, (name, sub) in enumerate(zip(loader.names, loader.loaders)):
+                self.features.select_dataset(i)
+                out["datasets"][name] = self._split_losses(sub)
+            for split in ("train", "val"):
+                out[split] = float(sum(p * d[split] for p, d in zip(loader.probs, out["datasets"].values())))
         self.engine.train()
         return out
 
@@ -105,6 +124,7 @@ class Trainer:
                 "evals_since_best": self.evals_since_best, "loader": self.run.loader.state_dict(),
                 "schedule": self.schedule.state_dict(), "rng": ckpt.rng_state(), "config": self.run.values,
                 "tokenizer": self.run.tokenizer.spec(), "data_dir": os.path.abspath(self.run.data_dir),
+                "data_dirs": [os.path.abspath(d) for d in self.run.data_dirs],
                 # every rank's streams (a collective), so a resume at the same layout replays every
                 # rank's dropout masks; the layout says when it is the same
                 "rng_ranks": self.ctx.gather_object(ckpt.rng_state()), "layout": self.ctx.layout(),
@@ -124,26 +144,49 @@ class Trainer:
             self.best_val_loss, self.best_iter, self.evals_since_best = losses["val"], it, 0
         else:
             self.evals_since_best += 1
+        per = losses.get("datasets", {})
+        detail = "".join(f", {name} {d['val']:.4f}" for name, d in per.items())
         progress.write(f"eval at iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                       + (" (best so far)" if improved else ""))
+                       + (f" (per dataset{detail})" if per else "") + (" (best so far)" if improved else ""))
         if (improved or self.cfg.always_save_checkpoint) and it > 0:
             self.save(it, is_best=improved)
-        return {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+        record = {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]}
+        for name, d in per.items():
+            record[f"train_loss/{name}"], record[f"val_loss/{name}"] = d["train"], d["val"]
+        return record
 
     # --- the loop -----------------------------------------------------------------------------
     def _step(self, it: int):
-        """One optimizer step; (loss, stats), or None when the loss is not finite on some rank."""
+        """One optimizer step; (loss, stats, parts, dataset), or None when the loss is not finite on
+        some rank. ``loss`` is what the engine backpropagated (cross-entropy + MoE auxiliary losses)."""
+        dataset = self.run.loader.dataset_index(it) if self.multi else None
+        self.features.begin_step(it, dataset)
         micro_batches = [self.run.loader.get(it, m) for m in range(self.cfg.gradient_accumulation_steps)]
-        loss = self.engine.forward_backward(micro_batches)
+        try:
+            loss = self.engine.forward_backward(micro_batches)
+        finally:
+            parts = self.features.end_step()
         if self.ctx.any(not bool(torch.isfinite(loss))):
             return None
-        return loss, self.engine.step(self.schedule(it))
+        return loss, self.engine.step(self.schedule(it)), parts, dataset
 
-    def _record(self, it: int, loss, stats: dict, tokens_per_s: float) -> dict:
-        record = {"iter": it, "loss": self.ctx.mean(loss.item()), "lr": self.schedule(it),
+    def _record(self, it: int, loss, stats: dict, parts: StepParts, dataset: Optional[int],
+                tokens_per_s: float) -> dict:
+        ce = parts.ce if parts.ce is not None else loss  # an engine whose forward the hook missed
+        record = {"iter": it, "loss": self.ctx.mean(ce.item()), "lr": self.schedule(it),
                   "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s / self.ctx.world_size)}
         if stats.get("grad_norm") is not None:
             record["grad_norm"] = float(stats["grad_norm"])
+        if self.features.use_moe:
+            record["aux_loss"] = self.ctx.mean(parts.aux.item() if parts.aux is not None else 0.0)
+            record.update(self.features.moe_record(parts, self.ctx))
+        levels = self.features.quant_levels()
+        if levels:
+            record["quant_level"] = levels
+        if dataset is not None:
+            record["dataset"] = dataset
+        if parts.lsv_index is not None:
+            record["lsv_index"] = parts.lsv_index
         return record
 
     def fit(self) -> TrainResult:
@@ -177,7 +220,7 @@ class Trainer:
                     tokens_per_s = self.tokens_per_iter * (it + 1 - window[1]) / max(now - window[0], 1e-9)
                     record = self._record(it, *stepped, tokens_per_s)
                     if pending is not None:  # the evaluation before this step joins its record
-                        record.update(val_loss=pending["val_loss"], train_loss=pending["train_loss"])
+                        record.update({k: v for k, v in pending.items() if k != "iter"})
                         pending = None
                     metrics.log(record)
                     window = (now, it + 1)
@@ -191,10 +234,12 @@ class Trainer:
                 metrics.log(pending)
         finally:
             progress.close()
+            self.features.close()
         if stop == "nan":
             self._record_nan(nan_iter, metrics)
         else:
             self.save(it, is_best=self.best_iter == it)
+            self._save_obtained_vector(progress)
         metrics.close()
         result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter)
         if ctx.is_main:
@@ -206,6 +251,21 @@ class Trainer:
         ctx.barrier()
         result.wall_s = time.time() - start_time
         return result
+
+    def _save_obtained_vector(self, progress: Progress) -> None:
+        """--obtain_vector_file: the mean output of block obtain_vector_at_layer_idx over rank 0's
+        forward passes of this run (training and evaluation), written by rank 0."""
+        cfg = self.run.model_cfg
+        if not self.ctx.is_main or cfg.obtain_vector_at_layer_idx is None or not cfg.obtain_vector_file:
+            return
+        from forge_dist.errors import ConfigError
+
+        try:
+            path = self.run.model.steering.save_obtained()
+        except ConfigError as e:  # e.g. nothing captured (max_iters 0 without an evaluation)
+            progress.write(f"no steering vector written: {e}")
+            return
+        progress.write(f"wrote the steering vector obtained after block {cfg.obtain_vector_at_layer_idx} to {path}")
 
     def _record_nan(self, it: int, metrics: MetricsLog) -> None:
         metrics.log({"iter": it, "nan_stop": True})
@@ -244,6 +304,8 @@ class Trainer:
         model = self._sampling_model()
         if model is None:
             return None
+        if self.features.lsv is not None:  # the dataset the model was configured with (lsv_index)
+            self.features.select_dataset(self.run.model_cfg.lsv_index or 0)
         device = self.cfg.resolved_device
         gen = torch.Generator(device=device).manual_seed(self.cfg.seed)
         ids = generate(model, prompt or [0], n, temperature=0.8, top_k=200, generator=gen, device=device)

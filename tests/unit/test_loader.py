@@ -135,3 +135,76 @@ def test_bad_arguments_are_refused(splits, tmp_path):
     from_dir = BatchLoader.from_dir(splits["train"].path, T, 2)
     assert set(from_dir.splits) == {"train", "val"}
     assert_same(from_dir.get(4), loader(splits, 2).get(4))
+
+
+# --- several datasets (--dataset_list) ---------------------------------------------------------------
+from forge_dist.data.loader import MultiDatasetLoader, choose_dataset, normalized_probs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, splits):
+    return [splits, _dataset(tmp_path_factory.mktemp("data2") / "ds2", seed=5, n=2000)]
+
+
+def multi(two, b, G=1, r=0, D=1, probs=None, seed=1337):
+    return MultiDatasetLoader([loader(s, b, G=G, r=r, D=D, seed=seed) for s in two], probs, names=["a", "b"])
+
+
+def test_multi_draws_one_dataset_per_iteration_from_seed_and_iteration(two):
+    a, b = multi(two, 4), multi(two, 4)
+    order = [b.dataset_index(k) for k in (9, 3, 0)] + [b.dataset_index(k) for k in range(12)]  # any history
+    picks = [a.dataset_index(k) for k in range(12)]
+    assert order[3:] == picks and order[:3] == [picks[9], picks[3], picks[0]]
+    assert set(picks) == {0, 1}
+    assert picks != [multi(two, 4, seed=7).dataset_index(k) for k in range(12)]
+    for k in range(12):  # the whole batch of iteration k comes from its dataset's own loader
+        assert_same(a.get(k), loader(two[picks[k]], 4).get(k))
+    assert a.next_iteration == 12
+
+
+def test_multi_data_parallel_ranks_agree_on_the_dataset_and_partition_the_batch(two):
+    single = multi(two, 4)
+    ranks = [multi(two, 2, r=r, D=2) for r in range(2)]
+    for k in range(6):
+        assert {rk.dataset_index(k) for rk in ranks} == {single.dataset_index(k)}
+        assert_same(cat([rk.get(k) for rk in ranks]), single.get(k))
+
+
+def test_sampling_probs_weight_the_choice():
+    assert np.allclose(normalized_probs(None, 4), 0.25)
+    assert np.allclose(normalized_probs([1, 3], 2), [0.25, 0.75])
+    p = normalized_probs([0, 2], 2)
+    assert {choose_dataset(1337, k, p) for k in range(200)} == {1}
+    share = np.mean([choose_dataset(1337, k, normalized_probs([1, 3], 2)) for k in range(4000)])
+    assert abs(share - 0.75) < 0.03
+    with pytest.raises(DataError, match="3 values for 2 datasets"):
+        normalized_probs([1, 1, 1], 2)
+    with pytest.raises(DataError, match="non-negative weights with a positive sum"):
+        normalized_probs([-1, 2], 2)
+    with pytest.raises(DataError, match="non-negative weights with a positive sum"):
+        normalized_probs([0, 0], 2)
+
+
+def test_multi_resume_continues_and_refuses_other_datasets_or_probs(two, tmp_path):
+    first = multi(two, 3, G=2)
+    for k in range(5):
+        first.get(k, 0)
+    state = first.state_dict()
+    torch.save(state, tmp_path / "multi.pt")  # plain values only
+    resumed = multi(two, 3, G=2, seed=99)
+    resumed.load_state_dict(torch.load(tmp_path / "multi.pt", weights_only=True))
+    assert resumed.next_iteration == 5 and resumed.seed == 1337
+    full = multi(two, 3, G=2)
+    for k in range(5, 9):
+        assert resumed.dataset_index(k) == full.dataset_index(k)
+        assert_same(resumed.get(k, 1), full.get(k, 1))
+    with pytest.raises(DataError, match="dataset_sampling_probs changed"):
+        multi(two, 3, G=2, probs=[1, 3]).load_state_dict(state)
+    with pytest.raises(DataError, match="trained on 2 datasets"):
+        MultiDatasetLoader([loader(two[0], 3, G=2)]).load_state_dict(state)
+    with pytest.raises(DataError, match="dataset a of --dataset_list: .*global_batch_size=6"):
+        multi(two, 2, G=2).load_state_dict(state)
+    with pytest.raises(DataError, match="trained on several datasets"):
+        loader(two[0], 3, G=2).load_state_dict(state)
+    with pytest.raises(DataError, match="trained on one dataset"):
+        multi(two, 3, G=2).load_state_dict(loader(two[0], 3, G=2).state_dict())

@@ -69,6 +69,7 @@ class LocalEngine:
         self.dtype = dtype
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == "float16")
+        self.skipped_steps = 0  # float16 steps skipped by the scaler (inf/NaN gradients)
         self._params: List[torch.Tensor] = [p for g in optimizer.param_groups for p in g["params"]]
 
     def autocast(self):
@@ -99,9 +100,21 @@ class LocalEngine:
         if self.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.grad_clip)
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        scaler_stats = self._update_scaler()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm}
+        return {"grad_norm": grad_norm, **scaler_stats}
+
+    def _update_scaler(self) -> dict:
+        """GradScaler bookkeeping for float16: a step was skipped when the scale dropped (an inf or
+        NaN gradient); reports the scale and the running count of skipped steps for metrics."""
+        if not self.scaler.is_enabled():
+            self.scaler.update()
+            return {}
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        after = self.scaler.get_scale()
+        self.skipped_steps += int(after < before)
+        return {"loss_scale": after, "skipped_steps": self.skipped_steps}
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

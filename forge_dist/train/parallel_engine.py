@@ -131,9 +131,9 @@ class ParallelEngine(LocalEngine):
         if self.grad_clip > 0:
             grad_norm = self.clip_grad_norm(self.grad_clip)
         self.scaler.step(self.optimizer)
-        self.scaler.update()
+        scaler_stats = self._update_scaler()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm}
+        return {"grad_norm": grad_norm, **scaler_stats}
 
     # --- weights and sampling -------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:

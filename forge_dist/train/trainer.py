@@ -175,8 +175,9 @@ class Trainer:
         ce = parts.ce if parts.ce is not None else loss  # an engine whose forward the hook missed
         record = {"iter": it, "loss": self.ctx.mean(ce.item()), "lr": self.schedule(it),
                   "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s / self.ctx.world_size)}
-        if stats.get("grad_norm") is not None:
-            record["grad_norm"] = float(stats["grad_norm"])
+        for key, value in stats.items():  # grad_norm; loss_scale and skipped_steps with float16
+            if value is not None:
+                record[key] = int(value) if key == "skipped_steps" else float(value)
         if self.features.use_moe:
             record["aux_loss"] = self.ctx.mean(parts.aux.item() if parts.aux is not None else 0.0)
             record.update(self.features.moe_record(parts, self.ctx))

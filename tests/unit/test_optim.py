@@ -192,3 +192,26 @@ def test_mfu_unknown_device_says_so(tiny_config):
     given = MFU(model, "cpu", "float32", peak=1e12)
     assert given(1e6) == pytest.approx(1e6 * flops_per_token(model) / 1e12)
     assert math.isfinite(given(1.0))
+
+
+def test_float16_scaler_stats_report_scale_and_skipped_steps():
+    # an inf gradient makes GradScaler skip the step and halve the scale: both reach the metrics
+    import torch.nn as nn
+
+    from forge_dist.train.engine import LocalEngine
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = LocalEngine(model, opt, "cpu", "float16", grad_clip=0.0, compile=False)
+    before = model.weight.detach().clone()
+    engine.scaler.scale(model(torch.ones(1, 2)).sum()).backward()  # as forward_backward does
+    model.weight.grad.fill_(float("inf"))
+    stats = engine.step(1e-3)
+    assert stats["skipped_steps"] == 1 and stats["loss_scale"] == 65536.0 * 0.5
+    assert torch.equal(model.weight, before)  # the step was skipped
+    engine.scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    stats = engine.step(1e-3)
+    assert stats["skipped_steps"] == 1 and not torch.equal(model.weight, before)
+    fp32 = LocalEngine(model, opt, "cpu", "float32", 0.0, False)
+    model(torch.ones(1, 2)).sum().backward()
+    assert set(fp32.step(1e-3)) == {"grad_norm"}

@@ -3,8 +3,9 @@
 Every variant except ``kan`` is an ``nn.Linear`` subclass with ``weight`` (out, in) and optional
 ``bias``, so tensor parallelism can split it by rows or columns without knowing the variant; the
 per-tensor statistics of its quantizer pass through the module's ``reduce_stats`` hook
-(forge_dist.model.quantize), which a sharded layer sets to an all-reduce. ``kan`` is a KAN network
-(no row/column split exists for it).
+(forge_dist.model.quantize), which a sharded layer sets to an all-reduce, and a row-parallel shard
+sums its partial product through ``reduce_partial`` before the bias and any output scaling
+(``project``). ``kan`` is a KAN network (no row/column split exists for it).
 
   linear          y = x W^T + b
   quantized_linear  QAT: y = x Q(W)^T + b after quantization_warmup_iters (straight-through)
@@ -36,6 +37,16 @@ PROJECTIONS = {
 BIAS_BITS = 32  # upstream quantizes the bias at the accumulator width in eval
 
 
+def project(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """F.linear(x, weight, bias). A row-parallel shard (``layer.reduce_partial`` set by tensor
+    parallelism; None on one device) sums its partial product over its group first, then adds the
+    bias once."""
+    if layer.reduce_partial is None:
+        return F.linear(x, weight, bias)
+    y = layer.reduce_partial(F.linear(x, weight))
+    return y if bias is None else y + bias
+
+
 @LINEAR.register("linear")
 def _plain_linear(in_features, out_features, config, method, bits, bias):
     return nn.Linear(in_features, out_features, bias=bias)
@@ -53,6 +64,8 @@ class QuantizedLinear(QuantizedModule, nn.Linear):
     They are non-persistent: checkpoints keep only the float weights they derive from.
     """
 
+    reduce_partial = None
+
     def __init__(self, in_features, out_features, config, method="affine_quant", bits=8, bias=True):
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self._init_quant(config, method, bits)
@@ -66,15 +79,15 @@ class QuantizedLinear(QuantizedModule, nn.Linear):
         if self.training:
             quantize, level = self.quant_state()
             if not quantize:
-                return F.linear(x, self.weight, self.bias)
+                return project(self, x, self.weight, self.bias)
             w = fake_quant(self.weight, self.quant_method, self.quant_bits, level, reduce_stats=self.reduce_stats)
-            return F.linear(x, w, self.bias)
+            return project(self, x, w, self.bias)
         self.refresh_quantized()
         w = ref.dequantize(self.weight_zero_point, self.weight_norm, self.quantized_weight, x.dtype)
         b = None
         if self.bias is not None:
             b = ref.dequantize(self.bias_zero_point, self.bias_norm, self.quantized_bias, x.dtype)
-        return F.linear(x, w, b)
+        return project(self, x, w, b)
 
     @torch.no_grad()
     def refresh_quantized(self) -> None:
@@ -109,6 +122,7 @@ class BitLinear1p58(nn.Linear):
 
     input_bits = 8
     reduce_stats = None
+    reduce_partial = None
 
     def __init__(self, in_features, out_features, config=None, method=None, bits=None, bias=True):
         super().__init__(in_features, out_features, bias=bias)
@@ -118,7 +132,7 @@ class BitLinear1p58(nn.Linear):
 
     def forward(self, x):  # (..., in) -> (..., out)
         x_q = fake_quant(x, "symmetric_quant", self.input_bits, dim=-1, reduce_stats=self.reduce_stats)
-        out = F.linear(x_q, self.quantized_weight())
+        out = project(self, x_q, self.quantized_weight(), None)
         return out if self.bias is None else out + self.bias
 
     def export_tensors(self) -> Dict[str, ExportedTensor]:
@@ -138,12 +152,15 @@ class BitLinear(nn.Linear):
     output_bits = 8
     eps = 1e-5
     reduce_stats = None
+    reduce_partial = None
 
     def __init__(self, in_features, out_features, config=None, method=None, bits=None, bias=True):
         super().__init__(in_features, out_features, bias=bias)
 
     def binarized_weight(self) -> torch.Tensor:
-        centred = self.weight - self.weight.mean()
+        reduce = self.reduce_stats or ref.no_reduce  # a shard's mean is the whole weight's
+        count = reduce(self.weight.new_tensor(float(self.weight.numel())), "sum")
+        centred = self.weight - reduce(self.weight.sum(), "sum") / count  # mean(W), with its gradient
         codes = ref.sign_binarize(self.weight.detach(), self.reduce_stats)
         return _straight_through(centred, codes.to(self.weight.dtype))
 
@@ -151,7 +168,7 @@ class BitLinear(nn.Linear):
         return ref.absmax_rescale(y, self.output_bits, self.eps, dim=-1, reduce_stats=self.reduce_stats)
 
     def forward(self, x):  # (..., in) -> (..., out)
-        return self.rescale(F.linear(x, self.binarized_weight(), self.bias))
+        return self.rescale(project(self, x, self.binarized_weight(), self.bias))
 
     def export_tensors(self) -> Dict[str, ExportedTensor]:
         """sign(W - mean W) with scale 1: upstream's bitlinear has no weight scale."""
@@ -183,7 +200,7 @@ class BitLinearOptimized(BitLinear):
         if self.training:
             return super().forward(x)
         self.refresh_quantized()
-        return self.rescale(F.linear(x, self.quantized_weights.to(x.dtype), self.bias))
+        return self.rescale(project(self, x, self.quantized_weights.to(x.dtype), self.bias))
 
 
 @LINEAR.register("kan")

@@ -60,7 +60,11 @@ class SteeringVectors(nn.Module):
     """Static steering: adds the file vector at one point and records the mean at another.
 
     The record is the mean over every position of every sequence seen since ``reset_obtained()``
-    (training and eval forwards alike), kept in float32 on the activations' device."""
+    (training and eval forwards alike), kept in float32 on the activations' device. With the
+    residual stream split along the sequence (tensor parallelism), ``reduce_stats(value, "sum")``
+    sums the recorded sum and count over the ranks (None on one device)."""
+
+    reduce_stats = None
 
     def __init__(self, config):
         super().__init__()
@@ -83,8 +87,12 @@ class SteeringVectors(nn.Module):
     @torch.no_grad()
     def _record(self, x: torch.Tensor) -> None:
         s = x.detach().float().reshape(-1, x.shape[-1]).sum(0)
+        n = x.shape[0] * x.shape[1]
+        if self.reduce_stats is not None:
+            s = self.reduce_stats(s, "sum")
+            n = int(self.reduce_stats(torch.tensor(float(n), device=s.device), "sum").item())
         self._sum = s if self._sum is None else self._sum + s.to(self._sum.device)
-        self._count += x.shape[0] * x.shape[1]
+        self._count += n
 
     def reset_obtained(self) -> None:
         self._sum: Optional[torch.Tensor] = None

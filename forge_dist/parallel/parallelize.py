@@ -38,11 +38,12 @@ def plan_model(model: nn.Module, ctx: ShardContext) -> List[Planned]:
     seen = set()
     claimed = set()  # full paths of submodules a parent's plan took over
 
-    def visit(module: nn.Module, path: str, sharded: bool, parent: Tuple[str, Optional[nn.Module]]) -> None:
+    def visit(module: nn.Module, path: str, sharded: bool, parent: Tuple[str, Optional[nn.Module]],
+              sp: bool) -> None:
         if path in claimed or id(module) in seen:  # a module shared between layers is planned once
             return
         seen.add(id(module))
-        here = ctx.at(path, sharded)
+        here = ctx.at(path, sharded, sp)
         rule = TP_RULES.get(type(module))
         if rule is not None:
             plan = rule(module, here)
@@ -50,6 +51,7 @@ def plan_model(model: nn.Module, ctx: ShardContext) -> List[Planned]:
             planned.append((module, plan, here))
             claimed.update(here.name(c) for c in plan.children)
             sharded = sharded if plan.inner_sharded is None else plan.inner_sharded
+            sp = sp if plan.inner_sequence_parallel is None else plan.inner_sequence_parallel
         else:
             own = [n for n, _ in module.named_parameters(recurse=False)]
             required = TP_RULES.required_base(module)
@@ -68,9 +70,9 @@ def plan_model(model: nn.Module, ctx: ShardContext) -> List[Planned]:
                     f"of letting it be silently replicated")
         unruled = (path, module) if rule is None and not isinstance(module, CONTAINERS) else (None, None)
         for name, child in module.named_children():
-            visit(child, here.name(name), sharded, unruled)
+            visit(child, here.name(name), sharded, unruled, sp)
 
-    visit(model, "", ctx.sharded_data, (None, None))
+    visit(model, "", ctx.sharded_data, (None, None), ctx.sequence_parallel)
     return planned
 
 

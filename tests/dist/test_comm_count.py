@@ -101,3 +101,57 @@ def test_variants_add_only_gradient_syncs(counts):
             cells = [per_layer(counts, variant, sp, "forward")[0], per_layer(counts, variant, sp, "backward")[0]]
             cells += [c[p][0] for p in PHASES]
             print(f"| {variant} | {sp} | " + " | ".join(str(x) for x in cells) + " |")
+
+
+# --- every variant family: collectives per layer (2-layer minus 1-layer model), TP=2 ------------
+# (variant case, sequence parallel) -> ({forward kind: count}, {backward kind: count}) per layer
+PER_LAYER = {
+    ("mlp=dual_path", False): ({"AR": 2}, {"AR": 2}),  # both down projections summed, reduced once
+    ("mlp=swiglu", False): ({"AR": 2}, {"AR": 2}),
+    ("mlp=kan", False): ({"AR": 1}, {"AR": 1}),  # the KAN runs whole on the residual stream: no region
+    ("attention=identity", False): ({"AR": 1}, {"AR": 1}),
+    ("attention=mla", False): ({"AR": 2}, {"AR": 2}),
+    ("attention=linear", False): ({"AR": 2}, {"AR": 2}),
+    ("attention=infinite", False): ({"AR": 2}, {"AR": 2}),  # the heads' partial sum reduced before c_proj
+    ("attention=infinite", True): ({"AR": 1, "AG": 2, "RS": 1}, {"AG": 2, "RS": 2}),
+    ("attention=iqa", False): ({"AR": 3}, {"AR": 2}),  # n_cproj=2: the sum reduced at each projection
+    ("attention=ssm", False): ({"AR": 3}, {"AR": 3}),  # x_proj: all-reduce forward and backward
+    ("attention=ssm", True): ({"AR": 1, "AG": 2, "RS": 2}, {"AR": 1, "AG": 2, "RS": 2}),
+    ("attention=co4", False): ({"AR": 2, "AG": 1}, {"AR": 2, "RS": 1}),  # q_proj's input channels gathered
+    ("linear=kan", False): ({"AG": 2}, {"AR": 2}),  # whole KANs: row inputs gathered, nothing summed
+    ("option=quantize_mlp_act", False): ({"AR": 6}, {"AR": 2}),  # 2 hidden points x (max, min)
+    ("quantize_attn_act", False): ({"AR": 14}, {"AR": 2}),  # 6 head points x (max, min)
+    ("quantize_attn_act", True): ({"AR": 14, "AG": 2, "RS": 2}, {"AG": 2, "RS": 2}),  # + output point
+}
+# configurations counted here that are no parity case (every attention point on at once: see
+# tp_cases.ATTN_POINTS_A for why parity runs them in two sets)
+EXTRA_CONFIGS = {"quantize_attn_act": {**BASE, "quantize_attn_act": True}}
+
+
+def _variant_counts(rank, world_size):
+    from forge_dist.testing.parity import comm_counts
+    from forge_dist.testing.tp_cases import all_cases
+
+    groups = ProcessGroups.build(Topology(world_size, tp=2))
+    cases = {**dict(all_cases()), **EXTRA_CONFIGS}
+    out = {}
+    for name, sp in list(PER_LAYER) + [("option=moe", False), ("option=moe", True)]:
+        for n_layer in (1, 2):
+            pc = ParallelConfig(tensor_parallel_size=2, sequence_parallel=sp)
+            out[(name, sp, n_layer)] = comm_counts({**cases[name], "n_layer": n_layer}, groups, pc)
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_collectives_per_layer_of_every_variant_family():
+    counts = spawn(_variant_counts, 2, timeout=180)
+    for (name, sp), expected in PER_LAYER.items():
+        one, two = counts[(name, sp, 1)], counts[(name, sp, 2)]
+        got = tuple({k: two[p].get(k, 0) - one[p].get(k, 0) for k in set(two[p]) | set(one[p])
+                     if two[p].get(k, 0) - one[p].get(k, 0)} for p in ("forward", "backward"))
+        assert got == expected, (name, sp, got)
+    # MoE in layer 0 (4 experts, each an MLP sharded inside: one all-reduce each way per expert),
+    # a plain MLP in layer 1; under SP the MoE gathers the whole sequence once and splits it back
+    assert counts[("option=moe", False, 2)]["forward"] == {"AR": 1 + 3 + 2 + 4 + 1}
+    assert counts[("option=moe", False, 2)]["backward"] == {"AR": 1 + 2 + 4 + 1}
+    assert counts[("option=moe", True, 2)]["forward"] == {"AR": 1 + 3 + 4, "AG": 2 + 1 + 1 + 1, "RS": 2 + 1}

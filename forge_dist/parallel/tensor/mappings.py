@@ -11,6 +11,7 @@ Each is a pair (forward op, backward op), the backward being the adjoint of the 
   gather_from_sequence_region        all-gather seq   reduce-scatter  entry of a TP region under sequence
                                                       (or split)      parallelism (or a gather for replicated use)
   reduce_scatter_to_sequence_region  reduce-scatter   all-gather      exit of a TP region under sequence parallelism
+  gather_to_sharded_consumer         all-gather last  reduce-scatter  feature shards into a layer sharded again (co4)
 
 Activations are batch-first (B, T, C), so the sequence dim is 1. On a group of one rank every
 mapping is the identity and adds no autograd node.
@@ -81,6 +82,13 @@ def gather_from_sequence_region(x: torch.Tensor, group: RankGroup, dim: int = SE
 
 def reduce_scatter_to_sequence_region(x: torch.Tensor, group: RankGroup, dim: int = SEQ_DIM) -> torch.Tensor:
     return _map(x, group, dim, "reduce_scatter", "all_gather")
+
+
+def gather_to_sharded_consumer(x: torch.Tensor, group: RankGroup, dim: int = -1) -> torch.Tensor:
+    """All-gather feature shards for a consumer that is itself tensor-parallel (each rank uses the
+    full tensor for its own output shard), so the backward sums the partial gradients and keeps
+    this rank's shard."""
+    return _map(x, group, dim, "all_gather", "reduce_scatter")
 
 
 def enter_tp_region(x: torch.Tensor, group: RankGroup, sequence_parallel: bool) -> torch.Tensor:

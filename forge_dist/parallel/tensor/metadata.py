@@ -118,15 +118,35 @@ def gather_full_state_dict(model: nn.Module, groups: ProcessGroups,
         items = [(n, p.grad, shard_info(p)) for n, p in model.named_parameters(remove_duplicate=False)]
     else:
         items = [(n, t, shard_info(t)) for n, t in model.state_dict(keep_vars=True).items()]
-    done: Dict[int, torch.Tensor] = {}
+    unique = list({id(t): (t, info) for _, t, info in items if t is not None}.values())
+    done = dict(zip((id(t) for t, _ in unique), full_tensors(unique, groups)))
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    for name, t, info in items:
-        if t is None:
-            out[name] = None
-            continue
-        if id(t) not in done:
-            done[id(t)] = full_tensor(t, info, groups)
-        out[name] = done[id(t)]
+    for name, t, _ in items:
+        out[name] = None if t is None else done[id(t)]
+    return out
+
+
+def full_tensors(tensors: List[Tuple[torch.Tensor, Optional[ShardInfo]]],
+                 groups: ProcessGroups) -> List[torch.Tensor]:
+    """``full_tensor`` of many tensors with one all-gather per (group, dtype, device) instead of one
+    per tensor: the local shards of a bucket are flattened into one vector (every rank's shards
+    have the same shapes). Collective over the TP group."""
+    out: List[Optional[torch.Tensor]] = [t.detach() if info is None or info.dim is None else None
+                                         for t, info in tensors]
+    buckets: Dict[tuple, List[int]] = defaultdict(list)
+    for i, (t, info) in enumerate(tensors):
+        if out[i] is None:
+            buckets[(info.group, t.dtype, t.device)].append(i)
+    for (group_name, _, _), members in buckets.items():
+        group = groups.get(group_name)
+        flat = torch.cat([tensors[i][0].detach().reshape(-1) for i in members])
+        stacked = group.all_gather(flat.unsqueeze(0), dim=0, phase="gather")  # (ranks, N)
+        offset = 0
+        for i in members:
+            t, info = tensors[i]
+            part = stacked[:, offset:offset + t.numel()].reshape(stacked.shape[0], *t.shape)
+            out[i] = unshard(list(part.unbind(0)), info)
+            offset += t.numel()
     return out
 
 

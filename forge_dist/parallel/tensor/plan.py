@@ -9,6 +9,11 @@ A rule (rules/) looks at one module of the plain model and returns a ``Plan``, a
          residual_dropout=("resid_dropout",),   # dropout on the module's output (residual stream)
          inner_sharded=True)        # submodules it does not take over see sharded activations
 
+Two more fields for data flows beyond column -> row: ``exit_at`` names the submodule at whose input
+the module leaves its TP region (deferred row outputs summed there, or a replicated full sequence
+split into sequence shards), and ``inner_sequence_parallel=False`` plans the submodules without
+sequence parallelism (an MoE layer gathers the whole sequence once for its router and experts).
+
 Plans are made for the whole model before anything changes, so a module with parameters and no
 rule (or a rule that forgets a parameter) is refused before the model is touched; then the
 styles apply them. Styles build the parallel layers from the full modules (slicing), and every
@@ -24,10 +29,12 @@ import torch.nn as nn
 
 from forge_dist.errors import ConfigError
 from forge_dist.parallel.groups import ProcessGroups, RankGroup
-from forge_dist.parallel.tensor.layers import ColumnParallelLinear, RowParallelLinear, sharded_parameter
+from forge_dist.parallel.tensor import mappings
+from forge_dist.parallel.tensor.layers import (OUTPUT_MODES, ColumnParallelLinear, RowParallelLinear,
+                                               sharded_parameter)
 from forge_dist.parallel.tensor.metadata import ShardInfo, set_shard_info
 from forge_dist.parallel.tensor.random import RNGTracker
-from forge_dist.parallel.tensor.sequence import enter_region
+from forge_dist.parallel.tensor.sequence import enter_region, replace_input
 
 
 class NoShardingRuleError(ConfigError):
@@ -53,35 +60,57 @@ class ShardContext:
     def tp(self) -> RankGroup:
         return self.groups.tp
 
-    def at(self, path: str, sharded_data: bool) -> "ShardContext":
-        return replace(self, path=path, sharded_data=sharded_data)
+    def at(self, path: str, sharded_data: bool, sequence_parallel: Optional[bool] = None) -> "ShardContext":
+        sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
+        return replace(self, path=path, sharded_data=sharded_data, sequence_parallel=sp)
 
     def name(self, child: str) -> str:
         return f"{self.path}.{child}" if self.path else child
 
 
 # --- linear classes the Column/Row styles can split ----------------------------------------------
-# class -> (column factory, row factory); quantized linear variants register their own here.
-LINEAR_TP: Dict[type, Tuple[Callable, Callable]] = {
-    nn.Linear: (ColumnParallelLinear.from_linear, RowParallelLinear.from_linear),
+@dataclass(frozen=True)
+class LinearTP:
+    """How one linear class is split: factories ``column(module, group, input_mode=, num_shards=,
+    segments=)`` and ``row(module, group, input_is_parallel=, sequence_parallel=, output_mode=)``,
+    and the row output modes it supports."""
+
+    column: Callable
+    row: Callable
+    row_modes: Tuple[str, ...] = OUTPUT_MODES
+    check: Optional[Callable[[nn.Module, "ShardContext"], None]] = None  # refuse what cannot be split exactly
+
+
+# class -> LinearTP; the quantized linear variants and KAN register theirs in rules/linear.py
+LINEAR_TP: Dict[type, LinearTP] = {
+    nn.Linear: LinearTP(ColumnParallelLinear.from_linear, RowParallelLinear.from_linear),
 }
 
 
-def _linear_factories(module: nn.Module, path: str) -> Tuple[Callable, Callable]:
+def linear_tp(module: nn.Module, ctx: "ShardContext") -> LinearTP:
     if type(module) not in LINEAR_TP:
         raise NoShardingRuleError(
-            f"{path} is a {type(module).__qualname__}, which has no tensor-parallel linear; register "
+            f"{ctx.path} is a {type(module).__qualname__}, which has no tensor-parallel linear; register "
             f"its column/row versions in forge_dist.parallel.tensor.plan.LINEAR_TP "
-            f"(see forge_dist/parallel/tensor/rules/)")
-    return LINEAR_TP[type(module)]
+            f"(see forge_dist/parallel/tensor/rules/linear.py)")
+    entry = LINEAR_TP[type(module)]
+    if entry.check is not None:
+        entry.check(module, ctx)
+    return entry
+
+
+def row_supports(module: nn.Module, output_mode: str) -> bool:
+    """Whether ``module``'s row-parallel version can give ``output_mode`` (e.g. "deferred")."""
+    return type(module) in LINEAR_TP and output_mode in LINEAR_TP[type(module)].row_modes
 
 
 # --- styles ---------------------------------------------------------------------------------------
 class ModuleStyle(abc.ABC):
     """How one submodule is sharded."""
 
-    def check(self, module: nn.Module, path: str) -> None:
-        """Raise NoShardingRuleError if this style cannot take ``module`` (changes nothing)."""
+    def check(self, module: nn.Module, ctx: "ShardContext") -> None:
+        """Raise NoShardingRuleError if this style cannot take ``module`` (changes nothing); ``ctx``
+        is the submodule's (ctx.path its path)."""
 
     @abc.abstractmethod
     def apply(self, module: nn.Module, ctx: ShardContext, owner: nn.Module, entered: bool) -> nn.Module:
@@ -99,30 +128,38 @@ class ParamStyle(abc.ABC):
 @dataclass(frozen=True)
 class Column(ModuleStyle):
     """Column-parallel linear; ``num_shards`` distinct shards (default: one per TP rank),
-    ``segments`` blocks split separately (2 for [a | b] gated layouts)."""
+    ``segments`` blocks split separately (2 for [a | b] gated layouts), ``input``: the input
+    mapping (layers.enter_column) when it is not the region's own (entered once: "none";
+    otherwise "copy", or "sequence" under sequence parallelism)."""
 
     num_shards: Optional[int] = None
     segments: int = 1
+    input: Optional[str] = None
 
-    def check(self, module, path):
-        _linear_factories(module, path)
+    def check(self, module, ctx):
+        linear_tp(module, ctx)
 
     def apply(self, module, ctx, owner, entered):
-        mode = "none" if entered else ("sequence" if ctx.sequence_parallel else "copy")
-        column, _ = _linear_factories(module, ctx.path)
-        return column(module, ctx.tp, input_mode=mode, num_shards=self.num_shards, segments=self.segments)
+        mode = self.input or ("none" if entered else ("sequence" if ctx.sequence_parallel else "copy"))
+        return linear_tp(module, ctx).column(module, ctx.tp, input_mode=mode, num_shards=self.num_shards,
+                                             segments=self.segments)
 
 
 @dataclass(frozen=True)
 class Row(ModuleStyle):
-    """Row-parallel linear whose input is a column layer's output (input_is_parallel)."""
+    """Row-parallel linear whose input is a column layer's output (input_is_parallel); ``output``:
+    layers.reduce_row's mode ("exit", "sharded" or "deferred")."""
 
-    def check(self, module, path):
-        _linear_factories(module, path)
+    output: str = "exit"
+
+    def check(self, module, ctx):
+        if self.output not in linear_tp(module, ctx).row_modes:
+            raise NoShardingRuleError(f"{ctx.path} is a {type(module).__qualname__}, whose row-parallel version "
+                                      f"cannot give output mode {self.output!r}")
 
     def apply(self, module, ctx, owner, entered):
-        _, row = _linear_factories(module, ctx.path)
-        return row(module, ctx.tp, input_is_parallel=True, sequence_parallel=ctx.sequence_parallel)
+        return linear_tp(module, ctx).row(module, ctx.tp, input_is_parallel=True,
+                                          sequence_parallel=ctx.sequence_parallel, output_mode=self.output)
 
 
 @dataclass(frozen=True)
@@ -140,6 +177,41 @@ class Replicate(ModuleStyle, ParamStyle):
     def apply_param(self, owner: nn.Module, name: str, ctx: ShardContext) -> None:
         p = getattr(owner, name)
         set_shard_info(p, ShardInfo.replicated(p, self.partial and ctx.tp.size > 1))
+
+
+@dataclass(frozen=True)
+class ReplicateAfterSum(ModuleStyle):
+    """A layer kept whole whose input is a partial sum over the TP group (infinite attention's heads
+    summed per rank): the input is all-reduced first (its gradient passes unchanged), so the layer
+    computes the full output on every rank and its parameters' gradients are whole. Any linear
+    variant, KAN included, works this way."""
+
+    def apply(self, module, ctx, owner, entered):
+        for p in module.parameters():
+            set_shard_info(p, ShardInfo.replicated(p))
+        if ctx.tp.size > 1:
+            replace_input(module, lambda x: mappings.reduce_from_tp_region(x, ctx.tp))
+        return module
+
+
+@dataclass(frozen=True)
+class ShardChannels(ModuleStyle):
+    """A depthwise convolution (groups == channels) split by channel: weight (C, 1, K) and bias
+    (C,) along dim 0, with its channel counts set to the local ones."""
+
+    def check(self, module, ctx):
+        if (not isinstance(module, nn.Conv1d) or module.groups != module.in_channels
+                or module.out_channels != module.in_channels):
+            raise NoShardingRuleError(f"{ctx.path} is not a depthwise Conv1d (groups == channels); ShardChannels "
+                                      f"cannot split it")
+
+    def apply(self, module, ctx, owner, entered):
+        for name in ("weight", "bias"):
+            p = getattr(module, name)
+            if p is not None:
+                setattr(module, name, sharded_parameter(p, ShardInfo(tuple(p.shape), 0, ctx.tp.size), ctx.tp))
+        module.in_channels = module.out_channels = module.groups = module.weight.shape[0]
+        return module
 
 
 @dataclass(frozen=True)
@@ -168,6 +240,9 @@ class Plan:
     rng: Optional[str] = None
     residual_dropout: Tuple[str, ...] = ()
     inner_sharded: Optional[bool] = None
+    exit_at: Optional[str] = None
+    exit_partial: bool = True  # exit_at receives partial sums (reduced) or a replicated sequence (split)
+    inner_sequence_parallel: Optional[bool] = None
     finalize: Optional[Callable[[nn.Module, ShardContext], None]] = None
 
     def check(self, module: nn.Module, ctx: ShardContext, rule_name: str) -> None:
@@ -177,8 +252,8 @@ class Plan:
                     f"the tensor-parallel rule {rule_name} of {type(module).__qualname__} ({ctx.path or 'model'}) "
                     f"does not say how to shard its parameter {name!r} {tuple(p.shape)}")
         for path, style in self.children.items():
-            style.check(module.get_submodule(path), ctx.name(path))
-        for path in self.residual_dropout:
+            style.check(module.get_submodule(path), ctx.at(ctx.name(path), ctx.sharded_data))
+        for path in self.residual_dropout + ((self.exit_at,) if self.exit_at else ()):
             module.get_submodule(path)
 
     def apply(self, module: nn.Module, ctx: ShardContext) -> None:
@@ -194,6 +269,11 @@ class Plan:
                 style.apply_param(module, name, ctx)
         if self.enter and ctx.tp.size > 1:
             enter_region(module, ctx.tp, ctx.sequence_parallel)
+        if self.exit_at and ctx.tp.size > 1 and (self.exit_partial or ctx.sequence_parallel):
+            group, sp = ctx.tp, ctx.sequence_parallel
+            leave = ((lambda x: mappings.exit_tp_region(x, group, sp)) if self.exit_partial
+                     else (lambda x: mappings.scatter_to_sequence_region(x, group)))
+            replace_input(module.get_submodule(self.exit_at), leave)
         if ctx.tracker is not None:
             if self.rng is not None:
                 ctx.tracker.attach(module, self.rng)

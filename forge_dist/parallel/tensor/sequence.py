@@ -52,6 +52,27 @@ def gather_output(module: nn.Module, group: RankGroup, grad_is_partial: bool = F
         lambda m, args, out: mappings.gather_from_sequence_region(out, group, grad_is_partial=grad_is_partial))
 
 
+def replace_input(module: nn.Module, fn) -> None:
+    """``module`` receives ``fn`` of its first argument (a forward pre-hook)."""
+    module.register_forward_pre_hook(lambda m, args: _replace_first(args, fn))
+
+
+def gather_input(module: nn.Module, group: RankGroup, grad_is_partial: bool = False) -> None:
+    """``module`` receives the whole sequence of its (sequence-shard) first argument; the backward
+    splits its gradient (reduce-scatters it when ``grad_is_partial``)."""
+
+    def hook(m, args):
+        return _replace_first(args, lambda x: mappings.gather_from_sequence_region(x, group,
+                                                                                   grad_is_partial=grad_is_partial))
+
+    module.register_forward_pre_hook(hook)
+
+
+def scatter_output(module: nn.Module, group: RankGroup) -> None:
+    """``module``'s (whole-sequence, replicated) output is split into this rank's sequence shard."""
+    module.register_forward_hook(lambda m, args, out: mappings.scatter_to_sequence_region(out, group))
+
+
 def enter_region(module: nn.Module, group: RankGroup, sequence_parallel: bool) -> None:
     """``module`` is a TP region whose column-parallel layers all read its first argument: enter
     once for all of them (copy, or all-gather of sequence shards), e.g. q, k and v projections."""

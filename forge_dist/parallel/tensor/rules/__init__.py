@@ -5,4 +5,5 @@ Adding a variant: write ``rule(module, ctx) -> Plan`` in its family's file and r
 parameters and no rule is refused by parallelize, naming the module.
 """
 from forge_dist.parallel.tensor.rules.registry import TP_RULES, RuleRegistry, replicated  # noqa: F401
-from forge_dist.parallel.tensor.rules import attention, mlp, model, norm, quantize  # noqa: F401,E402
+from forge_dist.parallel.tensor.rules import (  # noqa: F401,E402
+    activation, attention, linear, mixers, mlp, model, moe, norm, quantize, softmax, steering)

@@ -1,6 +1,8 @@
-"""Rule of the GPT itself: vocab-parallel token table and LM head (tied or not), replicated
-position table, factorised-embedding adapters and embedding scale, and the sequence-parallel
-split of the residual stream (scattered at the embedding dropout, gathered after ln_f)."""
+"""Rule of the GPT itself: vocab-parallel token table (quantized or not) and LM head (tied or
+not), replicated position table, factorised-embedding adapters and embedding scale, and the
+sequence-parallel split of the residual stream (scattered at the embedding dropout, gathered
+after ln_f). A quantized token table (quantize_wte) fake-quantizes its rows with the statistics
+of the whole unpadded table, reduced over the ranks (parallel/tensor/quantized.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,25 +11,29 @@ from typing import Optional
 import torch.nn as nn
 
 from forge_dist.model.gpt import GPT, LMHead
+from forge_dist.model.quantize import QuantizedEmbedding
 from forge_dist.parallel.tensor import sequence
 from forge_dist.parallel.tensor.plan import ModuleStyle, NoShardingRuleError, Plan, Replicate, ShardContext
+from forge_dist.parallel.tensor.quantized import QuantizedVocabParallelEmbedding
 from forge_dist.parallel.tensor.rules.registry import TP_RULES
 from forge_dist.parallel.tensor.vocab import VocabParallelEmbedding, VocabParallelLMHead
 
 
-def _exactly(module: nn.Module, cls: type, path: str) -> None:
-    if type(module) is not cls:  # a subclass (a quantized table) computes differently: needs its own style
+def _exactly(module: nn.Module, classes, path: str) -> None:
+    if type(module) not in classes:  # a subclass computes differently: needs its own style
         raise NoShardingRuleError(f"{path} is a {type(module).__qualname__}, which has no tensor-parallel "
-                                  f"style (the vocab-parallel one takes a plain {cls.__qualname__}); add one in "
-                                  f"{__name__}")
+                                  f"style (the vocab-parallel ones take {', '.join(c.__qualname__ for c in classes)}); "
+                                  f"add one in {__name__}")
 
 
 @dataclass(frozen=True)
 class VocabEmbedding(ModuleStyle):
-    def check(self, module, path):
-        _exactly(module, nn.Embedding, path)
+    def check(self, module, ctx):
+        _exactly(module, (nn.Embedding, QuantizedEmbedding), ctx.path)
 
     def apply(self, module, ctx, owner, entered):
+        if isinstance(module, QuantizedEmbedding):
+            return QuantizedVocabParallelEmbedding(module, ctx.tp, ctx.vocab_divisible_by, owner.config)
         return VocabParallelEmbedding.from_embedding(module, ctx.tp, ctx.vocab_divisible_by)
 
 
@@ -38,8 +44,8 @@ class VocabHead(ModuleStyle):
 
     tied_to: Optional[str] = None
 
-    def check(self, module, path):
-        _exactly(module, LMHead, path)
+    def check(self, module, ctx):
+        _exactly(module, (LMHead,), ctx.path)
 
     def apply(self, module, ctx, owner, entered):
         tied = self.tied_to is not None

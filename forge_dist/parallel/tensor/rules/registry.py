@@ -57,11 +57,25 @@ def replicated(module: nn.Module, ctx: ShardContext) -> Plan:
     return Plan(params={n: Replicate(partial=ctx.sharded_data) for n, _ in module.named_parameters(recurse=False)})
 
 
-def heads_divisible(n_head: int, ctx: ShardContext, what: str = "n_head") -> None:
+def replicated_tree(module: nn.Module, ctx: ShardContext) -> Plan:
+    """Rule of per-position modules with submodules (a learned steering MLP bank, torch's PReLU
+    inside its wrapper): the module and everything under it whole on every rank, gradients partial
+    where it sees sharded activations."""
+    style = Replicate(partial=ctx.sharded_data)
+    return Plan(children={n: style for n, c in module.named_children() if any(True for _ in c.parameters())},
+                params={n: style for n, _ in module.named_parameters(recurse=False)})
+
+
+def divisible(n: int, ctx: ShardContext, what: str, unit: str = "channels") -> None:
+    """``n`` (named ``what``) splits evenly over the TP group, or a ConfigError says what to change."""
     tp = ctx.tp.size
-    if n_head % tp:
-        raise ConfigError(f"{ctx.path}: {what}={n_head} is not divisible by tensor_parallel_size={tp}; "
-                          f"each rank must hold whole heads: use a tensor_parallel_size dividing {n_head}")
+    if n % tp:
+        raise ConfigError(f"{ctx.path}: {what}={n} is not divisible by tensor_parallel_size={tp}; each rank must "
+                          f"hold whole {unit}: use a tensor_parallel_size dividing {n}")
+
+
+def heads_divisible(n_head: int, ctx: ShardContext, what: str = "n_head") -> None:
+    divisible(n_head, ctx, what, "heads")
 
 
 def kv_shards(n_head: int, n_kv: int, ctx: ShardContext) -> int:

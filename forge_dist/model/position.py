@@ -114,9 +114,9 @@ class FIRE(nn.Module):
         return self.mlp[-2 if isinstance(self.mlp[-1], nn.ReLU) else -1].out_features
 
     def forward(self, T_q: int, T_k: int, q_offset: int = 0) -> torch.Tensor:  # (H, T_q, T_k)
-        device = self.c.device
-        i = torch.arange(q_offset, q_offset + T_q, device=device, dtype=torch.float32)
-        j = torch.arange(T_k, device=device, dtype=torch.float32)
+        device, dtype = self.c.device, self.c.dtype  # positions in the module's precision (fp64 parity runs)
+        i = torch.arange(q_offset, q_offset + T_q, device=device, dtype=dtype)
+        j = torch.arange(T_k, device=device, dtype=dtype)
         rel = (i[:, None] - j[None, :]).abs() + self.eps  # (T_q, T_k)
         L = (self.L_multiplier * self.init_L).abs()
         norm = torch.maximum(i, L)[:, None] + self.eps  # (T_q, 1): psi(max(i, L)) keeps z in [0, 1]

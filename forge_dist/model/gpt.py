@@ -25,6 +25,11 @@ from forge_dist.model.sharing import SharedModules, SharingPlan
 from forge_dist.model.steering import attach_steering, steer
 
 
+def loss_precision(t: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy runs in at least float32 (bf16/fp16 logits are upcast; float64 stays)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class LMHead(nn.Module):
     """logits = x W^T (optionally soft-capped, c tanh(z / c)), and the mean cross-entropy.
 
@@ -43,7 +48,7 @@ class LMHead(nn.Module):
             logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(loss_precision(logits).view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge_dist.model.gpt import loss_precision
 from forge_dist.parallel.groups import RankGroup
 from forge_dist.parallel.tensor import mappings
 from forge_dist.parallel.tensor.layers import sharded_parameter
@@ -103,7 +104,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     """Mean cross-entropy over tokens whose target is not -1, from logits (.., V_local) holding
     the columns [vocab_start, vocab_start + V_local) of a (padded) vocabulary of ``vocab_size``
     real entries. Equals F.cross_entropy(full_logits.float(), targets, ignore_index=-1)."""
-    flat = logits.float().reshape(-1, logits.shape[-1])
+    flat = loss_precision(logits).reshape(-1, logits.shape[-1])
     t = targets.reshape(-1)
     per_token = _VocabParallelCrossEntropy.apply(flat, t, group, vocab_start, vocab_size)
     return per_token.sum() / (t != IGNORE_INDEX).sum()

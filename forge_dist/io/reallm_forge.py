@@ -237,8 +237,8 @@ def read_ckpt(path: str) -> dict:
         raise CheckpointError(
             f"{path} needs pickle to load: it holds objects other than tensors and plain Python values "
             f"({first}). forge_dist refuses it because unpickling can run arbitrary code. If you trust "
-            f"the file, re-save it with plain values: in a trusted session load it with "
-            f"torch.load(path, weights_only=False), replace the offending objects (e.g. an "
+            f"the file, re-save it with plain values: in a trusted session load it with pickle allowed "
+            f"(torch.load with weights_only turned off), replace the offending objects (e.g. an "
             f"argparse.Namespace under 'config' by vars(namespace)), torch.save the dict and convert "
             f"that file") from None
     except (RuntimeError, EOFError, OSError) as e:

@@ -37,11 +37,11 @@ def eval_batches(loader, split: str, eval_iters: int):
 
 
 def build_parser() -> OneLineParser:
+    from forge_dist.inference.loading import add_checkpoint_arguments
+
     p = OneLineParser(prog=PROG, description="Validation loss and perplexity of a checkpoint.", allow_abbrev=False,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="forge-train out_dir, checkpoint directory or ckpt.pt")
-    p.add_argument("--ckpt", choices=("latest", "best"), default="latest", help="which checkpoint of an out_dir")
-    p.add_argument("--dataset", default=None, help="dataset to evaluate on (default: the run's own)")
+    add_checkpoint_arguments(p, "dataset to evaluate on (default: the run's own)")
     p.add_argument("--split", default="val", help="dataset split to evaluate")
     p.add_argument("--eval_iters", type=int, default=200, help="batches to average over")
     p.add_argument("--batch_size", type=int, default=None, help="default: the run's batch_size, else 16")

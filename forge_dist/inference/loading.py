@@ -33,6 +33,13 @@ def _upstream_tokenizer(path: str):
     return tokenizer_from_upstream(load_meta_pkl(meta), folder)
 
 
+def add_checkpoint_arguments(parser, dataset_help: str) -> None:
+    """The options forge-sample and forge-eval share: which checkpoint, and which dataset."""
+    parser.add_argument("--out_dir", default="out", help="forge-train out_dir, checkpoint directory or ckpt.pt")
+    parser.add_argument("--ckpt", choices=("latest", "best"), default="latest", help="which checkpoint of an out_dir")
+    parser.add_argument("--dataset", default=None, help=dataset_help)
+
+
 def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] = None,
                        device: str = "cpu") -> Loaded:
     from forge_dist.data.tokenizer import load_tokenizer, tokenizer_from_spec

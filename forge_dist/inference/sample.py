@@ -25,11 +25,11 @@ def _optional_int(text: str) -> Optional[int]:
 
 
 def build_parser() -> OneLineParser:
+    from forge_dist.inference.loading import add_checkpoint_arguments
+
     p = OneLineParser(prog=PROG, description="Generate text from a trained model (KV-cached).", allow_abbrev=False,
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out_dir", default="out", help="forge-train out_dir, checkpoint directory or ckpt.pt")
-    p.add_argument("--ckpt", choices=("latest", "best"), default="latest", help="which checkpoint of an out_dir")
-    p.add_argument("--dataset", default=None, help="take the tokenizer from this dataset instead")
+    add_checkpoint_arguments(p, "take the tokenizer from this dataset instead")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file "
                    "(default: a newline)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per --top_k value")

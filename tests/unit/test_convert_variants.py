@@ -4,16 +4,17 @@ hand-built upstream state dicts."""
 import pytest
 import torch
 
-from forge_dist import CheckpointError, ConfigError, ModelConfig
+from forge_dist import CheckpointError, ConfigError
 from forge_dist.config.loading import configs_equal
 from forge_dist.io import convert, from_pretrained, load_any, save_ckpt, save_pretrained
 from forge_dist.io.reallm_forge import EXTRA_KEY
-from forge_dist.model.gpt import GPT
+from forge_dist.testing.models import TINY, same_state
+from forge_dist.testing.models import fixed_batch as batch
+from forge_dist.testing.models import make_model as make
 from forge_dist.model.linear import BitLinearOptimized, QuantizedLinear
 from forge_dist.model.registries import LSV
 from forge_dist.ops.reference import quantize as ref
 
-TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 QUANTIZED = dict(linear_variant_attn="quantized_linear", linear_variant_mlp="quantized_linear", bias=True,
                  quantize_linear_bits=6, quantize_linear_attn_v_method="symmetric_quant", quantization_warmup_iters=0,
                  quantize_wte=True, quantize_wte_bits=6, quantize_wpe=True, quantize_wpe_method="symmetric_quant",
@@ -30,25 +31,6 @@ CASES = {
     "shared": dict(n_layer=4, shared_mlp_size=2, shared_attn_sym=True, linear_variant_mlp="quantized_linear",
                    linear_variant_attn="bitlinear_optimized"),
 }
-
-
-def make(seed=0, **extra):
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**TINY, **extra})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
-
-
-def same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def ckpt_of(model, path, **training):

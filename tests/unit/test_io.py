@@ -9,34 +9,16 @@ import pytest
 import torch
 
 import forge_dist
-from forge_dist import CheckpointError, ConfigError, ModelConfig
+from forge_dist import CheckpointError, ConfigError
 from forge_dist.config.loading import configs_equal, model_args_from_config
 from forge_dist.io import convert, forge_format, from_pretrained, load_any, save_ckpt, save_pretrained
 from forge_dist.io.convert import main as convert_main
 from forge_dist.model import registries
-from forge_dist.model.gpt import GPT
+from forge_dist.testing.models import same_state
+from forge_dist.testing.models import fixed_batch as batch
+from forge_dist.testing.models import make_model as make
 
-TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def make(seed=0, **extra):
-    torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**TINY, **extra})).eval()
-    with torch.no_grad():  # make norms, offsets and scalars non-trivial
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
-
-
-def same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # --- our format ----------------------------------------------------------------------------------

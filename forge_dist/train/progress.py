@@ -28,7 +28,7 @@ def fmt_time(seconds: float) -> str:
 class Progress:
     def __init__(self, total: int, initial: int, enabled: bool, bar: bool):
         self.enabled, self.total, self.initial = enabled, total, initial
-        self.t0 = time.time()
+        self._first = None  # (time, iterations done) of the first step the ETA measures from
         self._bar = None
         if enabled and bar:
             from tqdm import tqdm
@@ -37,8 +37,15 @@ class Progress:
                              bar_format="iter {n_fmt}/{total_fmt} |{bar:24}| {desc} [{elapsed}<{remaining}]")
 
     def eta(self, done: int) -> float:
-        run = done - self.initial
-        return (time.time() - self.t0) / run * (self.total - done) if run > 0 else float("nan")
+        """Remaining time at the rate measured since the first completed step, so start-up (dataset
+        preparation, a kernel build, the first evaluation) does not inflate the estimate."""
+        now = time.time()
+        if self._first is None:
+            self._first = (now, done)
+            return float("nan")
+        t_first, done_first = self._first
+        run = done - done_first
+        return (now - t_first) / run * (self.total - done) if run > 0 else float("nan")
 
     def step(self, done: int, record: dict, logged: bool) -> None:
         """``done`` iterations complete; ``record`` is the latest logged step."""

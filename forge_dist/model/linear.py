@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from forge_dist import ops
 from forge_dist.model.quantize import ExportedTensor, QuantizedModule, fake_quant, weights_version
 from forge_dist.model.registries import LINEAR
 from forge_dist.ops.reference import quantize as ref
@@ -83,10 +84,13 @@ class QuantizedLinear(QuantizedModule, nn.Linear):
             w = fake_quant(self.weight, self.quant_method, self.quant_bits, level, reduce_stats=self.reduce_stats)
             return project(self, x, w, self.bias)
         self.refresh_quantized()
-        w = ref.dequantize(self.weight_zero_point, self.weight_norm, self.quantized_weight, x.dtype)
         b = None
         if self.bias is not None:
             b = ref.dequantize(self.bias_zero_point, self.bias_norm, self.quantized_bias, x.dtype)
+        if self.reduce_partial is None and self.quantized_weight.dtype == torch.int8:
+            # int8 codes stay int8 in memory: the fused weight-only kernel dequantises in the matmul
+            return ops.int8_linear(x, self.quantized_weight, self.weight_norm, self.weight_zero_point, b)
+        w = ref.dequantize(self.weight_zero_point, self.weight_norm, self.quantized_weight, x.dtype)
         return project(self, x, w, b)
 
     @torch.no_grad()

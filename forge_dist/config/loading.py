@@ -110,7 +110,24 @@ def model_config_from_model_args(model_args: Mapping) -> ModelConfig:
         else:
             continue  # forge_dist-only option: ours
         kwargs[name] = _from_upstream_value(name, value)
-    return ModelConfig(**kwargs)
+    return ModelConfig(**_upstream_mla_dims(kwargs))
+
+
+def _uses_mla(options: Mapping) -> bool:
+    lists = list(options.get("attention_list") or []) + list(options.get("attention_variant_layerlist") or [])
+    return options.get("attention_variant") == "mla" or "mla" in lists
+
+
+def _upstream_mla_dims(options: dict) -> dict:
+    """Upstream's MLA reads neither mla_latent_dim nor mla_rotary_dim: it always builds a latent of
+    4 d_h and rotary width d_h / 2 (reference 2.5). An imported MLA model gets exactly those."""
+    if not _uses_mla(options):
+        return options
+    if options.get("n_head_layerlist"):
+        raise ConfigError("model_args: MLA with n_head_layerlist cannot be imported: upstream's MLA sizes "
+                          "depend on each layer's head dim, which forge_dist's single mla_rotary_dim cannot follow")
+    d_head = options["n_embd"] // options["n_head"]
+    return {**options, "mla_latent_dim": 4 * d_head, "mla_rotary_dim": d_head // 2}
 
 
 def _refuse_switched_on_features(model_args: Mapping) -> None:
@@ -161,6 +178,15 @@ def model_args_from_config(cfg: ModelConfig) -> dict:
             raise ConfigError(
                 f"{name}={value!r} is a forge_dist option with no ReaLLM-Forge equivalent; set it to "
                 f"{defaults[name]!r} to export the model in ReaLLM-Forge's format")
+    if _uses_mla(ours):
+        expected = _upstream_mla_dims({**ours, "n_head_layerlist": []})
+        if (cfg.mla_latent_dim or 4 * cfg.head_dim, cfg.mla_rotary_dim) != (expected["mla_latent_dim"],
+                                                                             expected["mla_rotary_dim"]):
+            raise ConfigError(
+                f"ReaLLM-Forge's MLA ignores mla_latent_dim and mla_rotary_dim and always builds "
+                f"{expected['mla_latent_dim']} and {expected['mla_rotary_dim']} here; set "
+                f"mla_latent_dim={expected['mla_latent_dim']} (or None) and "
+                f"mla_rotary_dim={expected['mla_rotary_dim']} to export this model")
     out["n_kv_group"] = cfg.kv_groups
     return out
 

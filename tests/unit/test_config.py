@@ -208,3 +208,17 @@ def test_model_args_round_trip(extra):
     cfg = ModelConfig(**TINY, **extra)
     back = model_config_from_model_args(model_args_from_config(cfg))
     assert configs_equal(cfg, back)
+
+
+def test_mla_dims_follow_what_upstream_builds():
+    # upstream's MLA ignores mla_latent_dim / mla_rotary_dim: latent 4 d_h, rotary d_h / 2 (d_h = 8 here)
+    from forge_dist.config.loading import model_args_from_config, model_config_from_model_args
+
+    args = model_args_from_config(ModelConfig(n_layer=2, n_head=4, n_embd=32, attention_variant="mla",
+                                               mla_latent_dim=32, mla_rotary_dim=4))
+    args.update(mla_latent_dim=None, mla_rotary_dim=32)  # upstream's dataclass default: ignored there
+    cfg = model_config_from_model_args(args)
+    assert (cfg.mla_latent_dim, cfg.mla_rotary_dim) == (32, 4)
+    with pytest.raises(ConfigError, match="mla_rotary_dim=4"):
+        model_args_from_config(ModelConfig(n_layer=2, n_head=4, n_embd=32, attention_variant="mla",
+                                           mla_rotary_dim=2))

@@ -248,7 +248,9 @@ VARIANTS = [(opt, name) for opt, reg in (("softmax_variant_attn", registries.SOF
 
 @pytest.mark.parametrize("option, name", VARIANTS, ids=[f"{o}={n}" for o, n in VARIANTS])
 def test_same_loss_in_both_formats(tmp_path, option, name):
-    model = make(**{option: name})
+    # MLA in upstream's sizes (latent 4 d_h, rotary d_h / 2 with d_h = 8): it ignores the options
+    extra = dict(mla_latent_dim=32, mla_rotary_dim=4) if name == "mla" else {}
+    model = make(**{option: name}, **extra)
     save_pretrained(model, tmp_path / "forge")
     save_ckpt(model, tmp_path / "run")
     x, y = batch()

@@ -114,17 +114,23 @@ def gaussian_norm_range_init(config, shape, generator=None, max_rounds: int = 10
                       f"[gaussian_min_norm={lo}, gaussian_max_norm={hi}]; widen the range")
 
 
+def read_plain_npy(path: str, option: str) -> np.ndarray:
+    """A .npy array read without pickle; a missing file or an object array is a ConfigError that
+    names ``option`` (e.g. "init_wte_npy=...")."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{option}={path!r} does not exist") from None
+    except ValueError as e:
+        raise ConfigError(f"{option}={path!r} is not a plain numeric .npy array (object arrays need "
+                          f"pickle and are refused): {e}") from None
+
+
 @EMBED_INIT.register("numpy_import")
 def numpy_import_init(config, shape, generator=None) -> torch.Tensor:
     """The table in init_wte_npy (a plain .npy array, read without pickle), times init_scale."""
     path = config.init_wte_npy
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} does not exist") from None
-    except ValueError as e:
-        raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} is not a plain numeric .npy "
-                          f"array (object arrays need pickle and are refused): {e}") from None
+    data = read_plain_npy(path, "init_variant=numpy_import: init_wte_npy")
     if not isinstance(data, np.ndarray) or data.shape != tuple(shape):
         got = getattr(data, "shape", type(data).__name__)
         raise ConfigError(f"init_variant=numpy_import: init_wte_npy={path!r} holds shape {got}, the token "

@@ -41,13 +41,9 @@ LSV_MLP_WIDTH = 64  # hidden width of the per-dataset MLPs (upstream constant)
 def load_vector(path: str, n_embd: int, option: str = "apply_vector_file") -> torch.Tensor:
     """A (n_embd,) float32 vector from a plain .npy (read without pickle). Upstream's captured
     files have shape (1, 1, n_embd); any shape of n_embd entries with unit leading dims is accepted."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ConfigError(f"{option}={path!r} does not exist") from None
-    except ValueError as e:
-        raise ConfigError(f"{option}={path!r} is not a plain numeric .npy array (object arrays need "
-                          f"pickle and are refused): {e}") from None
+    from forge_dist.model.init import read_plain_npy
+
+    data = read_plain_npy(path, option)
     if not isinstance(data, np.ndarray) or data.shape[-1:] != (n_embd,) or data.size != n_embd \
             or not np.issubdtype(data.dtype, np.number):
         got = getattr(data, "shape", type(data).__name__)

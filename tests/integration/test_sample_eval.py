@@ -11,6 +11,7 @@ from forge_dist.inference import sample as sample_cli
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.cli import main as train_main
 from forge_dist.train.metrics import read_metrics
+from forge_dist.testing.data import corpus_dataset
 
 
 def _model(config, seed=0):
@@ -77,13 +78,10 @@ def test_stop_strings_cut_the_text():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from forge_dist.data.prepare import CORPUS, prepare_text
-
     root = tmp_path_factory.mktemp("sample")
-    (root / "text.txt").write_text(CORPUS.read_text(encoding="utf-8")[:30_000], encoding="utf-8")
-    prepare_text([root / "text.txt"], root / "data", tokenizer="char", val_fraction=0.1)
+    data = corpus_dataset(root, 30_000, name="data")
     out = root / "out"
-    assert train_main(["--dataset", str(root / "data"), "--out_dir", str(out), "--n_layer", "2", "--n_head", "2",
+    assert train_main(["--dataset", data, "--out_dir", str(out), "--n_layer", "2", "--n_head", "2",
                        "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--max_iters", "6",
                        "--eval_interval", "3", "--eval_iters", "3", "--device", "cpu", "--max_sample_tokens",
                        "none", "--no-tensorboard_log", "--no-progress", "--seed", "11"]) == 0

@@ -8,6 +8,7 @@ import torch
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.cli import main
 from forge_dist.train.metrics import read_metrics
+from forge_dist.testing.data import corpus_dataset
 
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--eval_interval", "5", "--log_interval", "1", "--device", "cpu",
@@ -17,13 +18,7 @@ TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A small char-level dataset cut from the bundled corpus."""
-    from forge_dist.data.prepare import CORPUS, prepare_text
-
-    root = tmp_path_factory.mktemp("data")
-    text = root / "text.txt"
-    text.write_text(CORPUS.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    prepare_text([text], root / "small", tokenizer="char", val_fraction=0.1)
-    return str(root / "small")
+    return corpus_dataset(tmp_path_factory.mktemp("data"), 40_000)
 
 
 def train(dataset, out_dir, *args):

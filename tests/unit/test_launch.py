@@ -13,6 +13,7 @@ from forge_dist.train import launch
 from forge_dist.train.build import _known
 from forge_dist.train.cli import main, option_groups
 from forge_dist.train.options import TrainConfig
+from forge_dist.testing.data import corpus_dataset
 
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "2",
         "--max_iters", "1", "--eval_iters", "1", "--eval_interval", "5", "--device", "cpu", "--dtype", "float32",
@@ -21,13 +22,7 @@ TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from forge_dist.data.prepare import CORPUS, prepare_text
-
-    root = tmp_path_factory.mktemp("data")
-    text = root / "text.txt"
-    text.write_text(CORPUS.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    prepare_text([text], root / "small", tokenizer="char", val_fraction=0.1)
-    return str(root / "small")
+    return corpus_dataset(tmp_path_factory.mktemp("data"), 20_000)
 
 
 @pytest.fixture

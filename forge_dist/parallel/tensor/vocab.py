@@ -136,7 +136,7 @@ class VocabParallelLMHead(nn.Module):
         if targets is None:
             return mappings.gather_from_tp_region(logits, self.group)[..., : self.vocab_size], None
         if self.group.size == 1:  # exactly the plain head's loss
-            logits = logits[..., : self.vocab_size].float()
+            logits = loss_precision(logits[..., : self.vocab_size])
             return None, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                          ignore_index=IGNORE_INDEX)
         return None, vocab_parallel_cross_entropy(logits, targets, self.group, self.vocab_start, self.vocab_size)

@@ -12,6 +12,8 @@ Per iteration ``it`` (0-based; ``it`` steps are done when it starts), as ReaLLM-
      stops every rank here, before the step, so the last checkpoint stays the last good state
   4. engine.step(lr(it)); log every log_interval iterations (``loss`` is the cross-entropy; MoE
      runs add ``aux_loss``, the auxiliary losses that were backpropagated with it)
+  5. a preemption signal (SIGTERM, SIGUSR1) on any rank stops every rank here, after the step
+     (train/preemption.py): the checkpoint of ``it + 1`` is written and the run ends normally
 
 Everything that must be identical on all ranks (the stop decisions) goes through the RunContext;
 files and output are rank 0's. A final checkpoint is written at the end unless the run hit NaN.
@@ -34,6 +36,7 @@ from forge_dist.train.build import Run
 from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
 from forge_dist.train.plots import plot_losses
+from forge_dist.train.preemption import Preemption
 from forge_dist.train.progress import Progress, fmt_time
 from forge_dist.train.schedule import LRSchedule
 
@@ -46,12 +49,13 @@ NAN_FILE = "nan_iter_num.txt"  # upstream's name
 class TrainResult:
     out_dir: str
     iteration: int
-    stop_reason: str  # "max_iters" | "patience" | "nan"
+    stop_reason: str  # "max_iters" | "patience" | "nan" | "preempted"
     best_val_loss: float
     checkpoint: Optional[str]
     wall_s: float
     nan_iter: Optional[int] = None
     sample: Optional[str] = None
+    stopped_by: Optional[str] = None  # the preemption signal
 
 
 class Trainer:
@@ -69,6 +73,8 @@ class Trainer:
         self.saved_at = run.start_iter if run.resumed_from else None
         self.features = ModelFeatures(run.model)
         self.multi = hasattr(run.loader, "dataset_index")  # --dataset_list: a MultiDatasetLoader
+        self.evaluated_at: Optional[int] = None
+        self.preemption = Preemption()
 
     # --- pieces -------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -92,7 +98,8 @@ class Trainer:
 
     def _eval_due(self, it: int) -> bool:
         if self.run.resumed_from is not None and it == self.run.start_iter:
-            return False
+            # that evaluation is in the checkpoint, unless a preemption saved it before evaluating
+            return not (self.run.resumed_state or {}).get("eval_done", True)
         return it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
 
     def _split_losses(self, loader) -> dict:
@@ -128,7 +135,10 @@ class Trainer:
                 # every rank's streams (a collective), so a resume at the same layout replays every
                 # rank's dropout masks; the layout says when it is the same
                 "rng_ranks": self.ctx.gather_object(ckpt.rng_state()), "layout": self.ctx.layout(),
-                "engine": getattr(self.engine, "name", type(self.engine).__name__)}
+                "engine": getattr(self.engine, "name", type(self.engine).__name__),
+                # False only when a preemption saved before the evaluation that was due at ``it``
+                "eval_done": self.evaluated_at == it or not (it % self.cfg.eval_interval == 0
+                                                             or it == self.cfg.max_iters)}
 
     def save(self, it: int, is_best: bool) -> None:
         if self.cfg.never_save_checkpoint or self.saved_at == it:
@@ -139,6 +149,7 @@ class Trainer:
 
     def _evaluate(self, it: int, progress: Progress) -> dict:
         losses = self.estimate_loss()
+        self.evaluated_at = it
         improved = losses["val"] < self.best_val_loss
         if improved:
             self.best_val_loss, self.best_iter, self.evals_since_best = losses["val"], it, 0
@@ -201,6 +212,7 @@ class Trainer:
         it, stop, nan_iter, pending, record = self.run.start_iter, "max_iters", None, None, None
         window = (time.time(), it)  # tokens/s is measured between logged steps, evaluations excluded
         self.engine.train()
+        self.preemption.install()
         try:
             while True:
                 if self._eval_due(it):
@@ -231,9 +243,13 @@ class Trainer:
                 it += 1
                 if record is not None:
                     progress.step(it, record, logged)
+                if it < cfg.max_iters and self.preemption.agreed(ctx):
+                    stop = "preempted"
+                    break
             if pending is not None:
                 metrics.log(pending)
         finally:
+            self.preemption.close()
             progress.close()
             self.features.close()
         if stop == "nan":
@@ -242,10 +258,11 @@ class Trainer:
             self.save(it, is_best=self.best_iter == it)
             self._save_obtained_vector(progress)
         metrics.close()
-        result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter)
+        result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter,
+                             stopped_by=self.preemption.signal_name)
         if ctx.is_main:
             plot_losses(read_metrics(self.out_dir), os.path.join(self.out_dir, PLOT_FILE))
-        if stop != "nan":
+        if stop not in ("nan", "preempted"):  # a preempted run has seconds left: no sample
             sample = self.sample()  # every rank calls: the engine decides who runs the forward
             if ctx.is_main:
                 result.sample = sample
@@ -322,6 +339,10 @@ def summary(result: TrainResult, run: Run) -> str:
     if result.stop_reason == "nan":
         lines.append(f"stopped: the loss became NaN/inf at iteration {result.nan_iter} (recorded in "
                      f"{os.path.join(out, NAN_FILE)}); last good checkpoint: {result.checkpoint or 'none saved'}")
+    elif result.stop_reason == "preempted":
+        lines.append(f"preempted ({result.stopped_by}): stopped at iteration "
+                     f"{result.iteration} after {fmt_time(result.wall_s)}; checkpoint "
+                     f"{result.checkpoint or 'not saved (--never_save_checkpoint)'}")
     else:
         why = "patience exhausted" if result.stop_reason == "patience" else "max_iters reached"
         lines.append(f"stopped at iteration {result.iteration} ({why}) after {fmt_time(result.wall_s)}; {best}")

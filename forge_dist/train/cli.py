@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """One process, or one rank of a launch (torchrun, deepspeed, mpirun, srun): everything that can
     be refused is refused before any process group exists, by rank 0 with one line (exit 2)."""
     from forge_dist.presets import read_preset
-    from forge_dist.train.build import build_run, check_data, resolve_run
+    from forge_dist.train.build import build_run
+    from forge_dist.train.resolve import check_data, resolve_run
     from forge_dist.train.launch import detect_env, plan_launch
     from forge_dist.train.trainer import Trainer, summary
 

@@ -10,16 +10,8 @@ gradient accumulation (``engine.backward`` / ``engine.step`` per micro-batch), t
 reduction, clipping and loss scaling; our learning-rate schedule is applied by writing the rate
 into the optimizer's parameter groups before every step.
 
-Tensor parallelism, from the ShardInfo on every parameter:
-  * ``tensor_model_parallel`` is set on the ranks that must count a parameter in the gradient
-    norm, which DeepSpeed sums over the model-parallel group: a split parameter on the first rank
-    of each distinct shard, a replicated one on TP rank 0 only (DeepSpeed's rule for unmarked
-    parameters), so every value counts once;
-  * partial gradients (replicated parameters used on local heads or sequence shards, replicated KV
-    heads) are summed over their TP ranks by a gradient hook on the parameter, which runs as each
-    gradient is produced, before DeepSpeed's own hooks and its data-parallel reduction (ZeRO-2/3
-    reduce inside backward, so a sync after ``engine.backward`` would come too late). Summing over
-    TP and averaging over DP commute, so this is tp_grad_sync, once per micro-batch.
+Tensor parallelism (deepspeed_tp.py): parameters marked for DeepSpeed's gradient norm and partial
+gradients summed over their TP ranks by hooks.
 
 Checkpoints (``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_checkpoint`` into
 ``tmp_dir/deepspeed/`` (any ZeRO stage, exact resume at the same layout), its layout in
@@ -27,16 +19,15 @@ Checkpoints (``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_ch
 (fp32 master weights, exp_avg, exp_avg_sq, step by parameter name, TP shards gathered) in
 ``deepspeed_logical.*``. ``load_state`` uses DeepSpeed's files when the data-parallel size, TP
 size, ZeRO stage and precision are unchanged, and otherwise re-partitions the logical copy through
-DeepSpeed's tensor-fragment API (safe_set_full_*), so a run can resume on a different number of
-ranks.
+DeepSpeed's tensor-fragment API (safe_set_full_*; deepspeed_logical.py), so a run can resume on a
+different number of ranks.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
-from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,11 +37,12 @@ from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.parallel.groups import ProcessGroups
 from forge_dist.parallel.mpu import DeepSpeedMPU
-from forge_dist.parallel.tensor.metadata import full_tensor, shard_info, shard_tensor, tp_grad_norm
+from forge_dist.parallel.tensor.metadata import tp_grad_norm
+from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
+from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
 from forge_dist.train.optim import build_optimizer, param_groups
 from forge_dist.train.statefile import load_state, save_state
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 Batch = Sequence[torch.Tensor]
 
 
@@ -65,34 +57,7 @@ def skip_shm_build() -> None:
             module.build_shm_op = lambda: None
 
 
-def set_model_parallel_attributes(model: torch.nn.Module, groups: ProcessGroups) -> int:
-    """Mark the parameters this rank counts in DeepSpeed's gradient norm (see the module doc);
-    returns how many are marked on this rank."""
-    tp_rank, tp = groups.tp.rank, groups.tp.size
-    marked = 0
-    for p in {id(p): p for p in model.parameters()}.values():
-        info = shard_info(p)
-        split = info is not None and info.dim is not None and info.num_shards > 1
-        copies = tp // info.num_shards if split else tp  # ranks holding the same values
-        p.tensor_model_parallel = tp > 1 and split and tp_rank % copies == 0
-        marked += int(p.tensor_model_parallel)
-    return marked
-
-
-def register_tp_grad_hooks(model: torch.nn.Module, groups: ProcessGroups) -> List:
-    """Sum partial gradients over the ranks holding the same copy as they are produced."""
-    handles = []
-    for p in {id(p): p for p in model.parameters()}.values():
-        info = shard_info(p)
-        if info is None or not info.partial_grad or not p.requires_grad:
-            continue
-        group = info.reduce_group(groups)
-        if group.size > 1:
-            handles.append(p.register_hook(lambda g, group=group: group.all_reduce(g, phase="grad_sync")))
-    return handles
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(DeepSpeedLogicalState):
     """forge-train's engine seam over a DeepSpeed engine (see forge_dist.train.engine)."""
 
     name = "deepspeed"
@@ -158,125 +123,6 @@ class DeepSpeedEngine:
     def eval(self) -> None:
         self.ds.eval()
 
-    # --- logical (layout-free) views: collective over DP and TP --------------------------------
-    def _per_parameter_masters(self) -> Dict[int, tuple]:
-        """id(param) -> (tensor the optimizer steps, offset of the param in it) where the fp32 master
-        is not partitioned: the parameter itself (stage 0 fp32) or DeepSpeed's fp16/bf16 wrapper
-        without ZeRO (a copy per parameter, or one flat copy per group). ZeRO-1/2/3 and
-        BF16_Optimizer partitions are read through DeepSpeed's tensor-fragment API instead."""
-        from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-        opt = self.ds.optimizer
-        if self._plain:
-            return {id(p): (p, 0) for _, p in self._named}
-        out = {}
-        if isinstance(opt, FP16_UnfusedOptimizer):
-            for lows, highs in zip(opt.fp16_groups, opt.fp32_groups):
-                out.update({id(lo): (hi, 0) for lo, hi in zip(lows, highs)})
-        elif isinstance(opt, FP16_Optimizer):
-            for lows, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
-                offset = 0
-                for lo in lows:
-                    out[id(lo)] = (flat, offset)
-                    offset += lo.numel()
-        return out
-
-    def _master(self, p: torch.Tensor, key: Optional[str] = None) -> Optional[torch.Tensor]:
-        """This TP rank's full fp32 master value of ``p`` (key None) or its Adam state ``key``."""
-        hit = self._masters.get(id(p))
-        if hit is None:
-            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-            return safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
-        base, offset = hit
-        if key is not None:
-            state = self.inner_optimizer.state.get(base)
-            if not state:
-                return None
-            base = state[key]
-        return base.detach().reshape(-1).narrow(0, offset, p.numel()).view(p.shape).float()
-
-    def _set_master(self, p: torch.Tensor, value: torch.Tensor, key: Optional[str] = None) -> None:
-        """Set this TP rank's full value of ``p``'s master (key None: then also the parameter the
-        forward uses, which DeepSpeed otherwise refreshes only after a step) or Adam state ``key``."""
-        hit = self._masters.get(id(p))
-        if hit is not None:
-            base, offset = hit
-            target = base if key is None else self.inner_optimizer.state[base][key]
-            target.detach().view(-1).narrow(0, offset, p.numel()).copy_(value.reshape(-1))
-            if key is None and base is not p:
-                p.detach().copy_(value.to(p.dtype))
-            return
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if key is not None:
-            safe_set_full_optimizer_state(p, value, key)
-            return
-        safe_set_full_fp32_param(p, value)
-        if hasattr(p, "ds_id"):  # ZeRO-3: gather, write, re-partition (collective)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(value.to(p.dtype))
-        else:
-            p.detach().copy_(value.to(p.dtype))
-
-    def _logical(self, fn: Callable, keep: bool = True) -> "OrderedDict[str, torch.Tensor]":
-        """name -> the logical tensor ``fn`` gives for each parameter (collective); with ``keep``
-        False the tensors are gathered for the others and dropped here."""
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for name, p in self._named:
-            local = fn(p)
-            full = None if local is None else full_tensor(local, shard_info(p), self.groups)
-            out[name] = None if full is None or not keep else full.to("cpu", copy=True)
-        return out
-
-    def full_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """Logical names -> full fp32 master weights and buffers (in their original dtype), tied
-        tensors under every name as in model.state_dict(). Every rank must call it."""
-        master = self._logical(self._master)
-        first = {id(p): name for name, p in self._named}
-        out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        for name, t in self.model.state_dict(keep_vars=True).items():
-            if id(t) in first:
-                out[name] = master[first[id(t)]]
-            else:
-                value = t.detach().to(self._buffer_dtypes.get(name, t.dtype))
-                out[name] = full_tensor(value, shard_info(t), self.groups).to("cpu", copy=True)
-        return out
-
-    def export_model(self, ctx) -> Optional[torch.nn.Module]:
-        """A plain single-device GPT with the full fp32 weights on rank 0 (None elsewhere), for
-        weights files and sampling; collective, like full_state_dict."""
-        from forge_dist.io.state import load_state as load_model_state
-        from forge_dist.model.gpt import GPT
-
-        state = self.full_state_dict()
-        if not ctx.is_main:
-            return None
-        plain = GPT(self.model.config)
-        load_model_state(plain, state, "the DeepSpeed engine's weights")
-        return plain.eval()
-
-    def _adam_step(self) -> int:
-        for state in self.inner_optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
-
-    def logical_optimizer_state(self, keep: bool = True) -> dict:
-        """fp32 master weights and Adam moments by logical name, TP shards gathered (collective;
-        ``keep`` False: this rank only takes part, its copy holds no tensors)."""
-        step = self._adam_step()
-        params = {name: {"fp32": t} for name, t in self._logical(self._master, keep).items()}
-        for key in ADAM_KEYS if step else ():
-            for name, t in self._logical(lambda p: self._master(p, key), keep).items():
-                params[name][key] = t
-        return {"format": dsc.LOGICAL_FORMAT, "layout": self.layout, "step": step,
-                "global_steps": int(self.ds.global_steps), "skipped_steps": int(self.ds.skipped_steps),
-                "params": params}
-
     # --- checkpoints ----------------------------------------------------------------------------
     def save_state(self, directory: str, ctx) -> None:
         ds_dir = os.path.join(directory, dsc.DS_DIR)
@@ -300,54 +146,6 @@ class DeepSpeedEngine:
         if self.groups.global_rank == 0:
             print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
                   f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
-
-    def load_logical_optimizer_state(self, state: dict) -> None:
-        if state.get("format") != dsc.LOGICAL_FORMAT:
-            raise CheckpointError(f"not a forge_dist logical optimizer state (format {state.get('format')!r})")
-        step = int(state["step"])
-        inner = self.inner_optimizer
-        if step and not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            raise CheckpointError(f"changing the layout re-partitions torch AdamW state; this run steps with "
-                                  f"{type(inner).__name__} (the config's \"optimizer\" section): resume at the "
-                                  f"saved layout {state['layout']} or remove the section")
-        missing = [n for n, _ in self._named if n not in state["params"]]
-        if missing:
-            raise CheckpointError(f"the logical optimizer state lacks {missing[:4]}: it is from another model")
-        tp_rank, tp = self.groups.tp.rank, self.groups.tp.size
-
-        def local(name: str, p, key: str) -> torch.Tensor:
-            full = state["params"][name][key]
-            info = shard_info(p)
-            return (full if info is None else shard_tensor(full, info, tp_rank, tp)).to(self.device)
-
-        if step:
-            self._materialize_adam_state(step)
-        with torch.no_grad():
-            for name, p in self._named:
-                self._set_master(p, local(name, p, "fp32"))
-                for key in ADAM_KEYS if step else ():
-                    self._set_master(p, local(name, p, key), key)
-        self.ds.global_steps = int(state["global_steps"])
-        self.ds.skipped_steps = int(state["skipped_steps"])
-
-    def _materialize_adam_state(self, step: int) -> None:
-        """Create torch AdamW's state (zeros, ``step``) for every tensor the optimizer steps, and
-        link DeepSpeed's ZeRO-1/2/bf16 fragments to it (DeepSpeed does both at its first step)."""
-        inner = self.inner_optimizer
-        on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
-        # ZeRO-3 puts its flat fp32 sub-groups into the optimizer's groups only while it steps
-        stepped = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None)
-        if stepped is None:
-            stepped = [p for g in inner.param_groups for p in g["params"]]
-        for p in stepped:
-            inner.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32,
-                                                   device=p.device if on_device else "cpu"),
-                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        for _, p in self._named:
-            mapping = getattr(p, "_hp_mapping", None)
-            if mapping is not None:
-                hp = inner.param_groups[mapping.param_group_index]["params"][0]
-                mapping.set_optim_state_fragment(hp, inner.state[hp])
 
 
 def _load(values: dict):

@@ -1,0 +1,75 @@
+"""The model of a run: built with the run's seed (the same initial weights on every rank), weights
+copied from --prev_run_ckpt or loaded on resume, then sharded over the tensor-parallel group."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from forge_dist.config.model_config import ModelConfig
+from forge_dist.errors import CheckpointError
+from forge_dist.train import checkpoint as ckpt
+from forge_dist.train.context import RunContext
+from forge_dist.train.options import TrainConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def _copy_matching(model, state: dict, source: str, notes: list) -> None:
+    """prev_run: copy tensors present in both by name; a shape clash means an incompatible model."""
+    own = model.state_dict()
+    shared = [k for k in own if k in state]
+    if not shared:
+        raise CheckpointError(f"{source} shares no parameter names with this model; it is from an "
+                              f"incompatible model family")
+    for k in shared:
+        if tuple(own[k].shape) != tuple(state[k].shape):
+            raise CheckpointError(f"{source} is from an incompatible model: {k} has shape "
+                                  f"{tuple(state[k].shape)}, this model needs {tuple(own[k].shape)}; "
+                                  f"keep the size options (n_layer, n_embd, n_head, ...) of that run")
+        own[k].copy_(state[k])
+    fresh = len(own) - len(shared)
+    if fresh:
+        notes.append(f"{fresh} tensors not in {source} keep their fresh initialisation")
+
+
+def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_path, notes: list):
+    from forge_dist.model.gpt import GPT
+
+    seed_everything(train_cfg.seed)  # the same initial weights on every rank
+    device = train_cfg.resolved_device
+    if device.startswith("cuda"):
+        if torch.device(device).index is not None:  # plain "cuda": the current device (a launch set it)
+            torch.cuda.set_device(torch.device(device))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = GPT(cfg)
+    if prev_state is not None:
+        _copy_matching(model, prev_state, train_cfg.prev_run_ckpt, notes)
+    if resume_path is not None:
+        ckpt.load_weights(model, resume_path)
+    return model.to(device)
+
+
+def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.Module:
+    """A launched run's model before any engine sees it: sharded over ctx.groups.tp when
+    tensor_parallel_size > 1 (sliced from the full weights every rank built alike, or loaded from a
+    checkpoint's logical weights, so any TP size starts from the same model), and the dropout
+    streams seeded: equal on a TP group, different across data-parallel replicas."""
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.random import seed_everything as seed_parallel
+
+    names = [n for n, _ in model.named_parameters()]
+    if ctx.tp_size > 1:
+        parallelize(model, ctx.groups, ctx.parallel_config)
+        after = [n for n, _ in model.named_parameters()]
+        if after != names:  # optimizer state in checkpoints is stored in this order
+            raise RuntimeError(f"parallelize changed the parameters' names or order: {names} -> {after}")
+    seed_parallel(seed, ctx.groups)
+    return model

@@ -1,0 +1,147 @@
+"""Option resolution: every value of a run decided before the model exists (and before any
+process group), with the dataset's metadata and the checkpoint to resume read and checked.
+
+Every user error (bad option, missing dataset, vocabulary mismatch, a checkpoint that is corrupt or
+from an incompatible model) is raised here as ConfigError/CheckpointError, before the first step.
+
+Where each value comes from:
+  scratch   dataclass defaults < preset or --config < command line; vocab_size from the dataset
+            unless given
+  resume    the same, then the checkpoint's saved options, then whatever the user gave explicitly
+            (so ``--init_from resume --max_iters 2000`` continues the run with its own settings);
+            weights, optimizer, loader, RNG and counters from the checkpoint
+  prev_run  model options from the --prev_run_ckpt model (ours or a ReaLLM-Forge ckpt.pt) with the
+            explicit model options on top; matching weights copied, iteration reset to 0
+Launch options (option groups with ``resumable=False``: the parallel sizes, --deepspeed_config) are
+never taken from a checkpoint: how a run is launched is decided by the command that launches it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+from forge_dist.config.model_config import ModelConfig
+from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.train import checkpoint as ckpt
+from forge_dist.train.arguments import OptionGroup, ParsedOptions
+from forge_dist.train.datasets import fill_lsv_dataset_num, open_data, open_loader
+from forge_dist.train.options import TrainConfig
+
+
+@dataclass
+class Resolved:
+    """Everything decided before the model exists (and before any process group)."""
+    values: Dict[str, Any]
+    train_cfg: TrainConfig
+    model_cfg: ModelConfig
+    data_dir: str
+    meta: Any
+    resume_path: Optional[str]
+    saved: Optional[dict]
+    prev_state: Optional[dict]
+    notes: list
+    data_dirs: list = field(default_factory=list)  # [data_dir], or the --dataset_list folders
+
+
+def _group(groups: Sequence[OptionGroup], cls) -> OptionGroup:
+    return next(g for g in groups if g.cls is cls)
+
+
+def _resume_checkpoint(values: dict) -> str:
+    name = values.get("init_from_ckpt")
+    root = os.path.join(values["out_dir"], ckpt.ROOT)
+    if name:
+        path = name if os.path.isdir(name) else os.path.join(root, name)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"--init_from_ckpt {name}: no such checkpoint (have: "
+                                  f"{', '.join(ckpt.list_checkpoints(root)) or 'none'})")
+        return ckpt.resolve_checkpoint(path)
+    return ckpt.resolve_checkpoint(values["out_dir"])
+
+
+def _known(values: dict, groups: Sequence[OptionGroup]) -> dict:
+    """The saved options a resume takes over: those of this version's resumable option groups."""
+    keys = {k for g in groups if g.resumable for k in g.keys()}
+    return {k: v for k, v in values.items() if k in keys}
+
+
+def _check_vocab(model_vocab: int, data_vocab: int, data_dir: str, source: str) -> None:
+    if model_vocab < data_vocab:
+        raise ConfigError(f"vocab mismatch: dataset {data_dir} has {data_vocab} token ids but {source} has "
+                          f"vocab_size={model_vocab}; use a dataset prepared with the model's tokenizer, or "
+                          f"train from scratch (vocab_size is then taken from the data)")
+
+
+def _prev_run_model(path: str, explicit_model: dict, notes: list):
+    """(model config, state dict) of --prev_run_ckpt with the explicit model options applied."""
+    from forge_dist.io import load_any
+
+    found = ckpt.find_training_checkpoint(path)
+    if found is not None:
+        ckpt.verify_checkpoint(found)
+    src_path = path if found is None else os.path.join(found, ckpt.MODEL_DIR)
+    src, _ = load_any(src_path)
+    cfg = src.config.replace(**explicit_model) if explicit_model else src.config
+    notes.append(f"initialised from {path} (iteration reset to 0)")
+    return cfg, src.state_dict()
+
+
+def _resolve_values(parsed: ParsedOptions, groups: Sequence[OptionGroup]):
+    """(values, checkpoint to resume or None, its trainer state or None)."""
+    values = dict(parsed.values)
+    if values["init_from"] != "resume":
+        return values, None, None
+    path = _resume_checkpoint(values)
+    ckpt.verify_checkpoint(path)
+    saved = ckpt.load_trainer_state(path)
+    return {**values, **_known(saved["config"], groups), **parsed.explicit}, path, saved
+
+
+def _model_config(parsed: ParsedOptions, group: OptionGroup, values: dict, train_cfg: TrainConfig,
+                  data_vocab: int, data_dir: str, resume_path: Optional[str], notes: list):
+    """(ModelConfig, prev_run state dict or None), with the vocabulary checked against the data."""
+    prev_state = None
+    if train_cfg.init_from == "prev_run":
+        explicit = parsed.group_kwargs(group, parsed.explicit)
+        cfg, prev_state = _prev_run_model(train_cfg.prev_run_ckpt, explicit, notes)
+        fill_lsv_dataset_num(_model_values(cfg), train_cfg)  # the checkpoint's LSV must fit the datasets
+        source = f"checkpoint {train_cfg.prev_run_ckpt}"
+    else:
+        kwargs = parsed.group_kwargs(group, values)
+        if resume_path is None and "vocab_size" not in parsed.explicit:
+            kwargs["vocab_size"] = data_vocab
+        fill_lsv_dataset_num(kwargs, train_cfg)
+        cfg = ModelConfig(**kwargs)
+        source = f"checkpoint {resume_path}" if resume_path else "the model options"
+    _check_vocab(cfg.vocab_size, data_vocab, data_dir, source)
+    return cfg, prev_state
+
+
+def resolve_run(parsed: ParsedOptions, groups: Sequence[OptionGroup]) -> Resolved:
+    """Every option value, the dataset's metadata and the checkpoint to resume, checked; raises
+    ConfigError/CheckpointError. Builds nothing and communicates with no other rank."""
+    model_group, train_group = _group(groups, ModelConfig), _group(groups, TrainConfig)
+    values, resume_path, saved = _resolve_values(parsed, groups)
+    train_cfg = TrainConfig(**parsed.group_kwargs(train_group, values))
+    data_dirs, meta = open_data(train_cfg, parsed.explicit)
+    data_dir = data_dirs[0]
+    notes: list = []
+    model_cfg, prev_state = _model_config(parsed, model_group, values, train_cfg, meta.vocab_size, data_dir,
+                                          resume_path, notes)
+    resolved = {**values, **{model_group.prefix + k: v for k, v in _model_values(model_cfg).items()},
+                **{train_group.prefix + k: v for k, v in train_cfg.to_dict().items()}}
+    return Resolved(resolved, train_cfg, model_cfg, data_dir, meta, resume_path, saved, prev_state, notes,
+                    data_dirs)
+
+
+def check_data(resolved: "Resolved", dp_size: int) -> None:
+    """The loader checks (a dataset too small for block_size; on resume, a changed global batch)
+    for a launch of ``dp_size`` data-parallel replicas, before any process group exists."""
+    loader = open_loader(resolved.data_dirs, resolved.model_cfg, resolved.train_cfg, 0, dp_size)
+    if resolved.saved is not None:
+        loader.load_state_dict(resolved.saved["loader"])
+
+
+def _model_values(cfg: ModelConfig) -> dict:
+    return {name: getattr(cfg, name) for name in cfg.field_names()}

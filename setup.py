@@ -34,6 +34,7 @@ setup(
         "deepspeed": ["deepspeed>=0.19"],
         "mpi": ["mpi4py"],
         "logging": ["tensorboard", "matplotlib"],
+        "hf": ["transformers>=5.23,<6"],  # only for loading exports in transformers; import/export need none
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={

@@ -11,10 +11,15 @@ from forge_dist.io import forge_format, reallm_forge
 
 
 def checkpoint_kind(path: str) -> str:
-    """"forge" (our directory), "reallm-forge" (a ckpt.pt or an out_dir holding one)."""
+    """"forge" (our directory), "reallm-forge" (a ckpt.pt or an out_dir holding one), "hf" (a
+    transformers model directory)."""
+    from forge_dist.io.hf.files import is_hf_directory
+
     path = os.fspath(path)
     if forge_format.is_forge_checkpoint(path):
         return "forge"
+    if is_hf_directory(path):
+        return "hf"
     if os.path.isfile(path) and path.endswith(".pt"):
         return "reallm-forge"
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, reallm_forge.CKPT_NAME)):
@@ -23,15 +28,20 @@ def checkpoint_kind(path: str) -> str:
         raise CheckpointError(f"{path} does not exist")
     raise CheckpointError(
         f"{path} is not a checkpoint forge_dist can read: expected a forge_dist directory "
-        f"({forge_format.CONFIG_NAME} + {forge_format.WEIGHTS_NAME}), a ReaLLM-Forge ckpt.pt, or an "
-        f"out_dir holding ckpt.pt")
+        f"({forge_format.CONFIG_NAME} + {forge_format.WEIGHTS_NAME}), a ReaLLM-Forge ckpt.pt, an "
+        f"out_dir holding ckpt.pt, or a transformers model directory (config.json + safetensors)")
 
 
 def load_any(path: str):
-    """(GPT in train mode, training info dict) from either format."""
+    """(GPT in train mode, training info dict) from any format above."""
     path = os.fspath(path)
-    if checkpoint_kind(path) == "forge":
+    kind = checkpoint_kind(path)
+    if kind == "forge":
         return forge_format.load_pretrained(path)
+    if kind == "hf":
+        from forge_dist.io.hf import load_hf
+
+        return load_hf(path)
     return reallm_forge.load_ckpt(path)
 
 

@@ -1,0 +1,133 @@
+"""Hugging Face transformers model directories: export (``--to hf``) and import.
+
+    save_hf(model, path, tokenizer=None)   config.json + safetensors + generation_config.json (+ the
+                                           tokenizer's files), loadable by AutoModelForCausalLM
+                                           with no custom code; refuses what has no exact equivalent
+    load_hf(path)                          (GPT, training info) from such a directory (safetensors only)
+    FAMILIES                               architecture name -> its mapping (gpt2.py, llama.py, mixtral.py)
+
+Neither direction imports transformers: the mapping is ours (mapping.py), the files are safetensors
+and JSON. The mapping table is in docs/checkpoints.md.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from forge_dist.config.model_config import ModelConfig
+from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.io.hf import files
+from forge_dist.io.hf.files import MAX_SHARD_BYTES, is_hf_directory  # noqa: F401
+from forge_dist.io.hf.gpt2 import GPT2
+from forge_dist.io.hf.llama import Llama, Mistral
+from forge_dist.io.hf.mapping import Family
+from forge_dist.io.hf.mixtral import Mixtral
+from forge_dist.io.state import load_state
+
+FAMILIES: Dict[str, Family] = {f.architecture: f for f in (GPT2(), Llama(), Mistral(), Mixtral())}
+DERIVED_SUFFIXES = ("activation_x_offset", "activation_y_offset")  # buffers rebuilt from the config
+
+
+def family_for(cfg: ModelConfig) -> Family:
+    """The architecture an export targets, chosen by the options that decide it; ``check`` then
+    refuses, by name, anything else it cannot express."""
+    if cfg.use_moe:
+        return FAMILIES["MixtralForCausalLM"]
+    if cfg.use_abs_pos_embeddings or cfg.norm_variant_attn == "layernorm":
+        return FAMILIES["GPT2LMHeadModel"]
+    if cfg.window_size is not None:
+        return FAMILIES["MistralForCausalLM"]
+    return FAMILIES["LlamaForCausalLM"]
+
+
+def hf_state_dict(model, family: Family) -> Dict[str, torch.Tensor]:
+    cfg = model.config
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for name, value in family.implied(cfg).items():
+        if not torch.equal(state[name], value.to(state[name].dtype)):
+            raise ConfigError(f"{name} is not {value.flatten()[:4].tolist()}...: {family.architecture} has no "
+                              f"slot for it, so this model has no exact {family.architecture} equivalent")
+    out, used = {}, set(family.implied(cfg))
+    for t in family.tensors(cfg):
+        out[t.theirs] = t.build(state)
+        used.update(t.ours)
+    if cfg.wte_weight_tying:
+        used.add("lm_head.weight")
+    left = [k for k in state if k not in used and not k.endswith(DERIVED_SUFFIXES)]
+    if left:  # a mapping that forgot a tensor must fail loudly, never drop weights
+        raise CheckpointError(f"the {family.architecture} mapping does not place {left[:4]}; this is a bug")
+    return out
+
+
+def save_hf(model, path: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES,
+            dtype: Optional[torch.dtype] = None) -> str:
+    """Write ``model`` (a single-device GPT) as a transformers directory at ``path``, atomically."""
+    from forge_dist.io.hf.tokenizer import tokenizer_files
+
+    cfg = model.config
+    family = family_for(cfg)
+    family.check(cfg)  # refuse before any tensor is touched
+    tensors = hf_state_dict(model, family)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+    tok_files, special = tokenizer_files(tokenizer) if tokenizer is not None else ({}, {})
+    config = {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype_name,
+              "bos_token_id": special.get("bos_token_id"), "eos_token_id": special.get("eos_token_id"),
+              "pad_token_id": None, **family.to_hf_config(cfg)}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                  "do_sample": False}
+    files.write_directory(os.fspath(path), config, generation, tensors, tok_files, max_shard_bytes)
+    return os.fspath(path)
+
+
+def read_hf_config(path: str):
+    """(family, ModelConfig) of a transformers directory, every field checked by name."""
+    hf = files.read_config(path)
+    archs = hf.get("architectures") or []
+    name = archs[0] if len(archs) == 1 else None
+    if name not in FAMILIES:
+        raise ConfigError(f"{path}: architecture {archs or hf.get('model_type')!r} is not supported; forge_dist "
+                          f"imports {', '.join(FAMILIES)}")
+    family = FAMILIES[name]
+    if hf.get("model_type") != family.model_type:
+        raise ConfigError(f"{path}: model_type {hf.get('model_type')!r} does not match {name} "
+                          f"(expected {family.model_type!r})")
+    try:
+        return family, ModelConfig(**family.from_hf_config(hf))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_hf(path: str):
+    """(GPT in train mode, training info {}) from a transformers directory (safetensors only)."""
+    from forge_dist.model.gpt import GPT
+
+    path = os.fspath(path)
+    family, cfg = read_hf_config(path)
+    theirs = files.read_tensors(path)
+    model = GPT(cfg)
+    own = model.state_dict()
+    state = {k: v for k, v in own.items() if k.endswith(DERIVED_SUFFIXES)}
+    state.update(family.implied(cfg))
+    used = set()
+    for t in family.tensors(cfg):
+        if not t.ours:
+            continue  # a slot our model lacks (zeros on export)
+        if t.theirs not in theirs:
+            raise CheckpointError(f"{path}: tensor {t.theirs} is missing")
+        used.add(t.theirs)
+        state.update(zip(t.ours, t.from_hf(theirs[t.theirs])))
+    if cfg.wte_weight_tying:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        used.add("lm_head.weight")  # some writers store the tied head too
+    zero_slots = {t.theirs for t in family.tensors(cfg) if not t.ours}
+    unexpected = sorted(set(theirs) - used - zero_slots)
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors {unexpected[:4]} have no place in forge_dist's {family.architecture} "
+                              f"mapping (another variant of the architecture?)")
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    load_state(model, state, path)
+    return model, {}

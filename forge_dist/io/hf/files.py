@@ -1,0 +1,133 @@
+"""A transformers model directory on disk: config.json, generation_config.json and the weights in
+safetensors, one ``model.safetensors`` or, past ``max_shard_bytes``, shards
+``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json`` (transformers' names,
+so ``from_pretrained`` reads either). Reading accepts only safetensors: a pickle checkpoint
+(``pytorch_model.bin``) is refused, since unpickling can run arbitrary code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Tuple
+
+import torch
+
+from forge_dist.errors import CheckpointError
+from forge_dist.io.atomic import atomic_directory
+
+CONFIG_NAME = "config.json"
+GENERATION_NAME = "generation_config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+MAX_SHARD_BYTES = 5 * 1024 ** 3  # transformers' default max_shard_size ("5GB")
+
+
+def is_hf_directory(path: str) -> bool:
+    """A directory whose config.json has ``model_type`` and no forge_dist ``format``."""
+    file = os.path.join(path, CONFIG_NAME)
+    if not (os.path.isdir(path) and os.path.isfile(file)):
+        return False
+    try:
+        with open(file, "r", encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "model_type" in meta and "format" not in meta
+
+
+def _json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _shards(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
+    """Tensors in order, a new shard whenever the next one would pass ``max_bytes``."""
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str, torch.Tensor],
+                    extra_files: Dict[str, str], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write the whole directory atomically (an earlier transformers directory there is replaced;
+    anything else is refused). ``extra_files``: name -> text (the tokenizer's files)."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(path, may_replace=is_hf_directory) as tmp:
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            _json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _json(os.path.join(tmp, CONFIG_NAME), config)
+        _json(os.path.join(tmp, GENERATION_NAME), generation)
+        for name, text in extra_files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+def read_config(path: str) -> dict:
+    file = os.path.join(path, CONFIG_NAME)
+    try:
+        with open(file, "r", encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a transformers model directory: {CONFIG_NAME} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{file} is not a transformers config (expected a JSON object)")
+    return hf
+
+
+def read_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors file(s); a pickle-only checkpoint is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        try:
+            with open(index, "r", encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index: {e}") from None
+        files = [os.path.join(path, n) for n in sorted(set(weight_map.values()))]
+        for f in files:
+            if os.path.dirname(os.path.abspath(f)) != os.path.abspath(path):
+                raise CheckpointError(f"{index} names a shard outside its directory: {f}")
+    else:
+        pickled = [n for n in PICKLE_NAMES if os.path.exists(os.path.join(path, n))]
+        if pickled:
+            raise CheckpointError(
+                f"{path} holds its weights only as {pickled[0]}, a pickle checkpoint: forge_dist refuses it "
+                f"because unpickling can run arbitrary code. In a trusted session convert it to safetensors "
+                f"(transformers: model.save_pretrained(dir, safe_serialization=True)) and import that")
+        raise CheckpointError(f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+    return tensors
+
+
+def read_directory(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    return read_config(path), read_tensors(path)

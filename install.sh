@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Installs forge_dist for CPU work on a fresh Debian/Ubuntu machine: OpenMPI from apt, a .venv
+# Installs forge_dist for CPU work on a fresh Debian/Ubuntu machine: OpenMPI and SLURM from apt, a .venv
 # with the pinned CPU torch and the project's requirements, then the package itself (editable).
 # GPU users: see README ("Installing on a GPU machine").
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! command -v mpirun >/dev/null 2>&1; then
+# OpenMPI (mpirun, mpi4py) and SLURM with munge (tools/local_slurm.sh runs a one-node cluster for
+# the sbatch/srun path and its tests): only what is missing.
+apt_packages=()
+command -v mpirun >/dev/null 2>&1 || apt_packages+=(openmpi-bin libopenmpi-dev)
+command -v slurmd >/dev/null 2>&1 || apt_packages+=(slurm-wlm)
+if [ "${#apt_packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 [ -d .venv ] || python3 -m venv .venv

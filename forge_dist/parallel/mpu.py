@@ -7,11 +7,11 @@ norms are summed over ``mp`` (see forge_dist.train.deepspeed_engine for the per-
 attributes that make a tensor-parallel shard count once), and checkpoint files are named by the
 model-parallel rank.
 
-DeepSpeed hands the group objects to torch.distributed, where ``None`` means the whole world. Our
-RankGroup has no handle for a group of one rank, so ``build`` creates one-rank process groups when
-the topology has a parallel dimension of size 1 in a world of several processes (for example
-DP=2 with TP=1: the model-parallel group of each rank is that rank alone). That creation is
-collective: every rank calls ``build`` at the same point, as for ProcessGroups.build.
+DeepSpeed hands the group objects to torch.distributed, where ``None`` means the whole world, so a
+dimension of size 1 in a world of several processes (DP=2 with TP=1: the model-parallel group of
+each rank is that rank alone) needs a handle for "this rank alone". ``build`` creates exactly one,
+this rank's own, with ``use_local_synchronization`` (only the member takes part): no rank calls
+``new_group`` for the others' one-rank groups, which at W ranks would be W calls on every rank.
 """
 from __future__ import annotations
 
@@ -38,15 +38,12 @@ class DeepSpeedMPU:
 
     @classmethod
     def build(cls, groups: ProcessGroups) -> "DeepSpeedMPU":
-        """Collective when the world has several ranks and some group has one (see module doc)."""
+        """Local: a one-rank group is created by its member alone (see module doc)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         handles: Dict[str, object] = {}
         own: Optional[object] = None
         if world > 1 and any(groups.get(k).size == 1 for k in KINDS_USED):
-            for r in range(world):  # every rank creates every one-rank group, in the same order
-                h = dist.new_group([r])
-                if r == groups.global_rank:
-                    own = h
+            own = dist.new_group([groups.global_rank], use_local_synchronization=True)
         for kind in KINDS_USED:
             g = groups.get(kind)
             if g.size == world:

@@ -1,28 +1,30 @@
-"""ParallelEngine: forge-train under a launcher, with tensor parallelism and plain data parallelism.
+"""ParallelEngine: forge-train under a launcher, with tensor parallelism and data parallelism.
 
 The factory receives the model that build_run built from the same seed on every rank and then
 sharded (``parallelize``, when tensor_parallel_size > 1), with the dropout streams seeded (equal
 on a TP group, different across data-parallel replicas). Per optimizer step:
 
   forward/backward   every micro-batch of this rank's data-parallel slice (LocalEngine's code;
-                     TP ranks of one replica see the same rows and compute the same loss)
-  tp_grad_sync       partial gradients of replicated parameters summed over their TP ranks
-  dp average         one flattened all-reduce per bucket over the data-parallel group, divided by
-                     dp: every replica then holds the gradient of the mean loss over the global
-                     batch, exactly as one process with dp times the batch would
+                     TP ranks of one replica see the same rows and compute the same loss), the
+                     training forward through torch's DistributedDataParallel on the DP group
+                     (forge_dist.parallel.data_parallel): the non-final micro-batches under
+                     ``no_sync`` (gradients accumulate locally), the final one's backward
+                     all-reducing bucket after bucket while it computes the earlier layers
+                     (average over dp: every replica then holds the gradient of the mean loss
+                     over the global batch, exactly as one process with dp times the batch)
+  tp_grad_sync       partial gradients of replicated parameters summed over their TP ranks (one
+                     flattened all-reduce per group; summing over TP and averaging over DP
+                     commute, so it runs once, after DDP)
   unscale, clip      the global norm from tp_grad_norm (TP shards and replicated values counted
                      once; after the average every replica holds the same gradient, so the norm is
                      already the whole data-parallel batch's), clip coefficient as torch's
                      clip_grad_norm_
   step               AdamW on the local shards (elementwise, so sharded AdamW is exact)
 
-Why a hand-written all-reduce and not torch DDP: the average runs once per optimizer step, after
-accumulation (DDP needs no_sync for that), on the parameters the optimizer steps, so the engine's
-``model`` stays the plain (sharded) module that checkpoints, evaluation and sampling use, with no
-wrapper and no hooks beside those of tensor parallelism. It gives up DDP's overlap of the
-all-reduce with the backward pass, which matters at scale on GPUs; that is the DeepSpeed engine's
-job (--deepspeed_config). Parameters without a gradient on every replica stay without one (an
-all-reduced mask decides), so the optimizer skips exactly what a single process would skip.
+``engine.model`` stays the plain (sharded) module: DDP wraps it without changing its parameters,
+so checkpoints, evaluation and sampling use it as they would in one process. Parameters without a
+gradient on every replica stay without one (DDP's unused-parameter map), so the optimizer skips
+exactly what a single process would skip. Why DDP rather than FSDP2: see data_parallel.py.
 
 Checkpoints are layout-free: ``full_state_dict`` gathers the logical weights (the checkpoint's
 model/ is what one process writes), and the optimizer state is written as the single process's
@@ -32,50 +34,19 @@ resumes from any other.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from forge_dist.errors import CheckpointError
-from forge_dist.train.engine import LocalEngine, require_optimizer_files
+from forge_dist.parallel.data_parallel import data_parallel
+from forge_dist.train.engine import LocalEngine, compiled, require_optimizer_files
 from forge_dist.train.optim import build_optimizer
 from forge_dist.train.statefile import load_state, save_state
-
-BUCKET_BYTES = 64 << 20  # data-parallel all-reduce bucket: bounds the flattened copy's memory
-
-
-def dp_average_gradients(params: List[torch.Tensor], group) -> int:
-    """Average the gradients of ``params`` over the RankGroup ``group`` (a collective: every member
-    passes the same parameter list). A parameter with a gradient on no member keeps None; one
-    with a gradient on some members only counts zeros for the others. Returns how many averaged."""
-    if group.size == 1 or not params:
-        return 0
-    device = params[0].device
-    has = torch.tensor([float(p.grad is not None) for p in params], device=device)
-    has = group.all_reduce(has, op=dist.ReduceOp.MAX, phase="grad_sync")
-    grads = []
-    for p, flag in zip(params, has.tolist()):
-        if flag:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    buckets: Dict[tuple, List[List[torch.Tensor]]] = {}
-    for g in grads:  # same dtype and device in a bucket, at most BUCKET_BYTES each
-        chain = buckets.setdefault((g.dtype, g.device), [[]])
-        if chain[-1] and sum(t.numel() * t.element_size() for t in chain[-1]) + g.numel() * g.element_size() > BUCKET_BYTES:
-            chain.append([])
-        chain[-1].append(g)
-    for chain in buckets.values():
-        for bucket in chain:
-            flat = group.all_reduce(_flatten_dense_tensors(bucket), phase="grad_sync")
-            flat.div_(group.size)
-            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                g.copy_(synced)
-    return len(grads)
 
 
 class ParallelEngine(LocalEngine):
@@ -90,15 +61,23 @@ class ParallelEngine(LocalEngine):
         self.forward_is_collective = self.tp > 1  # sampling: every TP rank runs the forward
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names.get(id(p), f"#{i}") for i, p in enumerate(self._params)]
+        self.ddp = data_parallel(model, groups, self.device)  # None for one replica
+        if self.ddp is not None:  # the training forward runs through DDP (compiled whole, if asked)
+            self.module = compiled(self.ddp, compile)
+
+    def micro_batch_context(self, last: bool):
+        """DDP's no_sync on every micro-batch but the last: one reduction per optimizer step."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     # --- gradients ------------------------------------------------------------------------------
     def sync_gradients(self) -> None:
+        """The TP sums of partial gradients (DDP averaged over DP during the last backward)."""
         if self.tp > 1:
             from forge_dist.parallel.tensor.metadata import tp_grad_sync
 
             tp_grad_sync(self.model, self.groups)
-        if self.dp > 1:
-            dp_average_gradients(self._params, self.groups.dp)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to the norm of the whole model's gradient; returns that norm."""

@@ -5,7 +5,8 @@ corpus in float32:
     logs the losses of the one-process run to 1e-4 over 20 iterations (metrics.jsonl), writes the
     same weights and prints the same sample; ``mpirun -np 2 forge-train`` likewise, here with
     sequence parallelism on top;
-  * data parallelism: 2 replicas of batch b equal one process of batch 2b to 1e-5 (10 iterations);
+  * data parallelism: 2 replicas of batch b equal one process of batch 2b to 1e-5 (10 iterations),
+    alone and beside TP=2 (4 ranks, sequence parallel, clipping acting);
   * checkpoints: a resume at the same layout (TP=2 + SP, dropout on) continues bit for bit; a
     resume at another TP size reshards weights and optimizer state (TP=2 -> 1 and 1 -> 2);
   * a bad option under mpirun stops both ranks with one line.
@@ -21,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from forge_dist.testing.spawn import free_port, spawn
+from forge_dist.testing.spawn import free_port
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.metrics import read_metrics
 from forge_dist.train.statefile import load_state
@@ -165,6 +166,20 @@ def test_dp2_matches_one_process_with_twice_the_batch(reference, corpus, tmp_pat
     assert_weights_close(weights(out), weights(os.path.join(ref, "checkpoints", "iter_0000010")), 1e-5)
 
 
+@pytest.mark.timeout(240)
+def test_tp2_dp2_under_torchrun_matches_one_process_with_clipping(reference, corpus, tmp_path):
+    """The README's TP x DP command: 4 ranks, TP=2 (sequence parallel) x 2 replicas of micro-batch
+    2, against the one-process run of micro-batch 4, with grad_clip 1.0 acting."""
+    ref, out = reference[0], tmp_path / "tp2dp2"
+    torchrun(4, *MODEL, *RUN, *NO_SAMPLE, "--dataset", corpus, "--max_iters", "10", "--batch_size", "2",
+             "--out_dir", str(out), "--tensor_parallel_size", "2", "--sequence_parallel")
+    assert max(v for i, v in series(ref, "grad_norm").items() if i < 10) > 1.0  # clipping acts
+    for key, iters in (("loss", range(10)), ("grad_norm", range(10)), ("val_loss", (0, 10))):
+        want = {i: v for i, v in series(ref, key).items() if i in iters}
+        assert_close_series(series(out, key), want, 1e-5, iters)
+    assert_weights_close(weights(out), weights(os.path.join(ref, "checkpoints", "iter_0000010")), 1e-5)
+
+
 @pytest.mark.timeout(200)
 def test_resume_at_the_same_layout_is_exact(corpus, tmp_path):
     """TP=2 + sequence parallelism with dropout: resumed from the checkpoint an uninterrupted run wrote
@@ -217,23 +232,3 @@ def test_bad_option_under_mpirun_stops_every_rank_with_one_line(corpus, tmp_path
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("forge-train: error:")]
     assert len(lines) == 1 and "n_head=3 is not divisible by tensor_parallel_size=2" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
-
-
-def _dp_average(rank, world):
-    from forge_dist.config.parallel import ParallelConfig
-    from forge_dist.parallel.groups import ProcessGroups
-    from forge_dist.train.parallel_engine import dp_average_gradients
-
-    groups = ProcessGroups.build(ParallelConfig().topology(world))
-    both, only_one, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
-    both.grad = torch.full((3,), float(rank + 1))  # 1 and 2: mean 1.5
-    if rank == 1:
-        only_one.grad = torch.full((3,), 4.0)  # 0 and 4: mean 2
-    n = dp_average_gradients([both, only_one, none], groups.dp)
-    return n, both.grad.tolist(), only_one.grad.tolist(), none.grad
-
-
-@pytest.mark.timeout(120)
-def test_dp_average_keeps_what_a_single_process_would_skip():
-    for n, both, only_one, none in spawn(_dp_average, 2, timeout=100, return_all=True):
-        assert (n, both, only_one, none) == (2, [1.5] * 3, [2.0] * 3, None)

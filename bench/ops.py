@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from forge_dist import ops  # noqa: E402
-from forge_dist.model.mask import MaskSpec  # noqa: E402
+from forge_dist.ops.mask import MaskSpec  # noqa: E402
 from forge_dist.ops import registry  # noqa: E402
 from forge_dist.ops.reference import norms as rn  # noqa: E402
 from forge_dist.ops.reference import quantize as rq  # noqa: E402

@@ -39,7 +39,7 @@ def _families():
 
 def _values(name: str, tp) -> str:
     from forge_dist.config.validate import CHOICES, REGISTRY_OPTIONS
-    from forge_dist.model import registries
+    from forge_dist import variants as registries
 
     if name in REGISTRY_OPTIONS:
         return ", ".join(f"`{v}`" for v in getattr(registries, REGISTRY_OPTIONS[name]).names())
@@ -60,7 +60,7 @@ def render() -> str:
     from forge_dist.config.validate import field_types
 
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    types = field_types()
+    types = field_types(ModelConfig)
     out = [BEGIN, "", "Generated from `ModelConfig` and the variant registries by "
            "`tools/gen_option_tables.py`; the full descriptions are in `docs/options/`.", ""]
     for title, names in _families():

@@ -67,12 +67,12 @@ def _unknown_key_message(key: str, names) -> str:
 
 
 def _is_float_field(name: str) -> bool:
-    tp = field_types().get(name)
+    tp = field_types(ModelConfig).get(name)
     return tp is float or float in typing.get_args(tp)
 
 
 def _is_int_field(name: str) -> bool:
-    tp = field_types().get(name)
+    tp = field_types(ModelConfig).get(name)
     return tp is int or (int in typing.get_args(tp) and float not in typing.get_args(tp))
 
 

@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from forge_dist.config.layerwise import config_for_layer, normalize_layerlists
+from forge_dist.config.validate import validate_model_config
+
 
 def _list():
     return field(default_factory=list)
@@ -323,9 +326,6 @@ class ModelConfig:
     shared_attn_seq: int = 1
 
     def __post_init__(self):
-        from forge_dist.config.layerwise import normalize_layerlists
-        from forge_dist.config.validate import validate_model_config
-
         normalize_layerlists(self)
         validate_model_config(self)
 
@@ -360,8 +360,6 @@ class ModelConfig:
 
         Returns ``self`` when no per-layer override applies, so a uniform model shares one object.
         """
-        from forge_dist.config.layerwise import config_for_layer
-
         return config_for_layer(self, layer_idx)
 
     # --- (de)serialisation ----------------------------------------------------------------------

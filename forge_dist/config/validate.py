@@ -1,8 +1,8 @@
 """Validation of ModelConfig: types, choices, and small named compatibility rules.
 
 Each rule is a function that raises ConfigError with a message saying what to change; RULES lists
-them in order. Variant names are checked against the model's registries (the single source of the
-valid values), so adding a variant never touches this file.
+them in order. Variant names are checked against the variant registries (forge_dist.variants, the
+single source of the valid values), so adding a variant never touches this file.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import typing
 from typing import Callable, List
 
+from forge_dist import variants as registries
 from forge_dist.errors import ConfigError
 
 # Enumerations that are not variant registries.
@@ -23,7 +24,7 @@ CHOICES = {
     "quant_scheduler": (None, "static", "linear"),
 }
 
-# option -> (registry attribute in forge_dist.model.registries); list-valued options check each item.
+# option -> (registry attribute in forge_dist.variants); list-valued options check each item.
 REGISTRY_OPTIONS = {
     "attention_variant": "ATTENTION",
     "attention_list": "ATTENTION",
@@ -63,10 +64,9 @@ REGISTRY_OPTIONS = {
 
 
 @functools.lru_cache(maxsize=None)
-def field_types() -> dict:
-    from forge_dist.config.model_config import ModelConfig
-
-    return typing.get_type_hints(ModelConfig)
+def field_types(cls) -> dict:
+    """The resolved field types of a config dataclass (ModelConfig)."""
+    return typing.get_type_hints(cls)
 
 
 def _type_ok(value, tp) -> bool:
@@ -94,7 +94,7 @@ def type_name(tp) -> str:
 
 
 def check_types(cfg) -> None:
-    for name, tp in field_types().items():
+    for name, tp in field_types(type(cfg)).items():
         value = getattr(cfg, name)
         if not _type_ok(value, tp):
             raise ConfigError(f"{name}={value!r} has the wrong type; expected {type_name(tp)}")
@@ -106,8 +106,6 @@ def check_choices(cfg) -> None:
         if value not in choices:
             shown = ", ".join("None" if c is None else c for c in choices)
             raise ConfigError(f"{name}={value!r} is not valid; valid values: {shown}")
-    from forge_dist.model import registries
-
     for name, reg_name in REGISTRY_OPTIONS.items():
         value = getattr(cfg, name)
         registry = getattr(registries, reg_name)

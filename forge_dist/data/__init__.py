@@ -8,7 +8,7 @@ _EXPORTS = {
     "DataError": "errors",
     "Tokenizer": "tokenizer", "CharTokenizer": "tokenizer", "ByteTokenizer": "tokenizer",
     "TableTokenizer": "tokenizer", "ExternalTokenizer": "tokenizer",
-    "tokenizer_from_spec": "tokenizer", "load_tokenizer": "tokenizer",
+    "tokenizer_from_spec": "tokenizers", "load_tokenizer": "dataset",
     "SentencePieceTokenizer": "spm",
     "DatasetMeta": "shards", "token_dtype": "shards", "write_dataset": "shards", "open_shard": "shards",
     "TokenDataset": "dataset", "read_meta": "dataset", "resolve_dataset": "dataset",

@@ -12,9 +12,11 @@ from typing import Optional, Union
 import numpy as np
 
 from forge_dist.data.errors import DataError
+from forge_dist.data.fables import DEFAULT_DATASET
 from forge_dist.data.shards import META_FILE, DatasetMeta, open_shard
+from forge_dist.data.tokenizer import Tokenizer
+from forge_dist.data.tokenizers import tokenizer_from_spec
 
-DEFAULT_DATASET = "fables_char"  # the bundled corpus, char-level; "default" is an alias
 DATA_ROOT = "data"
 
 
@@ -67,8 +69,6 @@ class TokenDataset:
         return self.meta.fingerprint()
 
     def tokenizer(self):
-        from forge_dist.data.tokenizer import tokenizer_from_spec
-
         return tokenizer_from_spec(self.meta.tokenizer, self.path)
 
     def __repr__(self) -> str:
@@ -96,3 +96,8 @@ def resolve_dataset(name_or_path: Optional[str] = None, data_root: Union[str, Pa
                     f"prepare it with `forge-prepare --input FILE --out_dir {Path(data_root, name)}`, "
                     f"import a ReaLLM-Forge folder with --from_reallm_forge, or omit --dataset for the "
                     f"bundled corpus")
+
+
+def load_tokenizer(data_dir: Union[str, Path]) -> Tokenizer:
+    """The tokenizer of a prepared (or ReaLLM-Forge) dataset folder."""
+    return tokenizer_from_spec(read_meta(data_dir).tokenizer, data_dir)

@@ -14,6 +14,8 @@ import random
 import textwrap
 from typing import Callable, List
 
+DEFAULT_DATASET = "fables_char"  # the bundled corpus, char-level; "default" is an alias
+
 SEED = 1880
 SIZE = 600_000  # characters; a few hundred KB is plenty for a 2-minute CPU run
 

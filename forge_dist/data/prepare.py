@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from forge_dist.data.dataset import DEFAULT_DATASET
+from forge_dist.data.fables import DEFAULT_DATASET
 from forge_dist.data.errors import DataError
 from forge_dist.data.shards import META_FILE, DatasetMeta, write_dataset
 from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer, Tokenizer
@@ -171,7 +171,7 @@ def _refuse(args, options, where: str) -> None:
 def _warn_lossy(out_dir, meta: DatasetMeta) -> None:
     """Say when text outside the training data would be lost (sentencepiece without byte fallback)."""
     if meta.tokenizer["kind"] == "sentencepiece":
-        from forge_dist.data.tokenizer import tokenizer_from_spec
+        from forge_dist.data.tokenizers import tokenizer_from_spec
 
         if not tokenizer_from_spec(meta.tokenizer, out_dir).byte_fallback:
             print("note: the vocabulary is too small for byte fallback, so characters not seen in the "

@@ -2,7 +2,7 @@
 
 A prepared dataset, a checkpoint and forge-sample must turn ids back into the same text, so every
 tokenizer describes itself as a JSON-serialisable dict (``spec()``, self-contained, fit for a
-checkpoint) and is rebuilt by ``tokenizer_from_spec``. Inside a dataset folder the tokenizer lives
+checkpoint) and is rebuilt by ``tokenizer_from_spec`` (tokenizers.py). Inside a dataset folder the tokenizer lives
 in its own file (``save``) and meta.json only names it.
 
 Kinds: ``char`` (vocabulary from the data), ``byte`` (256 UTF-8 bytes), ``sentencepiece``
@@ -244,44 +244,3 @@ class ExternalTokenizer(Tokenizer):
     @classmethod
     def from_spec(cls, spec: dict, base_dir=None) -> "ExternalTokenizer":
         return cls(spec["name"], spec["vocab_size"], spec.get("options"), spec.get("pieces"))
-
-
-def _sentencepiece_cls():
-    from forge_dist.data.spm import SentencePieceTokenizer  # imports sentencepiece only when used
-
-    return SentencePieceTokenizer
-
-
-_KINDS = {"char": lambda: CharTokenizer, "byte": lambda: ByteTokenizer, "table": lambda: TableTokenizer,
-          "external": lambda: ExternalTokenizer, "sentencepiece": _sentencepiece_cls}
-
-
-def tokenizer_from_spec(spec: dict, base_dir: Union[str, Path, None] = None) -> Tokenizer:
-    """Rebuild a tokenizer from ``spec()`` (self-contained) or from ``save()``'s spec plus its folder."""
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind not in _KINDS:
-        raise DataError(f"unknown tokenizer kind {kind!r} in spec; known kinds: {', '.join(_KINDS)}")
-    if "file" in spec:
-        if base_dir is None:
-            raise DataError(f"tokenizer spec refers to file {spec['file']!r}; pass the dataset folder")
-        path = Path(base_dir, spec["file"])
-        try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read tokenizer file {path}: {exc}; prepare the dataset again") from exc
-        if spec.get("kind") != kind:
-            raise DataError(f"{path} holds a {spec.get('kind')!r} tokenizer, meta.json says {kind!r}")
-    try:
-        return _KINDS[kind]().from_spec(spec, base_dir)
-    except DataError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"malformed {kind} tokenizer spec ({type(exc).__name__}: {exc}); "
-                        f"prepare the dataset again") from exc
-
-
-def load_tokenizer(data_dir: Union[str, Path]) -> Tokenizer:
-    """The tokenizer of a prepared (or ReaLLM-Forge) dataset folder."""
-    from forge_dist.data.dataset import read_meta
-
-    return tokenizer_from_spec(read_meta(data_dir).tokenizer, data_dir)

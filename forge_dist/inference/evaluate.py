@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from forge_dist.config.arguments import OneLineParser, fail
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.train.arguments import OneLineParser
 
 PROG = "forge-eval"
 
@@ -56,7 +56,7 @@ def build_parser() -> OneLineParser:
 def evaluate(loaded, args) -> dict:
     from forge_dist.data.dataset import read_meta
     from forge_dist.data.loader import BatchLoader
-    from forge_dist.train import checkpoint as ckpt
+    from forge_dist.io import checkpoint_read as ckpt
 
     if loaded.data_dir is None:
         raise ConfigError(f"no dataset known for {loaded.source}; pass --dataset NAME_OR_PATH")
@@ -88,8 +88,7 @@ def evaluate(loaded, args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.inference.loading import load_for_inference
-    from forge_dist.train.cli import fail
-    from forge_dist.train.options import check_device, resolve_device
+    from forge_dist.config.device import check_device, resolve_device
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from forge_dist.errors import ConfigError
-from forge_dist.train import checkpoint as ckpt
+from forge_dist.io import checkpoint_read as ckpt
 
 
 @dataclass
@@ -42,7 +42,8 @@ def add_checkpoint_arguments(parser, dataset_help: str) -> None:
 
 def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] = None,
                        device: str = "cpu") -> Loaded:
-    from forge_dist.data.tokenizer import load_tokenizer, tokenizer_from_spec
+    from forge_dist.data.dataset import load_tokenizer
+    from forge_dist.data.tokenizers import tokenizer_from_spec
     from forge_dist.io import from_pretrained
 
     if not os.path.exists(path):

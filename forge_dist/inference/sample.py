@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from forge_dist.config.arguments import OneLineParser, fail
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.train.arguments import OneLineParser
 
 PROG = "forge-sample"
 
@@ -80,8 +80,7 @@ def sample_texts(loaded, args) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.inference.loading import load_for_inference
-    from forge_dist.train.cli import fail
-    from forge_dist.train.options import check_device, resolve_device
+    from forge_dist.config.device import check_device, resolve_device
 
     try:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))

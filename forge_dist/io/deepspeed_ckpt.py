@@ -162,7 +162,7 @@ def _zero_states(tag_dir: str, tag: str, n_ranks: int) -> list:
 def _logical_masters(ds_dir: str, precision: str) -> Dict[str, torch.Tensor]:
     """Stage 0 in bf16/fp16 keeps its fp32 master weights in DeepSpeed's fp16/bf16 optimizer wrapper,
     which zero_to_fp32 does not read: take them from forge-train's logical copy beside deepspeed/."""
-    from forge_dist.train.statefile import load_state
+    from forge_dist.io.statefile import load_state
 
     parent = os.path.dirname(os.path.abspath(ds_dir))
     try:

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 from forge_dist.config.loading import model_config_from_dict
 from forge_dist.config.model_config import ModelConfig
 from forge_dist.errors import CheckpointError
-from forge_dist.io.atomic import atomic_directory
+from forge_dist.atomic import atomic_directory
 from forge_dist.io.state import dedupe, expand_aliases, load_state
 
 FORMAT = "forge_dist"

@@ -95,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    import forge_dist
+    from forge_dist.io.pretrained import from_pretrained
 
     args = build_parser().parse_args(argv)
     try:
-        model = forge_dist.from_pretrained(args.checkpoint)
+        model = from_pretrained(args.checkpoint)
         manifest = export_quantized(model, args.out, include_float=args.include_float)
     except CheckpointError as e:
         print(f"forge-quant-export: {e}", file=sys.stderr)

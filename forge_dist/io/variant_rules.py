@@ -41,7 +41,7 @@ import torch
 from forge_dist.io.reallm_forge import StateDictRule, register_rule
 from forge_dist.model.linear import BIAS_BITS, BitLinearOptimized, QuantizedLinear
 from forge_dist.model.quantize import ActQuantPoints
-from forge_dist.model.registries import QUANTIZER
+from forge_dist.variants import QUANTIZER
 from forge_dist.model.steering import LinearCombinationLSV
 from forge_dist.ops.reference import quantize as ref
 

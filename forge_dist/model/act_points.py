@@ -20,7 +20,7 @@ import torch.nn as nn
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.model.quantize import ACT_POINTS, ActQuantPoints
-from forge_dist.model.registries import ATTENTION, MLP
+from forge_dist.variants import ATTENTION, MLP
 
 IO_POINTS = ("input", "output")
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
-from forge_dist.model.registries import ACTIVATION
+from forge_dist.variants import ACTIVATION
 
 
 class Activation(nn.Module):

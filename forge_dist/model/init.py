@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from forge_dist.errors import ConfigError
-from forge_dist.model.registries import EMBED_INIT
+from forge_dist.variants import EMBED_INIT
 
 
 @EMBED_INIT.register("gaussian")

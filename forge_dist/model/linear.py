@@ -22,19 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from forge_dist import ops
+from forge_dist.model.projections import PROJECTIONS
 from forge_dist.model.quantize import ExportedTensor, QuantizedModule, fake_quant, weights_version
-from forge_dist.model.registries import LINEAR
+from forge_dist.variants import LINEAR
 from forge_dist.ops.reference import quantize as ref
 
-# projection -> (per-projection option, group default option, quant method option, quant bits option)
-PROJECTIONS = {
-    "q": ("linear_variant_q", "linear_variant_attn", "quantize_linear_attn_q_method", "quantize_linear_attn_q_bits"),
-    "k": ("linear_variant_k", "linear_variant_attn", "quantize_linear_attn_k_method", "quantize_linear_attn_k_bits"),
-    "v": ("linear_variant_v", "linear_variant_attn", "quantize_linear_attn_v_method", "quantize_linear_attn_v_bits"),
-    "attn_proj": ("linear_variant_attn_proj", "linear_variant_attn", "quantize_linear_attn_proj_method", "quantize_linear_attn_proj_bits"),
-    "mlp_up": ("linear_variant_mlp_up", "linear_variant_mlp", "quantize_linear_mlp_up_method", "quantize_linear_mlp_up_bits"),
-    "mlp_down": ("linear_variant_mlp_down", "linear_variant_mlp", "quantize_linear_mlp_down_method", "quantize_linear_mlp_down_bits"),
-}
 BIAS_BITS = 32  # upstream quantizes the bias at the accumulator width in eval
 
 

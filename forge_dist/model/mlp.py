@@ -22,7 +22,7 @@ from forge_dist.model.activation import build_activation
 from forge_dist.model.kan import KANetwork
 from forge_dist.model.linear import build_linear
 from forge_dist.model.quantize import MLP_ACT_POINTS
-from forge_dist.model.registries import MLP
+from forge_dist.variants import MLP
 
 
 def _offset(module: nn.Module, name: str, value: float, learn: bool) -> None:

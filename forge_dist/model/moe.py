@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.model.mlp import build_mlp
-from forge_dist.model.registries import ROUTER
+from forge_dist.variants import ROUTER
 
 
 @dataclass

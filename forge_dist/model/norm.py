@@ -14,7 +14,7 @@ from forge_dist import ops
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.model.activation import build_activation, width_divisor
-from forge_dist.model.registries import NORM
+from forge_dist.variants import NORM
 
 QUANT_BITS = {"none": None, "int8": 8, "int16": 16}  # krmsnorm_quantize_type -> bits
 

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from forge_dist import ops
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
-from forge_dist.model.registries import QUANTIZER
+from forge_dist.model.projections import PROJECTIONS
+from forge_dist.variants import QUANTIZER
 from forge_dist.ops.reference import quantize as ref
 
 for _name, _fn in ref.QUANTIZERS.items():
@@ -264,8 +265,6 @@ def build_embedding(config, which: str, num_embeddings: int, embedding_dim: int)
 # --- validation ----------------------------------------------------------------------------------
 def _resolved_quant_settings(cfg):
     """(option naming it, method, bits) for every quantized tensor kind the config can produce."""
-    from forge_dist.model.linear import PROJECTIONS
-
     for which in ("wte", "wpe"):
         yield (f"quantize_{which}_bits", getattr(cfg, f"quantize_{which}_method"),
                getattr(cfg, f"quantize_{which}_bits"))

@@ -33,8 +33,8 @@ import torch.nn as nn
 from forge_dist import ops
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
-from forge_dist.model.mask import MaskSpec
-from forge_dist.model.registries import SOFTMAX
+from forge_dist.ops.mask import MaskSpec
+from forge_dist.variants import SOFTMAX
 from forge_dist.ops.reference import softmax_variants as ref
 
 

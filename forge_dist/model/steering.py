@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
-from forge_dist.model.registries import LSV
+from forge_dist.variants import LSV
 
 LSV_MLP_WIDTH = 64  # hidden width of the per-dataset MLPs (upstream constant)
 
@@ -107,7 +107,7 @@ class SteeringVectors(nn.Module):
     def save_obtained(self, path: Optional[str] = None) -> str:
         """Write the mean as a (n_embd,) float32 .npy, atomically; returns the file written
         (``path`` or obtain_vector_file, with .npy appended when missing, as numpy.save does)."""
-        from forge_dist.io.atomic import write_file_atomic  # lazy: forge_dist.io imports the model
+        from forge_dist.atomic import write_file_atomic  # lazy: forge_dist.io imports the model
 
         path = path or self.obtain_file
         if path is None:

@@ -13,16 +13,14 @@ each variant onto one of them (constants as laid out in csrc/include/forge/score
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from forge_dist.ops import registry
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.ops.reference import softmax_variants as ref
 from forge_dist.ops.reference.softmax_variants import Param
-
-if TYPE_CHECKING:  # the model imports forge_dist.ops; only attributes of a MaskSpec are read here
-    from forge_dist.model.mask import MaskSpec
 
 ELEM_KINDS = {"consmax": 0, "saturatingconsmax": 1, "polymax": 2, "exppolymax": 3, "relumax": 4, "relu2max": 5,
               "sigmoidmax": 6, "softplus": 7, "squareplus": 8}

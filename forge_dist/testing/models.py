@@ -7,7 +7,7 @@ TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 def make_model(seed: int = 0, **extra):
     """A tiny GPT in eval mode whose norms, offsets and scalars are perturbed away from their
     initial values, so a conversion that drops or swaps one of them shows in the logits."""
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
 
     torch.manual_seed(seed)

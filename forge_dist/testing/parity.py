@@ -102,7 +102,7 @@ def compare_with_single(name: str, config_kwargs: dict, groups, parallel_config,
                         train: bool = True, dtype: torch.dtype = torch.float32) -> ParityReport:
     """``train=False`` compares in eval mode (variants that are random in training, like rrelu);
     ``dtype=torch.float64`` for configurations whose fp32 model is itself ill-conditioned."""
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.tensor.metadata import gather_full_state_dict, tp_grad_norm, tp_grad_sync
@@ -215,7 +215,7 @@ COMM_PHASES = ("forward", "backward", "grad_sync")
 def comm_counts(config_kwargs: dict, groups, parallel_config, seed: int = 0) -> Dict[str, Dict[str, int]]:
     """Collectives of one training step of the parallelized model (forward with loss, backward,
     tp_grad_sync): {phase: {kind: count}}, kinds as COMM_KINDS' abbreviations."""
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.tensor.metadata import tp_grad_sync

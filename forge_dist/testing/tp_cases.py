@@ -104,7 +104,7 @@ OPTION_CASES: Dict[str, dict] = {
                          "lsv_variant": "ohmg"},
 }
 
-# family registry (forge_dist.model.registries) -> the ModelConfig options that select from it
+# family registry (forge_dist.variants) -> the ModelConfig options that select from it
 REGISTRY_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "ATTENTION": ("attention_variant",),
     "SOFTMAX": ("softmax_variant_attn",),
@@ -208,7 +208,7 @@ def core_cases() -> Iterator[Tuple[str, dict]]:
 
 
 def variant_cases() -> Iterator[Tuple[str, dict]]:
-    from forge_dist.model import registries
+    from forge_dist import variants as registries
 
     for family, options in REGISTRY_OPTIONS.items():
         for variant in getattr(registries, family).names():

@@ -21,7 +21,6 @@ loads any other); rank 0 writes the rest, the manifest and the pointers.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,21 +31,14 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from forge_dist.errors import CheckpointError
-from forge_dist.train.statefile import load_state, save_state
-
-ROOT = "checkpoints"
-MANIFEST = "manifest.json"
-MODEL_DIR = "model"
-FORMAT = "forge_dist.train_checkpoint"
-POINTERS = ("latest", "best")
+from forge_dist.io.checkpoint_read import (  # noqa: F401  (the reading half, re-exported)
+    FORMAT, MANIFEST, MODEL_DIR, POINTERS, ROOT, _sha256, checkpoint_name, find_training_checkpoint, is_checkpoint,
+    list_checkpoints, load_trainer_state, load_weights, read_config, read_pointer, resolve_checkpoint,
+    verify_checkpoint)
+from forge_dist.io.statefile import save_state
 
 
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-# --- weights (the only use of forge_dist.io here) -----------------------------------------------
+# --- weights --------------------------------------------------------------------------------------
 class _LogicalWeights:
     """What save_pretrained reads from a model (config and state_dict), for weights gathered from
     a sharded model: the file is the one a single process writes, whatever the layout."""
@@ -68,24 +60,7 @@ def save_weights(model, directory: str, training: Optional[dict] = None, state: 
     save_pretrained(source, os.path.join(directory, MODEL_DIR), training=training)
 
 
-def load_weights(model, directory: str) -> None:
-    """Strict: every tensor present with its shape, or a CheckpointError naming the mismatch."""
-    from forge_dist.io.forge_format import WEIGHTS_NAME, read_weights
-    from forge_dist.io.state import load_state as load_model_state
-
-    path = os.path.join(directory, MODEL_DIR)
-    load_model_state(model, read_weights(path), os.path.join(path, WEIGHTS_NAME))
-
-
 # --- files ----------------------------------------------------------------------------------------
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,21 +83,6 @@ def _write_pointer(root: str, pointer: str, name: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, os.path.join(root, pointer))
-
-
-def read_pointer(root: str, pointer: str = "latest") -> Optional[str]:
-    try:
-        with open(os.path.join(root, pointer), encoding="utf-8") as fh:
-            return fh.read().strip() or None
-    except FileNotFoundError:
-        return None
-
-
-def list_checkpoints(root: str) -> List[str]:
-    """Complete checkpoint directories (temporary ones excluded), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(n for n in os.listdir(root) if n.startswith("iter_") and os.path.isdir(os.path.join(root, n)))
 
 
 # --- save -----------------------------------------------------------------------------------------
@@ -179,76 +139,6 @@ def _prune(root: str, keep: int) -> None:
     for name in names[:-keep] if keep > 0 else names:
         if name not in protected:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-# --- locate and verify ----------------------------------------------------------------------------
-def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
-
-
-def resolve_checkpoint(path: str, which: str = "latest") -> str:
-    """A checkpoint directory from itself, a checkpoints root, or an out_dir holding one."""
-    if is_checkpoint(path):
-        return path
-    for root in (path, os.path.join(path, ROOT)):
-        name = read_pointer(root, which) if os.path.isdir(root) else None
-        if name is None and which != "latest":
-            name = read_pointer(root, "latest") if os.path.isdir(root) else None
-        if name is not None:
-            found = os.path.join(root, name)
-            if not os.path.isdir(found):
-                raise CheckpointError(f"{os.path.join(root, which)} points to {name}, which is missing; "
-                                      f"pick another with --init_from_ckpt NAME")
-            return found
-        if os.path.isdir(root) and os.path.basename(os.path.normpath(root)) == ROOT:
-            partial = [n for n in os.listdir(root) if n.startswith(".tmp-")]
-            if partial:
-                raise CheckpointError(f"{root} holds only an incomplete checkpoint ({partial[0]}, from an "
-                                      f"interrupted save); start with --init_from scratch")
-    raise CheckpointError(f"no checkpoint found in {path}; train one first (forge-train --out_dir {path})")
-
-
-def find_training_checkpoint(path: str, which: str = "latest") -> Optional[str]:
-    """The training checkpoint ``path`` names, or None when ``path`` is not one of ours (a model
-    directory or a ckpt.pt); a broken one of ours raises instead of passing as something else."""
-    try:
-        return resolve_checkpoint(path, which)
-    except CheckpointError:
-        if is_checkpoint(path) or os.path.isdir(os.path.join(path, ROOT)):
-            raise
-        return None
-
-
-def verify_checkpoint(path: str) -> dict:
-    """The manifest, after checking that every listed file exists with its recorded sha256."""
-    try:
-        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); "
-                              f"use another checkpoint or --init_from scratch") from None
-    except ValueError:
-        raise CheckpointError(f"{path}/{MANIFEST} is corrupt; use another checkpoint or --init_from scratch") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a forge_dist training checkpoint (format {manifest.get('format')!r})")
-    for rel, digest in manifest["files"].items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; "
-                                  f"use an earlier checkpoint (--init_from_ckpt) or --init_from scratch")
-        if _sha256(full) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256; "
-                                  f"use an earlier checkpoint (--init_from_ckpt) or --init_from scratch")
-    return manifest
-
-
-def load_trainer_state(path: str) -> dict:
-    return load_state(path, "trainer_state")
-
-
-def read_config(path: str) -> dict:
-    """The resolved options the checkpointed run used (flat names)."""
-    return load_trainer_state(path)["config"]
 
 
 # --- RNG ------------------------------------------------------------------------------------------

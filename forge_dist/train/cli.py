@@ -9,11 +9,12 @@ from __future__ import annotations
 import sys
 from typing import List, Optional, Sequence
 
+from forge_dist.config import arguments
+from forge_dist.config.arguments import OptionGroup, parse_options
 from forge_dist.config.model_config import ModelConfig
 from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.train.arguments import OptionGroup, parse_options
 from forge_dist.train.options import CHOICES as TRAIN_CHOICES, EngineOptions, TrainConfig
 
 PROG = "forge-train"
@@ -69,8 +70,7 @@ ENGINE_HELP = {
 
 
 def _model_choices() -> dict:
-    import forge_dist.model  # noqa: F401  (registers every variant)
-    from forge_dist.model import registries
+    from forge_dist import variants as registries
 
     out = {name: getattr(registries, reg).names() for name, reg in REGISTRY_OPTIONS.items()}
     out.update(MODEL_CHOICES)
@@ -89,11 +89,8 @@ def option_groups() -> List[OptionGroup]:
 
 
 def fail(message: str, prog: str = PROG, quiet: bool = False) -> None:
-    """Exit 2 with one line (user errors never show a traceback); ``quiet``: exit without it (the
-    other ranks of a launch, whose rank 0 says the same)."""
-    if not quiet:
-        print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
+    """config.arguments.fail with forge-train's name: one line, exit 2."""
+    arguments.fail(message, prog, quiet)
 
 
 LAUNCHER_ARGS = ("--local_rank", "--local-rank")  # added by the deepspeed launcher (torch.distributed.launch too)

@@ -27,7 +27,7 @@ def open_one(name: str, option: str):
 
 
 def tokenizer_spec(data_dir: str, meta) -> dict:
-    from forge_dist.data.tokenizer import tokenizer_from_spec
+    from forge_dist.data.tokenizers import tokenizer_from_spec
 
     return tokenizer_from_spec(meta.tokenizer, data_dir).spec()
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from forge_dist.errors import CheckpointError
-from forge_dist.train.statefile import load_state, save_state
+from forge_dist.io.statefile import load_state, save_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Batch = Tuple[torch.Tensor, torch.Tensor]

@@ -14,8 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
-
+from forge_dist.config.device import check_device, resolve_device, resolve_dtype  # noqa: F401
 from forge_dist.config.validate import _type_ok, type_name
 from forge_dist.errors import ConfigError
 
@@ -109,33 +108,6 @@ class TrainConfig:
     @property
     def resolved_lr_decay_iters(self) -> int:
         return self.max_iters if self.lr_decay_iters is None else self.lr_decay_iters
-
-
-def resolve_device(device: str) -> str:
-    """auto -> cuda if a GPU is visible, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """auto -> bfloat16 on a GPU that supports it, else float32."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
-
-def check_device(device: str, dtype: str) -> None:
-    """The device/dtype combinations that cannot run here, refused with what to use instead."""
-    if not device.startswith(("cpu", "cuda")):
-        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use --device cpu")
-    if dtype == "float16" and not device.startswith("cuda"):
-        raise ConfigError("dtype=float16 runs on CUDA GPUs only (with a gradient scaler for training); "
-                          "use --dtype bfloat16 (or float32) on CPU")
 
 
 @dataclass

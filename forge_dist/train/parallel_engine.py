@@ -46,7 +46,7 @@ from forge_dist.errors import CheckpointError
 from forge_dist.parallel.data_parallel import data_parallel
 from forge_dist.train.engine import LocalEngine, compiled, require_optimizer_files
 from forge_dist.train.optim import build_optimizer
-from forge_dist.train.statefile import load_state, save_state
+from forge_dist.io.statefile import load_state, save_state
 
 
 class ParallelEngine(LocalEngine):

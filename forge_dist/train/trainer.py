@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from forge_dist.train import checkpoint as ckpt
-from forge_dist.train.arguments import dump_options
+from forge_dist.config.arguments import dump_options
 from forge_dist.train.build import Run
 from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics

@@ -381,7 +381,7 @@ def test_zero_checkpoints_consolidate_to_the_saved_weights(dp2, workdir, tmp_pat
 
 def _logical_fp32(checkpoint):
     from forge_dist.io.deepspeed_ckpt import LOGICAL_NAME
-    from forge_dist.train.statefile import load_state
+    from forge_dist.io.statefile import load_state
 
     return {n: t["fp32"] for n, t in load_state(checkpoint, LOGICAL_NAME)["params"].items()}
 

@@ -25,7 +25,7 @@ import torch
 from forge_dist.testing.spawn import free_port
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.metrics import read_metrics
-from forge_dist.train.statefile import load_state
+from forge_dist.io.statefile import load_state
 
 pytestmark = pytest.mark.slow
 

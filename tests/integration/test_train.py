@@ -116,7 +116,7 @@ def test_nan_stop_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
 def _train_rank(rank, world_size, dataset, out_dir):
     """One rank of a 2-process run whose rank 1 alone sees a NaN at iteration 3."""
     from forge_dist.presets import read_preset
-    from forge_dist.train.arguments import parse_options
+    from forge_dist.config.arguments import parse_options
     from forge_dist.train.build import build_run
     from forge_dist.train.cli import option_groups
     from forge_dist.train.context import RunContext
@@ -269,7 +269,7 @@ def test_repository_presets_are_valid():
 
     from forge_dist import ModelConfig
     from forge_dist.presets import read_preset
-    from forge_dist.train.arguments import load_yaml_options
+    from forge_dist.config.arguments import load_yaml_options
     from forge_dist.train.cli import option_groups
     from forge_dist.train.options import TrainConfig
 
@@ -287,7 +287,7 @@ def test_repository_presets_are_valid():
 
 def test_option_types_from_the_command_line():
     from forge_dist.presets import read_preset
-    from forge_dist.train.arguments import parse_options
+    from forge_dist.config.arguments import parse_options
     from forge_dist.train.cli import option_groups
 
     parsed = parse_options(["--n_kv_group", "2", "--n_kv_group", "none", "--patience", "3", "--no-bias",

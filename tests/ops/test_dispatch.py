@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from forge_dist import ops
-from forge_dist.model.mask import MaskSpec
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.ops import registry
 from forge_dist.ops.reference import norms as ref_norms
 from forge_dist.ops.reference import softmax_variants as ref_scores

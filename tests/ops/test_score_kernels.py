@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from forge_dist import ops
-from forge_dist.model.mask import MaskSpec
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.ops.reference import softmax_variants as ref
 from ops_testing import close, devices, dtypes, upcast
 

@@ -13,10 +13,10 @@ from forge_dist.model.attention import build_attention
 from forge_dist.model.attention import core
 from forge_dist.model.attention.core import attend
 from forge_dist.model.gpt import GPT
-from forge_dist.model.mask import MaskSpec
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.model.mlp import build_mlp
 from forge_dist.model.quantize import ATTN_ACT_POINTS, MLP_ACT_POINTS, ActQuantPoints
-from forge_dist.model.registries import ATTENTION, MLP
+from forge_dist.variants import ATTENTION, MLP
 from forge_dist.ops.reference import quantize as ref
 
 METHODS = ("affine_quant", "symmetric_quant", "stochastic_quant", "ternary_quant")

@@ -8,7 +8,7 @@ import torch
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.activation import build_activation, natural_cubic_second_derivatives
 from forge_dist.model.gpt import GPT
-from forge_dist.model.registries import ACTIVATION
+from forge_dist.variants import ACTIVATION
 from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)

@@ -12,8 +12,8 @@ from forge_dist.model.attention.core import attend
 from forge_dist.model.attention.ssm import selective_scan
 from forge_dist.model.cache import KVCache
 from forge_dist.model.gpt import GPT
-from forge_dist.model.mask import MaskSpec
-from forge_dist.model.registries import ATTENTION, MOD_FN, SOFTMAX
+from forge_dist.ops.mask import MaskSpec
+from forge_dist.variants import ATTENTION, MOD_FN, SOFTMAX
 
 VARIANTS = ATTENTION.names()
 POSITIONS = {

@@ -10,7 +10,7 @@ import torch
 import forge_dist.model  # noqa: F401  (registers every variant)
 from forge_dist import ModelConfig
 from forge_dist.model.gpt import GPT
-from forge_dist.model.registries import ATTENTION, MLP, SOFTMAX
+from forge_dist.variants import ATTENTION, MLP, SOFTMAX
 
 POSITIONS = {
     "rope": dict(use_rotary_embeddings=True),

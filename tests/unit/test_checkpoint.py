@@ -13,7 +13,7 @@ from forge_dist.train.context import RunContext
 from forge_dist.train.engine import LocalEngine
 from forge_dist.train.optim import build_optimizer
 from forge_dist.train.options import TrainConfig
-from forge_dist.train.statefile import load_state, save_state
+from forge_dist.io.statefile import load_state, save_state
 
 
 def _trained(config, steps=2, seed=0):

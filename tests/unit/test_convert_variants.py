@@ -12,7 +12,7 @@ from forge_dist.testing.models import TINY, same_state
 from forge_dist.testing.models import fixed_batch as batch
 from forge_dist.testing.models import make_model as make
 from forge_dist.model.linear import BitLinearOptimized, QuantizedLinear
-from forge_dist.model.registries import LSV
+from forge_dist.variants import LSV
 from forge_dist.ops.reference import quantize as ref
 
 QUANTIZED = dict(linear_variant_attn="quantized_linear", linear_variant_mlp="quantized_linear", bias=True,

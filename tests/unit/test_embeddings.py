@@ -9,7 +9,7 @@ import torch
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.gpt import GPT
 from forge_dist.model.init import build_embedding_init
-from forge_dist.model.registries import EMBED_INIT
+from forge_dist.variants import EMBED_INIT
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=64)
 

@@ -13,7 +13,7 @@ from forge_dist import CheckpointError, ConfigError
 from forge_dist.config.loading import configs_equal, model_args_from_config
 from forge_dist.io import convert, forge_format, from_pretrained, load_any, save_ckpt, save_pretrained
 from forge_dist.io.convert import main as convert_main
-from forge_dist.model import registries
+from forge_dist import variants as registries
 from forge_dist.testing.models import same_state
 from forge_dist.testing.models import fixed_batch as batch
 from forge_dist.testing.models import make_model as make

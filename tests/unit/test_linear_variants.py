@@ -10,7 +10,7 @@ from forge_dist.model.gpt import GPT
 from forge_dist.model.linear import (BitLinear, BitLinear1p58, BitLinearOptimized, QuantizedLinear,
                                      build_linear)
 from forge_dist.model.quantize import set_quant_iteration
-from forge_dist.model.registries import LINEAR
+from forge_dist.variants import LINEAR
 from forge_dist.ops.reference import quantize as ref
 
 W = [[1.0, -3.0], [0.5, -0.5]]

@@ -10,7 +10,7 @@ from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.gpt import GPT
 from forge_dist.model.kan import KANetwork, legendre_basis, minmax_features
 from forge_dist.model.mlp import build_mlp
-from forge_dist.model.registries import MLP
+from forge_dist.variants import MLP
 from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)

@@ -11,7 +11,7 @@ from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.mlp import OriginalMLP
 from forge_dist.model.moe import (MoELayer, Routing, build_ffn, collect_moe_aux_loss, collect_tokens_per_expert,
                                   expert_capacity, plan_dispatch)
-from forge_dist.model.registries import MLP
+from forge_dist.variants import MLP
 
 
 def tiny(**kw):

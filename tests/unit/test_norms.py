@@ -9,7 +9,7 @@ import torch
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.gpt import GPT
 from forge_dist.model.norm import build_norm
-from forge_dist.model.registries import NORM
+from forge_dist.variants import NORM
 from forge_dist.testing.numerics import gradcheck_module
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)

@@ -9,8 +9,8 @@ import forge_dist.model  # noqa: F401  (registers every variant)
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.attention.core import attend
 from forge_dist.model.gpt import GPT
-from forge_dist.model.mask import MaskSpec
-from forge_dist.model.registries import SOFTMAX
+from forge_dist.ops.mask import MaskSpec
+from forge_dist.variants import SOFTMAX
 from forge_dist.model.softmax import build_softmax
 from forge_dist.ops.reference import softmax_variants as ref
 

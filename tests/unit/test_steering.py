@@ -10,7 +10,7 @@ import torch
 import forge_dist.model  # noqa: F401  (registers every variant)
 from forge_dist import ConfigError, ModelConfig
 from forge_dist.model.gpt import GPT
-from forge_dist.model.registries import LSV
+from forge_dist.variants import LSV
 from forge_dist.model.steering import (OneHotLSV, OneHotMLPLSV, RoutedLSV, load_vector, lsv_module, set_lsv_index,
                                        set_lsv_mixture, set_lsv_scaling_factor)
 

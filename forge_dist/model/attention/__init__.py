@@ -1,6 +1,6 @@
 """Attention variants; importing this package registers them all (and the co4 mod_fn family)."""
 from forge_dist.model.attention import causal, co4, identity, infinite, linear, mla, ssm, triadic  # noqa: F401
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 def build_attention(config, layer_idx: int = 0, shared=None):

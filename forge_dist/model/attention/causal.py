@@ -19,7 +19,7 @@ import torch.nn as nn
 from forge_dist.model.attention.common import extend_cache, merge_heads, split_heads
 from forge_dist.model.attention.core import DotProductAttention
 from forge_dist.model.linear import build_linear
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 @ATTENTION.register("causal")

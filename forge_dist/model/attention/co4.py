@@ -27,9 +27,9 @@ from forge_dist.model.attention.common import AttentionModule, extend_cache, mer
 from forge_dist.model.attention.core import attend
 from forge_dist.model.attention.triadic import cooperation  # noqa: F401  (registers MOD_FN)
 from forge_dist.model.linear import build_linear
-from forge_dist.model.mask import MaskSpec
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.model.quantize import ATTN_ACT_POINTS
-from forge_dist.model.registries import ATTENTION, MOD_FN
+from forge_dist.variants import ATTENTION, MOD_FN
 
 
 def running_mean(x: torch.Tensor, cache, name: str, offset: int) -> torch.Tensor:

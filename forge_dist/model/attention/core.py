@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from forge_dist.model.attention.common import (AttentionModule, build_fire, init_lobo, lobo_logit, qk_normalize,
                                                uses_plain_softmax)
-from forge_dist.model.mask import MaskSpec
+from forge_dist.ops.mask import MaskSpec
 from forge_dist.model.position import build_rotary
 from forge_dist.model.quantize import ATTN_ACT_POINTS
 from forge_dist.model.softmax import Softmax, build_softmax

@@ -4,7 +4,7 @@ output activation-quant points still apply (both to the same tensor)."""
 from __future__ import annotations
 
 from forge_dist.model.attention.common import AttentionModule
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 @ATTENTION.register("identity")

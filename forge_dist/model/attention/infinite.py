@@ -17,7 +17,7 @@ import torch.nn as nn
 from forge_dist.model.attention.causal import CausalSelfAttention
 from forge_dist.model.attention.common import merge_heads
 from forge_dist.model.linear import build_linear
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 @ATTENTION.register("infinite", "iqa")  # "iqa": the name older configs use

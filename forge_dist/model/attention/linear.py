@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from forge_dist.model.attention.common import AttentionModule, merge_heads, split_heads
 from forge_dist.model.linear import build_linear
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 @ATTENTION.register("linear")

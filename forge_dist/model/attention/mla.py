@@ -22,7 +22,7 @@ from forge_dist.errors import ConfigError
 from forge_dist.model.attention.common import extend_cache, lobo_logit, merge_heads, split_heads
 from forge_dist.model.attention.core import DotProductAttention
 from forge_dist.model.linear import build_linear
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 @ATTENTION.register("mla")

@@ -26,7 +26,7 @@ from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.model.attention.common import AttentionModule
 from forge_dist.model.linear import build_linear
-from forge_dist.model.registries import ATTENTION
+from forge_dist.variants import ATTENTION
 
 
 def selective_scan(x, dt, A, Bm, Cm, h):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from forge_dist.model.registries import MOD_FN
+from forge_dist.variants import MOD_FN
 
 
 @MOD_FN.register("cooperation")

@@ -9,7 +9,7 @@ between blocks: replicated, or on sequence shards under sequence parallelism.
 """
 from __future__ import annotations
 
-from forge_dist.model.registries import LSV
+from forge_dist.variants import LSV
 from forge_dist.model.steering import SteeringVectors
 from forge_dist.parallel.tensor.plan import Plan, ShardContext
 from forge_dist.parallel.tensor.quantized import StatReducer

@@ -12,6 +12,9 @@ place that maps state dicts between the two:
                   the snapshot, (1,) later)
   DerivedBuffer   tensors upstream keeps in its state dict and forge_dist derives instead (the
                   causal-mask ``attn.bias``): dropped on import, rebuilt on export
+  FusedQKNormScale  the learned qk-norm scale g of the layers where upstream's causal attention
+                  takes its SDPA path (effective scale g·d^(-1/4) there, g here): rescaled both
+                  ways, so an imported checkpoint computes upstream's function
 
 Export targets a ``layout``: "snapshot" (the reference snapshot 42dfe7f, default) or "latest"
 (upstream master as stored in the public index, which renamed the items above).
@@ -38,7 +41,7 @@ import torch.nn as nn
 from forge_dist.config.loading import model_args_from_config, model_config_from_model_args
 from forge_dist.config.model_config import ModelConfig
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.io.atomic import write_file_atomic
+from forge_dist.atomic import write_file_atomic
 from forge_dist.io.state import load_state
 
 CKPT_NAME = "ckpt.pt"
@@ -186,12 +189,64 @@ def causal_mask_buffer(layer_cfg: ModelConfig, cfg: ModelConfig) -> Optional[tor
     return None
 
 
+class FusedQKNormScale(StateDictRule):
+    """``attn.qk_norm_factor`` where upstream's CausalSelfAttention takes its SDPA path.
+
+    Upstream's fused path pre-multiplies q by g·d^(1/4) and SDPA scales by d^(-1/2): the scores are
+    q·k·g·d^(-1/4); its manual path and its ``infinite`` variant use q·k·g (reference 2.5). We use
+    q·k·g in every path (docs/divergences.md), so import stores g·d^(-1/4) for those layers and
+    export stores g·d^(1/4): the logits match both ways, d being the layer's query head dim.
+    Export also keeps our g among the extra tensors; import takes it back while upstream's value
+    is still the one exported (a checkpoint trained on upstream afterwards is rescaled instead).
+    """
+
+    pattern = re.compile(r"transformer\.h\.(\d+)\.attn\.qk_norm_factor$")
+
+    @staticmethod
+    def upstream_factor(layer_cfg: ModelConfig) -> Optional[float]:
+        """upstream's effective scale / g for this layer, or None where it is g itself."""
+        c = layer_cfg
+        if c.attention_variant == "causal" and c.use_qk_norm_scale and not upstream_attention_is_manual(c):
+            return c.head_dim ** -0.25
+        return None
+
+    def _layers(self, sd, conv):
+        """(name, factor) of every rescaled tensor in ``sd``."""
+        from forge_dist.model.sharing import module_config
+
+        for name in sd:
+            m = self.pattern.match(name)
+            factor = self.upstream_factor(module_config(conv.cfg, int(m.group(1)), "attn")) if m else None
+            if factor is not None:
+                yield name, factor
+
+    @staticmethod
+    def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+        return (t.double() * factor).to(t.dtype)
+
+    def from_upstream(self, sd, conv):
+        out = dict(sd)
+        for name, factor in self._layers(sd, conv):
+            ours = conv.extra.get(name)  # our exact value, kept by export: a round trip is bit-exact
+            exact = ours is not None and torch.equal(self._scaled(ours, 1 / factor), sd[name])
+            out[name] = ours if exact else self._scaled(sd[name], factor)
+        return out
+
+    def to_upstream(self, sd, conv):
+        out = dict(sd)
+        for name, factor in self._layers(sd, conv):
+            out[name] = self._scaled(sd[name], 1 / factor)
+            conv.extra[name] = sd[name]
+        return out
+
+
 RULES: List[StateDictRule] = [
     StripPrefixes("_orig_mod.", "module."),
     RenameModules(accepted={"peri_ln_attn": "out_ln_attn", "peri_ln_mlp": "out_ln_mlp"},
                   exported={"latest": {"out_ln_attn": "peri_ln_attn", "out_ln_mlp": "peri_ln_mlp"}}),
     ScalarShape("embedding_scale", {"snapshot": (), "latest": (1,)}),
     DerivedBuffer("attn.bias", causal_mask_buffer),
+    FusedQKNormScale(),
 ]
 
 

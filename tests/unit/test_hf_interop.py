@@ -80,3 +80,108 @@ def test_export_loads_in_transformers_with_our_logits(name, tmp_path):
             assert torch.equal(_our_logits(back.eval(), IDX), _our_logits(model, IDX))
     else:
         assert same_state(back, model)  # forge -> hf -> forge is bit-exact
+
+
+SMALL = dict(vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
+             max_position_embeddings=16)
+IMPORTS = {
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                            activation_function="gelu"),
+    "llama": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=False),
+    "llama_bias_tied": lambda: transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True,
+                                                        tie_word_embeddings=True, hidden_act="gelu"),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=5,
+                                                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2, sliding_window=None,
+                                                  rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+}
+
+
+def _random_hf(name, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(IMPORTS[name]()).eval()
+    with torch.no_grad():  # norms away from ones, biases away from zeros
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(IMPORTS))
+def test_import_random_transformers_model(name, tmp_path):
+    hf = _random_hf(name)
+    hf.save_pretrained(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "forge"), "forge")  # forge-convert HF_DIR DST --to forge
+    from forge_dist.io import from_pretrained
+
+    ours = from_pretrained(tmp_path / "forge")
+    with torch.no_grad():
+        _assert_close(_our_logits(ours, IDX), hf(IDX).logits)
+
+
+@pytest.mark.parametrize("option, extra", [
+    ("softmax_variant_attn", dict(ROTARY, softmax_variant_attn="relumax")),
+    ("norm_variant_attn", dict(ROTARY, norm_variant_attn="hyperspherenorm")),
+    ("use_qk_norm", dict(ROTARY, use_qk_norm=True)),
+    ("attn_logit_softcapping", dict(ROTARY, attn_logit_softcapping=30.0)),
+    ("final_logit_softcapping", dict(ROTARY, final_logit_softcapping=30.0)),
+    ("linear_variant_attn", dict(ROTARY, linear_variant_attn="quantized_linear")),
+    ("rope_length", dict(ROTARY, rope_length=4)),
+    ("use_abs_pos_embeddings", dict(ROTARY, use_abs_pos_embeddings=True)),  # Llama has no learned positions
+    ("bias", dict(ROTARY, window_size=3, bias=True)),  # Mistral has no biases, Llama no window
+    ("activation_variant", dict(ROTARY, activation_variant="squared_relu")),
+    ("moe_layer_freq", dict(ROTARY, use_moe=True, n_experts=2)),
+    ("use_parallel_mlp", dict(norm_variant_attn="layernorm", norm_variant_output="layernorm", use_parallel_mlp=True)),
+])
+def test_export_refuses_what_has_no_exact_equivalent(option, extra, tmp_path):
+    model = make_model(**extra)
+    with pytest.raises(ConfigError, match=option):
+        save_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()  # refused before anything is written
+
+
+def test_export_refuses_a_router_bias(tmp_path):
+    model = make_model(**EXPORTS["mixtral"])  # make_model perturbs the router bias away from zero
+    with pytest.raises(ConfigError, match="route_linear.bias"):
+        save_hf(model, tmp_path / "hf")
+
+
+def test_sharded_export_loads_both_ways(tmp_path):
+    model = _forge_model("llama_untied_bias")
+    save_hf(model, tmp_path / "hf", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "hf" / "model.safetensors").exists()
+    with torch.no_grad():
+        _assert_close(_hf_load(tmp_path / "hf")(IDX).logits, _our_logits(model, IDX))
+    assert same_state(load_hf(tmp_path / "hf")[0], model)
+
+
+def test_import_refuses_pickle_unknown_architecture_and_fields(tmp_path):
+    hf = _random_hf("llama")
+    hf.save_pretrained(tmp_path / "bin", safe_serialization=False) if _can_save_pickle() else \
+        _fake_pickle_dir(tmp_path / "bin", hf)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load_hf(tmp_path / "bin")
+    hf.save_pretrained(tmp_path / "ok")
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    for change, word in ((dict(architectures=["GPTNeoXForCausalLM"]), "GPTNeoXForCausalLM"),
+                         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+                          "rope_parameters"),
+                         (dict(some_new_field=1), "some_new_field"),
+                         (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act")):
+        (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(ConfigError, match=word):
+            load_hf(tmp_path / "ok")
+
+
+def _can_save_pickle():
+    import inspect
+
+    return "safe_serialization" in inspect.signature(transformers.PreTrainedModel.save_pretrained).parameters
+
+
+def _fake_pickle_dir(path, hf):
+    """transformers 5 writes safetensors only: a .bin directory as older versions wrote it."""
+    path.mkdir()
+    hf.config.to_json_file(path / "config.json")
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")

@@ -35,7 +35,7 @@ def family_for(cfg: ModelConfig) -> Family:
     refuses, by name, anything else it cannot express."""
     if cfg.use_moe:
         return FAMILIES["MixtralForCausalLM"]
-    if cfg.use_abs_pos_embeddings or cfg.norm_variant_attn == "layernorm":
+    if cfg.norm_variant_attn == "layernorm" or (cfg.use_abs_pos_embeddings and not cfg.use_rotary_embeddings):
         return FAMILIES["GPT2LMHeadModel"]
     if cfg.window_size is not None:
         return FAMILIES["MistralForCausalLM"]
@@ -87,7 +87,8 @@ def read_hf_config(path: str):
     """(family, ModelConfig) of a transformers directory, every field checked by name."""
     hf = files.read_config(path)
     archs = hf.get("architectures") or []
-    name = archs[0] if len(archs) == 1 else None
+    by_type = [a for a, f in FAMILIES.items() if f.model_type == hf.get("model_type")]
+    name = archs[0] if len(archs) == 1 else (by_type[0] if not archs and by_type else None)
     if name not in FAMILIES:
         raise ConfigError(f"{path}: architecture {archs or hf.get('model_type')!r} is not supported; forge_dist "
                           f"imports {', '.join(FAMILIES)}")

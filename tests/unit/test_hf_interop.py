@@ -185,3 +185,29 @@ def _fake_pickle_dir(path, hf):
     path.mkdir()
     hf.config.to_json_file(path / "config.json")
     torch.save(hf.state_dict(), path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name, kind", [("llama_gqa_tied", "byte"), ("gpt2", "char"), ("mixtral", "byte"),
+                                        ("mistral_window", "char")])
+def test_autotokenizer_and_model_reproduce_greedy_sampling(name, kind, tmp_path):
+    """What forge-sample prints at temperature 0 equals AutoTokenizer + generate(do_sample=False)."""
+    from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer
+    from forge_dist.inference.generate import generate
+
+    text = "Hello wörld, the quick brown fox!\n"
+    tok = ByteTokenizer() if kind == "byte" else CharTokenizer.from_text(text)
+    model = make_model(seed=5, **{**EXPORTS[name], "vocab_size": tok.vocab_size})
+    if model.config.use_moe:
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.mlp.router.route_linear.bias.zero_()
+    save_hf(model, tmp_path / "hf", tokenizer=tok)
+    prompt = "the wörld"
+    ours = generate(model, tok.encode(prompt), 7, temperature=0)
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == tok.encode(prompt)
+    out = _hf_load(tmp_path / "hf").generate(ids, max_new_tokens=7, do_sample=False)
+    assert out[0, ids.shape[1]:].tolist() == ours
+    assert hf_tok.decode(out[0]) == tok.decode(tok.encode(prompt) + ours)

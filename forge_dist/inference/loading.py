@@ -57,8 +57,10 @@ def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] 
         data_dir, source = state.get("data_dir"), found
         model = from_pretrained(os.path.join(found, ckpt.MODEL_DIR))
     else:
+        from forge_dist.io.hf.tokenizer import read_tokenizer
+
         model = from_pretrained(path)
-        tokenizer = _upstream_tokenizer(path)
+        tokenizer = _upstream_tokenizer(path) or (read_tokenizer(path) if os.path.isdir(path) else None)
     if dataset is not None:
         from forge_dist.data.dataset import resolve_dataset
 

@@ -62,8 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         tokenizer = None
         if args.dataset is not None:
-            from forge_dist.data.dataset import resolve_dataset
-            from forge_dist.data.tokenizer import load_tokenizer
+            from forge_dist.data.dataset import load_tokenizer, resolve_dataset
 
             tokenizer = load_tokenizer(resolve_dataset(args.dataset))
         written = convert(args.src, args.dst, args.to, args.layout, tokenizer)

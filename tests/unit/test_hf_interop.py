@@ -187,15 +187,39 @@ def _fake_pickle_dir(path, hf):
     torch.save(hf.state_dict(), path / "pytorch_model.bin")
 
 
+def _tokenizer(kind, model_type="bpe"):
+    from forge_dist.data.prepare import CORPUS
+    from forge_dist.data.spm import SentencePieceTokenizer
+    from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer
+
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer.train(CORPUS.read_text(encoding="utf-8")[:60_000], 600, model_type)
+    return ByteTokenizer() if kind == "byte" else CharTokenizer.from_text("Hello wörld, the quick brown fox!\n")
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_exports_as_a_fast_tokenizer_with_the_same_ids(model_type, tmp_path):
+    from forge_dist.data.prepare import CORPUS
+    from forge_dist.io.hf.tokenizer import read_tokenizer
+
+    tok = _tokenizer("sentencepiece", model_type)
+    save_hf(make_model(**{**EXPORTS["llama_gqa_tied"], "vocab_size": tok.vocab_size}), tmp_path / "hf", tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = CORPUS.read_text(encoding="utf-8")[60_000:70_000] + " Zoë  naïve   12345 \u2713 \u65e5\u672c\n\n  x"
+    for chunk in [text] + text.split("\n"):
+        ids = tok.encode(chunk)
+        assert hf_tok(chunk, add_special_tokens=False).input_ids == ids
+        assert hf_tok.decode(ids) == tok.decode(ids)
+    assert read_tokenizer(str(tmp_path / "hf")).encode(text) == tok.encode(text)
+
+
 @pytest.mark.parametrize("name, kind", [("llama_gqa_tied", "byte"), ("gpt2", "char"), ("mixtral", "byte"),
-                                        ("mistral_window", "char")])
+                                        ("mistral_window", "char"), ("llama_untied_bias", "sentencepiece")])
 def test_autotokenizer_and_model_reproduce_greedy_sampling(name, kind, tmp_path):
     """What forge-sample prints at temperature 0 equals AutoTokenizer + generate(do_sample=False)."""
-    from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer
     from forge_dist.inference.generate import generate
 
-    text = "Hello wörld, the quick brown fox!\n"
-    tok = ByteTokenizer() if kind == "byte" else CharTokenizer.from_text(text)
+    tok = _tokenizer(kind)
     model = make_model(seed=5, **{**EXPORTS[name], "vocab_size": tok.vocab_size})
     if model.config.use_moe:
         with torch.no_grad():
@@ -211,3 +235,26 @@ def test_autotokenizer_and_model_reproduce_greedy_sampling(name, kind, tmp_path)
     out = _hf_load(tmp_path / "hf").generate(ids, max_new_tokens=7, do_sample=False)
     assert out[0, ids.shape[1]:].tolist() == ours
     assert hf_tok.decode(out[0]) == tok.decode(tok.encode(prompt) + ours)
+
+
+def test_cli_exports_with_the_dataset_tokenizer_and_samples_from_the_export(tmp_path, capsys):
+    """forge-convert SRC DST --to hf --dataset D, then forge-sample on the transformers directory
+    (its tokenizer found there) prints what AutoTokenizer + generate give."""
+    from forge_dist.inference import sample
+    from forge_dist.io import save_pretrained
+    from forge_dist.io.convert import main as convert_main
+    from forge_dist.testing.data import corpus_dataset
+
+    dataset = corpus_dataset(tmp_path, 5_000)
+    from forge_dist.data.dataset import load_tokenizer
+
+    tok = load_tokenizer(dataset)
+    save_pretrained(make_model(seed=2, **{**EXPORTS["llama_gqa_tied"], "vocab_size": tok.vocab_size}), tmp_path / "m")
+    assert convert_main([str(tmp_path / "m"), str(tmp_path / "hf"), "--to", "hf", "--dataset", dataset]) == 0
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tmp_path / "hf"), "--start", "The ", "--temperature", "0",
+                        "--max_new_tokens", "8", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.split("\n---------------")[0]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tok("The ", return_tensors="pt").input_ids
+    assert printed == hf_tok.decode(_hf_load(tmp_path / "hf").generate(ids, max_new_tokens=8, do_sample=False)[0])

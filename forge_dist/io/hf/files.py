@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 import torch
 
 from forge_dist.errors import CheckpointError
-from forge_dist.io.atomic import atomic_directory
+from forge_dist.atomic import atomic_directory
 
 CONFIG_NAME = "config.json"
 GENERATION_NAME = "generation_config.json"
@@ -56,9 +56,9 @@ def _shards(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, 
 
 
 def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str, torch.Tensor],
-                    extra_files: Dict[str, str], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                    extra_files: Dict[str, Union[str, bytes]], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write the whole directory atomically (an earlier transformers directory there is replaced;
-    anything else is refused). ``extra_files``: name -> text (the tokenizer's files)."""
+    anything else is refused). ``extra_files``: name -> text or bytes (the tokenizer's files)."""
     from safetensors.torch import save_file
 
     with atomic_directory(path, may_replace=is_hf_directory) as tmp:
@@ -75,9 +75,9 @@ def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str
             _json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
         _json(os.path.join(tmp, CONFIG_NAME), config)
         _json(os.path.join(tmp, GENERATION_NAME), generation)
-        for name, text in extra_files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
+        for name, content in extra_files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
 def read_config(path: str) -> dict:

@@ -33,17 +33,24 @@ EXPORTS = {
     "mistral_window": dict(ROTARY, n_kv_group=2, window_size=3),
     "mixtral": dict(ROTARY, n_kv_group=2, use_moe=True, moe_layer_freq=1, n_experts=3, moe_top_k=2,
                     wte_weight_tying=False),
+    "gemma2_softcap": dict(ROTARY, use_peri_ln=True, use_embedding_scale=True, attn_logit_softcapping=0.5,
+                           final_logit_softcapping=2.0, n_kv_group=2, activation_variant="gelu", bias=True,
+                           mlp_up_bias=False, mlp_down_bias=False, rmsnorm_eps=1e-6),
+    "gemma2_window_untied": dict(ROTARY, use_peri_ln=True, use_embedding_scale=True, window_size=4,
+                                 wte_weight_tying=False),
 }
 ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-        "mixtral": "MixtralForCausalLM"}
+        "mixtral": "MixtralForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 
 
-def _forge_model(name):
-    model = make_model(seed=3, **EXPORTS[name])
-    if model.config.use_moe:  # Mixtral's router has no bias: ours must be zero to export
-        with torch.no_grad():
+def _forge_model(name, seed=3, **extra):
+    model = make_model(seed=seed, **{**EXPORTS[name], **extra})
+    with torch.no_grad():  # what the architecture fixes, back at its value after make_model's noise
+        if model.config.use_moe:  # Mixtral's router has no bias
             for block in model.transformer.h:
                 block.mlp.router.route_linear.bias.zero_()
+        if model.config.use_embedding_scale:  # Gemma 2 scales embeddings by sqrt(hidden_size)
+            model.embedding_scale.fill_(model.config.n_embd ** 0.5)
     return model
 
 
@@ -79,7 +86,8 @@ def test_export_loads_in_transformers_with_our_logits(name, tmp_path):
         with torch.no_grad():
             assert torch.equal(_our_logits(back.eval(), IDX), _our_logits(model, IDX))
     else:
-        assert same_state(back, model)  # forge -> hf -> forge is bit-exact
+        assert same_state(back, model) or name.startswith("gemma2")  # forge -> hf -> forge is bit-exact
+        _assert_close(_our_logits(back.eval(), IDX), _our_logits(model, IDX), rel=1e-6)  # gemma2: 1 + (g - 1)
 
 
 SMALL = dict(vocab_size=64, num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=48,
@@ -95,6 +103,10 @@ IMPORTS = {
     "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
                                                   num_experts_per_tok=2, sliding_window=None,
                                                   rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}),
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                                                layer_types=["sliding_attention"] * 2, sliding_window=5,
+                                                hidden_activation="gelu", attn_logit_softcapping=1.0,
+                                                final_logit_softcapping=3.0),
 }
 
 
@@ -123,8 +135,8 @@ def test_import_random_transformers_model(name, tmp_path):
     ("softmax_variant_attn", dict(ROTARY, softmax_variant_attn="relumax")),
     ("norm_variant_attn", dict(ROTARY, norm_variant_attn="hyperspherenorm")),
     ("use_qk_norm", dict(ROTARY, use_qk_norm=True)),
-    ("attn_logit_softcapping", dict(ROTARY, attn_logit_softcapping=30.0)),
-    ("final_logit_softcapping", dict(ROTARY, final_logit_softcapping=30.0)),
+    ("use_peri_ln", dict(ROTARY, attn_logit_softcapping=30.0)),  # Gemma 2 has soft-capping with its post-norms
+    ("use_embedding_scale", dict(ROTARY, final_logit_softcapping=30.0, use_peri_ln=True)),
     ("linear_variant_attn", dict(ROTARY, linear_variant_attn="quantized_linear")),
     ("rope_length", dict(ROTARY, rope_length=4)),
     ("use_abs_pos_embeddings", dict(ROTARY, use_abs_pos_embeddings=True)),  # Llama has no learned positions
@@ -214,17 +226,14 @@ def test_sentencepiece_exports_as_a_fast_tokenizer_with_the_same_ids(model_type,
 
 
 @pytest.mark.parametrize("name, kind", [("llama_gqa_tied", "byte"), ("gpt2", "char"), ("mixtral", "byte"),
-                                        ("mistral_window", "char"), ("llama_untied_bias", "sentencepiece")])
+                                        ("mistral_window", "char"), ("llama_untied_bias", "sentencepiece"),
+                                        ("gemma2_softcap", "byte")])
 def test_autotokenizer_and_model_reproduce_greedy_sampling(name, kind, tmp_path):
     """What forge-sample prints at temperature 0 equals AutoTokenizer + generate(do_sample=False)."""
     from forge_dist.inference.generate import generate
 
     tok = _tokenizer(kind)
-    model = make_model(seed=5, **{**EXPORTS[name], "vocab_size": tok.vocab_size})
-    if model.config.use_moe:
-        with torch.no_grad():
-            for block in model.transformer.h:
-                block.mlp.router.route_linear.bias.zero_()
+    model = _forge_model(name, seed=5, vocab_size=tok.vocab_size)
     save_hf(model, tmp_path / "hf", tokenizer=tok)
     prompt = "the wörld"
     ours = generate(model, tok.encode(prompt), 7, temperature=0)

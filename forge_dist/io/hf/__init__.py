@@ -4,7 +4,8 @@
                                            tokenizer's files), loadable by AutoModelForCausalLM
                                            with no custom code; refuses what has no exact equivalent
     load_hf(path)                          (GPT, training info) from such a directory (safetensors only)
-    FAMILIES                               architecture name -> its mapping (gpt2.py, llama.py, mixtral.py)
+    FAMILIES                               architecture name -> its mapping (gpt2.py, llama.py, mixtral.py,
+                                           gemma2.py)
 
 Neither direction imports transformers: the mapping is ours (mapping.py), the files are safetensors
 and JSON. The mapping table is in docs/checkpoints.md.
@@ -20,13 +21,14 @@ from forge_dist.config.model_config import ModelConfig
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io.hf import files
 from forge_dist.io.hf.files import MAX_SHARD_BYTES, is_hf_directory  # noqa: F401
+from forge_dist.io.hf.gemma2 import Gemma2
 from forge_dist.io.hf.gpt2 import GPT2
 from forge_dist.io.hf.llama import Llama, Mistral
 from forge_dist.io.hf.mapping import Family
 from forge_dist.io.hf.mixtral import Mixtral
 from forge_dist.io.state import load_state
 
-FAMILIES: Dict[str, Family] = {f.architecture: f for f in (GPT2(), Llama(), Mistral(), Mixtral())}
+FAMILIES: Dict[str, Family] = {f.architecture: f for f in (GPT2(), Llama(), Mistral(), Mixtral(), Gemma2())}
 DERIVED_SUFFIXES = ("activation_x_offset", "activation_y_offset")  # buffers rebuilt from the config
 
 
@@ -37,6 +39,8 @@ def family_for(cfg: ModelConfig) -> Family:
         return FAMILIES["MixtralForCausalLM"]
     if cfg.norm_variant_attn == "layernorm" or (cfg.use_abs_pos_embeddings and not cfg.use_rotary_embeddings):
         return FAMILIES["GPT2LMHeadModel"]
+    if cfg.use_peri_ln or cfg.use_embedding_scale or cfg.attn_logit_softcapping or cfg.final_logit_softcapping:
+        return FAMILIES["Gemma2ForCausalLM"]
     if cfg.window_size is not None:
         return FAMILIES["MistralForCausalLM"]
     return FAMILIES["LlamaForCausalLM"]

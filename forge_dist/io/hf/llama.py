@@ -13,8 +13,8 @@ Checked formula by formula against modeling_llama.py / modeling_mistral.py (tran
   biases      Llama's attention_bias covers q, k, v and o (our ``bias``), mlp_bias gate, up and
               down (our mlp_up_bias = mlp_down_bias). Qwen2 biases q, k, v but not o: no match.
 Not expressible, refused by name: QK-norm (ours divides by ||x|| + 1e-6, Qwen3's RMSNorm puts eps
-inside the root), soft-capping (Gemma 2 also scales embeddings and uses (1 + w) norms and post-norms),
-partial RoPE, learned positions, every norm/softmax/linear variant.
+inside the root), partial RoPE, learned positions, every norm/softmax/linear variant. Soft-capping
+comes with Gemma 2's block (gemma2.py).
 """
 from __future__ import annotations
 
@@ -114,6 +114,12 @@ class RotaryDecoder(Family):
                     window_size=None if window is None else window - 1, **self.fixed)
 
     # --- tensors ---------------------------------------------------------------------------
+    norm_transform = None  # Gemma 2 stores w with y = norm(x) * (1 + w)
+
+    def layer_norms(self, ours: str, theirs: str):
+        """(their norm, our norm module) of one layer."""
+        return [(theirs + "input_layernorm", ours + "pre_ln_attn"), (theirs + "post_attention_layernorm", ours + "pre_ln_mlp")]
+
     def mlp_tensors(self, cfg, ours: str, theirs: str, layer: int) -> List[Tensor]:
         b = cfg.mlp_up_bias_resolved
         out = []
@@ -128,15 +134,14 @@ class RotaryDecoder(Family):
         out = [entry("model.embed_tokens.weight", "transformer.wte.weight")]
         for i in range(cfg.n_layer):
             ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-            out.append(entry(theirs + "input_layernorm.weight", ours + "pre_ln_attn.gain"))
+            out += [entry(t + ".weight", o + ".gain", self.norm_transform) for t, o in self.layer_norms(ours, theirs)]
             for hf_name, our_name, rope in (("q_proj", "c_attn_q", True), ("k_proj", "c_attn_k", True),
                                             ("v_proj", "c_attn_v", False), ("o_proj", "c_proj", False)):
                 for kind in ("weight", "bias") if cfg.bias else ("weight",):
                     out.append(entry(f"{theirs}self_attn.{hf_name}.{kind}", f"{ours}attn.{our_name}.{kind}",
                                      rope_rows(D) if rope else None))
-            out.append(entry(theirs + "post_attention_layernorm.weight", ours + "pre_ln_mlp.gain"))
             out += self.mlp_tensors(cfg, ours, theirs, i)
-        out.append(entry("model.norm.weight", "transformer.ln_f.gain"))
+        out.append(entry("model.norm.weight", "transformer.ln_f.gain", self.norm_transform))
         if not cfg.wte_weight_tying:
             out.append(entry("lm_head.weight", "lm_head.weight"))
         return out

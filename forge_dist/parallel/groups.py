@@ -3,7 +3,8 @@
 ``ProcessGroups.build`` makes every rank create every group of the topology in the same order
 (torch.distributed requires it) and keeps the ones containing this rank as ``RankGroup`` objects.
 A RankGroup carries its members, this rank's index and the torch handle, and runs the collectives
-of the parallel layers, so the communication counter sees every one of them. A group of one rank
+of the parallel layers, so the communication counter and the flight recorder (flight.py: sequence
+numbers, the last collectives, for hang diagnosis) see every one of them. A group of one rank
 has no handle and its collectives return their input: ``ProcessGroups.single()`` is a complete
 world-1 instance that needs no torch.distributed at all.
 """
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from forge_dist.parallel.comm import CommCounter, CommEvent, current_phase, ring_traffic
+from forge_dist.parallel.flight import FlightRecorder, recorded
 from forge_dist.parallel.topology import KINDS, RankCoord, Topology
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
@@ -28,13 +30,17 @@ class RankGroup:
     index in it), ``size``, ``handle`` (None when size is 1)."""
 
     def __init__(self, name: str, ranks: Tuple[int, ...], global_rank: int, handle=None,
-                 counters: Optional[List[CommCounter]] = None):
+                 counters: Optional[List[CommCounter]] = None, recorder: Optional[FlightRecorder] = None):
         self.name = name
         self.ranks = tuple(ranks)
         self.rank = self.ranks.index(global_rank)
         self.size = len(self.ranks)
         self.handle = handle
         self._counters = counters if counters is not None else []
+        self.recorder = recorder
+
+    def _flight(self, op: str, *tensors: torch.Tensor):
+        return recorded(self.recorder, op, self.name, self.ranks, tensors, self.handle)
 
     def __repr__(self) -> str:
         return f"RankGroup({self.name}, ranks={self.ranks}, rank={self.rank})"
@@ -55,7 +61,8 @@ class RankGroup:
             return x
         out = x.contiguous().clone()
         self._record("all_reduce", out.numel() * out.element_size(), phase)
-        dist.all_reduce(out, op=op, group=self.handle)
+        with self._flight("all_reduce", out):
+            dist.all_reduce(out, op=op, group=self.handle)
         return out
 
     def all_gather(self, x: torch.Tensor, dim: int, phase: Optional[str] = None) -> torch.Tensor:
@@ -65,7 +72,8 @@ class RankGroup:
         moved = x.movedim(dim, 0).contiguous()
         out = moved.new_empty((self.size * moved.shape[0],) + tuple(moved.shape[1:]))
         self._record("all_gather", out.numel() * out.element_size(), phase)
-        _all_gather_single(out, moved, group=self.handle)
+        with self._flight("all_gather", moved):
+            _all_gather_single(out, moved, group=self.handle)
         return out.movedim(0, dim)
 
     def reduce_scatter(self, x: torch.Tensor, dim: int, phase: Optional[str] = None) -> torch.Tensor:
@@ -78,7 +86,8 @@ class RankGroup:
         moved = x.movedim(dim, 0).contiguous()
         out = moved.new_empty((moved.shape[0] // self.size,) + tuple(moved.shape[1:]))
         self._record("reduce_scatter", moved.numel() * moved.element_size(), phase)
-        _reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=self.handle)
+        with self._flight("reduce_scatter", moved):
+            _reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=self.handle)
         return out.movedim(0, dim)
 
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -97,8 +106,10 @@ class ProcessGroups:
     TP ranks, like KV heads when n_kv_group < tp. ``embedding`` is None on a middle pipeline stage."""
 
     def __init__(self, topology: Topology, rank: int, groups: Dict[str, RankGroup],
-                 replicas: Dict[int, RankGroup], counters: List[CommCounter]):
+                 replicas: Dict[int, RankGroup], counters: List[CommCounter],
+                 recorder: Optional[FlightRecorder] = None):
         self.topology = topology
+        self.recorder = recorder  # the flight recorder of this process (None without process groups)
         self.global_rank = rank
         self.coord: RankCoord = topology.coord(rank)
         self._groups = groups
@@ -177,16 +188,17 @@ class ProcessGroups:
             return handles[ranks]
 
         counters: List[CommCounter] = []
+        recorder = FlightRecorder(rank)
         mine: Dict[str, RankGroup] = {}
         for kind in KINDS:
             for ranks in topology.groups(kind):
                 h = handle(ranks)
                 if rank in ranks:
-                    mine[kind] = RankGroup(kind, ranks, rank, h, counters)
+                    mine[kind] = RankGroup(kind, ranks, rank, h, counters, recorder)
         replicas: Dict[int, RankGroup] = {}
         for n in (d for d in range(1, topology.tp + 1) if topology.tp % d == 0):
             for ranks in topology.tp_replica_groups(n):
                 h = handle(ranks)
                 if rank in ranks:
-                    replicas[n] = RankGroup("tp_replica", ranks, rank, h, counters)
-        return cls(topology, rank, mine, replicas, counters)
+                    replicas[n] = RankGroup("tp_replica", ranks, rank, h, counters, recorder)
+        return cls(topology, rank, mine, replicas, counters, recorder)

@@ -6,6 +6,7 @@ with status 2 and one line saying what is wrong and what to do, before training 
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -16,6 +17,7 @@ from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.train.options import CHOICES as TRAIN_CHOICES, EngineOptions, TrainConfig
+from forge_dist.train.reliability import DIAGNOSTICS_HELP, DiagnosticsOptions, diagnostics_options
 
 PROG = "forge-train"
 DESCRIPTION = """\
@@ -85,6 +87,7 @@ def option_groups() -> List[OptionGroup]:
         OptionGroup("parallel", ParallelConfig, help=PARALLEL_HELP, choices={"dist_backend": BACKENDS},
                     resumable=False),
         OptionGroup("engine", EngineOptions, help=ENGINE_HELP, resumable=False),
+        OptionGroup("diagnostics", DiagnosticsOptions, help=DIAGNOSTICS_HELP, resumable=False),
     ]
 
 
@@ -119,6 +122,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.train.build import build_run
     from forge_dist.train.resolve import check_data, resolve_run
     from forge_dist.train.launch import detect_env, plan_launch
+    from forge_dist.parallel.flight import CollectiveMismatch
+    from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
     from forge_dist.train.trainer import Trainer, summary
 
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
@@ -131,6 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolved = resolve_run(parsed, groups)
         launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
         check_data(resolved, launch.dp_size)
+        diagnostics_options(resolved.values)
     except (ConfigError, CheckpointError) as e:
         fail(str(e), quiet=quiet)
     try:
@@ -142,6 +148,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = Trainer(run).fit()
             text = summary(result, run) if ctx.is_main else None
             del run  # the model and engine go before the process groups do (Launch.start)
+    except (CollectiveFailure, CollectiveMismatch) as e:
+        # a lost or diverged rank: the process group cannot be torn down cleanly, so leave now
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_LOST_RANK)
     except KeyboardInterrupt:
         if not quiet:
             print(f"\n{PROG}: interrupted; resume with: {PROG} --out_dir {resolved.train_cfg.out_dir} "

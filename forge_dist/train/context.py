@@ -8,7 +8,8 @@ go through ``any``: if one rank sees a NaN, every rank leaves the loop at the sa
 
 A parallel run also carries its layout for the engine factory: ``groups`` (forge_dist.parallel's
 ProcessGroups: tp, dp, ... of this rank) and ``parallel_config`` (the ParallelConfig the run was
-launched with). Both are None for a single process.
+launched with). Both are None for a single process. Every collective goes through the flight
+recorder (forge_dist.parallel.flight; the ProcessGroups' one), which hang diagnosis reads.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ class RunContext:
     groups: Optional[Any] = None  # forge_dist.parallel.ProcessGroups of a parallel run
     parallel_config: Optional[Any] = None  # forge_dist.config.parallel.ParallelConfig likewise
     launcher: str = "single"  # torchrun | deepspeed | env | mpirun | slurm | single
+    recorder: Optional[Any] = None  # forge_dist.parallel.flight.FlightRecorder (a parallel run has one)
+
+    def __post_init__(self):
+        if self.recorder is None and self.distributed:
+            from forge_dist.parallel.flight import FlightRecorder
+
+            self.recorder = getattr(self.groups, "recorder", None) or FlightRecorder(self.rank)
+
+    def _flight(self, op: str, *tensors):
+        from forge_dist.parallel.flight import recorded
+
+        return recorded(self.recorder, op, "world", range(self.world_size), tensors, self.group)
 
     @classmethod
     def from_dist(cls, dist_ctx, parallel_config=None) -> "RunContext":
@@ -72,7 +85,8 @@ class RunContext:
         import torch.distributed as dist
 
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        with self._flight("all_reduce_max", t):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item() > 0)
 
     def mean(self, value: float) -> float:
@@ -83,7 +97,8 @@ class RunContext:
         import torch.distributed as dist
 
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        with self._flight("all_reduce", t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return float(t.item()) / self.world_size
 
     def sum_over_replicas(self, values: List[float]) -> List[float]:
@@ -94,9 +109,22 @@ class RunContext:
         import torch.distributed as dist
 
         t = torch.tensor([float(v) for v in values] or [0.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        with self._flight("all_reduce", t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         t /= self.world_size // self.dp_size  # the ranks of one replica counted it alike
         return t.tolist()[:len(values)]
+
+    def gather_floats(self, value: float) -> List[float]:
+        """Every rank's ``value``, in rank order, on every rank (one all-reduce of world_size floats)."""
+        if not self.distributed:
+            return [float(value)]
+        import torch.distributed as dist
+
+        t = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        t[self.rank] = float(value)
+        with self._flight("all_reduce", t):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.tolist()
 
     def gather_object(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order, on every rank (picklable values only)."""
@@ -105,11 +133,13 @@ class RunContext:
         import torch.distributed as dist
 
         out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        with self._flight("all_gather_object"):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
 
-            dist.barrier(group=self.group)
+            with self._flight("barrier"):
+                dist.barrier(group=self.group)

@@ -97,8 +97,11 @@ class ParallelEngine(LocalEngine):
         so replicas never diverge. Reads the scaler's per-device flags (torch's private dict)."""
         if not self.scaler.is_enabled():
             return
+        from forge_dist.parallel.flight import recorded
+
         for found in self.scaler._found_inf_per_device(self.optimizer).values():
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            with recorded(self.groups.recorder, "all_reduce_max", "world", range(dist.get_world_size()), [found]):
+                dist.all_reduce(found, op=dist.ReduceOp.MAX)
 
     def step(self, lr: float) -> dict:
         for group in self.optimizer.param_groups:

@@ -36,7 +36,9 @@ from forge_dist.train.build import Run
 from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
 from forge_dist.train.plots import plot_losses
+from forge_dist.train.diagnostics import CollectiveFailure, Diagnostics, straggler_fields
 from forge_dist.train.preemption import Preemption
+from forge_dist.train.reliability import diagnostics_options
 from forge_dist.train.progress import Progress, fmt_time
 from forge_dist.train.schedule import LRSchedule
 
@@ -75,6 +77,9 @@ class Trainer:
         self.multi = hasattr(run.loader, "dataset_index")  # --dataset_list: a MultiDatasetLoader
         self.evaluated_at: Optional[int] = None
         self.preemption = Preemption()
+        opts = diagnostics_options(run.values)
+        self.diagnostics = Diagnostics(self.ctx, self.out_dir, opts.collective_timeout_s, opts.debug_collectives)
+        self.compute_s = 0.0  # this rank's last step, outside collectives (the straggler metrics)
 
     # --- pieces -------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -170,6 +175,9 @@ class Trainer:
     def _step(self, it: int):
         """One optimizer step; (loss, stats, parts, dataset), or None when the loss is not finite on
         some rank. ``loss`` is what the engine backpropagated (cross-entropy + MoE auxiliary losses)."""
+        start, recorder = time.perf_counter(), self.ctx.recorder
+        if recorder is not None:
+            recorder.take_comm_seconds()
         dataset = self.run.loader.dataset_index(it) if self.multi else None
         self.features.begin_step(it, dataset)
         micro_batches = [self.run.loader.get(it, m) for m in range(self.cfg.gradient_accumulation_steps)]
@@ -179,7 +187,9 @@ class Trainer:
             parts = self.features.end_step()
         if self.ctx.any(not bool(torch.isfinite(loss))):
             return None
-        return loss, self.engine.step(self.schedule(it)), parts, dataset
+        stats = self.engine.step(self.schedule(it))
+        self.compute_s = time.perf_counter() - start - (recorder.take_comm_seconds() if recorder is not None else 0.0)
+        return loss, stats, parts, dataset
 
     def _record(self, it: int, loss, stats: dict, parts: StepParts, dataset: Optional[int],
                 tokens_per_s: float) -> dict:
@@ -195,6 +205,8 @@ class Trainer:
         levels = self.features.quant_levels()
         if levels:
             record["quant_level"] = levels
+        if self.ctx.distributed:
+            record.update(straggler_fields(self.ctx, self.compute_s))
         if dataset is not None:
             record["dataset"] = dataset
         if parts.lsv_index is not None:
@@ -202,6 +214,16 @@ class Trainer:
         return record
 
     def fit(self) -> TrainResult:
+        """Train; a collective that fails (a lost rank) raises CollectiveFailure naming the rank."""
+        with self.diagnostics:
+            try:
+                return self._fit()
+            except Exception as e:
+                if self.diagnostics.failed():
+                    raise CollectiveFailure(self.diagnostics.report_failure(e)) from e
+                raise
+
+    def _fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
         start_time = time.time()
         self._prepare_out_dir()
@@ -215,6 +237,7 @@ class Trainer:
         self.preemption.install()
         try:
             while True:
+                self.diagnostics.at_step(it)
                 if self._eval_due(it):
                     pending = self._evaluate(it, progress)
                     window = (time.time(), it)

@@ -1,0 +1,132 @@
+"""Drills 1 and the hang: ranks that die or freeze in the middle of a step, in worlds started the way
+a plain env:// launcher (or a node of a multi-node job) starts them: one process per rank, nobody
+killing the survivors for us.
+
+  * SIGKILL of rank 3 mid-step at TP=2 x DP=2: every other rank exits 3 within the timeout, its last
+    line naming rank 3, with out_dir/diagnostics/rank_<r>.txt; the last checkpoint is intact and
+    ``--init_from resume`` continues with the losses the killed run had logged (fp32, bit for bit);
+  * a frozen rank (SIGSTOP: its sockets stay open, so the others hang in a collective): SIGUSR2
+    to the survivor writes its diagnostics file at once; after --collective_timeout_s it names the
+    frozen rank and exits 3.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from forge_dist.testing.data import corpus_dataset
+from forge_dist.testing.spawn import free_port
+from forge_dist.train import checkpoint as ckpt
+from forge_dist.train.metrics import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
+        "--eval_iters", "2", "--eval_interval", "4", "--log_interval", "1", "--device", "cpu", "--dtype", "float32",
+        "--max_sample_tokens", "none", "--no-tensorboard_log", "--no-progress", "--always_save_checkpoint",
+        "--lr_scheduler", "cosine", "--warmup_iters", "2", "--lr_decay_iters", "8"]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return corpus_dataset(tmp_path_factory.mktemp("data"), 40_000)
+
+
+def launch(n, args, fault=("KILL", -1, 1)):
+    """Start ``n`` ranks of forge-train (through the drill wrapper: ``fault`` = signal, rank, call)."""
+    port = str(free_port())
+    procs = []
+    for r in range(n):
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+        env.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FORGE_OPS="reference")
+        cmd = [sys.executable, "-m", "forge_dist.testing.drill", "--signal", fault[0], "--rank", str(fault[1]),
+               "--call", str(fault[2]), "--", *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs, timeout=150):
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, o, e))
+    return out
+
+
+def losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_metrics(str(out_dir)) if "loss" in r}
+
+
+@pytest.mark.timeout(400)
+def test_killed_rank_is_named_and_resume_is_exact(dataset, tmp_path):
+    out = tmp_path / "out"
+    args = TINY + ["--dataset", dataset, "--out_dir", str(out), "--tensor_parallel_size", "2", "--max_iters", "8",
+                   "--collective_timeout_s", "10"]
+    start = time.monotonic()
+    results = finish(launch(4, args, ("KILL", 3, 7)))  # rank 3 dies inside iteration 6
+    assert time.monotonic() - start < 140
+    assert results[3][0] == -signal.SIGKILL
+    for rank, (code, _, err) in enumerate(results[:3]):
+        last = err.strip().splitlines()[-1]
+        assert code == 3 and last.startswith(f"forge-train: error: rank {rank}: ") and "rank 3 did not arrive" in last, err
+        text = (out / "diagnostics" / f"rank_{rank}.txt").read_text()
+        assert f"rank: {rank} of 4" in text and "FAILED" in text and "python stacks (all threads):" in text
+    assert not (out / "diagnostics" / "rank_3.txt").exists()
+    before = losses(out)
+    assert sorted(before) == list(range(6))  # iterations 0-5 done, 6 in flight
+    latest = ckpt.resolve_checkpoint(str(out))
+    assert latest.endswith("iter_0000004")
+    ckpt.verify_checkpoint(latest)
+
+    results = finish(launch(4, args + ["--init_from", "resume"]))
+    assert [r[0] for r in results] == [0] * 4, results[0][2][-3000:]
+    after = losses(out)
+    assert sorted(after) == list(range(8))
+    assert [after[i] for i in (4, 5)] == [before[i] for i in (4, 5)]  # the replayed steps, bit for bit
+    stepped = [r for r in read_metrics(str(out)) if "loss" in r]
+    assert all({"straggler_rank", "straggler_compute_s", "compute_s_median"} <= set(r) for r in stepped[-4:])
+
+
+def _wait_stopped(pid, timeout=120):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with open(f"/proc/{pid}/stat") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} was never stopped")
+
+
+@pytest.mark.timeout(300)
+def test_frozen_rank_dump_on_request_then_named_after_timeout(dataset, tmp_path):
+    out = tmp_path / "out"
+    args = TINY + ["--dataset", dataset, "--out_dir", str(out), "--max_iters", "6", "--collective_timeout_s", "8"]
+    procs = launch(2, args, ("STOP", 1, 3))  # rank 1 freezes inside iteration 2
+    try:
+        _wait_stopped(procs[1].pid)
+        dump = out / "diagnostics" / "rank_0.txt"
+        time.sleep(1.0)
+        os.kill(procs[0].pid, signal.SIGUSR2)  # while rank 0's main thread waits in a collective
+        end = time.monotonic() + 30
+        while not dump.exists() and time.monotonic() < end:
+            time.sleep(0.2)
+        first = dump.read_text()
+        assert first.startswith("forge_dist diagnostics: SIGUSR2 received") and "IN FLIGHT" in first, first
+        code, _, err = finish(procs[:1], timeout=120)[0]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and "has waited" in last and "rank 1 did not arrive (heartbeat: none for" in last, err
+    assert dump.read_text().startswith("forge_dist diagnostics: collective timeout: rank 1 did not arrive")

@@ -29,7 +29,8 @@ Choices, each for exactness against one process with dp times the batch:
   forward_sync_buffers=False  buffers are equal on every replica by construction (same seed, same
                           checkpoint); broadcasting them would add a collective per forward
   the comm hook           torch's own allreduce_hook, reported to the RankGroup's counters
-                          (``groups.count_collectives()``) like every other collective
+                          (``groups.count_collectives()``) and its flight recorder (in flight
+                          until the Future completes) like every other collective
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def counted_allreduce_hook(group: RankGroup, bucket):  # no return annotation: D
     """torch's default DDP hook (average over the group), recorded as a grad_sync all-reduce."""
     buffer = bucket.buffer()
     group._record("all_reduce", buffer.numel() * buffer.element_size(), "grad_sync")
-    return default_hooks.allreduce_hook(group.handle, bucket)
+    return group.track_async("all_reduce", buffer, lambda: default_hooks.allreduce_hook(group.handle, bucket))
 
 
 def data_parallel(model: nn.Module, groups: ProcessGroups, device: Optional[torch.device] = None,

@@ -100,6 +100,7 @@ class FlightRecorder:
     current: Optional[Entry] = None
     comm_s: float = 0.0
     failed: Optional[Entry] = None  # the last collective that raised
+    pending: Dict[int, Entry] = field(default_factory=dict)  # asynchronous collectives in flight
 
     def __post_init__(self):
         self.ring = deque(maxlen=self.capacity)
@@ -111,18 +112,44 @@ class FlightRecorder:
         shown = ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]},{ranks[1]},...,{ranks[-1]}"
         return f"{name}({shown})"
 
-    @contextlib.contextmanager
-    def collective(self, op: str, group: str, ranks: Sequence[int], tensors: Sequence[torch.Tensor] = (),
-                   handle=None) -> Iterator[Entry]:
-        """Record one collective of this rank on ``group`` (members ``ranks``) around the call."""
+    def _entry(self, op: str, group: str, ranks: Sequence[int], tensors: Sequence[torch.Tensor], handle) -> Entry:
         label = self.group_label(group, ranks)
         with self._lock:
             seq = self.seq[label] = self.seq.get(label, 0) + 1
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
         entry = Entry(seq, op, label, tuple(ranks), tuple(tuple(t.shape) for t in tensors),
-                      str(tensors[0].dtype).replace("torch.", "") if tensors else "object", call_site(), time.time())
+                      str(tensors[0].dtype).replace("torch.", "") if tensors else "object", call_site(2), time.time())
         if self.debug:
             self._compare(entry, list(ranks), handle)
+        return entry
+
+    def issue(self, op: str, group: str, ranks: Sequence[int], tensors: Sequence[torch.Tensor] = (),
+              handle=None) -> Entry:
+        """An asynchronous collective (DDP's bucket all-reduces): in flight until ``complete``."""
+        entry = self._entry(op, group, ranks, tensors, handle)
+        with self._lock:
+            self.ring.append(entry)
+            self.pending[id(entry)] = entry
+        return entry
+
+    def complete(self, entry: Entry, error: Optional[BaseException] = None) -> None:
+        with self._lock:
+            entry.duration = time.time() - entry.start
+            self.pending.pop(id(entry), None)
+            if error is not None:
+                entry.error = " ".join(str(error).split())[:300] or type(error).__name__
+                self.failed = entry
+
+    def in_flight(self) -> Optional[Entry]:
+        """The collective this rank waits for: the blocking one, else the oldest asynchronous one."""
+        with self._lock:
+            return self.current or next(iter(self.pending.values()), None)
+
+    @contextlib.contextmanager
+    def collective(self, op: str, group: str, ranks: Sequence[int], tensors: Sequence[torch.Tensor] = (),
+                   handle=None) -> Iterator[Entry]:
+        """Record one collective of this rank on ``group`` (members ``ranks``) around the call."""
+        entry = self._entry(op, group, ranks, tensors, handle)
         with self._lock:
             self.ring.append(entry)
             self.current = entry

@@ -42,6 +42,25 @@ class RankGroup:
     def _flight(self, op: str, *tensors: torch.Tensor):
         return recorded(self.recorder, op, self.name, self.ranks, tensors, self.handle)
 
+    def track_async(self, op: str, tensor: torch.Tensor, start):
+        """``start()`` issues an asynchronous collective on this group and returns its Future; the
+        flight recorder holds it in flight until the Future completes (DDP's comm hook uses this)."""
+        if self.recorder is None:
+            return start()
+        recorder = self.recorder
+        entry = recorder.issue(op, self.name, self.ranks, [tensor], self.handle)
+
+        def done(fut):
+            try:
+                value = fut.value()
+            except Exception as e:
+                recorder.complete(entry, e)
+                raise
+            recorder.complete(entry)
+            return value
+
+        return start().then(done)
+
     def __repr__(self) -> str:
         return f"RankGroup({self.name}, ranks={self.ranks}, rank={self.rank})"
 

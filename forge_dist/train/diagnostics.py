@@ -167,7 +167,8 @@ class Diagnostics:
             self.dump("diagnostics requested by another rank")
 
     def _position(self) -> dict:
-        _, current, seq = self.recorder.snapshot()
+        _, _, seq = self.recorder.snapshot()
+        current = self.recorder.in_flight()
         pos = {"time": time.time(), "step": self.step, "host": self.host, "pid": os.getpid(), "seq": seq}
         if current is not None:
             pos["current"] = {"group": current.group, "seq": current.seq, "op": current.op, "site": current.site}
@@ -191,6 +192,8 @@ class Diagnostics:
             return [], []
         fatal, slow, now = [], [], time.time()
         for r, hb in self._heartbeats([r for r in entry.ranks if r != self.ctx.rank]).items():
+            if hb is not None and hb.get("exiting"):
+                continue  # it left after losing another rank: the culprit is in the store's "lost"
             if hb is None or now - hb["time"] > 3 * self.heartbeat_s + 1:
                 age = "never" if hb is None else f"none for {now - hb['time']:.0f} s"
                 fatal.append(f"rank {r} did not arrive (heartbeat: {age}; process gone, node down or frozen)")
@@ -205,16 +208,35 @@ class Diagnostics:
             (fatal if cur is not None else slow).append(f"rank {r} on {hb['host']} did not arrive: it is {where}")
         return fatal, slow
 
+    def _blame(self, fatal: List[str]) -> List[str]:
+        """The lost ranks the first reporter of the run named (so a rank that left after its peer
+        died is not blamed by the ranks waiting for it), ``fatal`` when this rank is the first."""
+        if self.store is None:
+            return fatal
+        if fatal:
+            self.store.compare_set("lost", "", json.dumps(fatal))
+        return json.loads(self.store.get("lost")) if self.store.check(["lost"]) else []
+
+    def _leave(self) -> None:
+        """Mark this rank as leaving on purpose, so no other rank names it as the lost one."""
+        if self.store is not None:
+            try:
+                self.store.set(f"hb/{self.ctx.rank}", json.dumps({**self._position(), "exiting": True}))
+            except Exception:  # noqa: BLE001
+                pass
+
     def _check_hang(self) -> None:
-        _, current, _ = self.recorder.snapshot()
+        current = self.recorder.in_flight()
         if current is None or time.time() - current.start < self.timeout_s:
             return
         waited = time.time() - current.start
         fatal, slow = self.missing(current)
+        fatal = self._blame(fatal)
         head = (f"rank {self.ctx.rank}: {current.op} on {current.group} #{current.seq} (step {self.step}) has waited "
                 f"{waited:.0f} s (--collective_timeout_s {self.timeout_s:g})")
         if fatal:
             path = self.dump(f"collective timeout: {'; '.join(fatal)}")
+            self._leave()
             print(f"forge-train: {head}: {'; '.join(fatal)}; diagnostics in {path}", file=sys.stderr, flush=True)
             os._exit(EXIT_LOST_RANK)  # the main thread is blocked in C++: nothing else can end it
         key = (current.group, current.seq)
@@ -237,7 +259,7 @@ class Diagnostics:
         end = time.time() + 3 * self.heartbeat_s + 2
         while not fatal and time.time() < end and self.store is not None:
             try:
-                fatal = [f for f in self.missing(entry)[0] if "heartbeat" in f]
+                fatal = self._blame([f for f in self.missing(entry)[0] if "heartbeat" in f])
             except Exception:  # noqa: BLE001  (the store itself died with its host, rank 0)
                 fatal = [f"rank 0 (which hosts the rendezvous store) is unreachable"] if self.ctx.rank else []
                 break
@@ -245,6 +267,7 @@ class Diagnostics:
                 time.sleep(0.5)
         who = "; ".join(fatal) or "no member's heartbeat stopped (a network failure?)"
         path = self.dump(f"collective failed: {entry.error}; {who}")
+        self._leave()
         return (f"rank {self.ctx.rank}: {entry.op} on {entry.group} #{entry.seq} (step {self.step}) failed: {who}; "
                 f"diagnostics in {path}")
 
@@ -254,7 +277,8 @@ class Diagnostics:
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, f"rank_{self.ctx.rank}.txt")
         tmp = f"{path}.tmp-{os.getpid()}"
-        _, current, seq = self.recorder.snapshot()
+        _, _, seq = self.recorder.snapshot()
+        current = self.recorder.in_flight()
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(f"forge_dist diagnostics: {reason}\n")
             fh.write(f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\nrank: {self.ctx.rank} of {self.ctx.world_size}\n"

@@ -67,15 +67,17 @@ def build_tokenizer(kind: str, text: str, vocab_size: Optional[int] = None, sp_m
     return SentencePieceTokenizer.train(text, vocab_size or DEFAULT_SP_VOCAB, sp_model_type, num_threads)
 
 
-def prepare_text(inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path], tokenizer: str = "char",
+def prepare_text(inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path], tokenizer: Union[str, Tokenizer] = "char",
                  vocab_size: Optional[int] = None, sp_model_type: str = "bpe",
                  sp_model: Optional[Union[str, Path]] = None, val_fraction: float = 0.1,
                  overwrite: bool = False, num_threads: int = 1) -> DatasetMeta:
-    """Tokenize ``inputs`` and write the dataset folder ``out_dir``; returns its meta."""
+    """Tokenize ``inputs`` and write the dataset folder ``out_dir``; returns its meta. ``tokenizer``
+    names a kind to build, or is a ready Tokenizer (--tokenizer_from)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val_fraction {val_fraction} must be in [0, 1)")
     text = read_inputs(inputs, as_bytes=tokenizer == "byte")
-    tok = build_tokenizer(tokenizer, text, vocab_size, sp_model_type, sp_model, num_threads)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else \
+        build_tokenizer(tokenizer, text, vocab_size, sp_model_type, sp_model, num_threads)
     ids = tok.encode_array(text)
     if len(ids) < 2:
         raise DataError(f"the inputs encode to {len(ids)} tokens; a language model needs more text")
@@ -83,7 +85,7 @@ def prepare_text(inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path], 
     splits = {"train": ids[:n_train]}
     if val_fraction > 0:
         splits["val"] = ids[n_train:]
-    source = {"kind": "text", "files": [Path(p).name for p in inputs], "tokenizer": tokenizer,
+    source = {"kind": "text", "files": [Path(p).name for p in inputs], "tokenizer": tok.kind,
               "val_fraction": val_fraction}
     return write_dataset(out_dir, tok, splits, source=source, overwrite=overwrite)
 
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sp_model_type", choices=("bpe", "unigram"), help="sentencepiece model to train (default: bpe)")
     p.add_argument("--sp_model", default=None, metavar="PATH",
                    help="an existing sentencepiece .model to use instead of training one (also for imports)")
+    p.add_argument("--tokenizer_from", default=None, metavar="DIR",
+                   help="use the tokenizer.json of this transformers directory (a model to fine-tune)")
     p.add_argument("--val_fraction", type=float, metavar="F",
                    help="share of tokens held out for validation, 0 for none (default: 0.1)")
     p.add_argument("--bin_dtype", choices=("uint16", "uint32"), default=None,
@@ -142,13 +146,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.from_reallm_forge:
             from forge_dist.data.meta_import import import_reallm_forge
 
-            _refuse(args, ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "num_threads"),
+            _refuse(args, ("tokenizer", "vocab_size", "sp_model_type", "val_fraction", "num_threads", "tokenizer_from"),
                     "--input (an import keeps the folder's tokenizer and splits)")
             meta = import_reallm_forge(args.from_reallm_forge, args.out_dir, args.bin_dtype, args.sp_model,
                                        args.overwrite)
         else:
             _refuse(args, ("bin_dtype",), "--from_reallm_forge")
-            meta = prepare_text(args.input, args.out_dir, args.tokenizer or "char", args.vocab_size,
+            tokenizer = args.tokenizer or "char"
+            if args.tokenizer_from is not None:
+                from forge_dist.data.hf_tokenizer import HuggingFaceTokenizer
+
+                _refuse(args, ("tokenizer", "vocab_size", "sp_model_type", "sp_model"), "a tokenizer of your own, not with --tokenizer_from")
+                tokenizer = HuggingFaceTokenizer.load(args.tokenizer_from)
+            meta = prepare_text(args.input, args.out_dir, tokenizer, args.vocab_size,
                                 args.sp_model_type or "bpe", args.sp_model,
                                 0.1 if args.val_fraction is None else args.val_fraction, args.overwrite,
                                 args.num_threads or min(4, os.cpu_count() or 1))

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Union
 
 from forge_dist.data.errors import DataError
+from forge_dist.data.hf_tokenizer import HuggingFaceTokenizer
 from forge_dist.data.spm import SentencePieceTokenizer
 from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer, ExternalTokenizer, TableTokenizer, Tokenizer
 
 _KINDS = {"char": CharTokenizer, "byte": ByteTokenizer, "table": TableTokenizer, "external": ExternalTokenizer,
-          "sentencepiece": SentencePieceTokenizer}  # spm.py imports sentencepiece only when used
+          "sentencepiece": SentencePieceTokenizer,  # spm.py imports sentencepiece only when used
+          "huggingface": HuggingFaceTokenizer}  # imports tokenizers only when used
 
 
 def tokenizer_from_spec(spec: dict, base_dir: Union[str, Path, None] = None) -> Tokenizer:

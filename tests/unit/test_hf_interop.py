@@ -267,3 +267,32 @@ def test_cli_exports_with_the_dataset_tokenizer_and_samples_from_the_export(tmp_
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ids = hf_tok("The ", return_tensors="pt").input_ids
     assert printed == hf_tok.decode(_hf_load(tmp_path / "hf").generate(ids, max_new_tokens=8, do_sample=False)[0])
+
+
+def test_a_transformers_tokenizer_prepares_data_and_samples(tmp_path, capsys):
+    """forge-prepare --tokenizer_from HF_DIR tokenizes as AutoTokenizer does; forge-sample on the
+    directory uses that tokenizer and prints what transformers' greedy generate gives."""
+    from forge_dist.data.dataset import load_tokenizer
+    from forge_dist.data.prepare import CORPUS
+    from forge_dist.data.prepare import main as prepare_main
+    from forge_dist.inference import sample
+    from forge_dist.testing.hf import hf_bpe_tokenizer
+
+    text = CORPUS.read_text(encoding="utf-8")[:20_000]
+    hf_tok = hf_bpe_tokenizer(text)
+    config = IMPORTS["llama"]()
+    config.vocab_size = len(hf_tok)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hf")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    assert prepare_main(["--input", str(tmp_path / "in.txt"), "--out_dir", str(tmp_path / "data"),
+                         "--tokenizer_from", str(tmp_path / "hf")]) == 0
+    ours = load_tokenizer(str(tmp_path / "data"))
+    assert ours.kind == "huggingface" and ours.encode(text[:500]) == hf_tok(text[:500]).input_ids
+    capsys.readouterr()
+    assert sample.main(["--out_dir", str(tmp_path / "hf"), "--start", "The fox", "--temperature", "0",
+                        "--max_new_tokens", "6", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.split("\n---------------")[0]
+    ids = hf_tok("The fox", return_tensors="pt").input_ids
+    assert printed == hf_tok.decode(_hf_load(tmp_path / "hf").generate(ids, max_new_tokens=6, do_sample=False)[0])

@@ -101,15 +101,21 @@ def tokenizer_files(tok) -> Tuple[Dict[str, str], dict]:
 
 
 def read_tokenizer(path: str):
-    """The forge_dist tokenizer of a directory ``tokenizer_files`` wrote (tokenizer_config.json names
-    its kind), or None for a directory without one or with another tokenizer."""
+    """The tokenizer of a transformers directory: ours again where ``tokenizer_files`` wrote it
+    (tokenizer_config.json names its kind), else its tokenizer.json run by the tokenizers library
+    (forge_dist.data.hf_tokenizer); None without either."""
     import os
 
+    from forge_dist.data.hf_tokenizer import HuggingFaceTokenizer
     from forge_dist.data.tokenizer import ByteTokenizer, CharTokenizer
 
     try:
-        with open(os.path.join(path, "tokenizer_config.json"), "r", encoding="utf-8") as f:
-            kind = json.load(f).get("forge_dist_tokenizer")
+        kind = None
+        if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+            with open(os.path.join(path, "tokenizer_config.json"), "r", encoding="utf-8") as f:
+                kind = json.load(f).get("forge_dist_tokenizer")
+        if kind is None and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return HuggingFaceTokenizer.load(path)
         if kind == "byte":
             return ByteTokenizer()
         if kind == "char":

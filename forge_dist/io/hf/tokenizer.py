@@ -12,6 +12,7 @@
          with merges ordered by piece id, "<0xNN>" byte fallback, user-defined pieces as added
          tokens; the .model file goes along as tokenizer.model. Equal ids and text on the test
          corpus (tests/unit/test_hf_interop.py), not a proof for every sentencepiece option.
+  huggingface  (a transformers tokenizer.json, forge-prepare --tokenizer_from) goes back as it came
 Other kinds (table, external, sentencepiece without byte fallback) are refused by name: the model
 is still exported when the caller passes no tokenizer. Needs ``tokenizers`` and ``protobuf``
 (installed with transformers).
@@ -23,7 +24,7 @@ from typing import Dict, Tuple
 
 from forge_dist.errors import ConfigError
 
-SUPPORTED = ("byte", "char", "sentencepiece")
+SUPPORTED = ("byte", "char", "sentencepiece", "huggingface")
 
 
 def bytes_to_unicode() -> Dict[int, str]:
@@ -90,6 +91,11 @@ def tokenizer_files(tok) -> Tuple[Dict[str, str], dict]:
     if tok.kind not in SUPPORTED:
         raise ConfigError(f"a {tok.kind!r} tokenizer has no exact transformers equivalent in this version "
                           f"(supported: {', '.join(SUPPORTED)}); export without it (no --dataset)")
+    if tok.kind == "huggingface":  # a transformers tokenizer (forge-prepare --tokenizer_from): back as it came
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "model_max_length": 1_000_000_000}
+        return {"tokenizer.json": tok.tokenizer_json,
+                "tokenizer_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}, {}
     fast = _build(tok)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
               "model_max_length": 1_000_000_000, "forge_dist_tokenizer": tok.kind}

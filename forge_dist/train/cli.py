@@ -6,8 +6,10 @@ with status 2 and one line saying what is wrong and what to do, before training 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from typing import List, Optional, Sequence
 
 from forge_dist.config import arguments
@@ -115,6 +117,28 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def refuse(message: str, quiet: bool) -> None:
+    """A refusal every rank of a launch reaches alike: rank 0 prints the line and exits 2.
+
+    Under torchrun the other ranks exit 0: a rank that fails first makes torchrun stop rank 0,
+    often before it speaks, and report that rank. Rank 0 also writes torchrun's error file, so
+    torchrun's closing report repeats the line as its ``traceback`` (the last lines printed)."""
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if quiet and under_torchrun:
+        raise SystemExit(0)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not quiet and under_torchrun and error_file:
+        line = f"{PROG}: error: {' '.join(message.split())}"
+        try:
+            with open(error_file, "w", encoding="utf-8") as fh:
+                # torchelastic's ErrorHandler format; its report prints py_callstack as the traceback
+                json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                      "timestamp": str(int(time.time()))}}}, fh)
+        except OSError:
+            pass  # the line below still says it
+    fail(message, quiet=quiet)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """One process, or one rank of a launch (torchrun, deepspeed, mpirun, srun): everything that can
     be refused is refused before any process group exists, by rank 0 with one line (exit 2)."""
@@ -138,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_data(resolved, launch.dp_size)
         diagnostics_options(resolved.values)
     except (ConfigError, CheckpointError) as e:
-        fail(str(e), quiet=quiet)
+        refuse(str(e), quiet)
     try:
         with launch.start() as ctx:
             try:

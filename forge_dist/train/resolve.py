@@ -27,6 +27,7 @@ from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.arguments import OptionGroup, ParsedOptions
 from forge_dist.train.datasets import fill_lsv_dataset_num, open_data, open_loader
 from forge_dist.train.options import TrainConfig
+from forge_dist.train.resume_options import resume_overrides
 
 
 @dataclass
@@ -87,15 +88,19 @@ def _prev_run_model(path: str, explicit_model: dict, notes: list):
     return cfg, src.state_dict()
 
 
-def _resolve_values(parsed: ParsedOptions, groups: Sequence[OptionGroup]):
-    """(values, checkpoint to resume or None, its trainer state or None)."""
+def _resolve_values(parsed: ParsedOptions, groups: Sequence[OptionGroup], notes: list):
+    """(values, checkpoint to resume or None, its trainer state or None); what a resume changes
+    goes to ``notes``."""
     values = dict(parsed.values)
     if values["init_from"] != "resume":
         return values, None, None
     path = _resume_checkpoint(values)
     ckpt.verify_checkpoint(path)
     saved = ckpt.load_trainer_state(path)
-    return {**values, **_known(saved["config"], groups), **parsed.explicit}, path, saved
+    known = _known(saved["config"], groups)
+    pinned, changes = resume_overrides(known, parsed.explicit)
+    notes += changes
+    return {**values, **known, **pinned, **parsed.explicit}, path, saved
 
 
 def _model_config(parsed: ParsedOptions, group: OptionGroup, values: dict, train_cfg: TrainConfig,
@@ -122,11 +127,11 @@ def resolve_run(parsed: ParsedOptions, groups: Sequence[OptionGroup]) -> Resolve
     """Every option value, the dataset's metadata and the checkpoint to resume, checked; raises
     ConfigError/CheckpointError. Builds nothing and communicates with no other rank."""
     model_group, train_group = _group(groups, ModelConfig), _group(groups, TrainConfig)
-    values, resume_path, saved = _resolve_values(parsed, groups)
+    notes: list = []
+    values, resume_path, saved = _resolve_values(parsed, groups, notes)
     train_cfg = TrainConfig(**parsed.group_kwargs(train_group, values))
     data_dirs, meta = open_data(train_cfg, parsed.explicit)
     data_dir = data_dirs[0]
-    notes: list = []
     model_cfg, prev_state = _model_config(parsed, model_group, values, train_cfg, meta.vocab_size, data_dir,
                                           resume_path, notes)
     resolved = {**values, **{model_group.prefix + k: v for k, v in _model_values(model_cfg).items()},

@@ -6,7 +6,7 @@ use, or the pure-PyTorch references are used.
 """
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FORGE_BUILD_OPS", "0") == "1":
@@ -19,7 +19,8 @@ setup(
     version="0.1.0",
     description="Distributed scaling (TP/PP/EP, ZeRO, fused kernels) for the ReaLLM-Forge GPT family",
     python_requires=">=3.10",
-    packages=find_packages(include=["forge_dist", "forge_dist.*"]),
+    # namespace packages too, so data folders (data/corpus) are packages and setuptools stays quiet
+    packages=find_namespace_packages(include=["forge_dist", "forge_dist.*"], exclude=["*.__pycache__"]),
     package_data={"forge_dist": ["data/corpus/*.txt", "presets/*.yaml"]},
     include_package_data=True,
     install_requires=[

@@ -16,6 +16,8 @@ import dataclasses
 import difflib
 import functools
 import math
+import os
+import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -123,6 +125,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, no usage dump
         raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def runnable(prog: str) -> str:
+    """How to type ``prog`` here: its name when the shell finds this installation's copy, else
+    its path next to this Python (``.venv/bin/forge-sample`` when the venv is not activated), so
+    the commands we print run as typed."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), prog)
+    if not os.path.isfile(beside):
+        return prog
+    found = shutil.which(prog)
+    if found and os.path.realpath(found) == os.path.realpath(beside):
+        return prog
+    rel = os.path.relpath(beside)
+    return rel if not rel.startswith(os.pardir) else beside
 
 
 def fail(message: str, prog: str, quiet: bool = False) -> None:

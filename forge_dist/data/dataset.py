@@ -92,8 +92,9 @@ def resolve_dataset(name_or_path: Optional[str] = None, data_root: Union[str, Pa
 
         return prepare_default_dataset(cache_dir)
     looked = " and ".join(str(c) for c in candidates)
+    target = Path(name) if Path(name).parent != Path(".") or Path(name).is_absolute() else Path(data_root, name)
     raise DataError(f"dataset {name!r} not found (looked for {looked} with a meta.json or meta.pkl); "
-                    f"prepare it with `forge-prepare --input FILE --out_dir {Path(data_root, name)}`, "
+                    f"prepare it with `forge-prepare --input FILE --out_dir {target}`, "
                     f"import a ReaLLM-Forge folder with --from_reallm_forge, or omit --dataset for the "
                     f"bundled corpus")
 

@@ -59,7 +59,8 @@ def evaluate(loaded, args) -> dict:
     from forge_dist.io import checkpoint_read as ckpt
 
     if loaded.data_dir is None:
-        raise ConfigError(f"no dataset known for {loaded.source}; pass --dataset NAME_OR_PATH")
+        raise ConfigError(f"no dataset known for {loaded.source}; pass --dataset NAME_OR_PATH "
+                          f"('default' is the bundled corpus)")
     run_cfg = ckpt.read_config(loaded.source) if ckpt.is_checkpoint(loaded.source) else {}
     model = loaded.model
     vocab = read_meta(loaded.data_dir).vocab_size

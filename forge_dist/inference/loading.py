@@ -2,8 +2,9 @@
 
 Accepted: a forge-train out_dir (its latest or best checkpoint), one training checkpoint directory,
 a forge_dist model directory (model.safetensors + config.json), a ReaLLM-Forge ckpt.pt or the
-out_dir holding it. The tokenizer comes from the training checkpoint (its spec is stored there),
-from a ReaLLM-Forge out_dir's meta.pkl, or from ``--dataset``.
+out_dir holding it. The tokenizer (and the dataset forge-eval reads) comes from the training
+checkpoint, from what a model directory or a ckpt.pt we wrote carries, from a ReaLLM-Forge
+out_dir's meta.pkl, or from ``--dataset``.
 """
 from __future__ import annotations
 
@@ -44,14 +45,14 @@ def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] 
                        device: str = "cpu") -> Loaded:
     from forge_dist.data.dataset import load_tokenizer
     from forge_dist.data.tokenizers import tokenizer_from_spec
-    from forge_dist.io import from_pretrained
+    from forge_dist.io import from_pretrained, load_any
 
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist; give a forge-train out_dir, a checkpoint directory or a ckpt.pt")
     tokenizer, data_dir, source = None, None, path
-    found = ckpt.find_training_checkpoint(path, which)
+    found = ckpt.find_training_checkpoint(path, which, retry=ckpt.INFERENCE_RETRY)
     if found is not None:
-        ckpt.verify_checkpoint(found)
+        ckpt.verify_checkpoint(found, retry=ckpt.INFERENCE_RETRY)
         state = ckpt.load_trainer_state(found)
         tokenizer = tokenizer_from_spec(state["tokenizer"]) if state.get("tokenizer") else None
         data_dir, source = state.get("data_dir"), found
@@ -59,8 +60,11 @@ def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] 
     else:
         from forge_dist.io.hf.tokenizer import read_tokenizer
 
-        model = from_pretrained(path)
-        tokenizer = _upstream_tokenizer(path) or (read_tokenizer(path) if os.path.isdir(path) else None)
+        model, training = load_any(path)  # a model/ folder or a ckpt.pt carries its tokenizer and dataset
+        spec = training.get("tokenizer")
+        data_dir = training.get("data_dir") if os.path.isdir(str(training.get("data_dir"))) else None
+        tokenizer = (tokenizer_from_spec(spec) if spec else None) or _upstream_tokenizer(path) \
+            or (read_tokenizer(path) if os.path.isdir(path) else None)
     if dataset is not None:
         from forge_dist.data.dataset import resolve_dataset
 
@@ -72,5 +76,5 @@ def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] 
 def require_tokenizer(loaded: Loaded) -> Any:
     if loaded.tokenizer is None:
         raise ConfigError(f"no tokenizer found for {loaded.source}; pass --dataset NAME_OR_PATH (the dataset "
-                          f"the model was trained on)")
+                          f"the model was trained on; 'default' is the bundled corpus)")
     return loaded.tokenizer

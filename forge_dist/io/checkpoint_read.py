@@ -19,6 +19,11 @@ MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 FORMAT = "forge_dist.train_checkpoint"
 POINTERS = ("latest", "best")
+# what to do instead, in the options of the command that reads the checkpoint (``retry=``)
+TRAIN_RETRY = "use an earlier checkpoint (--init_from_ckpt NAME) or --init_from scratch"
+INFERENCE_RETRY = "pick the other one with --ckpt best|latest, or pass an earlier checkpoint directory " \
+                  "(OUT/checkpoints/iter_N) as --out_dir"
+CONVERT_RETRY = "convert an earlier checkpoint: pass its directory (OUT/checkpoints/iter_N)"
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -64,8 +69,9 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MANIFEST))
 
 
-def resolve_checkpoint(path: str, which: str = "latest") -> str:
-    """A checkpoint directory from itself, a checkpoints root, or an out_dir holding one."""
+def resolve_checkpoint(path: str, which: str = "latest", retry: str = TRAIN_RETRY) -> str:
+    """A checkpoint directory from itself, a checkpoints root, or an out_dir holding one; errors
+    end with ``retry``."""
     if is_checkpoint(path):
         return path
     for root in (path, os.path.join(path, ROOT)):
@@ -75,48 +81,44 @@ def resolve_checkpoint(path: str, which: str = "latest") -> str:
         if name is not None:
             found = os.path.join(root, name)
             if not os.path.isdir(found):
-                raise CheckpointError(f"{os.path.join(root, which)} points to {name}, which is missing; "
-                                      f"pick another with --init_from_ckpt NAME")
+                raise CheckpointError(f"{os.path.join(root, which)} points to {name}, which is missing; {retry}")
             return found
         if os.path.isdir(root) and os.path.basename(os.path.normpath(root)) == ROOT:
             partial = [n for n in os.listdir(root) if n.startswith(".tmp-")]
             if partial:
                 raise CheckpointError(f"{root} holds only an incomplete checkpoint ({partial[0]}, from an "
-                                      f"interrupted save); start with --init_from scratch")
+                                      f"interrupted save); {retry}")
     raise CheckpointError(f"no checkpoint found in {path}; train one first (forge-train --out_dir {path})")
 
 
-def find_training_checkpoint(path: str, which: str = "latest") -> Optional[str]:
+def find_training_checkpoint(path: str, which: str = "latest", retry: str = TRAIN_RETRY) -> Optional[str]:
     """The training checkpoint ``path`` names, or None when ``path`` is not one of ours (a model
     directory or a ckpt.pt); a broken one of ours raises instead of passing as something else."""
     try:
-        return resolve_checkpoint(path, which)
+        return resolve_checkpoint(path, which, retry)
     except CheckpointError:
         if is_checkpoint(path) or os.path.isdir(os.path.join(path, ROOT)):
             raise
         return None
 
 
-def verify_checkpoint(path: str) -> dict:
+def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
     """The manifest, after checking that every listed file exists with its recorded sha256."""
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); "
-                              f"use another checkpoint or --init_from scratch") from None
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); {retry}") from None
     except ValueError:
-        raise CheckpointError(f"{path}/{MANIFEST} is corrupt; use another checkpoint or --init_from scratch") from None
+        raise CheckpointError(f"{path}/{MANIFEST} is corrupt; {retry}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a forge_dist training checkpoint (format {manifest.get('format')!r})")
     for rel, digest in manifest["files"].items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; "
-                                  f"use an earlier checkpoint (--init_from_ckpt) or --init_from scratch")
+            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; {retry}")
         if _sha256(full) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256; "
-                                  f"use an earlier checkpoint (--init_from_ckpt) or --init_from scratch")
+            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256; {retry}")
     return manifest
 
 

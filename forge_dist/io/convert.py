@@ -1,13 +1,16 @@
 """forge-convert: between forge_dist's checkpoint directory, ReaLLM-Forge's ckpt.pt and transformers.
 
+    forge-convert out converted/ --to forge                   # a forge-train out_dir (its latest checkpoint)
+    forge-convert out/checkpoints/iter_0000500 m500/ --to reallm-forge   # one checkpoint of it
     forge-convert out/ckpt.pt converted/ --to forge           # ReaLLM-Forge -> forge_dist
     forge-convert converted/ out2/ --to reallm-forge          # -> out2/ckpt.pt (or DST.pt)
     forge-convert out/checkpoints/iter_0000100 model/ --to forge   # a DeepSpeed checkpoint (ZeRO 0-3, any TP)
     forge-convert converted/ hf/ --to hf --dataset shakespeare_char  # -> transformers (+ tokenizer)
     forge-convert hf/ back/ --to forge                        # a transformers directory (safetensors)
 
-The source format is detected. Weights and the model configuration convert exactly; iter_num,
-best_val_loss and ReaLLM-Forge's run ``config`` travel along; optimizer state does not.
+The source format is detected; a forge-train checkpoint is verified against its checksums first.
+Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
+ReaLLM-Forge's run ``config`` travel along; optimizer state does not.
 """
 from __future__ import annotations
 
@@ -17,10 +20,31 @@ import sys
 from typing import List, Optional
 
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.io import deepspeed_ckpt, forge_format, reallm_forge
+from forge_dist.io import checkpoint_read, deepspeed_ckpt, forge_format, reallm_forge
 from forge_dist.io.pretrained import load_any
 
 TARGETS = ("forge", "reallm-forge", "hf")
+
+
+def load_source(src: str):
+    """(model, training info) of ``src``. A forge-train out_dir, its checkpoints/ folder or one
+    checkpoints/iter_N is verified against its manifest first (a flipped byte is refused, never
+    converted); its tokenizer and iteration travel along."""
+    found = checkpoint_read.find_training_checkpoint(src, retry=checkpoint_read.CONVERT_RETRY)
+    if found is None:
+        load = deepspeed_ckpt.load_deepspeed if deepspeed_ckpt.is_deepspeed_checkpoint(src) else load_any
+        return load(src)
+    checkpoint_read.verify_checkpoint(found, retry=checkpoint_read.CONVERT_RETRY)
+    if deepspeed_ckpt.is_deepspeed_checkpoint(found):  # ZeRO shards: model/ may hold a partition only
+        model, training = deepspeed_ckpt.load_deepspeed(found)
+    else:
+        model, training = load_any(os.path.join(found, checkpoint_read.MODEL_DIR))
+    state = checkpoint_read.load_trainer_state(found)
+    training = dict(training)
+    for key in ("tokenizer", "data_dir"):  # checkpoints written before model/ carried them
+        if state.get(key) and not training.get(key):
+            training[key] = state[key]
+    return model, training
 
 
 def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=None) -> str:
@@ -29,15 +53,17 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
     ``tokenizer`` (a forge_dist Tokenizer) goes along with --to hf."""
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r} is not a checkpoint format; valid values: {', '.join(TARGETS)}")
-    load = deepspeed_ckpt.load_deepspeed if deepspeed_ckpt.is_deepspeed_checkpoint(src) else load_any
-    model, training = load(src)
+    model, training = load_source(os.fspath(src))
     dst = os.fspath(dst)
     if to == "forge":
         forge_format.save_pretrained(model, dst, training=training)
         return dst
     if to == "hf":
+        from forge_dist.data.tokenizers import tokenizer_from_spec
         from forge_dist.io.hf import save_hf
 
+        if tokenizer is None and training.get("tokenizer"):
+            tokenizer = tokenizer_from_spec(training["tokenizer"])
         return save_hf(model, dst, tokenizer=tokenizer)
     return reallm_forge.save_ckpt(model, dst, training=training, layout=layout)
 
@@ -45,12 +71,13 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="forge-convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="forge_dist checkpoint directory, ReaLLM-Forge ckpt.pt, or its out_dir, or a DeepSpeed "
-                               "checkpoint of forge-train (its deepspeed/ folder or the checkpoint holding it)")
+    p.add_argument("src", help="a forge-train out_dir or one of its checkpoints (checkpoints/iter_N, verified "
+                               "first), a forge_dist model directory, a ReaLLM-Forge ckpt.pt or its out_dir, a "
+                               "transformers directory, or a DeepSpeed save directory")
     p.add_argument("dst", help="output: a directory (forge), or a .pt file / out_dir (reallm-forge)")
     p.add_argument("--to", required=True, choices=TARGETS, help="output format (hf: a transformers directory)")
     p.add_argument("--dataset", default=None, help="--to hf: export this dataset's tokenizer with the model "
-                                                    "(byte and char tokenizers)")
+                                                    "(default: the tokenizer the checkpoint carries)")
     p.add_argument("--layout", default="snapshot", choices=reallm_forge.LAYOUTS,
                    help="ReaLLM-Forge version to write for --to reallm-forge: the reference snapshot "
                         "(42dfe7f, peri-LN out_ln_*) or latest upstream (peri_ln_*, (1,) embedding_scale)")

@@ -29,6 +29,7 @@ in the ckpt.pt under ``forge_dist_tensors``, which upstream ignores.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -47,6 +48,8 @@ from forge_dist.io.state import load_state
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args")
 EXTRA_KEY = "forge_dist_tensors"  # ckpt.pt entry for Conversion.extra (upstream reads only "model")
+TOKENIZER_KEY = "forge_dist_tokenizer"  # the tokenizer's spec() as JSON text, so the file samples on its own
+DATA_DIR_KEY = "forge_dist_data_dir"  # the dataset folder the run trained on, so forge-eval finds it
 
 LAYOUTS = ("snapshot", "latest")  # ReaLLM-Forge versions an export can target (module docstring)
 
@@ -323,6 +326,13 @@ def load_ckpt(path: str):
         training["best_val_loss"] = float(best.item() if isinstance(best, torch.Tensor) else best)
     if isinstance(ckpt.get("config"), dict):
         training["reallm_forge_config"] = ckpt["config"]
+    if isinstance(ckpt.get(TOKENIZER_KEY), str):
+        try:
+            training["tokenizer"] = json.loads(ckpt[TOKENIZER_KEY])
+        except ValueError:
+            raise CheckpointError(f"{ckpt_path(path)}: {TOKENIZER_KEY} is not valid JSON") from None
+    if isinstance(ckpt.get(DATA_DIR_KEY), str):
+        training["data_dir"] = ckpt[DATA_DIR_KEY]
     return model, training
 
 
@@ -360,5 +370,9 @@ def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "
     }
     if conv.extra:
         ckpt[EXTRA_KEY] = conv.extra
+    if training.get("tokenizer"):
+        ckpt[TOKENIZER_KEY] = json.dumps(training["tokenizer"])
+    if training.get("data_dir"):
+        ckpt[DATA_DIR_KEY] = str(training["data_dir"])
     write_file_atomic(file, lambda tmp: torch.save(ckpt, tmp))
     return file

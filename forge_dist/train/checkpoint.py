@@ -99,7 +99,9 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
     if ctx.is_main:
         best = trainer_state.get("best_val_loss")
         save_weights(model, tmp, {"iter_num": iteration,
-                                  "best_val_loss": best if best is not None and math.isfinite(best) else None},
+                                  "best_val_loss": best if best is not None and math.isfinite(best) else None,
+                                  # model/ samples and evaluates on its own
+                                  "tokenizer": trainer_state.get("tokenizer"), "data_dir": trainer_state.get("data_dir")},
                      state=full)
         save_state(trainer_state, tmp, "trainer_state")
     ctx.barrier()

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import List, Optional, Sequence
 
 from forge_dist.config import arguments
@@ -117,6 +118,19 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
     return out
 
 
+def quiet_libraries() -> None:
+    """Silence what is not ours to fix: DeepSpeed warns "Setting accelerator to CPU" on every
+    import where it has to guess (so we tell it, when no GPU is visible), and torch deprecates
+    collectives that DeepSpeed still calls."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf".*{name}` is deprecated", category=FutureWarning)
+
+
 def refuse(message: str, quiet: bool) -> None:
     """A refusal every rank of a launch reaches alike: rank 0 prints the line and exits 2.
 
@@ -150,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
     from forge_dist.train.trainer import Trainer, summary
 
+    quiet_libraries()
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
     groups = option_groups()
     quiet = False
@@ -179,8 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os._exit(EXIT_LOST_RANK)
     except KeyboardInterrupt:
         if not quiet:
-            print(f"\n{PROG}: interrupted; resume with: {PROG} --out_dir {resolved.train_cfg.out_dir} "
-                  f"--init_from resume", file=sys.stderr)
+            print(f"\n{PROG}: interrupted; resume with: {arguments.runnable(PROG)} --out_dir "
+                  f"{resolved.train_cfg.out_dir} --init_from resume", file=sys.stderr)
         return 130
     if text is not None:
         print(text, flush=True)

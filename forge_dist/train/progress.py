@@ -15,7 +15,8 @@ def human(n: float) -> str:
 
 
 def fmt_mfu(mfu: Optional[float]) -> str:
-    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+    """``, MFU x%`` when the device's peak is known, else nothing (the run says why once, at start)."""
+    return "" if mfu is None else f", MFU {100 * mfu:.1f}%"
 
 
 def fmt_time(seconds: float) -> str:
@@ -53,7 +54,7 @@ class Progress:
             return
         # loss is the cross-entropy; an MoE run's auxiliary losses (added for the backward) beside it
         aux = f" (aux {record['aux_loss']:.4f})" if record.get("aux_loss") is not None else ""
-        stats = f"loss {record['loss']:.4f}{aux}, {human(record['tokens_per_s'])} tok/s, MFU {fmt_mfu(record['mfu'])}"
+        stats = f"loss {record['loss']:.4f}{aux}, {human(record['tokens_per_s'])} tok/s{fmt_mfu(record['mfu'])}"
         if self._bar is not None:
             self._bar.set_description_str(stats, refresh=False)
             self._bar.update(done - self._bar.n)

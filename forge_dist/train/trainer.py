@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
+from forge_dist.config.arguments import dump_options, runnable
 from forge_dist.train import checkpoint as ckpt
-from forge_dist.config.arguments import dump_options
 from forge_dist.train.build import Run
 from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
@@ -374,6 +374,6 @@ def summary(result: TrainResult, run: Run) -> str:
     latest = f" (latest checkpoint: {os.path.basename(result.checkpoint)})" if result.checkpoint else ""
     lines.append(f"wrote {os.path.join(out, '')}: {', '.join(written)}{latest}")
     if result.checkpoint:
-        lines.append(f"next: forge-sample --out_dir {out}   |   forge-train --out_dir {out} --init_from resume "
-                     f"--max_iters {2 * max(run.train_cfg.max_iters, 1)}")
+        lines.append(f"next: {runnable('forge-sample')} --out_dir {out}   |   {runnable('forge-train')} --out_dir "
+                     f"{out} --init_from resume --max_iters {2 * max(run.train_cfg.max_iters, 1)}")
     return "\n".join(lines)

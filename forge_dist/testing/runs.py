@@ -27,28 +27,39 @@ def parallel_context(rank: int, world_size: int, tp: int = 1):
                       groups=groups, parallel_config=pcfg, launcher="env")
 
 
-def build(argv: Sequence[str], ctx):
-    """The Run forge-train would build from ``argv`` on this rank."""
+def parse(argv: Sequence[str]):
     from forge_dist.presets import read_preset
     from forge_dist.train.arguments import parse_options
+    from forge_dist.train.cli import option_groups
+
+    return parse_options(list(argv), "forge-train", option_groups(), read_preset())
+
+
+def build_parsed(parsed, ctx):
     from forge_dist.train.build import build_run
     from forge_dist.train.cli import option_groups
     from forge_dist.train.parallel_engine import parallel_engine_factory
 
-    groups = option_groups()
-    parsed = parse_options(list(argv), "forge-train", groups, read_preset())
-    return build_run(parsed, groups, ctx, parallel_engine_factory)
+    return build_run(parsed, option_groups(), ctx, parallel_engine_factory)
+
+
+def build(argv: Sequence[str], ctx):
+    """The Run forge-train would build from ``argv`` on this rank."""
+    return build_parsed(parse(argv), ctx)
 
 
 def fit(argv: Sequence[str], ctx, hook: Optional[Callable] = None):
     """Train as forge-train would on this rank; the TrainResult. ``hook(run)`` may change the built
     run first (a drill's fault injection: see ``in_step``)."""
-    from forge_dist.train.trainer import Trainer
+    from forge_dist.train.rollback import train
 
-    run = build(argv, ctx)
-    if hook is not None:
-        hook(run)
-    return Trainer(run).fit()
+    def built(parsed):
+        run = build_parsed(parsed, ctx)
+        if hook is not None:
+            hook(run)
+        return run
+
+    return train(built, parse(argv), ctx)[0]
 
 
 def in_step(call: int, action: Callable) -> Callable:

@@ -20,6 +20,7 @@ from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.train.options import CHOICES as TRAIN_CHOICES, EngineOptions, TrainConfig
+from forge_dist.train.bad_steps import BAD_STEP_HELP, MODES as BAD_STEP_MODES, BadStepOptions
 from forge_dist.train.reliability import DIAGNOSTICS_HELP, DiagnosticsOptions, diagnostics_options
 
 PROG = "forge-train"
@@ -91,6 +92,7 @@ def option_groups() -> List[OptionGroup]:
                     resumable=False),
         OptionGroup("engine", EngineOptions, help=ENGINE_HELP, resumable=False),
         OptionGroup("diagnostics", DiagnosticsOptions, help=DIAGNOSTICS_HELP, resumable=False),
+        OptionGroup("bad steps", BadStepOptions, help=BAD_STEP_HELP, choices={"on_bad_step": BAD_STEP_MODES}),
     ]
 
 
@@ -162,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.train.launch import detect_env, plan_launch
     from forge_dist.parallel.flight import CollectiveMismatch
     from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
-    from forge_dist.train.trainer import Trainer, summary
+    from forge_dist.train.rollback import train
+    from forge_dist.train.trainer import summary
 
     quiet_libraries()
     argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
@@ -176,15 +179,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
         check_data(resolved, launch.dp_size)
         diagnostics_options(resolved.values)
+        BadStepOptions.from_values(resolved.values)
     except (ConfigError, CheckpointError) as e:
         refuse(str(e), quiet)
     try:
         with launch.start() as ctx:
-            try:
-                run = build_run(parsed, groups, ctx, launch.engine_factory, resolved)
-            except (ConfigError, CheckpointError) as e:
-                fail(f"rank {ctx.rank}: {e}" if ctx.distributed else str(e))
-            result = Trainer(run).fit()
+            def build(options):  # the first run, then the rebuilds of a rollback (bad_steps.py)
+                try:
+                    return build_run(options, groups, ctx, launch.engine_factory,
+                                     resolved if options is parsed else None)
+                except (ConfigError, CheckpointError) as e:
+                    fail(f"rank {ctx.rank}: {e}" if ctx.distributed else str(e))
+
+            result, run = train(build, parsed, ctx, write=lambda line: print(line, file=sys.stderr))
             text = summary(result, run) if ctx.is_main else None
             del run  # the model and engine go before the process groups do (Launch.start)
     except (CollectiveFailure, CollectiveMismatch) as e:
@@ -199,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     if text is not None:
         print(text, flush=True)
-    return 1 if result.stop_reason == "nan" else 0
+    return 1 if result.stop_reason in ("nan", "spike") else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ Per iteration ``it`` (0-based; ``it`` steps are done when it starts), as ReaLLM-
   2. stop at max_iters
   3. the model's per-step settings (ModelFeatures.begin_step: the quantization schedule's
      iteration, the LSV index of the dataset drawn for ``it``), then
-     engine.forward_backward(this rank's micro-batches of ``it``); a NaN/inf loss on any rank
-     stops every rank here, before the step, so the last checkpoint stays the last good state
+     engine.forward_backward(this rank's micro-batches of ``it``); a bad step (NaN/inf loss or
+     gradient, a loss spike) on any rank is handled by every rank here, before the update, as
+     --on_bad_step says (train/bad_steps.py: skip, rollback to the last checkpoint, or stop)
   4. engine.step(lr(it)); log every log_interval iterations (``loss`` is the cross-entropy; MoE
      runs add ``aux_loss``, the auxiliary losses that were backpropagated with it)
   5. a preemption signal (SIGTERM, SIGUSR1) on any rank stops every rank here, after the step
@@ -32,6 +33,7 @@ import torch
 
 from forge_dist.config.arguments import dump_options, runnable
 from forge_dist.train import checkpoint as ckpt
+from forge_dist.train.bad_steps import BadStepOptions, BadSteps
 from forge_dist.train.build import Run
 from forge_dist.train.features import ModelFeatures, StepParts
 from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metrics, rewind_metrics
@@ -51,17 +53,18 @@ NAN_FILE = "nan_iter_num.txt"  # upstream's name
 class TrainResult:
     out_dir: str
     iteration: int
-    stop_reason: str  # "max_iters" | "patience" | "nan" | "preempted"
+    stop_reason: str  # "max_iters" | "patience" | "nan" | "spike" | "preempted" | "rollback"
     best_val_loss: float
     checkpoint: Optional[str]
     wall_s: float
     nan_iter: Optional[int] = None
     sample: Optional[str] = None
     stopped_by: Optional[str] = None  # the preemption signal
+    bad_step: Optional[str] = None  # why the last bad step was bad
 
 
 class Trainer:
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, bad_steps: Optional[BadSteps] = None):
         self.run, self.cfg, self.ctx, self.engine = run, run.train_cfg, run.ctx, run.engine
         self.schedule = LRSchedule.from_config(self.cfg)
         self.out_dir = self.cfg.out_dir
@@ -77,6 +80,8 @@ class Trainer:
         self.multi = hasattr(run.loader, "dataset_index")  # --dataset_list: a MultiDatasetLoader
         self.evaluated_at: Optional[int] = None
         self.preemption = Preemption()
+        self.bad_steps = bad_steps or BadSteps(BadStepOptions.from_values(run.values), self.out_dir, self.ctx.is_main)
+        self.bad_steps.load_state_dict((run.resumed_state or {}).get("bad_steps"))
         opts = diagnostics_options(run.values)
         self.diagnostics = Diagnostics(self.ctx, self.out_dir, opts.collective_timeout_s, opts.debug_collectives)
         self.compute_s = 0.0  # this rank's last step, outside collectives (the straggler metrics)
@@ -141,6 +146,7 @@ class Trainer:
                 # rank's dropout masks; the layout says when it is the same
                 "rng_ranks": self.ctx.gather_object(ckpt.rng_state()), "layout": self.ctx.layout(),
                 "engine": getattr(self.engine, "name", type(self.engine).__name__),
+                "bad_steps": self.bad_steps.state_dict(),
                 # False only when a preemption saved before the evaluation that was due at ``it``
                 "eval_done": self.evaluated_at == it or not (it % self.cfg.eval_interval == 0
                                                              or it == self.cfg.max_iters)}
@@ -173,8 +179,8 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def _step(self, it: int):
-        """One optimizer step; (loss, stats, parts, dataset), or None when the loss is not finite on
-        some rank. ``loss`` is what the engine backpropagated (cross-entropy + MoE auxiliary losses)."""
+        """One optimizer step; (loss, stats, parts, dataset), or why the step is bad on some rank (no
+        update made). ``loss`` is what the engine backpropagated (cross-entropy + MoE auxiliary losses)."""
         start, recorder = time.perf_counter(), self.ctx.recorder
         if recorder is not None:
             recorder.take_comm_seconds()
@@ -185,8 +191,10 @@ class Trainer:
             loss = self.engine.forward_backward(micro_batches)
         finally:
             parts = self.features.end_step()
-        if self.ctx.any(not bool(torch.isfinite(loss))):
-            return None
+        reason = self.bad_steps.check(loss, self.engine, self.ctx)
+        if reason is not None:
+            return reason
+        self.bad_steps.good()
         stats = self.engine.step(self.schedule(it))
         self.compute_s = time.perf_counter() - start - (recorder.take_comm_seconds() if recorder is not None else 0.0)
         return loss, stats, parts, dataset
@@ -246,10 +254,22 @@ class Trainer:
                         break
                 if it >= cfg.max_iters:
                     break
+                if it in self.bad_steps.skip_iters:  # a batch a rollback dropped
+                    self.bad_steps.log(it, "dropped by a rollback", "skipped", progress.write, metrics)
+                    it += 1
+                    continue
                 stepped = self._step(it)
-                if stepped is None:
-                    stop, nan_iter = "nan", it
-                    break
+                if isinstance(stepped, str):  # a bad step: skip, rollback or stop
+                    action = self.bad_steps.decide(it, stepped, self.engine, progress.write, metrics,
+                                                   self.last_checkpoint)
+                    if action != "skip":
+                        stop, nan_iter = ("rollback" if action == "rollback" else self.bad_steps.stop_reason()), it
+                        break
+                    if pending is not None:
+                        metrics.log(pending)
+                        pending = None
+                    it += 1
+                    continue
                 logged = it % cfg.log_interval == 0 or it + 1 == cfg.max_iters
                 if logged:
                     now = time.time()
@@ -277,15 +297,15 @@ class Trainer:
             self.features.close()
         if stop == "nan":
             self._record_nan(nan_iter, metrics)
-        else:
+        elif stop not in ("spike", "rollback"):
             self.save(it, is_best=self.best_iter == it)
             self._save_obtained_vector(progress)
         metrics.close()
         result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter,
-                             stopped_by=self.preemption.signal_name)
-        if ctx.is_main:
+                             stopped_by=self.preemption.signal_name, bad_step=self.bad_steps.last_reason)
+        if ctx.is_main and stop != "rollback":
             plot_losses(read_metrics(self.out_dir), os.path.join(self.out_dir, PLOT_FILE))
-        if stop not in ("nan", "preempted"):  # a preempted run has seconds left: no sample
+        if stop in ("max_iters", "patience"):  # a preempted run has seconds left: no sample
             sample = self.sample()  # every rank calls: the engine decides who runs the forward
             if ctx.is_main:
                 result.sample = sample
@@ -359,9 +379,10 @@ def summary(result: TrainResult, run: Run) -> str:
     if result.sample is not None:
         lines += ["--- sample ---", result.sample.strip("\n"), "--------------"]
     best = f"best val loss {result.best_val_loss:.4f}" if math.isfinite(result.best_val_loss) else "no evaluation"
-    if result.stop_reason == "nan":
-        lines.append(f"stopped: the loss became NaN/inf at iteration {result.nan_iter} (recorded in "
-                     f"{os.path.join(out, NAN_FILE)}); last good checkpoint: {result.checkpoint or 'none saved'}")
+    if result.stop_reason in ("nan", "spike"):
+        lines.append(f"stopped: bad step at iteration {result.nan_iter}: {result.bad_step}"
+                     + (f" (recorded in {os.path.join(out, NAN_FILE)})" if result.stop_reason == "nan" else "")
+                     + f"; last good checkpoint: {result.checkpoint or 'none saved'}")
     elif result.stop_reason == "preempted":
         lines.append(f"preempted ({result.stopped_by}): stopped at iteration "
                      f"{result.iteration} after {fmt_time(result.wall_s)}; checkpoint "

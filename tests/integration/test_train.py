@@ -102,7 +102,7 @@ def test_nan_stop_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
         return original(self, micro_batches)
 
     monkeypatch.setattr(LocalEngine, "forward_backward", poisoned)
-    assert train(dataset, tmp_path, "--max_iters", "20", "--always_save_checkpoint") == 1
+    assert train(dataset, tmp_path, "--max_iters", "20", "--always_save_checkpoint", "--on_bad_step", "stop") == 1
     assert (tmp_path / "nan_iter_num.txt").read_text().strip() == "7"
     assert read_metrics(str(tmp_path))[-1] == {"iter": 7, "nan_stop": True}
     last = ckpt.resolve_checkpoint(str(tmp_path))
@@ -133,7 +133,8 @@ def _train_rank(rank, world_size, dataset, out_dir):
 
         LocalEngine.forward_backward = poisoned
     groups = option_groups()
-    parsed = parse_options(TINY + ["--dataset", dataset, "--out_dir", out_dir, "--max_iters", "10"], "forge-train",
+    parsed = parse_options(TINY + ["--dataset", dataset, "--out_dir", out_dir, "--max_iters", "10", "--on_bad_step",
+                                   "stop"], "forge-train",
                            groups, read_preset())
     ctx = RunContext(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
     result = Trainer(build_run(parsed, groups, ctx)).fit()

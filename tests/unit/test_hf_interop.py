@@ -174,16 +174,24 @@ def test_import_refuses_pickle_unknown_architecture_and_fields(tmp_path):
         _fake_pickle_dir(tmp_path / "bin", hf)
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
         load_hf(tmp_path / "bin")
+    from forge_dist.io.convert import main as convert_main
+
+    assert convert_main([str(tmp_path / "bin"), str(tmp_path / "out"), "--to", "forge"]) == 2  # one line, no traceback
+    assert not (tmp_path / "out").exists()
     hf.save_pretrained(tmp_path / "ok")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     for change, word in ((dict(architectures=["GPTNeoXForCausalLM"]), "GPTNeoXForCausalLM"),
                          (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
                           "rope_parameters"),
                          (dict(some_new_field=1), "some_new_field"),
+                         (dict(max_position_embeddings=None), "max_position_embeddings"),
                          (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act")):
         (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(ConfigError, match=word):
             load_hf(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "intermediate_size"}))
+    with pytest.raises(ConfigError, match="lacks the field 'intermediate_size'"):
+        load_hf(tmp_path / "ok")
 
 
 def _can_save_pickle():

@@ -104,6 +104,9 @@ def read_hf_config(path: str):
         return family, ModelConfig(**family.from_hf_config(hf))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except KeyError as e:  # we never guess a size the file leaves to transformers' defaults
+        raise ConfigError(f"{path}: config.json of {name} lacks the field {e.args[0]!r}; forge_dist needs it "
+                          f"stated (re-save the config with transformers)") from None
 
 
 def load_hf(path: str):

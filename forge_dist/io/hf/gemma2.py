@@ -33,6 +33,7 @@ class Gemma2(RotaryDecoder):
     model_type = "gemma2"
     has_biases = True
     has_window = True
+    default_tied = True
     fixed = {**RotaryDecoder.fixed, "use_peri_ln": True, "use_embedding_scale": True}
     mapped = RotaryDecoder.mapped + ("attn_logit_softcapping", "final_logit_softcapping")
     norm_transform = _gain_offset()

@@ -37,6 +37,8 @@ class RotaryDecoder(Family):
 
     has_biases = False  # attention_bias / mlp_bias fields
     has_window = False  # sliding_window field
+    default_eps = 1e-6  # the architecture's rms_norm_eps when config.json leaves it out
+    default_tied = False  # its tie_word_embeddings default
     fixed = {"use_abs_pos_embeddings": False, "use_rotary_embeddings": True, "mlp_variant": "swiglu"}
     mapped = ("block_size", "vocab_size", "n_layer", "n_head", "n_kv_group", "n_embd", "mlp_size",
               "mlp_expansion_factor", "wte_weight_tying", "rmsnorm_eps", "rope_length", "activation_variant",
@@ -101,14 +103,14 @@ class RotaryDecoder(Family):
         if "rope_parameters" not in hf and "rope_theta" not in hf:  # the architecture's own default applies
             raise ConfigError(f"config.json of {self.architecture} names no rope_parameters/rope_theta; "
                               f"forge_dist needs rope_theta={ROPE_THETA:g}")
-        eps = float(hf.get("rms_norm_eps", 1e-6))
+        eps = float(hf.get("rms_norm_eps", self.default_eps))
         window = hf.get("sliding_window") if self.has_window else None
         kv = hf.get("num_key_value_heads") or H
         return dict(vocab_size=hf["vocab_size"], n_embd=C, n_head=H, n_kv_group=None if kv == H else kv,
                     n_layer=hf["num_hidden_layers"], mlp_size=hf["intermediate_size"],
                     block_size=hf["max_position_embeddings"], rmsnorm_eps=eps or None,
                     activation_variant={v: k for k, v in ACTIVATIONS.items()}[hf.get("hidden_act", "silu")],
-                    wte_weight_tying=hf.get("tie_word_embeddings", False),
+                    wte_weight_tying=hf.get("tie_word_embeddings", self.default_tied),
                     bias=bool(hf.get("attention_bias", False)), mlp_up_bias=bool(hf.get("mlp_bias", False)),
                     mlp_down_bias=bool(hf.get("mlp_bias", False)),
                     window_size=None if window is None else window - 1, **self.fixed)

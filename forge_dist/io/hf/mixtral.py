@@ -24,6 +24,7 @@ class Mixtral(RotaryDecoder):
     architecture = "MixtralForCausalLM"
     model_type = "mixtral"
     has_window = True
+    default_eps = 1e-5
     fixed = {**RotaryDecoder.fixed, "use_moe": True, "moe_layer_freq": 1, "moe_router_scheme": "softmax",
              "moe_capacity_factor": None}
     mapped = RotaryDecoder.mapped + ("n_experts", "moe_top_k")

@@ -1,6 +1,10 @@
 """``--device`` and ``--dtype``: what ``auto`` means here, and the combinations that cannot run,
-refused before anything is built (shared by forge-train, forge-sample and forge-eval)."""
+refused before anything is built (shared by forge-train, forge-sample and forge-eval), and the
+accelerator noise of the libraries we drive."""
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -32,3 +36,13 @@ def check_device(device: str, dtype: str) -> None:
     if dtype == "float16" and not device.startswith("cuda"):
         raise ConfigError("dtype=float16 runs on CUDA GPUs only (with a gradient scaler for training); "
                           "use --dtype bfloat16 (or float32) on CPU")
+
+
+def quiet_libraries() -> None:
+    """Silence what is not ours to fix: DeepSpeed warns "Setting accelerator to CPU" on every
+    import where it has to guess (so we tell it, when no GPU is visible), and torch deprecates
+    collectives that DeepSpeed still calls."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+        warnings.filterwarnings("ignore", message=rf".*{name}` is deprecated", category=FutureWarning)

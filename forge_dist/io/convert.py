@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from forge_dist.config.device import quiet_libraries
+
+    quiet_libraries()  # a DeepSpeed source imports deepspeed
     args = build_parser().parse_args(argv)
     try:
         tokenizer = None

@@ -10,11 +10,11 @@ import json
 import os
 import sys
 import time
-import warnings
 from typing import List, Optional, Sequence
 
 from forge_dist.config import arguments
 from forge_dist.config.arguments import OptionGroup, parse_options
+from forge_dist.config.device import quiet_libraries
 from forge_dist.config.model_config import ModelConfig
 from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
@@ -118,19 +118,6 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
             continue
         out.append(arg)
     return out
-
-
-def quiet_libraries() -> None:
-    """Silence what is not ours to fix: DeepSpeed warns "Setting accelerator to CPU" on every
-    import where it has to guess (so we tell it, when no GPU is visible), and torch deprecates
-    collectives that DeepSpeed still calls."""
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["DS_ACCELERATOR"] = "cpu"
-    for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
-        warnings.filterwarnings("ignore", message=rf".*{name}` is deprecated", category=FutureWarning)
 
 
 def refuse(message: str, quiet: bool) -> None:

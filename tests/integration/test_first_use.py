@@ -20,7 +20,7 @@ from forge_dist.io.convert import main as convert_main
 from forge_dist.io.reallm_forge import TOKENIZER_KEY
 from forge_dist.testing.data import corpus_dataset
 from forge_dist.train.cli import main as train_main
-from forge_dist.train.cli import quiet_libraries
+from forge_dist.config.device import quiet_libraries
 from forge_dist.train.progress import fmt_mfu
 
 ROOT = Path(__file__).resolve().parents[2]

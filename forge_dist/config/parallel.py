@@ -26,7 +26,8 @@ def _divisors(n: int) -> List[int]:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1  # validated now; used by the pipeline engine
-    expert_parallel_size: int = 1  # validated now; used by expert parallelism
+    expert_parallel_size: int = 1  # experts of each MoE layer split over this many data-parallel replicas
+    expert_tensor_parallel_size: Optional[int] = None  # None: tensor_parallel_size; 1: experts whole
     sequence_parallel: bool = False  # split the residual stream along the sequence over TP ranks
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this x TP (Megatron)
     dist_timeout_minutes: float = 30.0  # collective timeout: a hung rank fails instead of waiting forever
@@ -38,6 +39,10 @@ class ParallelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r} must be a positive integer")
+        etp = self.expert_tensor_parallel_size
+        if etp is not None and (not isinstance(etp, int) or isinstance(etp, bool) or etp < 1):
+            raise ConfigError(f"expert_tensor_parallel_size={etp!r} must be a positive integer (1 or "
+                              f"tensor_parallel_size) or unset")
         if not isinstance(self.sequence_parallel, bool):
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if not (isinstance(self.dist_timeout_minutes, (int, float)) and self.dist_timeout_minutes > 0):
@@ -65,6 +70,9 @@ class ParallelConfig:
         if model_config.use_moe and model_config.n_experts % ep:
             raise ConfigError(f"n_experts={model_config.n_experts} is not divisible by expert_parallel_size={ep}; "
                               f"choose ep among {_divisors(model_config.n_experts)} or change n_experts")
+        from forge_dist.parallel.expert.placement import check_expert_parallel
+
+        check_expert_parallel(model_config, self)
         if self.sequence_parallel and tp > 1 and model_config.block_size % tp:
             raise ConfigError(f"sequence_parallel splits block_size={model_config.block_size} tokens over "
                               f"tensor_parallel_size={tp}; use a block_size divisible by {tp} or disable it")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -93,20 +93,45 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: Optional[
     return None if factor is None else math.ceil(factor * n_tokens * top_k / n_experts)
 
 
-def plan_dispatch(experts: torch.Tensor, n_experts: int, capacity: Optional[int]) -> DispatchPlan:
+def plan_dispatch(experts: torch.Tensor, n_experts: int, capacity: Optional[int],
+                  capacity_groups: int = 1) -> DispatchPlan:
     """Group the (N, k) assignments by expert. Priority inside an expert: every token's first
-    choice before any second choice, then token order; beyond ``capacity`` they are dropped."""
+    choice before any second choice, then token order; beyond ``capacity`` they are dropped.
+    With ``capacity_groups`` g the N tokens are g equal contiguous groups and ``capacity`` is
+    counted per expert in each group: what g data-parallel ranks holding one group each do."""
     N, k = experts.shape
     flat = experts.t().reshape(-1)  # (k*N,) slot-major: index j * N + n
-    order = torch.argsort(flat, stable=True)  # by expert, priority preserved inside each
     routed = torch.bincount(flat, minlength=n_experts)
-    counts = routed
-    if capacity is not None:
-        starts = torch.cumsum(routed, 0) - routed
-        rank = torch.arange(order.numel(), device=order.device) - starts[flat[order]]
-        order = order[rank < capacity]
-        counts = routed.clamp(max=capacity)
+    if capacity is None:
+        order = torch.argsort(flat, stable=True)  # by expert, priority preserved inside each
+        return DispatchPlan(order % N, order, routed, routed, routed.sum() * 0)
+    if N % capacity_groups:
+        raise ValueError(f"{N} tokens do not split into capacity_groups={capacity_groups}")
+    # bucket = (expert, group); rank inside a bucket in priority order, cut at capacity
+    bucket = flat * capacity_groups + (torch.arange(k * N, device=flat.device) % N) // (N // capacity_groups)
+    order = torch.argsort(bucket, stable=True)
+    sizes = torch.bincount(bucket, minlength=n_experts * capacity_groups)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(order.numel(), device=order.device) - starts[bucket[order]]
+    order = order[rank < capacity]  # still sorted by expert (the bucket's major key)
+    counts = torch.bincount(flat[order], minlength=n_experts)
     return DispatchPlan(order % N, order, counts, routed, routed.sum() - counts.sum())
+
+
+def run_grouped(experts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(M, C) tokens grouped by expert, ``counts[i]`` of them for ``experts[i]``, -> (M, C). Every
+    expert runs, even on no tokens, so all parameters stay in the graph (DDP, ZeRO)."""
+    chunks = torch.split(x, counts.tolist())
+    return torch.cat([e(c.unsqueeze(0)).squeeze(0) for e, c in zip(experts, chunks)])
+
+
+class ExpertList(nn.ModuleList):
+    """The n_experts MLPs (state-dict names ``experts.{e}.*``); called on tokens grouped by expert.
+    Expert parallelism (forge_dist.parallel.expert) replaces it by its local experts plus the
+    all-to-all token exchange, with the same call signature."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # (M, C), (E,) -> (M, C)
+        return run_grouped(self, x, counts)
 
 
 class MoELayer(nn.Module):
@@ -120,7 +145,13 @@ class MoELayer(nn.Module):
         self.aux_loss_coef = config.moe_aux_loss_coef
         self.z_loss_coef = config.moe_z_loss_coef
         self.router = ROUTER.build(config.moe_router_scheme, config, option="moe_router_scheme")
-        self.experts = nn.ModuleList(build_mlp(config, layer_idx) for _ in range(config.n_experts))
+        self.experts = ExpertList(build_mlp(config, layer_idx) for _ in range(config.n_experts))
+        # Set from outside by a parallel run (never by the model): the (E,) routed counts of the
+        # whole data-parallel batch from this process's counts, so the load-balancing loss is the
+        # one of the global batch; and how many equal token groups capacity is counted in (a
+        # one-process reference of a run with that many data-parallel ranks).
+        self.batch_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.capacity_groups = 1
         # Per-forward records; a module shared by several layers records every use (reset_moe_state
         # clears them at the start of each model forward).
         self.aux_losses: list = []  # with grad; collect_moe_aux_loss sums them
@@ -133,14 +164,13 @@ class MoELayer(nn.Module):
 
     # --- the four steps -------------------------------------------------------------------------
     def dispatch(self, x: torch.Tensor, routing: Routing):  # x (N, C) -> (M, C) grouped by expert
-        cap = expert_capacity(x.shape[0], self.top_k, self.n_experts, self.capacity_factor)
-        plan = plan_dispatch(routing.experts, self.n_experts, cap)
+        n = x.shape[0] // self.capacity_groups
+        cap = expert_capacity(n, self.top_k, self.n_experts, self.capacity_factor)
+        plan = plan_dispatch(routing.experts, self.n_experts, cap, self.capacity_groups)
         return x[plan.tokens], plan
 
     def run_experts(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:  # (M, C) -> (M, C)
-        # every expert runs, even on no tokens, so all parameters stay in the graph (DDP, ZeRO)
-        chunks = torch.split(x, counts.tolist())
-        return torch.cat([e(c.unsqueeze(0)).squeeze(0) for e, c in zip(self.experts, chunks)])
+        return self.experts(x, counts)
 
     def combine(self, y: torch.Tensor, routing: Routing, plan: DispatchPlan, n_tokens: int) -> torch.Tensor:
         w = routing.weights.t().reshape(-1)[plan.slots].unsqueeze(-1)  # (M, 1)
@@ -158,8 +188,13 @@ class MoELayer(nn.Module):
     # --- auxiliary losses and metrics ----------------------------------------------------------
     def load_balance_loss(self, routing: Routing, plan: DispatchPlan) -> torch.Tensor:
         """E * sum_e f_e P_e: f_e = share of the N*k assignments routed to e (before the capacity
-        cut), P_e = mean router probability of e. 1 for a perfectly uniform router."""
-        f = plan.routed.to(routing.probs.dtype) / plan.routed.sum()
+        cut), P_e = mean router probability of e. 1 for a perfectly uniform router.
+
+        Under data parallelism f_e counts the whole data-parallel batch (``batch_counts``) and
+        P_e is this rank's mean: every rank holds as many tokens, so the mean over ranks of this
+        loss is exactly the global batch's E sum f_e P_e, and so is its averaged gradient."""
+        routed = plan.routed if self.batch_counts is None else self.batch_counts(plan.routed)
+        f = routed.to(routing.probs.dtype) / routed.sum()
         return self.n_experts * torch.sum(f * routing.probs.mean(0))
 
     @staticmethod

@@ -22,7 +22,7 @@ import torch
 @dataclass(frozen=True)
 class CommEvent:
     phase: str  # forward | backward | grad_sync | other label given by the caller
-    kind: str  # all_reduce | all_gather | reduce_scatter
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
     group: str  # tp, dp, ... (the RankGroup's name)
     group_size: int
     nbytes: int
@@ -31,6 +31,8 @@ class CommEvent:
 
 def ring_traffic(kind: str, nbytes: int, n: int) -> float:
     """Bytes one rank sends for a collective over ``n`` ranks whose full payload is ``nbytes``."""
+    if kind == "all_to_all":  # nbytes is what this rank sends; it keeps its own 1/n on average
+        return (n - 1) / n * nbytes
     factor = 2.0 if kind == "all_reduce" else 1.0
     return factor * (n - 1) / n * nbytes
 

@@ -28,6 +28,9 @@ Choices, each for exactness against one process with dp times the batch:
                           used-parameter bitmap per step, inside DDP)
   forward_sync_buffers=False  buffers are equal on every replica by construction (same seed, same
                           checkpoint); broadcasting them would add a collective per forward
+  expert parameters       (declared with ``allreduce = False`` by forge_dist.parallel.expert) are
+                          ignored: each replica holds different experts, reduced over expert_dp
+                          by parallel/expert/grads.py
   the comm hook           torch's own allreduce_hook, reported to the RankGroup's counters
                           (``groups.count_collectives()``) and its flight recorder (in flight
                           until the Future completes) like every other collective
@@ -60,6 +63,10 @@ def data_parallel(model: nn.Module, groups: ProcessGroups, device: Optional[torc
     dp = groups.dp
     if dp.size == 1:
         return None
+    ignore = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+              if getattr(t, "allreduce", True) is False]
+    if ignore:  # experts placed over the EP group: not replicas of each other
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [device.index] if device is not None and device.type == "cuda" and device.index is not None else None
     ddp = DistributedDataParallel(model, device_ids=device_ids, process_group=dp.handle, bucket_cap_mb=bucket_cap_mb,
                                   find_unused_parameters=True, forward_sync_buffers=False,

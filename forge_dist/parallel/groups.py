@@ -109,6 +109,18 @@ class RankGroup:
             _reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=self.handle)
         return out.movedim(0, dim)
 
+    def all_to_all(self, x: torch.Tensor, output_splits: List[int], input_splits: List[int],
+                   phase: Optional[str] = None) -> torch.Tensor:
+        """Rows ``x[sum(input_splits[:j]) : ...]`` go to member j; the rows from member j arrive
+        as block j of the result (``output_splits[j]`` rows): torch's all_to_all_single."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
+        self._record("all_to_all", x.numel() * x.element_size(), phase)
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=self.handle)
+        return out
+
     def split(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This member's chunk of ``dim`` (no communication)."""
         if self.size == 1:

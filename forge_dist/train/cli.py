@@ -62,7 +62,10 @@ PARALLEL_HELP = {
     "tensor_parallel_size": "processes that split every layer (Megatron tensor parallelism); the launched "
                             "world must be a multiple of it, the remaining factor is data parallelism.",
     "pipeline_parallel_size": "validated; sizes other than 1 are refused until pipeline parallelism lands.",
-    "expert_parallel_size": "validated; sizes other than 1 are refused until expert parallelism lands.",
+    "expert_parallel_size": "split each MoE layer's experts over this many data-parallel replicas (tokens "
+                            "dispatched by all-to-all); must divide n_experts and the data-parallel size.",
+    "expert_tensor_parallel_size": "none: experts split over the tensor-parallel ranks like the MLP; 1: each "
+                                   "expert whole on every tensor-parallel rank.",
     "sequence_parallel": "split the residual stream along the sequence over the tensor-parallel ranks "
                          "(block_size must be divisible by tensor_parallel_size).",
     "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of this x tensor_parallel_size "

@@ -4,8 +4,10 @@ mpirun or srun (forge_dist.dist.env detects which).
 ``plan_launch`` decides everything that needs no other process, so bad input is refused with one
 line before any process group exists (a rendezvous with a rank that already left would hang):
 
-  * pipeline and expert parallelism: validated option values, but sizes other than 1 are refused
-    until the issue that brings them lands;
+  * pipeline parallelism: validated option values, but sizes other than 1 are refused until the
+    issue that brings it lands;
+  * expert parallelism: experts dividing over the expert-parallel size, which divides the
+    data-parallel size; MoE options only with --use_moe; no noisy routing (ParallelConfig.validate);
   * world size = tensor x pipeline x data-parallel sizes, heads / MLP width / KV groups divisible
     by tp in every layer, block_size divisible by tp under sequence parallelism
     (ParallelConfig.validate), and a tensor-parallel rule for every module of the model
@@ -36,8 +38,6 @@ from forge_dist.train.context import RunContext
 NOT_YET = {
     "pipeline_parallel_size": ("pipeline parallelism", "the pipeline-parallel issue that follows tensor "
                                                         "parallelism (issue 5)"),
-    "expert_parallel_size": ("expert parallelism", "the expert-parallel issue that follows tensor "
-                                                    "parallelism (issue 5)"),
 }
 DEEPSPEED_MODULE = "forge_dist.train.deepspeed_engine"
 DEEPSPEED_FACTORY = "deepspeed_engine_factory"
@@ -116,7 +116,7 @@ def check_parallel(pcfg: ParallelConfig, model_config, env) -> None:
         size = getattr(pcfg, name)
         if size != 1:
             raise ConfigError(f"{name}={size}: {what} is not implemented yet (it comes with {where}); "
-                              f"use {name}=1 (tensor_parallel_size and data parallelism work now)")
+                              f"use {name}=1 (tensor, expert and data parallelism work now)")
     try:
         pcfg.validate(model_config, env.world_size)
     except ConfigError as e:

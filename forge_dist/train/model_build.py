@@ -58,18 +58,22 @@ def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_pa
 
 
 def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.Module:
-    """A launched run's model before any engine sees it: sharded over ctx.groups.tp when
+    """A launched run's model before any engine sees it: experts placed over ctx.groups.ep
+    (forge_dist.parallel.expert), sharded over ctx.groups.tp when
     tensor_parallel_size > 1 (sliced from the full weights every rank built alike, or loaded from a
     checkpoint's logical weights, so any TP size starts from the same model), and the dropout
     streams seeded: equal on a TP group, different across data-parallel replicas."""
+    from forge_dist.parallel.expert import apply_expert_parallel, declare_expert_params
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.tensor.random import seed_everything as seed_parallel
 
+    apply_expert_parallel(model, ctx.groups, ctx.parallel_config)  # experts placed before TP splits them
     names = [n for n, _ in model.named_parameters()]
     if ctx.tp_size > 1:
         parallelize(model, ctx.groups, ctx.parallel_config)
         after = [n for n, _ in model.named_parameters()]
         if after != names:  # optimizer state in checkpoints is stored in this order
             raise RuntimeError(f"parallelize changed the parameters' names or order: {names} -> {after}")
+        declare_expert_params(model)  # the split expert parameters are new tensors
     seed_parallel(seed, ctx.groups)
     return model

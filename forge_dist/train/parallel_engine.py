@@ -56,7 +56,7 @@ class ParallelEngine(LocalEngine):
                  grad_clip: float, compile: bool, groups, parallel_config):
         super().__init__(model, optimizer, device, dtype, grad_clip, compile)
         self.groups, self.parallel_config = groups, parallel_config
-        self.tp, self.dp = groups.tp.size, groups.dp.size
+        self.tp, self.dp, self.ep = groups.tp.size, groups.dp.size, groups.ep.size
         self.sequence_parallel = bool(parallel_config.sequence_parallel) and self.tp > 1
         self.forward_is_collective = self.tp > 1  # sampling: every TP rank runs the forward
         names = {id(p): n for n, p in model.named_parameters()}
@@ -73,19 +73,29 @@ class ParallelEngine(LocalEngine):
 
     # --- gradients ------------------------------------------------------------------------------
     def sync_gradients(self) -> None:
-        """The TP sums of partial gradients (DDP averaged over DP during the last backward)."""
+        """The TP sums of partial gradients (DDP averaged over DP during the last backward), and
+        the expert gradients over expert_dp under expert parallelism."""
         if self.tp > 1:
             from forge_dist.parallel.tensor.metadata import tp_grad_sync
 
             tp_grad_sync(self.model, self.groups)
+        if self.ep > 1:  # expert gradients: summed over expert_dp, outside DDP (placement.py)
+            from forge_dist.parallel.expert.grads import reduce_expert_gradients
+
+            reduce_expert_gradients(self._params, self.groups)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip to the norm of the whole model's gradient; returns that norm."""
-        if self.tp == 1:
+        if self.tp == 1 and self.ep == 1:
             return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-        from forge_dist.parallel.tensor.metadata import tp_grad_norm
+        if self.ep > 1:
+            from forge_dist.parallel.expert.grads import grad_norm
 
-        norm = tp_grad_norm(self.model, self.groups)
+            norm = grad_norm(self._params, self.groups)
+        else:
+            from forge_dist.parallel.tensor.metadata import tp_grad_norm
+
+            norm = tp_grad_norm(self.model, self.groups)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
         for p in self._params:
             if p.grad is not None:

@@ -1,0 +1,177 @@
+"""Compare an expert-parallel model with one process running the global batch.
+
+The world of N ranks is laid out as (tp, dp, ep) with dp = N / tp; data-parallel rank d takes rows
+[d B, (d+1) B) of a global batch of dp x B rows. The reference is the plain GPT (same seed)
+on all dp x B rows in one forward, with ``capacity_groups = dp`` on its MoE layers (capacity is
+counted per micro-batch per data-parallel rank, so the reference counts it per row block).
+Compared, each relative to the reference (||got - ref|| / ||ref||), with EP_TOLERANCES:
+
+  loss        the mean over data-parallel ranks of each rank's loss (CE + MoE aux losses)
+  grad        every gradient after the engine's reduction (dense averaged over dp by DDP,
+              experts over expert_dp, TP gathered), router, experts and dense parameters alike
+  grad norm   forge_dist.parallel.expert.grads.grad_norm against the reference's
+  records     tokens per expert of each MoE layer, summed over the data-parallel ranks
+  step        the weights after one AdamW step against the one-process model stepped with the
+              reduced gradients (exact: AdamW is elementwise; against the reference's own step
+              the gap is the gradient gap magnified by 1/(|g| + eps) where |g| ~ eps)
+  per-token   the expert-parallel MoE layer's output against the per-token loop on one process
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional
+
+import torch
+
+from forge_dist.testing.parity import ParityReport, rel_error
+
+EP_TOLERANCES: Dict[str, float] = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "records": 0.0, "step": 0.0,
+                                   "per-token": 1e-5}
+
+ROUTERS = {  # name -> MoE options (aux and z losses on, so the router learns in every case)
+    "top1": dict(moe_top_k=1),
+    "top2": dict(moe_top_k=2),
+    "top1_capacity": dict(moe_top_k=1, moe_capacity_factor=1.0),
+    "top2_capacity": dict(moe_top_k=2, moe_capacity_factor=1.25),
+}
+
+
+def ep_model_kwargs(router: str) -> dict:
+    return dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, use_moe=True, n_experts=4,
+                moe_layer_freq=1, moe_aux_loss_coef=0.05, moe_z_loss_coef=0.01, bias=True, **ROUTERS[router])
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+
+
+def per_token_moe(layer, x: torch.Tensor) -> torch.Tensor:
+    """y_n = sum_j w_nj expert_{e_nj}(x_n), one token at a time, dropless (the definition)."""
+    flat = x.reshape(-1, x.shape[-1])
+    r = layer.router(flat)
+    rows = [sum(r.weights[n, j] * layer.experts[int(r.experts[n, j])](flat[n].view(1, 1, -1)).view(-1)
+                for j in range(r.experts.shape[1])) for n in range(flat.shape[0])]
+    return torch.stack(rows).view_as(x)
+
+
+def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_config, seed: int = 0,
+                            batch: int = 2) -> ParityReport:
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
+    from forge_dist.parallel.expert import apply_expert_parallel, declare_expert_params
+    from forge_dist.parallel.data_parallel import data_parallel
+    from forge_dist.parallel.expert.grads import grad_norm, reduce_expert_gradients
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.metadata import gather_full_state_dict, tp_grad_sync
+
+    cfg = ModelConfig(**config_kwargs)
+    parallel_config.validate(cfg, groups.topology.world_size)
+    dp, d = groups.dp.size, groups.coord.dp
+    torch.manual_seed(seed)
+    ref = GPT(cfg).train()
+    for m in ref.modules():  # a wider router than the 0.02 init: distinct, unbalanced choices
+        if isinstance(m, MoELayer):
+            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+    model = copy.deepcopy(ref)
+    for m in ref.modules():
+        if isinstance(m, MoELayer):
+            m.capacity_groups = dp
+    apply_expert_parallel(model, groups, parallel_config)
+    if groups.tp.size > 1:
+        parallelize(model, groups, parallel_config)
+        declare_expert_params(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(0, cfg.vocab_size, (dp * batch, cfg.block_size), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (dp * batch, cfg.block_size), generator=g)
+    rows = slice(d * batch, (d + 1) * batch)
+
+    errors: Dict[str, float] = {}
+    if cfg.moe_capacity_factor is None:
+        errors["per-token"] = _per_token_error(model, ref, groups, cfg, batch, seed)
+    ref_loss = ref(x, y)[1]
+    ddp = data_parallel(model, groups)  # the engine's dense reduction (None for one replica)
+    loss = (ddp or model)(x[rows], y[rows])[1]
+    errors["loss"] = rel_error(groups.dp.all_reduce(loss.detach()) / dp, ref_loss)
+    dropped = sum(float(m.last_dropped_tokens) for m in ref.modules() if isinstance(m, MoELayer))
+    ref_counts = collect_tokens_per_expert(ref)
+    for k, c in collect_tokens_per_expert(model).items():
+        errors[f"records: {k}"] = rel_error(groups.dp.all_reduce(c.double()), ref_counts[k].double())
+    ref_loss.backward()
+    loss.backward()
+    params = list(model.parameters())
+    tp_grad_sync(model, groups)  # as ParallelEngine.sync_gradients
+    reduce_expert_gradients(params, groups)
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    ref_norm = torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]).norm()
+    grads = gather_full_state_dict(model, groups, grads=True)
+    for n, grad in grads.items():
+        if grad is None or ref_params[n].grad is None:
+            if (grad is None) != (ref_params[n].grad is None):
+                return ParityReport(name, "mismatch", f"{n}: gradient present on one side only")
+            continue
+        errors[f"grad: {n}"] = rel_error(grad, ref_params[n].grad, floor=1e-3 * ref_norm.item())
+    errors["grad norm"] = rel_error(grad_norm(params, groups), ref_norm)
+    stepped = GPT(cfg)  # the one-process model stepped with the reduced gradients
+    stepped.load_state_dict(ref.state_dict())
+    for n, p in stepped.named_parameters():
+        p.grad = None if grads.get(n) is None else grads[n].clone()
+    for opt in (_adamw(stepped.parameters()), _adamw(params)):
+        opt.step()
+    full = gather_full_state_dict(model, groups)
+    own = stepped.state_dict()
+    for n, t in full.items():
+        errors[f"step: {n}"] = rel_error(t, own[n])
+    report = _report(name, errors)
+    report.worst["dropped"] = dropped  # > 0: the capacity cases do drop (in the reference)
+    return report
+
+
+def _per_token_error(model, ref, groups, cfg, batch: int, seed: int) -> float:
+    """The placed MoE layer on this rank's own tokens against the per-token loop (dropless)."""
+    from forge_dist.model.moe import MoELayer
+
+    layer = next(m for m in model.modules() if isinstance(m, MoELayer))
+    ref_layer = next(m for m in ref.modules() if isinstance(m, MoELayer))
+    g = torch.Generator().manual_seed(seed + 100 + groups.coord.dp)  # different tokens per replica
+    h = torch.randn(batch, cfg.block_size, cfg.n_embd, generator=g)
+    with torch.no_grad():
+        return rel_error(layer(h), per_token_moe(ref_layer, h))
+
+
+def _report(name: str, errors: Dict[str, float]) -> ParityReport:
+    worst: Dict[str, float] = {}
+    for key, e in errors.items():
+        category = key.split(":")[0]
+        worst[category] = max(worst.get(category, 0.0), e)
+    failed = {k: e for k, e in errors.items() if e > EP_TOLERANCES[k.split(":")[0]]}
+    if not failed:
+        return ParityReport(name, "pass", "", worst)
+    detail = "; ".join(f"{k}: {e:.3g} > {EP_TOLERANCES[k.split(':')[0]]:g}"
+                       for k, e in sorted(failed.items(), key=lambda kv: -kv[1])[:5])
+    return ParityReport(name, "mismatch", detail, worst)
+
+
+EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
+    "EP4": dict(expert_parallel_size=4),
+    "EP2xDP2": dict(expert_parallel_size=2),
+    "EP2xTP2": dict(expert_parallel_size=2, tensor_parallel_size=2),
+    "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
+    "DP4": dict(),
+}
+
+
+def run_ep_matrix(rank: int, world_size: int, layouts: Optional[List[str]] = None,
+                  routers: Optional[List[str]] = None) -> List[tuple]:
+    """On every rank of a spawned world: rows (layout, router, status, detail, worst errors)."""
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.parallel.groups import ProcessGroups
+
+    out = []
+    for layout in layouts or list(EP_LAYOUTS):
+        pc = ParallelConfig(**EP_LAYOUTS[layout])
+        groups = ProcessGroups.build(pc.topology(world_size))
+        for router in routers or list(ROUTERS):
+            r = compare_expert_parallel(f"{layout} {router}", ep_model_kwargs(router), groups, pc)
+            out.append((layout, router, r.status, r.detail, r.worst))
+    return out

@@ -75,8 +75,11 @@ class RunContext:
     def layout(self) -> dict:
         """The parallel layout, as recorded in checkpoints (a resume compares it with its own)."""
         pcfg = self.parallel_config
-        return {"world_size": self.world_size, "dp_size": self.dp_size, "tensor_parallel_size": self.tp_size,
-                "sequence_parallel": bool(pcfg is not None and pcfg.sequence_parallel and self.tp_size > 1)}
+        layout = {"world_size": self.world_size, "dp_size": self.dp_size, "tensor_parallel_size": self.tp_size,
+                  "sequence_parallel": bool(pcfg is not None and pcfg.sequence_parallel and self.tp_size > 1)}
+        if pcfg is not None and pcfg.expert_parallel_size > 1:
+            layout["expert_parallel_size"] = pcfg.expert_parallel_size
+        return layout
 
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank."""

@@ -169,6 +169,10 @@ def preflight(values: dict, train_cfg, model_config, parallel_config, world_size
     must resolve for this world (data-parallel size = world / (tensor x pipeline sizes))."""
     raw, name = _load(values)
     _check_options(train_cfg)
+    if parallel_config.expert_parallel_size > 1:
+        raise ConfigError(f"expert_parallel_size={parallel_config.expert_parallel_size} with --deepspeed_config: "
+                          f"the DeepSpeed engine does not place experts yet; train expert parallelism with the "
+                          f"native engine (no --deepspeed_config), or use expert_parallel_size=1")
     mp = parallel_config.tensor_parallel_size * parallel_config.pipeline_parallel_size
     return resolve_deepspeed_config(raw, train_cfg, max(world_size // mp, 1), model_config=model_config,
                                     pipeline_parallel_size=parallel_config.pipeline_parallel_size, source=name)

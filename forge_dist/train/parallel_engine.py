@@ -130,7 +130,12 @@ class ParallelEngine(LocalEngine):
     # --- weights and sampling -------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:
         """Logical names -> full tensors on data-parallel replica 0 (its TP ranks gather together);
-        None on the other replicas, which hold the same values."""
+        None on the other replicas, which hold the same values. Under expert parallelism the
+        replicas of the first expert-parallel group gather the experts (global expert index)."""
+        if self.ep > 1:
+            from forge_dist.parallel.expert.state import full_expert_state_dict
+
+            return full_expert_state_dict(self.model, self.groups)
         if self.groups.coord.dp != 0:
             return None
         if self.tp == 1:
@@ -169,7 +174,14 @@ class ParallelEngine(LocalEngine):
         return sd
 
     def save_state(self, directory: str, ctx) -> None:
-        full = self.full_optimizer_state() if self.groups.coord.dp == 0 else None
+        if self.ep > 1:  # one process's state dict: every expert's moments under its global index
+            from forge_dist.parallel.expert.state import global_optimizer_state
+
+            full = None
+            if self.groups.coord.edp == 0:
+                full = global_optimizer_state(self.full_optimizer_state(), self._names, self.model, self.groups)
+        else:
+            full = self.full_optimizer_state() if self.groups.coord.dp == 0 else None
         if ctx.is_main:
             save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
                         "layout": ctx.layout()}, directory, "optimizer")
@@ -180,6 +192,11 @@ class ParallelEngine(LocalEngine):
         require_optimizer_files(directory)
         state = load_state(directory, "optimizer", map_location="cpu")
         sd = state["optimizer"]
+        if self.ep > 1:  # this rank's experts out of one process's state dict
+            from forge_dist.parallel.expert.state import local_optimizer_state
+
+            sd = state["optimizer"] = local_optimizer_state(sd, self._names, self.optimizer.state_dict()["param_groups"],
+                                                            self.model)
         for i, entry in sd["state"].items():
             if not 0 <= i < len(self._params):
                 raise CheckpointError(f"the optimizer state in {directory} has more parameters than this model "

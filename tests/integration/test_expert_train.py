@@ -1,0 +1,43 @@
+"""forge-train with expert parallelism end to end: ``torchrun --nproc_per_node 2 -m forge_dist.train
+--use_moe --expert_parallel_size 2`` (2 data-parallel replicas of micro-batch 2, each holding 2 of
+the 4 experts of every MoE layer) logs the losses of one process with micro-batch 4 to 1e-5 and
+writes the same logical weights; its checkpoint (keyed by global expert index, optimizer state
+included) resumes on one process (EP=1) and continues as the uninterrupted run. The numerics of
+every layout are the parity matrix's (tests/dist/test_expert_parallel.py)."""
+import os
+
+import pytest
+
+from test_parallel_train import (assert_close_series, assert_weights_close, series, single,
+                                 torchrun, weights)
+
+pytestmark = pytest.mark.slow
+
+MOE = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--dropout", "0.0", "--use_moe",
+       "--n_experts", "4", "--moe_top_k", "2", "--moe_layer_freq", "1", "--moe_aux_loss_coef", "0.01",
+       "--moe_z_loss_coef", "0.001", "--gradient_accumulation_steps", "2", "--eval_interval", "3", "--eval_iters", "2",
+       "--log_interval", "1", "--device", "cpu", "--dtype", "float32", "--no-tensorboard_log", "--no-progress",
+       "--always_save_checkpoint", "--max_sample_tokens", "none", "--max_iters", "6", "--grad_clip", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from forge_dist.data.prepare import prepare_default_dataset
+
+    return str(prepare_default_dataset(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.mark.timeout(300)
+def test_ep2_matches_one_process_and_resumes_on_one_process(corpus, tmp_path):
+    ref, ep2, resumed = tmp_path / "ref", tmp_path / "ep2", tmp_path / "resumed"
+    single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(ref))
+    torchrun(2, *MOE, "--dataset", corpus, "--batch_size", "2", "--expert_parallel_size", "2", "--out_dir", str(ep2),
+             timeout=240)
+    for key, iters in (("loss", range(6)), ("grad_norm", range(6)), ("val_loss", (0, 3, 6))):
+        assert_close_series(series(ep2, key), series(ref, key), 1e-5, iters)
+    assert_weights_close(weights(ep2), weights(ref), 1e-5)  # every expert, under its global index
+    single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(resumed), "--init_from", "resume",
+           "--init_from_ckpt", os.path.join(ep2, "checkpoints", "iter_0000003"))
+    want = {i: v for i, v in series(ref).items() if i >= 3}
+    assert_close_series(series(resumed), want, 1e-5, range(3, 6))  # weights and AdamW moments resharded
+    assert_weights_close(weights(resumed), weights(ref), 1e-5)

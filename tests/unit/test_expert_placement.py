@@ -1,0 +1,71 @@
+"""Expert parallelism without processes: capacity counted per data-parallel group of tokens,
+validation of the expert options, and placement on a world of one."""
+import pytest
+import torch
+
+from forge_dist import ConfigError, ModelConfig
+from forge_dist.config.parallel import ParallelConfig
+from forge_dist.model.moe import expert_capacity, plan_dispatch
+
+
+def test_capacity_groups_equal_one_plan_per_group():
+    torch.manual_seed(0)
+    experts = torch.randint(0, 4, (24, 2))
+    experts[:, 1] = (experts[:, 0] + 1) % 4  # distinct choices per token
+    cap = expert_capacity(8, 2, 4, 1.0)
+    whole = plan_dispatch(experts, 4, cap, capacity_groups=3)
+    kept, dropped = set(), 0
+    for g in range(3):  # what three data-parallel ranks of 8 tokens each keep: slot j * 8 + n
+        part = plan_dispatch(experts[g * 8:(g + 1) * 8], 4, cap)
+        kept |= {int(s // 8) * 24 + g * 8 + int(s % 8) for s in part.slots}  # as slots j * 24 + n
+        dropped += int(part.dropped)
+    assert int(whole.dropped) == dropped > 0
+    assert set(whole.slots.tolist()) == kept and torch.equal(whole.tokens, whole.slots % 24)
+    chosen = experts.t().reshape(-1)[whole.slots]
+    assert torch.equal(chosen, torch.sort(chosen).values)  # grouped by expert
+    assert torch.equal(whole.counts, torch.bincount(chosen, minlength=4))
+
+
+def moe(**kw):
+    return ModelConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, use_moe=True,
+                                 n_experts=4), **kw})
+
+
+@pytest.mark.parametrize("pc, cfg, world, match", [
+    (dict(expert_parallel_size=2), ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64), 2,
+     "expert_parallel_size=2 needs a mixture-of-experts model: add --use_moe"),
+    (dict(expert_tensor_parallel_size=1), ModelConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64), 1,
+     "expert_tensor_parallel_size=1 needs a mixture-of-experts model"),
+    (dict(expert_parallel_size=2), moe(n_experts=6), 4, None),
+    (dict(expert_parallel_size=4), moe(n_experts=6), 4, "n_experts=6 is not divisible by expert_parallel_size=4"),
+    (dict(expert_parallel_size=4), moe(), 2, "expert_parallel_size=4 must divide the data-parallel size 2"),
+    (dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=4), moe(), 4,
+     "expert_tensor_parallel_size=4: experts are either whole on each rank \\(1\\) or split"),
+    (dict(expert_parallel_size=2), moe(moe_router_scheme="noisy_top_k"), 2,
+     "noisy_top_k with expert_parallel_size=2: the gate noise"),
+    (dict(expert_parallel_size=1), moe(moe_router_scheme="noisy_top_k"), 2, None),
+])
+def test_expert_options_are_validated(pc, cfg, world, match):
+    config = ParallelConfig(**pc)
+    if match is None:
+        config.validate(cfg, world)
+        return
+    with pytest.raises(ConfigError, match=match):
+        config.validate(cfg, world)
+
+
+def test_bad_expert_tensor_parallel_size_value():
+    with pytest.raises(ConfigError, match="expert_tensor_parallel_size=0 must be a positive integer"):
+        ParallelConfig(expert_tensor_parallel_size=0)
+
+
+def test_placement_on_one_rank_keeps_the_model():
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.expert import apply_expert_parallel
+    from forge_dist.parallel.groups import ProcessGroups
+
+    torch.manual_seed(0)
+    model = GPT(moe(moe_top_k=2))
+    names = list(model.state_dict())
+    apply_expert_parallel(model, ProcessGroups.single(), ParallelConfig())
+    assert list(model.state_dict()) == names and not any(hasattr(p, "allreduce") for p in model.parameters())

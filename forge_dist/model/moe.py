@@ -157,9 +157,11 @@ class MoELayer(nn.Module):
         self.aux_losses: list = []  # with grad; collect_moe_aux_loss sums them
         self.last_tokens_per_expert: Optional[torch.Tensor] = None  # (E,) kept assignments, metric
         self.last_dropped_tokens: Optional[torch.Tensor] = None  # () assignments over capacity
+        self.health: list = []  # per use: router entropy, z loss, load-balance loss (detached, metrics)
 
     def reset_state(self) -> None:
         self.aux_losses = []
+        self.health = []
         self.last_tokens_per_expert = self.last_dropped_tokens = None
 
     # --- the four steps -------------------------------------------------------------------------
@@ -207,13 +209,23 @@ class MoELayer(nn.Module):
             counts, dropped = counts + self.last_tokens_per_expert, dropped + self.last_dropped_tokens
         self.last_tokens_per_expert, self.last_dropped_tokens = counts, dropped
         aux = None
+        z = self.z_loss(routing)
+        health = {"router_entropy": router_entropy(routing.probs.detach()), "z_loss": z.detach()}
         if self.aux_loss_coef > 0:
-            aux = self.aux_loss_coef * self.load_balance_loss(routing, plan)
+            balance = self.load_balance_loss(routing, plan)
+            health["load_balance_loss"] = balance.detach()
+            aux = self.aux_loss_coef * balance
         if self.z_loss_coef > 0:
-            z = self.z_loss_coef * self.z_loss(routing)
-            aux = z if aux is None else aux + z
+            aux = self.z_loss_coef * z if aux is None else aux + self.z_loss_coef * z
         if aux is not None:
             self.aux_losses.append(aux)
+        self.health.append(health)
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_e p_e ln p_e: ln(E) for a router that cannot decide, 0 for one
+    that is certain (a collapsing router drifts to 0 early in training)."""
+    return -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(-1).mean()
 
 
 def build_ffn(config, layer_idx: int) -> nn.Module:

@@ -33,6 +33,7 @@ class StepParts:
     aux: Optional[torch.Tensor] = None  # mean MoE auxiliary loss (backpropagated with the CE)
     tokens_per_expert: Dict[str, torch.Tensor] = field(default_factory=dict)  # summed over micro-batches
     dropped: Dict[str, torch.Tensor] = field(default_factory=dict)
+    health: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)  # mean over micro-batches
     lsv_index: Optional[int] = None
 
 
@@ -43,6 +44,7 @@ class _Forward(NamedTuple):
     aux: Optional[torch.Tensor]  # the MoE auxiliary losses the model added to it
     counts: Dict[str, torch.Tensor]
     dropped: Dict[str, torch.Tensor]
+    health: Dict[str, Dict[str, torch.Tensor]]
     lsv_index: Optional[int]
 
 
@@ -113,6 +115,10 @@ class ModelFeatures:
                 parts.tokens_per_expert[name] = parts.tokens_per_expert.get(name, 0) + c
             for name, d in r.dropped.items():
                 parts.dropped[name] = parts.dropped.get(name, 0) + d
+            for name, h in r.health.items():
+                mine = parts.health.setdefault(name, {})
+                for k, v in h.items():
+                    mine[k] = mine.get(k, 0) + v / n
         parts.lsv_index = records[-1].lsv_index
         return parts
 
@@ -126,7 +132,9 @@ class ModelFeatures:
             aux = torch.stack(terms).sum() if terms else torch.zeros((), device=output[1].device)
         counts = {name: m.last_tokens_per_expert for name, m in self.moe if m.last_tokens_per_expert is not None}
         dropped = {name: m.last_dropped_tokens for name, m in self.moe if m.last_dropped_tokens is not None}
-        self._records.append(_Forward(None if ce is None else ce.float(), aux, counts, dropped,
+        health = {name: {k: torch.stack([h[k] for h in m.health]).float().mean() for k in m.health[0]}
+                  for name, m in self.moe if m.health}  # a shared layer: the mean over its uses
+        self._records.append(_Forward(None if ce is None else ce.float(), aux, counts, dropped, health,
                                       None if self.lsv is None else int(self.lsv.lsv_index)))
 
     # --- what a log step reports ------------------------------------------------------------------
@@ -145,14 +153,20 @@ class ModelFeatures:
     def moe_record(self, parts: StepParts, ctx) -> dict:
         """MoE metrics of a log step: per-layer token counts of the global batch (summed over the
         step's micro-batches and the data-parallel replicas), the smallest and largest share of
-        any expert in its layer, and the dropped assignments when a capacity factor is set. A
+        any expert in its layer, and the dropped assignments when a capacity factor is set; and
+        per layer, as flat scalars TensorBoard plots (``moe/<layer>/<metric>``): router_entropy,
+        z_loss and load_balance_loss (unscaled, means over micro-batches and replicas),
+        dropped_fraction and max_share (largest expert's share of the kept assignments). A
         collective (every rank calls it at the same steps)."""
         names = [name for name, _ in self.moe]
         counts = [parts.tokens_per_expert.get(name) for name in names]
         flat = [float(v) for c in counts if c is not None for v in c.tolist()]
         dropped = [float(parts.dropped.get(name, 0)) for name in names]
-        summed = ctx.sum_over_replicas(flat + dropped)
-        record: dict = {}
+        health = [(name, k, float(v)) for name in names for k, v in sorted(parts.health.get(name, {}).items())]
+        summed = ctx.sum_over_replicas(flat + dropped + [v for _, _, v in health])
+        record: dict = {f"moe/{name}/{k}": v / ctx.dp_size  # means over the replicas' equal batches
+                        for (name, k, _), v in zip(health, summed[len(flat) + len(dropped):])}
+        summed = summed[:len(flat) + len(dropped)]
         per_layer, shares, i = {}, [], 0
         for name, c in zip(names, counts):
             if c is None:
@@ -163,6 +177,9 @@ class ModelFeatures:
             total = sum(layer)
             if total > 0:
                 shares += [v / total for v in layer]
+            routed = total + float(summed[len(flat) + names.index(name)])
+            record[f"moe/{name}/dropped_fraction"] = (routed - total) / routed if routed else 0.0
+            record[f"moe/{name}/max_share"] = max(layer) / total if total else 0.0
         record["tokens_per_expert"] = per_layer
         if shares:
             record["expert_share_min"], record["expert_share_max"] = min(shares), max(shares)

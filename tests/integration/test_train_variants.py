@@ -121,6 +121,12 @@ def test_moe_softmax_aux_z_capacity(data, tmp_path):
         assert len(counts) == 4 and sum(counts) + r["dropped_tokens"] == routed
         assert max(counts) <= 2 * math.ceil(1.0 * 4 * 32 * 2 / 4)  # capacity per micro-batch, 2 of them
         assert r["expert_share_min"] == pytest.approx(min(counts) / sum(counts))
+        health = {k.rsplit("/", 1)[1]: v for k, v in r.items() if k.startswith(f"moe/{layer}/")}
+        assert set(health) == {"router_entropy", "z_loss", "load_balance_loss", "dropped_fraction", "max_share"}
+        assert 0 < health["router_entropy"] <= math.log(4) + 1e-6 and health["z_loss"] > 0
+        assert r["aux_loss"] == pytest.approx(0.01 * health["load_balance_loss"] + 0.001 * health["z_loss"], rel=1e-4)
+        assert health["dropped_fraction"] == pytest.approx(r["dropped_tokens"] / routed)
+        assert health["max_share"] == pytest.approx(r["expert_share_max"])
 
 
 def test_moe_noisy_router_logs_ce_and_evaluates_without_aux(data, tmp_path):

@@ -3,7 +3,9 @@
 Runs every parity case (forge_dist/testing/tp_cases.py) through the parity check that
 tests/dist/test_tp_parity.py runs (forge_dist.testing.parity.run_matrix): TP=2 in a world of 2 and
 TP=4 in a world of 4, each with and without sequence parallelism; counts the collectives of one
-training step of every case at TP=2 (forge_dist.testing.parity.comm_counts); writes the markdown.
+training step of every case at TP=2 (forge_dist.testing.parity.comm_counts); runs the
+expert-parallel matrix (forge_dist.testing.ep_parity, a world of 4); writes the markdown.
+``--expert-only`` reruns only the expert-parallel section and replaces it in the file.
 tests/dist/test_tp_parity.py compares the statuses it measures with this file, so a change of
 status fails the test until the file is regenerated. About 5 minutes on 2 CPU cores.
 """
@@ -13,6 +15,7 @@ import argparse
 import os
 import time
 
+from forge_dist.testing.ep_parity import EP_SECTION, render_ep_section, run_ep_matrix
 from forge_dist.testing.parity import MODES, render_support_matrix, run_matrix
 from forge_dist.testing.spawn import spawn
 
@@ -64,18 +67,28 @@ def _matrix_and_comm(rank: int, world_size: int, runs):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT, help="the markdown file to write (default: docs/support_matrix.md)")
+    parser.add_argument("--expert-only", action="store_true", help="rerun only the expert-parallel section")
     args = parser.parse_args(argv)
     start = time.time()
+    ep_rows = spawn(run_ep_matrix, 4, timeout=1200)
+    ep_bad = [r for r in ep_rows if r[2] != "pass"]
+    if args.expert_only:
+        with open(args.out) as f:
+            text = f.read().split("\n" + EP_SECTION, 1)[0].rstrip("\n")
+        with open(args.out, "w") as f:
+            f.write(text + "\n\n" + render_ep_section(ep_rows))
+        print(f"wrote the expert-parallel section of {args.out}: {len(ep_rows)} runs, {len(ep_bad)} not passing")
+        return 1 if ep_bad else 0
     sp_modes = tuple(sorted({sp for _, sp in MODES}))
     rows2, comm = spawn(_matrix_and_comm, 2, [(2, "all", sp_modes)], timeout=1800)
     rows4 = spawn(run_matrix, 4, [(4, "all", sp_modes)], timeout=3000)
     with open(args.out, "w") as f:
-        f.write(render_support_matrix(rows2 + rows4, comm, HEADER))
+        f.write(render_support_matrix(rows2 + rows4, comm, HEADER) + "\n" + render_ep_section(ep_rows))
     bad = [r for r in rows2 + rows4 if r[3] == "mismatch"]
     print(f"wrote {args.out}: {len(rows2) + len(rows4)} runs, {len(bad)} mismatches, {time.time() - start:.0f} s")
     for tp, sp, name, _, detail, _ in bad:
         print(f"  MISMATCH tp={tp} sp={sp} {name}: {detail}")
-    return 1 if bad else 0
+    return 1 if bad or ep_bad else 0
 
 
 if __name__ == "__main__":

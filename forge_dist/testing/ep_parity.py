@@ -36,9 +36,21 @@ ROUTERS = {  # name -> MoE options (aux and z losses on, so the router learns in
 }
 
 
-def ep_model_kwargs(router: str) -> dict:
+EXPERT_VARIANTS = ("swiglu", "dual_path", "kan", "identity")  # every other MLP variant as the expert (top-2)
+VARIANT_LAYOUTS = ("EP4", "EP2xTP2")  # all-to-all alone, and with the experts TP-split inside
+
+
+def ep_model_kwargs(case: str) -> dict:
+    """A router case (ROUTERS) or ``expert=<mlp_variant>`` (top-2, dropless)."""
+    extra = dict(moe_top_k=2, mlp_variant=case.split("=", 1)[1]) if case.startswith("expert=") else ROUTERS[case]
     return dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, use_moe=True, n_experts=4,
-                moe_layer_freq=1, moe_aux_loss_coef=0.05, moe_z_loss_coef=0.01, bias=True, **ROUTERS[router])
+                moe_layer_freq=1, moe_aux_loss_coef=0.05, moe_z_loss_coef=0.01, bias=True, **extra)
+
+
+def ep_cases(layout: str) -> List[str]:
+    """The cases run at ``layout``: every router, and the expert variants at VARIANT_LAYOUTS."""
+    variants = [f"expert={v}" for v in EXPERT_VARIANTS] if layout in VARIANT_LAYOUTS else []
+    return list(ROUTERS) + variants
 
 
 def _adamw(params):
@@ -162,8 +174,8 @@ EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
 
 
 def run_ep_matrix(rank: int, world_size: int, layouts: Optional[List[str]] = None,
-                  routers: Optional[List[str]] = None) -> List[tuple]:
-    """On every rank of a spawned world: rows (layout, router, status, detail, worst errors)."""
+                  cases: Optional[List[str]] = None) -> List[tuple]:
+    """On every rank of a spawned world: rows (layout, case, status, detail, worst errors)."""
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.parallel.groups import ProcessGroups
 
@@ -171,7 +183,46 @@ def run_ep_matrix(rank: int, world_size: int, layouts: Optional[List[str]] = Non
     for layout in layouts or list(EP_LAYOUTS):
         pc = ParallelConfig(**EP_LAYOUTS[layout])
         groups = ProcessGroups.build(pc.topology(world_size))
-        for router in routers or list(ROUTERS):
-            r = compare_expert_parallel(f"{layout} {router}", ep_model_kwargs(router), groups, pc)
-            out.append((layout, router, r.status, r.detail, r.worst))
+        for case in cases or ep_cases(layout):
+            r = compare_expert_parallel(f"{layout} {case}", ep_model_kwargs(case), groups, pc)
+            out.append((layout, case, r.status, r.detail, r.worst))
+    return out
+
+
+EP_SECTION = "## Expert parallelism"
+
+
+def render_ep_section(rows) -> str:
+    """Markdown of run_ep_matrix rows: one row per case, one column per EP layout."""
+    status = {(case, layout): (st, worst) for layout, case, st, _, worst in rows}
+    cases = list(dict.fromkeys(case for _, case, *_ in rows))
+    lines = [EP_SECTION, "",
+             "Generated with the rest of this file; checked by `tests/dist/test_expert_parallel.py` "
+             "(`forge_dist.testing.ep_parity`). A world of 4 against one process with the global batch: "
+             "loss 1e-6, every gradient 1e-5 after the engine's reduction, grad norm 1e-5, tokens per expert "
+             "exact, AdamW step exact, the placed layer against the per-token loop 1e-5 (dropless). "
+             "Routers with aux and z losses; `expert=<variant>`: that MLP variant as every expert, top-2. "
+             "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`); DP4: no "
+             "expert parallelism, load-balancing statistics of the global batch. `-`: not run.", "",
+             "| case | " + " | ".join(EP_LAYOUTS) + " | worst grad error |", "|---" * (len(EP_LAYOUTS) + 2) + "|"]
+    for case in cases:
+        cells = [status.get((case, layout)) for layout in EP_LAYOUTS]
+        worst = max((c[1].get("grad", 0.0) for c in cells if c), default=0.0)
+        words = [c[0] if c else "-" for c in cells]
+        lines.append(f"| {case} | " + " | ".join(words) + f" | {worst:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_ep_section(text: str) -> Dict[tuple, str]:
+    """(case, layout) -> status word, from a rendered support matrix ({} without the section)."""
+    if EP_SECTION not in text:
+        return {}
+    out = {}
+    for line in text.split(EP_SECTION, 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or cells[0] in ("case",) or cells[0].startswith("---"):
+            continue
+        for layout, word in zip(EP_LAYOUTS, cells[1:]):
+            if word != "-":
+                out[(cells[0], layout)] = word
     return out

@@ -1,14 +1,20 @@
 """Expert parallelism against one process with the global batch (forge_dist.testing.ep_parity):
 in one world of 4, the layouts EP=4, EP=2 x DP=2, EP=2 x TP=2 (experts TP-split inside, and whole
 with expert_tensor_parallel_size=1) and plain DP=4, each with top-1 and top-2 routing, dropless
-and with a capacity factor (aux and z losses on). Loss 1e-6, every gradient (router, experts,
+and with a capacity factor (aux and z losses on); every other MLP variant as the experts at EP=4
+and EP=2 x TP=2. Statuses must equal docs/support_matrix.md's expert-parallel section. Loss 1e-6, every gradient (router, experts,
 dense) 1e-5 after the engine's reduction (DDP over dp, experts over expert_dp), grad norm 1e-5,
 tokens per expert exact, weights after one AdamW step exact, and the placed MoE layer against the
 per-token loop 1e-5."""
+import os
+
 import pytest
 
-from forge_dist.testing.ep_parity import EP_LAYOUTS, ROUTERS, run_ep_matrix
+from forge_dist.testing.ep_parity import EP_LAYOUTS, ep_cases, read_ep_section, run_ep_matrix
 from forge_dist.testing.spawn import spawn
+
+MATRIX = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                      "support_matrix.md")
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -16,7 +22,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 @pytest.mark.timeout(300)
 def test_expert_parallel_layouts_equal_one_process():
     rows = spawn(run_ep_matrix, 4, timeout=280)
-    assert {(layout, router) for layout, router, *_ in rows} == {(l, r) for l in EP_LAYOUTS for r in ROUTERS}
+    assert {(layout, case) for layout, case, *_ in rows} == {(l, c) for l in EP_LAYOUTS for c in ep_cases(l)}
     problems = [f"{layout} {router}: {status}: {detail}" for layout, router, status, detail, _ in rows
                 if status != "pass"]
     assert not problems, "\n".join(problems)
@@ -26,3 +32,7 @@ def test_expert_parallel_layouts_equal_one_process():
             assert worst["dropped"] > 0, (layout, router)
         else:  # the grouped all-to-all path against the per-token loop
             assert worst["dropped"] == 0 and "per-token" in worst, (layout, router)
+    with open(MATRIX) as f:
+        documented = read_ep_section(f.read())
+    measured = {(case, layout): status for layout, case, status, *_ in rows}
+    assert measured == documented, "docs/support_matrix.md is out of date (python tools/gen_support_matrix.py)"

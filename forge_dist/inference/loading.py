@@ -58,13 +58,10 @@ def load_for_inference(path: str, which: str = "latest", dataset: Optional[str] 
         data_dir, source = state.get("data_dir"), found
         model = from_pretrained(os.path.join(found, ckpt.MODEL_DIR))
     else:
-        from forge_dist.io.hf.tokenizer import read_tokenizer
-
         model, training = load_any(path)  # a model/ folder or a ckpt.pt carries its tokenizer and dataset
         spec = training.get("tokenizer")
         data_dir = training.get("data_dir") if os.path.isdir(str(training.get("data_dir"))) else None
-        tokenizer = (tokenizer_from_spec(spec) if spec else None) or _upstream_tokenizer(path) \
-            or (read_tokenizer(path) if os.path.isdir(path) else None)
+        tokenizer = (tokenizer_from_spec(spec) if spec else None) or _upstream_tokenizer(path)
     if dataset is not None:
         from forge_dist.data.dataset import resolve_dataset
 

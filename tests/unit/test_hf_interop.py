@@ -304,9 +304,11 @@ def test_a_transformers_tokenizer_prepares_data_and_samples(tmp_path, capsys):
     printed = capsys.readouterr().out.split("\n---------------")[0]
     ids = hf_tok("The fox", return_tensors="pt").input_ids
     assert printed == hf_tok.decode(_hf_load(tmp_path / "hf").generate(ids, max_new_tokens=6, do_sample=False)[0])
-    # and back: the imported model with the dataset's tokenizer exports to an equal transformers pair
-    from forge_dist.io import from_pretrained
-
-    save_hf(from_pretrained(tmp_path / "hf"), tmp_path / "hf2", tokenizer=ours)
+    # the tokenizer travels: hf -> forge (forge-sample needs no --dataset there) -> hf again
+    convert(str(tmp_path / "hf"), str(tmp_path / "forge"), "forge")
+    assert sample.main(["--out_dir", str(tmp_path / "forge"), "--start", "The fox", "--temperature", "0",
+                        "--max_new_tokens", "6", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.split("\n---------------")[0] == printed
+    convert(str(tmp_path / "forge"), str(tmp_path / "hf2"), "hf")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
     assert again(text[:500]).input_ids == hf_tok(text[:500]).input_ids

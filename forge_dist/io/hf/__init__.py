@@ -3,7 +3,8 @@
     save_hf(model, path, tokenizer=None)   config.json + safetensors + generation_config.json (+ the
                                            tokenizer's files), loadable by AutoModelForCausalLM
                                            with no custom code; refuses what has no exact equivalent
-    load_hf(path)                          (GPT, training info) from such a directory (safetensors only)
+    load_hf(path)                          (GPT, {"tokenizer": spec}) from such a directory (safetensors
+                                           only); the tokenizer travels on into our formats
     FAMILIES                               architecture name -> its mapping (gpt2.py, llama.py, mixtral.py,
                                            gemma2.py)
 
@@ -110,7 +111,9 @@ def read_hf_config(path: str):
 
 
 def load_hf(path: str):
-    """(GPT in train mode, training info {}) from a transformers directory (safetensors only)."""
+    """(GPT in train mode, training info) from a transformers directory (safetensors only); the
+    info holds the directory's tokenizer (``tokenizer`` spec), when it has one."""
+    from forge_dist.io.hf.tokenizer import read_tokenizer
     from forge_dist.model.gpt import GPT
 
     path = os.fspath(path)
@@ -138,4 +141,5 @@ def load_hf(path: str):
                               f"mapping (another variant of the architecture?)")
     state = {k: v.to(own[k].dtype) for k, v in state.items()}
     load_state(model, state, path)
-    return model, {}
+    tokenizer = read_tokenizer(path)
+    return model, ({"tokenizer": tokenizer.spec()} if tokenizer is not None else {})

@@ -179,11 +179,14 @@ def test_import_refuses_pickle_unknown_architecture_and_fields(tmp_path):
     assert convert_main([str(tmp_path / "bin"), str(tmp_path / "out"), "--to", "forge"]) == 2  # one line, no traceback
     assert not (tmp_path / "out").exists()
     hf.save_pretrained(tmp_path / "ok")
-    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg = {**hf.config.to_dict(), **json.loads((tmp_path / "ok" / "config.json").read_text())}  # every field spelled out
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
+    assert load_hf(tmp_path / "ok")[0].config.n_kv_group == 2  # metadata fields (id2label, ...) are fine
     for change, word in ((dict(architectures=["GPTNeoXForCausalLM"]), "GPTNeoXForCausalLM"),
                          (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
                           "rope_parameters"),
                          (dict(some_new_field=1), "some_new_field"),
+                         (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
                          (dict(max_position_embeddings=None), "max_position_embeddings"),
                          (dict(hidden_act="gelu_pytorch_tanh"), "hidden_act")):
         (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, **change}))

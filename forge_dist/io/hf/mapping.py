@@ -197,7 +197,9 @@ HF_INERT = frozenset({
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "attn_pdrop", "embd_pdrop",
     "resid_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
     "summary_use_proj", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-    "add_cross_attention", "n_ctx", "_name_or_path",
+    "add_cross_attention", "n_ctx", "_name_or_path", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "tokenizer_class",
+    "task_specific_params", "torchscript",
 })
 
 

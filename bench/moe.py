@@ -13,8 +13,9 @@ One gloo world of ``--world`` processes (default 4). Rows, each forward + backwa
 
 Ratios are against the grouped EP=1 row measured in the same run. The all-to-all bytes of one
 forward are counted by the communication counter (what this rank sends, its own rows included)
-against theory: 2 x tokens x top_k x n_embd x 4 bytes (dispatch and return, fp32), plus the
-count exchange (n_experts int64 per rank).
+against theory: 2 x tokens x top_k x n_embd x 4 bytes (dispatch and return, fp32; a rank returns
+the rows it received, so the figure is the mean over ranks), plus the count exchange (n_experts
+int64 per rank). Rows kept by their own rank are counted too, as all_to_all_single sends them.
 
     python bench/moe.py                      # world 4, 2048 tokens per rank, 8 experts, n_embd 256
     python bench/moe.py --world 2 --tokens 1024
@@ -99,9 +100,11 @@ def measure(rank: int, world: int, a) -> dict:
         rows[f"grouped EP={ep}"] = world * a.tokens / worst
         with groups.count_collectives() as c, torch.no_grad():
             layer(x)
-        payload = [e.nbytes for e in c.events if e.kind == "all_to_all" and e.nbytes > a.n_experts * 8]
-        counts = [e.nbytes for e in c.events if e.kind == "all_to_all" and e.nbytes <= a.n_experts * 8]
-        traffic[ep] = (sum(payload), sum(counts), 2 * a.tokens * a.top_k * a.n_embd * 4)
+        rows_bytes = sum(e.nbytes for e in c.events if e.kind == "all_to_all" and e.nbytes > a.n_experts * 8)
+        counts = sum(e.nbytes for e in c.events if e.kind == "all_to_all" and e.nbytes <= a.n_experts * 8)
+        # a rank returns the rows it received, which depends on the routing: the mean over ranks is exact
+        mean = groups.dp.all_reduce(torch.tensor([float(rows_bytes)], dtype=torch.float64)).item() / world
+        traffic[ep] = (mean, counts, 2 * a.tokens * a.top_k * a.n_embd * 4)
     return {"rows": rows, "traffic": traffic}
 
 
@@ -126,10 +129,10 @@ def main(argv=None) -> int:
     print("| layer | tokens/s | vs grouped EP=1 |\n|---|---|---|")
     for name, rate in out["rows"].items():
         print(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
-    print("\n| EP | all-to-all rows bytes (forward, per rank) | theory 2 x tokens x k x C x 4 | ratio | count exchange bytes |"
+    print("\n| EP | all-to-all rows bytes (forward, mean per rank) | theory 2 x tokens x k x C x 4 | ratio | count exchange bytes |"
           "\n|---|---|---|---|---|")
     for ep, (payload, counts, theory) in out["traffic"].items():
-        print(f"| {ep} | {payload:,} | {theory:,} | {payload / theory:.3f} | {counts} |")
+        print(f"| {ep} | {payload:,.0f} | {theory:,} | {payload / theory:.3f} | {counts} |")
     print(f"\n({time.time() - t0:.0f} s)")
     return 0
 

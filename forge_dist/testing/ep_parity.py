@@ -169,6 +169,7 @@ EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP2xDP2": dict(expert_parallel_size=2),
     "EP2xTP2": dict(expert_parallel_size=2, tensor_parallel_size=2),
     "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
+    "EP2xTP2_SP": dict(expert_parallel_size=2, tensor_parallel_size=2, sequence_parallel=True),
     "DP4": dict(),
 }
 
@@ -202,7 +203,8 @@ def render_ep_section(rows) -> str:
              "loss 1e-6, every gradient 1e-5 after the engine's reduction, grad norm 1e-5, tokens per expert "
              "exact, AdamW step exact, the placed layer against the per-token loop 1e-5 (dropless). "
              "Routers with aux and z losses; `expert=<variant>`: that MLP variant as every expert, top-2. "
-             "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`); DP4: no "
+             "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`); EP2xTP2_SP: "
+             "with sequence parallelism; DP4: no "
              "expert parallelism, load-balancing statistics of the global batch. `-`: not run.", "",
              "| case | " + " | ".join(EP_LAYOUTS) + " | worst grad error |", "|---" * (len(EP_LAYOUTS) + 2) + "|"]
     for case in cases:

@@ -58,7 +58,9 @@ class ParallelEngine(LocalEngine):
         self.groups, self.parallel_config = groups, parallel_config
         self.tp, self.dp, self.ep = groups.tp.size, groups.dp.size, groups.ep.size
         self.sequence_parallel = bool(parallel_config.sequence_parallel) and self.tp > 1
-        self.forward_is_collective = self.tp > 1  # sampling: every TP rank runs the forward
+        # sampling: every rank runs the forward under TP, and under EP (the all-to-all needs every
+        # rank of the group; the generator is seeded alike, so all draw the same tokens)
+        self.forward_is_collective = self.tp > 1 or self.ep > 1
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names.get(id(p), f"#{i}") for i, p in enumerate(self._params)]
         self.ddp = data_parallel(model, groups, self.device)  # None for one replica

@@ -1,6 +1,6 @@
 """Expert parallelism against one process with the global batch (forge_dist.testing.ep_parity):
 in one world of 4, the layouts EP=4, EP=2 x DP=2, EP=2 x TP=2 (experts TP-split inside, and whole
-with expert_tensor_parallel_size=1) and plain DP=4, each with top-1 and top-2 routing, dropless
+with expert_tensor_parallel_size=1, and with sequence parallelism) and plain DP=4, each with top-1 and top-2 routing, dropless
 and with a capacity factor (aux and z losses on); every other MLP variant as the experts at EP=4
 and EP=2 x TP=2. Statuses must equal docs/support_matrix.md's expert-parallel section. Loss 1e-6, every gradient (router, experts,
 dense) 1e-5 after the engine's reduction (DDP over dp, experts over expert_dp), grad norm 1e-5,

@@ -17,7 +17,7 @@ MOE = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32"
        "--n_experts", "4", "--moe_top_k", "2", "--moe_layer_freq", "1", "--moe_aux_loss_coef", "0.01",
        "--moe_z_loss_coef", "0.001", "--gradient_accumulation_steps", "2", "--eval_interval", "3", "--eval_iters", "2",
        "--log_interval", "1", "--device", "cpu", "--dtype", "float32", "--no-tensorboard_log", "--no-progress",
-       "--always_save_checkpoint", "--max_sample_tokens", "none", "--max_iters", "6", "--grad_clip", "1.0"]
+       "--always_save_checkpoint", "--max_iters", "6", "--grad_clip", "1.0"]
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +30,17 @@ def corpus(tmp_path_factory):
 @pytest.mark.timeout(300)
 def test_ep2_matches_one_process_and_resumes_on_one_process(corpus, tmp_path):
     ref, ep2, resumed = tmp_path / "ref", tmp_path / "ep2", tmp_path / "resumed"
-    single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(ref))
-    torchrun(2, *MOE, "--dataset", corpus, "--batch_size", "2", "--expert_parallel_size", "2", "--out_dir", str(ep2),
-             timeout=240)
+    single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(ref), "--max_sample_tokens", "none")
+    proc = torchrun(2, *MOE, "--dataset", corpus, "--batch_size", "2", "--expert_parallel_size", "2",
+                    "--out_dir", str(ep2), "--max_sample_tokens", "8", timeout=240)
+    assert proc.stdout.count("--- sample ---") == 1  # every rank ran the sampling forward (all-to-all)
     for key, iters in (("loss", range(6)), ("grad_norm", range(6)), ("val_loss", (0, 3, 6))):
         assert_close_series(series(ep2, key), series(ref, key), 1e-5, iters)
     # every expert, under its global index; 1e-4: AdamW's 1/(|g| + eps) magnifies the rounding of the
     # regrouped expert matmuls on elements whose gradient is near eps (the losses agree to 1e-5)
     assert_weights_close(weights(ep2), weights(ref), 1e-4)
     single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(resumed), "--init_from", "resume",
-           "--init_from_ckpt", os.path.join(ep2, "checkpoints", "iter_0000003"))
+           "--init_from_ckpt", os.path.join(ep2, "checkpoints", "iter_0000003"), "--max_sample_tokens", "none")
     want = {i: v for i, v in series(ref).items() if i >= 3}
     assert_close_series(series(resumed), want, 1e-5, range(3, 6))  # weights and AdamW moments resharded
     assert_weights_close(weights(resumed), weights(ref), 1e-4)

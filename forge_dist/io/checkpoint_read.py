@@ -102,8 +102,28 @@ def find_training_checkpoint(path: str, which: str = "latest", retry: str = TRAI
         return None
 
 
+SELF_DIGEST = "manifest_sha256"
+
+
+def _canonical_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its own sha256, so a flipped byte in it is detected, not blamed on a file."""
+    return {**manifest, SELF_DIGEST: _canonical_digest(manifest)}
+
+
+def _inside(rel: str) -> bool:
+    """A manifest path that stays inside the checkpoint directory (no absolute path, no ``..``)."""
+    norm = os.path.normpath(rel)
+    return bool(rel) and not os.path.isabs(rel) and norm != ".." and not norm.startswith(".." + os.sep)
+
+
 def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
-    """The manifest, after checking that every listed file exists with its recorded sha256."""
+    """The manifest, after checking its own sha256 (manifests written since it exists) and that
+    every listed file lies inside ``path`` and exists with its recorded sha256."""
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -111,9 +131,19 @@ def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}); {retry}") from None
     except ValueError:
         raise CheckpointError(f"{path}/{MANIFEST} is corrupt; {retry}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a forge_dist training checkpoint (format {manifest.get('format')!r})")
-    for rel, digest in manifest["files"].items():
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a forge_dist training checkpoint (format "
+                              f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    if SELF_DIGEST in manifest and manifest[SELF_DIGEST] != _canonical_digest(manifest):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} does not match its own sha256; {retry}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}/{MANIFEST} is corrupt (no file list); {retry}")
+    for rel in files:
+        if not isinstance(rel, str) or not _inside(rel):
+            raise CheckpointError(f"checkpoint {path} is refused: its {MANIFEST} names {rel!r}, a path outside "
+                                  f"the checkpoint directory")
+    for rel, digest in files.items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
             raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; {retry}")

@@ -33,7 +33,7 @@ import torch
 
 from forge_dist.io.checkpoint_read import (  # noqa: F401  (the reading half, re-exported)
     FORMAT, MANIFEST, MODEL_DIR, POINTERS, ROOT, _sha256, checkpoint_name, find_training_checkpoint, is_checkpoint,
-    list_checkpoints, load_trainer_state, load_weights, read_config, read_pointer, resolve_checkpoint,
+    list_checkpoints, load_trainer_state, load_weights, read_config, read_pointer, resolve_checkpoint, seal,
     verify_checkpoint)
 from forge_dist.io.statefile import save_state
 
@@ -115,8 +115,8 @@ def _commit(root, tmp, final, name, iteration, is_best, keep) -> None:
     files = _files(tmp)
     for f in files:
         _fsync(os.path.join(tmp, f))
-    manifest = {"format": FORMAT, "version": 1, "iteration": iteration,
-                "files": {f: _sha256(os.path.join(tmp, f)) for f in files}}
+    manifest = seal({"format": FORMAT, "version": 1, "iteration": iteration,
+                     "files": {f: _sha256(os.path.join(tmp, f)) for f in files}})
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()

@@ -184,6 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result, run = train(build, parsed, ctx, write=lambda line: print(line, file=sys.stderr))
             text = summary(result, run) if ctx.is_main else None
             del run  # the model and engine go before the process groups do (Launch.start)
+    except CheckpointError as e:  # during training: a save that failed (train/recovery.py)
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 1
     except (CollectiveFailure, CollectiveMismatch) as e:
         # a lost or diverged rank: the process group cannot be torn down cleanly, so leave now
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)

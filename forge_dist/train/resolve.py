@@ -94,8 +94,10 @@ def _resolve_values(parsed: ParsedOptions, groups: Sequence[OptionGroup], notes:
     values = dict(parsed.values)
     if values["init_from"] != "resume":
         return values, None, None
-    path = _resume_checkpoint(values)
-    ckpt.verify_checkpoint(path)
+    from forge_dist.train.recovery import resume_checkpoint
+
+    path = resume_checkpoint(values["out_dir"], lambda: _resume_checkpoint(values), bool(values.get("init_from_ckpt")),
+                             notes)  # verified; falls back past a corrupt latest, and says so
     saved = ckpt.load_trainer_state(path)
     known = _known(saved["config"], groups)
     pinned, changes = resume_overrides(known, parsed.explicit)

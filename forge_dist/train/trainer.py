@@ -40,6 +40,7 @@ from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metr
 from forge_dist.train.plots import plot_losses
 from forge_dist.train.diagnostics import CollectiveFailure, Diagnostics, straggler_fields
 from forge_dist.train.preemption import Preemption
+from forge_dist.train.recovery import save_failed
 from forge_dist.train.reliability import diagnostics_options
 from forge_dist.train.progress import Progress, fmt_time
 from forge_dist.train.schedule import LRSchedule
@@ -154,8 +155,12 @@ class Trainer:
     def save(self, it: int, is_best: bool) -> None:
         if self.cfg.never_save_checkpoint or self.saved_at == it:
             return
-        self.last_checkpoint = ckpt.save_checkpoint(self.root, it, self.run.model, self.engine, self._trainer_state(it),
-                                                    self.ctx, keep=self.cfg.keep_checkpoints, is_best=is_best)
+        try:
+            self.last_checkpoint = ckpt.save_checkpoint(self.root, it, self.run.model, self.engine,
+                                                        self._trainer_state(it), self.ctx,
+                                                        keep=self.cfg.keep_checkpoints, is_best=is_best)
+        except OSError as e:  # e.g. the disk filled up: stop with one line, the older checkpoints intact
+            raise save_failed(e, self.root, it, self.last_checkpoint) from None
         self.saved_at = it
 
     def _evaluate(self, it: int, progress: Progress) -> dict:

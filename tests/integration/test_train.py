@@ -243,7 +243,9 @@ def test_corrupt_checkpoint_is_refused_on_resume(trained, tmp_path, capsys):
     data[-5] ^= 0xFF
     open(weights, "wb").write(bytes(data))
     before = sorted(os.listdir(moved / "checkpoints"))
-    err = _bad(capsys, ["--out_dir", str(moved), "--init_from", "resume", "--max_iters", "20"])
+    # named explicitly: refused (without a name, resume falls back to an older checkpoint: the drills)
+    err = _bad(capsys, ["--out_dir", str(moved), "--init_from", "resume", "--init_from_ckpt", os.path.basename(latest),
+                        "--max_iters", "20"])
     assert "corrupt" in err and "model/model.safetensors" in err
     assert sorted(os.listdir(moved / "checkpoints")) == before  # nothing overwritten
 

@@ -1,0 +1,57 @@
+"""Checkpoints under failure: falling back past a corrupt one on resume, and a save that fails.
+
+``resume_checkpoint`` is what ``--init_from resume`` loads: the checkpoint ``latest`` names, after
+verify_checkpoint (every file against the manifest's sha256, the manifest against its own). When
+that one is corrupt, incomplete or missing and the user named none (--init_from_ckpt), the newest
+older checkpoint that verifies is taken instead and a note says which and why; only when none
+verifies is the resume refused. A checkpoint named explicitly is never replaced by another.
+
+``save_failed`` turns the OSError of a save (the disk filled up, a quota, a read-only mount) into
+a CheckpointError that names the checkpoint, the cause and the last good checkpoint, after
+removing the partial ``.tmp-`` directory. The save is atomic (train/checkpoint.py), so the older
+checkpoints and the ``latest``/``best`` pointers are untouched.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from typing import Callable, List, Optional
+
+from forge_dist.errors import CheckpointError
+from forge_dist.io.checkpoint_read import ROOT, checkpoint_name, list_checkpoints, verify_checkpoint
+
+
+def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, notes: List[str]) -> str:
+    """The verified checkpoint to resume (``resolve()`` finds the one asked for)."""
+    path = None
+    try:
+        path = resolve()
+        verify_checkpoint(path)
+        return path
+    except CheckpointError as e:
+        if explicit:
+            raise
+        problem = str(e).split("; use ")[0]  # without the retry advice: we retry ourselves
+    root = os.path.join(out_dir, ROOT)
+    for name in reversed(list_checkpoints(root)):
+        candidate = os.path.join(root, name)
+        if path is not None and os.path.abspath(candidate) == os.path.abspath(path):
+            continue
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError:
+            continue
+        notes.append(f"{problem}; resuming from the previous good checkpoint {candidate} instead")
+        return candidate
+    raise CheckpointError(f"{problem}; no other checkpoint in {root} verifies either; start again with "
+                          f"--init_from scratch")
+
+
+def save_failed(error: OSError, root: str, iteration: int, last_good: Optional[str]) -> CheckpointError:
+    """The error to stop with after a failed save; the partial directory is removed first."""
+    shutil.rmtree(os.path.join(root, f".tmp-{checkpoint_name(iteration)}"), ignore_errors=True)
+    cause = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else (error.strerror or str(error))
+    kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
+    return CheckpointError(f"saving checkpoint {checkpoint_name(iteration)} in {root} failed: {cause} ({error}); "
+                           f"{kept}; free space (or fix the cause) and resume with --init_from resume")

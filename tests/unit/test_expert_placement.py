@@ -69,3 +69,46 @@ def test_placement_on_one_rank_keeps_the_model():
     names = list(model.state_dict())
     apply_expert_parallel(model, ProcessGroups.single(), ParallelConfig())
     assert list(model.state_dict()) == names and not any(hasattr(p, "allreduce") for p in model.parameters())
+
+
+@pytest.mark.parametrize("ep, rank", [(2, 1), (4, 2)])
+def test_optimizer_state_of_one_process_reshards_to_a_placed_rank(ep, rank):
+    """A one-process AdamW state dict (what every checkpoint holds) -> the entries of rank r's
+    experts under their local indices, and back to one-process indices (local_optimizer_state,
+    expand_names), on a layout without processes."""
+    import copy
+
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.expert import apply_expert_parallel
+    from forge_dist.parallel.expert.state import _placed, expand_names, local_optimizer_state
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.topology import Topology
+    from forge_dist.train.optim import param_groups
+
+    torch.manual_seed(0)
+    full = GPT(moe(moe_top_k=2, moe_layer_freq=1))
+    opt = torch.optim.AdamW(param_groups(full, 0.1, True), lr=1e-3)
+    idx = torch.randint(0, 64, (2, 16))
+    full(idx, idx)[1].backward()
+    opt.step()
+    saved = opt.state_dict()
+    order = [n for g in param_groups(full, 0.1, True) for n in
+             (next(k for k, q in full.named_parameters() if q is p) for p in g["params"])]
+    placed = copy.deepcopy(full)
+    apply_expert_parallel(placed, ProcessGroups.layout(Topology(4, ep=ep), rank), ParallelConfig(expert_parallel_size=ep))
+    first = rank * 4 // ep
+    assert {n.split(".")[5] for n, _ in placed.named_parameters() if ".experts." in n} == {
+        str(e) for e in range(first, first + 4 // ep)}
+    local_groups = param_groups(placed, 0.1, True)
+    names_of = {id(p): n for n, p in placed.named_parameters()}
+    names = [names_of[id(p)] for g in local_groups for p in g["params"]]
+    flat_groups, i = [], 0
+    for g in local_groups:
+        flat_groups.append({"params": list(range(i, i + len(g["params"])))})
+        i += len(g["params"])
+    assert expand_names(names, _placed(placed)) == order  # the one-process order, every expert
+    local = local_optimizer_state(saved, names, flat_groups, placed)
+    assert sorted(local["state"]) == list(range(len(names)))
+    for j, n in enumerate(names):
+        want = saved["state"][order.index(n)]
+        assert torch.equal(local["state"][j]["exp_avg"], want["exp_avg"]), n

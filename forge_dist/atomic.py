@@ -15,6 +15,16 @@ from typing import Callable, Iterator
 from forge_dist.errors import CheckpointError
 
 
+def stays_inside(rel: str) -> bool:
+    """Whether a relative path read from a file (a checkpoint manifest, a dataset's meta.json) stays
+    inside the directory it is relative to: not empty, not absolute, no ``..`` out of it. Paths that
+    escape are refused, so a crafted file cannot make us read or overwrite files elsewhere."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel):
+        return False
+    norm = os.path.normpath(rel)
+    return norm != ".." and not norm.startswith(".." + os.sep)
+
+
 def fsync_path(path: str) -> None:
     """fsync a file or a directory (directories: where the platform allows it)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)

@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
+from forge_dist.atomic import stays_inside
 from forge_dist.data.errors import DataError
 
 FORMAT = "forge_dist.tokens"
@@ -133,6 +134,10 @@ class DatasetMeta:
             meta.split_tokens()
         except (TypeError, ValueError, KeyError) as exc:
             raise DataError(f"{path} is malformed ({exc}); prepare the dataset again") from exc
+        named = [s.get("file") for s in meta.splits.values()] + [(meta.tokenizer or {}).get("file", "tokenizer.json")]
+        outside = [f for f in named if not stays_inside(f)]
+        if outside:
+            raise DataError(f"{path} is refused: it names {outside[0]!r}, a path outside the dataset folder")
         return meta
 
 

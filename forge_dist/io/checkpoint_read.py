@@ -11,6 +11,7 @@ import json
 import os
 from typing import List, Optional
 
+from forge_dist.atomic import stays_inside
 from forge_dist.errors import CheckpointError
 from forge_dist.io.statefile import load_state
 
@@ -115,12 +116,6 @@ def seal(manifest: dict) -> dict:
     return {**manifest, SELF_DIGEST: _canonical_digest(manifest)}
 
 
-def _inside(rel: str) -> bool:
-    """A manifest path that stays inside the checkpoint directory (no absolute path, no ``..``)."""
-    norm = os.path.normpath(rel)
-    return bool(rel) and not os.path.isabs(rel) and norm != ".." and not norm.startswith(".." + os.sep)
-
-
 def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
     """The manifest, after checking its own sha256 (manifests written since it exists) and that
     every listed file lies inside ``path`` and exists with its recorded sha256."""
@@ -140,7 +135,7 @@ def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
     if not isinstance(files, dict):
         raise CheckpointError(f"{path}/{MANIFEST} is corrupt (no file list); {retry}")
     for rel in files:
-        if not isinstance(rel, str) or not _inside(rel):
+        if not stays_inside(rel):
             raise CheckpointError(f"checkpoint {path} is refused: its {MANIFEST} names {rel!r}, a path outside "
                                   f"the checkpoint directory")
     for rel, digest in files.items():

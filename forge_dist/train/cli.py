@@ -154,6 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.train.launch import detect_env, plan_launch
     from forge_dist.parallel.flight import CollectiveMismatch
     from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
+    from forge_dist.train.recovery import verify_data
     from forge_dist.train.rollback import train
     from forge_dist.train.trainer import summary
 
@@ -170,6 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_data(resolved, launch.dp_size)
         diagnostics_options(resolved.values)
         BadStepOptions.from_values(resolved.values)
+        resolved.notes += verify_data(resolved.data_dirs or [resolved.data_dir])
     except (ConfigError, CheckpointError) as e:
         refuse(str(e), quiet)
     try:

@@ -55,3 +55,32 @@ def save_failed(error: OSError, root: str, iteration: int, last_good: Optional[s
     kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
     return CheckpointError(f"saving checkpoint {checkpoint_name(iteration)} in {root} failed: {cause} ({error}); "
                            f"{kept}; free space (or fix the cause) and resume with --init_from resume")
+
+
+VERIFY_LIMIT_BYTES = 1 << 30  # shards up to this size are hashed at start (about 1-2 s per GiB)
+
+
+def verify_data(data_dirs: List[str]) -> List[str]:
+    """Check every prepared shard of ``data_dirs`` against the sha256 its meta.json recorded, before
+    any process group exists: a corrupted shard (a flipped bit, a bad copy) is refused with one line
+    instead of training on garbage. Truncation is caught when the shard opens (the token count);
+    shards above VERIFY_LIMIT_BYTES are only size-checked there (hashing them costs minutes).
+    Returns the notes about shards not hashed."""
+    from forge_dist.data.dataset import read_meta
+    from forge_dist.data.shards import open_shard, tokens_sha256
+    from forge_dist.errors import ConfigError
+
+    notes = []
+    for data_dir in data_dirs:
+        meta = read_meta(data_dir)
+        for split, entry in sorted(meta.splits.items()):
+            digest, path = str(entry.get("digest") or ""), os.path.join(data_dir, entry["file"])
+            if not digest.startswith("sha256:") or not entry.get("tokens"):
+                continue
+            if os.path.getsize(path) > VERIFY_LIMIT_BYTES:
+                notes.append(f"{path} is over {VERIFY_LIMIT_BYTES >> 30} GiB: its checksum is not verified at start")
+                continue
+            if "sha256:" + tokens_sha256(open_shard(path)) != digest:
+                raise ConfigError(f"dataset shard {path} ({split} split) is corrupt: its tokens do not match the "
+                                  f"sha256 in meta.json; copy it again or prepare the dataset again")
+    return notes

@@ -25,7 +25,10 @@ def _divisors(n: int) -> List[int]:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1  # validated now; used by the pipeline engine
+    pipeline_parallel_size: int = 1  # pipeline stages (forge_dist.parallel.pipeline)
+    pipeline_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zero_bubble | zbv | dualpipev
+    virtual_pipeline_size: Optional[int] = None  # model chunks per rank; None: the schedule's default
+    pipeline_layers: Optional[str] = None  # layers per stage, e.g. "3,4,4,3"; None: balanced split
     expert_parallel_size: int = 1  # experts of each MoE layer split over this many data-parallel replicas
     expert_tensor_parallel_size: Optional[int] = None  # None: tensor_parallel_size; 1: experts whole
     sequence_parallel: bool = False  # split the residual stream along the sequence over TP ranks
@@ -47,6 +50,10 @@ class ParallelConfig:
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if not (isinstance(self.dist_timeout_minutes, (int, float)) and self.dist_timeout_minutes > 0):
             raise ConfigError(f"dist_timeout_minutes={self.dist_timeout_minutes!r} must be a positive number")
+        from forge_dist.parallel.pipeline.split import check_schedule, chunks_per_rank
+
+        check_schedule(self.pipeline_schedule)
+        chunks_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
         if self.dist_backend not in BACKENDS:
             raise ConfigError(f"dist_backend={self.dist_backend!r}; choose gloo, nccl or None (automatic)")
 
@@ -61,12 +68,21 @@ class ParallelConfig:
         return Topology(world_size, tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
                         ep=self.expert_parallel_size)
 
+    def pipeline_plan(self, model_config, n_microbatches: Optional[int] = None):
+        """The stage split and placement (forge_dist.parallel.pipeline.split.PipelinePlan)."""
+        from forge_dist.parallel.pipeline.split import plan_pipeline
+
+        return plan_pipeline(model_config, self.pipeline_parallel_size, self.pipeline_schedule,
+                             self.virtual_pipeline_size, self.pipeline_layers, n_microbatches)
+
     def validate(self, model_config, world_size: int) -> None:
         self.topology(world_size)  # world = tp x pp x dp, ep divides dp
         tp, pp, ep = self.tensor_parallel_size, self.pipeline_parallel_size, self.expert_parallel_size
         if pp > model_config.n_layer:
             raise ConfigError(f"pipeline_parallel_size={pp} exceeds n_layer={model_config.n_layer}: every "
                               f"stage needs at least one layer; use at most {model_config.n_layer} stages")
+        if pp > 1:
+            self.pipeline_plan(model_config)
         if model_config.use_moe and model_config.n_experts % ep:
             raise ConfigError(f"n_experts={model_config.n_experts} is not divisible by expert_parallel_size={ep}; "
                               f"choose ep among {_divisors(model_config.n_experts)} or change n_experts")

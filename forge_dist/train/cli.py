@@ -19,6 +19,7 @@ from forge_dist.config.model_config import ModelConfig
 from forge_dist.config.parallel import BACKENDS, ParallelConfig
 from forge_dist.config.validate import CHOICES as MODEL_CHOICES, REGISTRY_OPTIONS
 from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.parallel.pipeline.split import SCHEDULES
 from forge_dist.train.options import CHOICES as TRAIN_CHOICES, EngineOptions, TrainConfig
 from forge_dist.train.bad_steps import BAD_STEP_HELP, MODES as BAD_STEP_MODES, BadStepOptions
 from forge_dist.train.reliability import DIAGNOSTICS_HELP, DiagnosticsOptions, diagnostics_options
@@ -61,7 +62,13 @@ TRAIN_HELP = {
 PARALLEL_HELP = {
     "tensor_parallel_size": "processes that split every layer (Megatron tensor parallelism); the launched "
                             "world must be a multiple of it, the remaining factor is data parallelism.",
-    "pipeline_parallel_size": "validated; sizes other than 1 are refused until pipeline parallelism lands.",
+    "pipeline_parallel_size": "pipeline stages: layers split over this many process groups (outermost "
+                              "in the rank order); gradient_accumulation_steps is the micro-batch count.",
+    "pipeline_schedule": "torch.distributed.pipelining schedule (docs/parallel.md says when to pick each).",
+    "virtual_pipeline_size": "model chunks per rank (interleaved schedules; zbv and dualpipev use 2); "
+                             "none: the schedule's default.",
+    "pipeline_layers": "layers per stage (per chunk with virtual_pipeline_size > 1), e.g. 3,4,4,3; "
+                       "none: a split balancing parameters, embedding and head counted.",
     "expert_parallel_size": "split each MoE layer's experts over this many data-parallel replicas (tokens "
                             "dispatched by all-to-all); must divide n_experts and the data-parallel size.",
     "expert_tensor_parallel_size": "none: experts split over the tensor-parallel ranks like the MLP; 1: each "
@@ -91,7 +98,8 @@ def option_groups() -> List[OptionGroup]:
     return [
         OptionGroup("model", ModelConfig, help=MODEL_HELP, choices=_model_choices()),
         OptionGroup("training", TrainConfig, help=TRAIN_HELP, choices=TRAIN_CHOICES),
-        OptionGroup("parallel", ParallelConfig, help=PARALLEL_HELP, choices={"dist_backend": BACKENDS},
+        OptionGroup("parallel", ParallelConfig, help=PARALLEL_HELP,
+                    choices={"dist_backend": BACKENDS, "pipeline_schedule": tuple(SCHEDULES)},
                     resumable=False),
         OptionGroup("engine", EngineOptions, help=ENGINE_HELP, resumable=False),
         OptionGroup("diagnostics", DiagnosticsOptions, help=DIAGNOSTICS_HELP, resumable=False),

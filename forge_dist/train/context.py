@@ -79,6 +79,8 @@ class RunContext:
                   "sequence_parallel": bool(pcfg is not None and pcfg.sequence_parallel and self.tp_size > 1)}
         if pcfg is not None and pcfg.expert_parallel_size > 1:
             layout["expert_parallel_size"] = pcfg.expert_parallel_size
+        if pcfg is not None and pcfg.pipeline_parallel_size > 1:
+            layout["pipeline_parallel_size"] = pcfg.pipeline_parallel_size
         return layout
 
     def any(self, flag: bool) -> bool:

@@ -4,8 +4,8 @@ mpirun or srun (forge_dist.dist.env detects which).
 ``plan_launch`` decides everything that needs no other process, so bad input is refused with one
 line before any process group exists (a rendezvous with a rank that already left would hang):
 
-  * pipeline parallelism: validated option values, but sizes other than 1 are refused until the
-    issue that brings it lands;
+  * pipeline parallelism: schedule, chunks, stage split and micro-batch count
+    (ParallelConfig.pipeline_plan), float16 and --compile refused;
   * expert parallelism: experts dividing over the expert-parallel size, which divides the
     data-parallel size; MoE options only with --use_moe; no noisy routing (ParallelConfig.validate);
   * world size = tensor x pipeline x data-parallel sizes, heads / MLP width / KV groups divisible
@@ -33,12 +33,6 @@ from forge_dist.config.parallel import ParallelConfig
 from forge_dist.errors import ConfigError
 from forge_dist.train.context import RunContext
 
-# Where the parallelism that forge-train validates but cannot run yet will come from. No issue is
-# filed for either yet (issue 5, tensor parallelism, says they come next); update when one is.
-NOT_YET = {
-    "pipeline_parallel_size": ("pipeline parallelism", "the pipeline-parallel issue that follows tensor "
-                                                        "parallelism (issue 5)"),
-}
 DEEPSPEED_MODULE = "forge_dist.train.deepspeed_engine"
 DEEPSPEED_FACTORY = "deepspeed_engine_factory"
 
@@ -112,11 +106,6 @@ def _single_hint(env, pcfg: ParallelConfig) -> str:
 
 def check_parallel(pcfg: ParallelConfig, model_config, env) -> None:
     """Every refusal that arithmetic and the meta device can decide, in the order a user fixes them."""
-    for name, (what, where) in NOT_YET.items():
-        size = getattr(pcfg, name)
-        if size != 1:
-            raise ConfigError(f"{name}={size}: {what} is not implemented yet (it comes with {where}); "
-                              f"use {name}=1 (tensor, expert and data parallelism work now)")
     try:
         pcfg.validate(model_config, env.world_size)
     except ConfigError as e:
@@ -124,6 +113,20 @@ def check_parallel(pcfg: ParallelConfig, model_config, env) -> None:
     from forge_dist.parallel.parallelize import check_parallelizable
 
     check_parallelizable(model_config, pcfg)
+
+
+def check_pipeline(pcfg: ParallelConfig, model_config, train_config, values: Mapping) -> None:
+    pcfg.pipeline_plan(model_config, train_config.gradient_accumulation_steps)
+    if train_config.resolved_dtype == "float16":
+        raise ConfigError("dtype=float16 with pipeline_parallel_size > 1: the loss scale cannot reach the "
+                          "pipeline schedule's backward; use --dtype bfloat16 or float32")
+    if pcfg.expert_parallel_size > 1:
+        raise ConfigError(f"expert_parallel_size={pcfg.expert_parallel_size} with pipeline_parallel_size="
+                          f"{pcfg.pipeline_parallel_size}: expert parallelism inside pipeline stages is not "
+                          f"supported yet; use one of the two")
+    if train_config.compile:
+        raise ConfigError("--compile with pipeline_parallel_size > 1 is not supported (the zero-bubble "
+                          "schedules split the backward, which torch.compile cannot); drop --compile")
 
 
 def choose_backend(pcfg: ParallelConfig, device: str, env) -> str:
@@ -175,6 +178,8 @@ def plan_launch(values: Mapping, model_config, train_config, env=None,
     env = env if env is not None else detect_env(environ)
     pcfg = parallel_config_from(values)
     check_parallel(pcfg, model_config, env)
+    if pcfg.pipeline_parallel_size > 1:
+        check_pipeline(pcfg, model_config, train_config, values)
     backend = choose_backend(pcfg, train_config.resolved_device, env)
     factory = engine_factory(values)
     preflight = getattr(importlib.import_module(factory.__module__), "preflight", None)

@@ -69,7 +69,7 @@ def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.
 
     apply_expert_parallel(model, ctx.groups, ctx.parallel_config)  # experts placed before TP splits them
     names = [n for n, _ in model.named_parameters()]
-    if ctx.tp_size > 1:
+    if ctx.tp_size > 1 and ctx.parallel_config.pipeline_parallel_size == 1:  # else: each stage, by the pipeline engine
         parallelize(model, ctx.groups, ctx.parallel_config)
         after = [n for n, _ in model.named_parameters()]
         if after != names:  # optimizer state in checkpoints is stored in this order

@@ -228,6 +228,10 @@ def parallel_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
         from forge_dist.train.build import local_engine
 
         return local_engine(model, train_cfg, values, ctx)
+    if ctx.parallel_config.pipeline_parallel_size > 1:
+        from forge_dist.train.pipeline_engine import pipeline_engine_factory
+
+        return pipeline_engine_factory(model, train_cfg, values, ctx)
     from forge_dist.parallel.tensor.metadata import shard_info
 
     if ctx.tp_size > 1 and any(shard_info(p) is None for p in model.parameters()):

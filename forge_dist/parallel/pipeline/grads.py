@@ -1,0 +1,134 @@
+"""Gradients of a pipelined model: the pieces the engine runs after the schedule's backward.
+
+  scale_microbatches   divide every distinct local parameter's gradient by the micro-batch count
+                       once (the schedules are built with scale_grads=False: their own scaling
+                       divides a parameter held by two local chunks twice)
+  sync_shared          sum the gradients of a logical parameter held by several pipeline ranks
+                       (tied table and head, shared_* modules, shared FIRE): over the ``embedding``
+                       group when the holders are exactly its first and last stage, else over the
+                       pipeline group with zeros from the ranks that do not hold it
+  dp_average           average over the data-parallel group, one flattened all-reduce per bucket
+                       of at most BUCKET_BYTES (after the schedule: torch's DDP reducer would
+                       overlap it with the backward but needs each stage wrapped, future work)
+  grad_norm            the 2-norm of the whole model's gradient over PP x TP (each logical value
+                       counted once: shard copies as tp_grad_norm does, pipeline copies on their
+                       lowest holder only); data-parallel replicas hold the same averaged gradient
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from forge_dist.parallel.pipeline.stage import StageLayout
+from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info
+
+
+def distinct_params(layout: StageLayout) -> List[torch.nn.Parameter]:
+    return list({id(p): p for ps in layout.local_params().values() for p in ps}.values())
+
+
+@torch.no_grad()
+def scale_microbatches(params: List[torch.nn.Parameter], n: int) -> None:
+    if n != 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(n)
+
+
+@torch.no_grad()
+def sync_shared(layout: StageLayout, groups) -> int:
+    """Sum the pipeline copies' gradients (every pipeline rank calls it, in the same order).
+    Returns how many local Parameters received a summed gradient."""
+    local = layout.local_params()
+    n = 0
+    for c, ps in local.items():  # two local chunks holding separately sharded copies (V-shape rank 0)
+        if len(ps) > 1 and c not in layout.holders:
+            g = sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in ps)
+            for p in ps:
+                p.grad = g.clone()
+                n += 1
+    if not layout.holders:
+        return n
+    plan = layout.plan
+    edge = (0, plan.pp - 1)  # the embedding group's pipeline ranks (loop placement: stages 0 and S-1)
+    buckets: Dict[str, List[str]] = {"embedding": [], "pp": []}
+    for name in sorted(layout.holders):  # the same order on every rank
+        buckets["embedding" if plan.pp > 1 and layout.holders[name] == edge else "pp"].append(name)
+    for kind, names in buckets.items():
+        group = groups.embedding if kind == "embedding" else groups.pp
+        if not names or group is None:  # a middle stage is in no embedding group
+            continue
+        grads = [sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in local[c])
+                 if c in local else None for c in names]
+        if any(g is None for g in grads):
+            grads = _fill_shapes(grads, names, local, layout, groups)
+        total = group.all_reduce(_flatten_dense_tensors(grads), phase="grad_sync")
+        for c, g in zip(names, _unflatten_dense_tensors(total, grads)):
+            for p in local.get(c, ()):
+                p.grad = g.clone()
+                n += 1
+    return n
+
+
+def _fill_shapes(grads, names, local, layout, groups):
+    """Zeros for the logical parameters this rank does not hold, shaped as the holders' local
+    shards: a holder's shard shape is announced to all pipeline ranks once (cached)."""
+    cache = layout.__dict__.setdefault("_shapes", {})
+    if any(g is None and c not in cache for g, c in zip(grads, names)):
+        import torch.distributed as dist
+
+        mine = {c: (tuple(local[c][0].shape), local[c][0].dtype) for c in names if c in local}
+        every = [None] * groups.pp.size
+        dist.all_gather_object(every, mine, group=groups.pp.handle)
+        for d in every:
+            cache.update(d)
+    return [g if g is not None else torch.zeros(cache[c][0], dtype=cache[c][1]) for g, c in zip(grads, names)]
+
+
+BUCKET_BYTES = 64 << 20
+
+
+@torch.no_grad()
+def dp_average(params: List[torch.nn.Parameter], group) -> None:
+    """Every replica passes the same parameter list; a gradient missing on a replica counts as
+    zeros (the pipeline stages give every parameter a gradient each step)."""
+    if group.size == 1:
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    bucket: List[torch.Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        last = i == len(grads) - 1
+        if last or size + grads[i + 1].numel() * grads[i + 1].element_size() > BUCKET_BYTES \
+                or grads[i + 1].dtype != g.dtype:
+            flat = group.all_reduce(_flatten_dense_tensors(bucket), phase="grad_sync").div_(group.size)
+            for t, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(synced)
+            bucket, size = [], 0
+
+
+@torch.no_grad()
+def grad_norm(layout: StageLayout, groups) -> torch.Tensor:
+    """The global 2-norm over every pipeline stage and TP shard (collective over tp and pp)."""
+    tp = groups.tp.size
+    total = torch.zeros((), dtype=torch.float64)
+    for c, ps in layout.local_params().items():
+        holders = layout.holders.get(c)
+        if holders is not None and holders[0] != layout.pp_rank:
+            continue  # counted on the lowest pipeline rank holding it
+        p = ps[0]
+        if p.grad is None:
+            continue
+        info = shard_info(p) or ShardInfo.replicated(p)
+        copies = tp if info.dim is None else tp // info.num_shards
+        total += p.grad.detach().double().pow(2).sum() / copies
+    total = groups.tp.all_reduce(total, phase="grad_sync")
+    return groups.pp.all_reduce(total, phase="grad_sync").sqrt()

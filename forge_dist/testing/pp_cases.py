@@ -1,0 +1,29 @@
+"""Pipeline parity cases: the models and the schedule x layout runs (data, as tp_cases.py)."""
+from __future__ import annotations
+
+from typing import List
+
+from forge_dist.parallel.pipeline.split import SCHEDULES
+
+PP_BASE = dict(n_layer=8, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+
+# tied embeddings (the default) with what pipelining must carry across stages: a shared attention
+# module whose group (layers 0-2, 3-5, 6-7) spans stage boundaries, MoE layers with load-balancing
+# and z losses on several stages, RoPE with GQA, SwiGLU, embedding scale, logit soft-capping, a
+# steering vector recorded mid-model
+VARIANT_MIX = {**PP_BASE, "use_rotary_embeddings": True, "use_abs_pos_embeddings": False, "n_kv_group": 2,
+               "mlp_variant": "swiglu", "use_moe": True, "n_experts": 4, "moe_top_k": 2, "moe_layer_freq": 2,
+               "moe_aux_loss_coef": 0.01, "moe_z_loss_coef": 0.001, "shared_attn_size": 3,
+               "use_embedding_scale": True, "final_logit_softcapping": 3.0, "obtain_vector_at_layer_idx": 5}
+MODELS = {"default": PP_BASE, "variant_mix": VARIANT_MIX}
+
+
+def micro_batches(schedule: str, pp: int) -> int:
+    """The fewest micro-batches each schedule accepts, at least 2 x pp (so 1F1B has a steady state)."""
+    return 2 * pp
+
+
+def schedule_runs(layouts, models=tuple(MODELS)) -> List[tuple]:
+    """Every schedule x (pp, tp) layout x model, as run_pp_matrix takes them."""
+    return [(pp, tp, s, None, m, MODELS[m], micro_batches(s, pp))
+            for pp, tp in layouts for s in SCHEDULES for m in models]

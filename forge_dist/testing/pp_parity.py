@@ -1,0 +1,139 @@
+"""Compare a pipelined (and tensor/data-parallel) model with the single-process model.
+
+One configuration: the plain GPT built from a seed (the reference) and a copy cut into this rank's
+pipeline stages (``build_stages``), sharded over TP when tp > 1. The global batch is dp x n
+micro-batches; the reference accumulates all of them in one process (mean of the micro-batch
+losses, as LocalEngine), data-parallel replica d pipelines micro-batches d*n .. d*n+n-1 through
+the schedule, then the engine's gradient steps run (scale, TP sync, pipeline copies summed, DP
+average, clip). Compared (relative errors, TOLERANCES of forge_dist.testing.parity):
+
+  loss         the logged loss (micro-batch mean, with every stage's MoE auxiliary losses),
+               averaged over data-parallel replicas as the trainer's ctx.mean does
+  grad         every gradient of this rank's stages, gathered over TP, against the reference's
+  grad norm    the clipping norm over PP x TP against the reference's global norm
+  step         the weights after one AdamW step (this rank's optimizer on its shards) against the
+               full model stepped with the gathered gradients: exact, AdamW is elementwise
+  ref step     the same weights against the reference stepped with its own gradients
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List
+
+import torch
+
+from forge_dist.testing.parity import ParityReport, rel_error
+
+# ref step: AdamW's 1/(|g| + eps) magnifies the gradients' rounding gap on elements whose gradient
+# is near eps (TP's other summation order: up to ~2e-4 in fp32); "step" is the exact check
+TOL = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "step": 0.0, "ref step": 1e-3}
+B = 2  # rows per micro-batch
+
+
+def _batches(cfg, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+        y = torch.randint(0, cfg.vocab_size, (B, cfg.block_size), generator=g)
+        y[0, :2] = -1
+        out.append((x, y))
+    return out
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+
+
+def compare_pipeline(name: str, config_kwargs: dict, groups, schedule: str, virtual=None, n_micro: int = 4,
+                     seed: int = 0, sequence_parallel: bool = False, layers=None) -> ParityReport:
+    from forge_dist import ModelConfig
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.pipeline import build_pipeline
+    from forge_dist.parallel.pipeline.grads import distinct_params
+    from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+    from forge_dist.train.pipeline_engine import PipelineEngine
+
+    topo = groups.topology
+    cfg = ModelConfig(**config_kwargs)
+    pcfg = ParallelConfig(tensor_parallel_size=topo.tp, pipeline_parallel_size=topo.pp,
+                          sequence_parallel=sequence_parallel, pipeline_schedule=schedule,
+                          virtual_pipeline_size=virtual, pipeline_layers=layers)
+    torch.manual_seed(seed)
+    ref = GPT(cfg).train()
+    model, stepped = copy.deepcopy(ref), copy.deepcopy(ref)  # copied before any forward records state
+    batches = _batches(cfg, topo.dp * n_micro, seed + 1)
+
+    ref_loss = 0.0
+    for x, y in batches:
+        loss = ref(x, y)[1]
+        (loss / len(batches)).backward()
+        ref_loss += loss.item() / len(batches)
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    ref_norm = torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]).norm()
+
+    layout, runner = build_pipeline(model, groups, pcfg, n_micro, "cpu", B)
+    params = distinct_params(layout)
+    engine = PipelineEngine(layout, runner, _adamw(params), "cpu", "float32", 0.0, groups, pcfg)
+    d = groups.coord.dp
+    loss = engine.forward_backward(batches[d * n_micro:(d + 1) * n_micro])
+    loss = groups.dp.all_reduce(loss.reshape(1))[0] / groups.dp.size  # the trainer's mean over replicas
+    engine.sync_gradients()
+    norm = engine.clip_grad_norm(1e9)
+
+    errors: Dict[str, float] = {"loss": abs(float(loss) - ref_loss) / abs(ref_loss),
+                                "grad norm": rel_error(norm, ref_norm)}
+    grads, full_before = {}, {}
+    for chunk in layout.chunks.values():
+        grads.update(gather_full_state_dict(chunk, groups, grads=True))
+    for n, g in grads.items():
+        r = ref_params[n].grad
+        if (g is None) != (r is None):
+            return ParityReport(name, "mismatch", f"{n}: gradient present on one side only")
+        if g is not None:
+            errors[f"grad: {n}"] = rel_error(g, r, floor=1e-3 * ref_norm.item())
+    stepped_params = dict(stepped.named_parameters(remove_duplicate=False))
+    for n, g in grads.items():
+        stepped_params[n].grad = None if g is None else g.clone()
+    _adamw(stepped.parameters()).step()
+    _adamw(ref.parameters()).step()
+    engine.optimizer.step()
+    for chunk in layout.chunks.values():
+        full_before.update(gather_full_state_dict(chunk, groups))
+    ref_state, stepped_state = ref.state_dict(), stepped.state_dict()
+    for n, t in full_before.items():
+        errors[f"step: {n}"] = rel_error(t, stepped_state[n])
+        errors[f"ref step: {n}"] = rel_error(t, ref_state[n])
+    del params
+    worst: Dict[str, float] = {}
+    for key, e in errors.items():
+        c = key.split(":")[0]
+        worst[c] = max(worst.get(c, 0.0), e)
+    failed = {k: e for k, e in errors.items() if e > TOL[k.split(":")[0]]}
+    if not failed:
+        return ParityReport(name, "pass", "", worst)
+    detail = "; ".join(f"{k}: {e:.3g} > {TOL[k.split(':')[0]]:g}"
+                       for k, e in sorted(failed.items(), key=lambda kv: -kv[1])[:4])
+    return ParityReport(name, "mismatch", detail, worst)
+
+
+def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
+    """runs = [(pp, tp, schedule, virtual, case name, config, n_micro)]: rows (the run's key,
+    status, detail, worst). Process groups are built once per (pp, tp) layout."""
+    from forge_dist.errors import ConfigError
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.topology import Topology
+
+    layouts: Dict[tuple, object] = {}
+    out = []
+    for pp, tp, schedule, virtual, name, config, n_micro in runs:
+        if (pp, tp) not in layouts:
+            layouts[(pp, tp)] = ProcessGroups.build(Topology(world_size, tp=tp, pp=pp))
+        key = (pp, tp, world_size // (pp * tp), schedule, name)
+        try:
+            r = compare_pipeline(name, config, layouts[(pp, tp)], schedule, virtual, n_micro)
+        except ConfigError as e:
+            r = ParityReport(name, "config", str(e))
+        out.append((key, r.status, r.detail, r.worst))
+    return out

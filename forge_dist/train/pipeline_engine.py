@@ -1,0 +1,180 @@
+"""PipelineEngine: forge-train with pipeline parallelism (composed with TP, SP and DP).
+
+build_run hands over the full plain GPT, built from the same seed on every rank (or loaded from a
+layout-free checkpoint); the factory cuts it into this rank's stages (forge_dist.parallel.pipeline)
+and shards them over TP. Per optimizer step:
+
+  schedule       the gradient_accumulation_steps micro-batches of this rank's data-parallel slice
+                 through torch's schedule (gpipe, 1f1b, interleaved, zero-bubble, DualPipeV);
+                 each stage's MoE auxiliary losses are in the objective
+  scale          every distinct local gradient divided by the micro-batch count, once
+  tp sync        partial gradients of replicated parameters summed over TP (tp_grad_sync)
+  pipeline sync  copies of one logical parameter on several stages (tied table and head over the
+                 ``embedding`` group, shared_* modules over the pipeline group) summed
+  dp average     bucketed all-reduce over the data-parallel group (grads.dp_average)
+  clip, step     the global norm over PP x TP (grads.grad_norm), AdamW on the local shards
+
+The logged loss is the mean over micro-batches of cross-entropy plus every stage's auxiliary
+losses, summed over the pipeline group, as one process logs it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, scale_microbatches,
+                                                 sync_shared)
+from forge_dist.parallel.pipeline.stage import LocalStages
+from forge_dist.train.engine import LocalEngine
+
+
+class PipelineEngine(LocalEngine):
+    name = "pipeline"
+    forward_is_collective = True  # generation_model gathers the stages (every rank calls it)
+
+    def __init__(self, layout, runner, optimizer: torch.optim.Optimizer, device: str, dtype: str,
+                 grad_clip: float, groups, parallel_config):
+        if dtype == "float16":
+            raise ConfigError("dtype=float16 with pipeline_parallel_size > 1: the loss scale cannot reach "
+                              "the schedule's backward; use bfloat16 or float32")
+        config = next(iter(layout.chunks.values())).config
+        super().__init__(LocalStages(config, layout), optimizer, device, dtype, grad_clip, False)
+        self.layout, self.runner, self.groups, self.parallel_config = layout, runner, groups, parallel_config
+        self.tp, self.dp = groups.tp.size, groups.dp.size
+        self.distinct = distinct_params(layout)
+
+    # --- one step ---------------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
+        n = len(micro_batches)
+        if n != self.runner.n:
+            raise ValueError(f"{n} micro-batches, but the pipeline schedule was built for {self.runner.n} "
+                             f"(gradient_accumulation_steps)")
+        x = torch.cat([self.to_device(b[0]) for b in micro_batches])
+        y = torch.cat([self.to_device(b[1]) for b in micro_batches])
+        chunks = self.layout.chunks
+        for c in chunks.values():
+            c.aux_sum = torch.zeros((), dtype=torch.float64)
+        with self.autocast():
+            losses = self.runner.step(x, y)
+        scale_microbatches(self.distinct, n)
+        # the last stage's losses include its own aux losses; add the earlier stages' ones
+        total = sum((loss.double().cpu() for loss in losses), torch.zeros((), dtype=torch.float64))
+        total = total + sum((c.aux_sum for c in chunks.values() if not c.is_last),
+                            torch.zeros((), dtype=torch.float64))
+        return (self.groups.pp.all_reduce(total.reshape(1), phase="loss")[0] / n).float()
+
+    def sync_gradients(self) -> None:
+        if self.tp > 1:
+            from forge_dist.parallel.tensor.metadata import tp_grad_sync
+
+            tp_grad_sync(self.model, self.groups)
+        sync_shared(self.layout, self.groups)
+        if self.dp > 1:
+            dp_average(self._params, self.groups.dp)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        norm = grad_norm(self.layout, self.groups)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+        for p in self.distinct:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        return norm
+
+    def step(self, lr: float) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sync_gradients()
+        grad_norm_value: Optional[torch.Tensor] = None
+        if self.grad_clip > 0:
+            grad_norm_value = self.clip_grad_norm(self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm_value}
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.runner.forward_loss(self.to_device(x), self.to_device(y)).float()
+
+    # --- weights ----------------------------------------------------------------------------------
+    def full_state_dict(self) -> Optional[dict]:
+        """The logical weights on global rank 0 (None elsewhere): each stage's TP-gathered state
+        sent over the pipeline group of data-parallel replica 0, TP rank 0."""
+        if self.groups.coord.dp != 0:
+            return None
+        from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+
+        mine: dict = {}
+        for chunk in self.layout.chunks.values():
+            part = gather_full_state_dict(chunk, self.groups) if self.tp > 1 else chunk.state_dict()
+            mine.update({k: v.detach().cpu() for k, v in part.items()})
+        if self.groups.tp.rank != 0:
+            return None
+        pp = self.groups.pp
+        parts = [None] * pp.size if pp.rank == 0 else None
+        dist.gather_object(mine, parts, dst=pp.ranks[0], group=pp.handle)
+        if pp.rank != 0:
+            return None
+        from forge_dist.model.gpt import GPT
+
+        with torch.device("meta"):
+            order = list(GPT(self.model.config).state_dict())
+        merged = {k: v for part in parts for k, v in part.items()}
+        missing = [k for k in order if k not in merged]
+        if missing:
+            raise CheckpointError(f"the pipeline stages hold no value for {missing[:5]}")
+        return {k: merged[k] for k in order}
+
+    def generation_model(self) -> Optional[nn.Module]:
+        """A plain GPT with the trained weights on rank 0 (a collective; None elsewhere)."""
+        full = self.full_state_dict()
+        if full is None:
+            return None
+        from forge_dist.model.gpt import GPT
+
+        model = GPT(self.model.config).to(self.device)
+        model.load_state_dict(full)
+        return model.eval()
+
+    # --- optimizer state (not yet layout-free under pipelining) ------------------------------------
+    def save_state(self, directory: str, ctx) -> None:
+        from forge_dist.io.statefile import save_state
+
+        states = [None] * ctx.world_size if ctx.is_main else None
+        dist.gather_object(self.state_dict(), states, dst=0)
+        if ctx.is_main:
+            save_state({"per_rank": states, "engine": self.name, "layout": ctx.layout()}, directory, "optimizer")
+
+    def load_state(self, directory: str) -> None:
+        from forge_dist.train.engine import require_optimizer_files
+        from forge_dist.io.statefile import load_state
+
+        require_optimizer_files(directory)
+        state = load_state(directory, "optimizer", map_location="cpu")
+        per_rank = state.get("per_rank")
+        if state.get("engine") != self.name or per_rank is None or len(per_rank) != dist.get_world_size():
+            raise CheckpointError(f"the optimizer state in {directory} was written by another layout or engine; "
+                                  f"a pipelined run resumes its optimizer at the same layout only (the weights "
+                                  f"load at any layout: start from them with --init_from prev_run)")
+        self.load_state_dict(per_rank[dist.get_rank()])
+
+
+def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
+    """The engine for pipeline_parallel_size > 1 (parallel_engine_factory hands over to it)."""
+    from forge_dist.parallel.pipeline import build_pipeline
+    from forge_dist.train.optim import param_groups
+
+    device = train_cfg.resolved_device
+    layout, runner = build_pipeline(model, ctx.groups, ctx.parallel_config, train_cfg.gradient_accumulation_steps,
+                                    device, train_cfg.batch_size)
+    local = LocalStages(model.config, layout)
+    extra = {"fused": True} if torch.device(device).type == "cuda" else {}
+    optimizer = torch.optim.AdamW(param_groups(local, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split),
+                                  lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
+                                  eps=train_cfg.adamw_eps, **extra)
+    return PipelineEngine(layout, runner, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
+                          ctx.groups, ctx.parallel_config)

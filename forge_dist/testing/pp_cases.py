@@ -23,7 +23,13 @@ def micro_batches(schedule: str, pp: int) -> int:
     return 2 * pp
 
 
+# one schedule of each kind for the variant mix: plain, interleaved zero-bubble, V-shaped
+MIX_SCHEDULES = ("1f1b", "interleaved_zero_bubble", "dualpipev")
+
+
 def schedule_runs(layouts, models=tuple(MODELS)) -> List[tuple]:
-    """Every schedule x (pp, tp) layout x model, as run_pp_matrix takes them."""
+    """(pp, tp) layouts x schedules x models, as run_pp_matrix takes them: every schedule on the
+    default model, MIX_SCHEDULES on the variant mix."""
     return [(pp, tp, s, None, m, MODELS[m], micro_batches(s, pp))
-            for pp, tp in layouts for s in SCHEDULES for m in models]
+            for pp, tp in layouts for s in SCHEDULES for m in models
+            if m == "default" or s in MIX_SCHEDULES]

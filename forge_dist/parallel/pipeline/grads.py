@@ -62,7 +62,7 @@ def sync_shared(layout: StageLayout, groups) -> int:
             continue
         grads = [sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in local[c])
                  if c in local else None for c in names]
-        if any(g is None for g in grads):
+        if kind == "pp":  # collective on the first call, on every pipeline rank
             grads = _fill_shapes(grads, names, local, layout, groups)
         total = group.all_reduce(_flatten_dense_tensors(grads), phase="grad_sync")
         for c, g in zip(names, _unflatten_dense_tensors(total, grads)):
@@ -74,16 +74,16 @@ def sync_shared(layout: StageLayout, groups) -> int:
 
 def _fill_shapes(grads, names, local, layout, groups):
     """Zeros for the logical parameters this rank does not hold, shaped as the holders' local
-    shards: a holder's shard shape is announced to all pipeline ranks once (cached)."""
-    cache = layout.__dict__.setdefault("_shapes", {})
-    if any(g is None and c not in cache for g, c in zip(grads, names)):
+    shards. The shapes are exchanged once over the pipeline group (every pipeline rank takes part
+    on the first call, holder or not) and cached on the layout."""
+    cache = layout.__dict__.get("_shapes")
+    if cache is None:
         import torch.distributed as dist
 
         mine = {c: (tuple(local[c][0].shape), local[c][0].dtype) for c in names if c in local}
         every = [None] * groups.pp.size
         dist.all_gather_object(every, mine, group=groups.pp.handle)
-        for d in every:
-            cache.update(d)
+        cache = layout.__dict__["_shapes"] = {k: v for d in every for k, v in d.items()}
     return [g if g is not None else torch.zeros(cache[c][0], dtype=cache[c][1]) for g, c in zip(grads, names)]
 
 

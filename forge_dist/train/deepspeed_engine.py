@@ -174,8 +174,13 @@ def preflight(values: dict, train_cfg, model_config, parallel_config, world_size
                           f"the DeepSpeed engine does not place experts yet; train expert parallelism with the "
                           f"native engine (no --deepspeed_config), or use expert_parallel_size=1")
     mp = parallel_config.tensor_parallel_size * parallel_config.pipeline_parallel_size
-    return resolve_deepspeed_config(raw, train_cfg, max(world_size // mp, 1), model_config=model_config,
-                                    pipeline_parallel_size=parallel_config.pipeline_parallel_size, source=name)
+    resolved = resolve_deepspeed_config(raw, train_cfg, max(world_size // mp, 1), model_config=model_config,
+                                        pipeline_parallel_size=parallel_config.pipeline_parallel_size, source=name)
+    if parallel_config.pipeline_parallel_size > 1:  # ZeRO-2/3 with a pipeline was refused just above
+        raise ConfigError(f"pipeline_parallel_size={parallel_config.pipeline_parallel_size} with --deepspeed_config: "
+                          f"DeepSpeed's pipeline engine is not wired to forge_dist's stages yet; train pipeline "
+                          f"parallelism with the native engine (no --deepspeed_config)")
+    return resolved
 
 
 def _groups(ctx) -> ProcessGroups:

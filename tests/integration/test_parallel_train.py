@@ -232,3 +232,19 @@ def test_bad_option_under_mpirun_stops_every_rank_with_one_line(corpus, tmp_path
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("forge-train: error:")]
     assert len(lines) == 1 and "n_head=3 is not divisible by tensor_parallel_size=2" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+def test_pp2_under_torchrun_matches_one_process(corpus, tmp_path):
+    """Pipeline parallelism (1f1b, 2 stages of a 4-layer model, 2 micro-batches): the losses,
+    gradient norms, validation losses, weights and sample of one process with the same flags. The
+    numerics of every schedule and layout are tests/dist/test_pp_parity.py's."""
+    args = ["--n_layer", "4", *MODEL[2:], *RUN, *SAMPLE, "--dataset", corpus, "--max_iters", "6",
+            "--eval_interval", "5", "--grad_clip", "1.0"]
+    ref = single(*args, "--out_dir", str(tmp_path / "ref"))
+    pp = torchrun(2, *args, "--out_dir", str(tmp_path / "pp2"), "--pipeline_parallel_size", "2", timeout=250)
+    for key in ("loss", "grad_norm", "val_loss"):
+        want = series(tmp_path / "ref", key)
+        assert_close_series(series(tmp_path / "pp2", key), want, 1e-5, sorted(want))
+    assert_weights_close(weights(tmp_path / "pp2"), weights(tmp_path / "ref"), 1e-5)
+    assert sample_of(pp.stdout) == sample_of(ref.stdout)

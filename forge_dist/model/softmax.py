@@ -25,7 +25,8 @@ sigmoidmax, softplus, squareplus).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,24 @@ from forge_dist.errors import ConfigError
 from forge_dist.ops.mask import MaskSpec
 from forge_dist.variants import SOFTMAX
 from forge_dist.ops.reference import softmax_variants as ref
+
+
+@dataclass
+class RowSpec:
+    """A row-normalised variant as the blocked attention path computes it (mirrors the csrc rownorm
+    kernel): w = transform(x), e = exp(log_scale (w - m)), y = e / (obo + sum_j e) (if divide),
+    then / divisor (/ seq_len). m: the row max of w ("max"), 0 ("none"), the fixed guess ("guess"),
+    or the max where it exceeds the guess by more than overflow ("guess_or_max")."""
+
+    log_scale: Union[float, torch.Tensor] = 1.0
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    shift: str = "max"
+    guess: float = 0.0
+    overflow: float = 0.0
+    obo: Union[float, torch.Tensor] = 0.0
+    divide: bool = True
+    divisor: Union[float, torch.Tensor] = 1.0
+    seq_len: Optional[int] = None
 
 
 def _scalar(value: float, learnable: bool = True, shape=(1,)):
@@ -52,10 +71,18 @@ def _log_base(use_euler: bool, base: float) -> float:
 class ScoreNormalizer(nn.Module):
     """What every variant shares: the keep matrix, L for div_by_seq_len, per-head views."""
 
+    elementwise = False  # y_ij depends on s_ij alone: the blocked attention path normalises key blocks apart
+
     def __init__(self, config=None, n_head: Optional[int] = None):
         super().__init__()
         self.n_head = n_head if n_head is not None else getattr(config, "n_head", 1)
         self.div_by_seq_len = bool(getattr(config, "div_by_seq_len", False))
+        self.total_keys: Optional[int] = None  # L while the blocked path feeds one key block at a time
+
+    def row_spec(self, n_keys: int) -> Optional[RowSpec]:
+        """How the blocked attention path computes a row-normalised variant over n_keys real keys
+        (None: it cannot, the materialised path runs)."""
+        return None
 
     @staticmethod
     def keep(scores: torch.Tensor, mask: Optional[MaskSpec]) -> Optional[torch.Tensor]:  # (Tq, Tk)
@@ -64,6 +91,8 @@ class ScoreNormalizer(nn.Module):
     def seq_len(self, scores: torch.Tensor, mask: Optional[MaskSpec]) -> Optional[int]:
         if not self.div_by_seq_len:
             return None
+        if self.total_keys is not None:
+            return self.total_keys
         return scores.shape[-1] - (mask.n_sink if mask is not None else 0)
 
     @staticmethod
@@ -80,6 +109,9 @@ class Softmax(ScoreNormalizer):
     def forward(self, scores, mask: Optional[MaskSpec] = None):
         return ops.softmax(scores, mask)
 
+    def row_spec(self, n_keys: int) -> RowSpec:
+        return RowSpec()
+
 
 @SOFTMAX.register("softermax")
 class Softermax(ScoreNormalizer):
@@ -91,6 +123,9 @@ class Softermax(ScoreNormalizer):
 
     def forward(self, scores, mask: Optional[MaskSpec] = None):
         return ops.softermax(scores, mask, self.subtract_max)
+
+    def row_spec(self, n_keys: int) -> RowSpec:
+        return RowSpec(log_scale=math.log(2.0), shift="max" if self.subtract_max else "none")
 
 
 @SOFTMAX.register("strongermax")
@@ -132,6 +167,23 @@ class Strongermax(ScoreNormalizer):
             divisor=self.divisor, seq_len=self.seq_len(scores, mask),
         )
 
+    def row_spec(self, n_keys: int) -> RowSpec:
+        if not self.subtract_max:
+            shift = "none"
+        elif self.xmax_guess:  # upstream tests truthiness: 0 means "use the real max"
+            shift = "guess_or_max" if self.overflow_recompute else "guess"
+        else:
+            shift = "max"
+        clamp = self.clamp_value
+        obo = self.obo_offset
+        if torch.is_tensor(obo) and obo.dim() != 3:
+            obo = obo.reshape(())
+        return RowSpec(log_scale=self.log_strength / self.temperature_factor,
+                       transform=None if clamp is None else (lambda x: x.clamp(max=clamp)),
+                       shift=shift, guess=float(self.xmax_guess or 0.0), overflow=self.overflow_recompute_value,
+                       obo=obo, divide=self.div_by_sum_of_terms, divisor=self.divisor,
+                       seq_len=n_keys if self.div_by_seq_len else None)
+
 
 @SOFTMAX.register("sigsoftmax")
 class SigSoftmax(ScoreNormalizer):
@@ -144,11 +196,17 @@ class SigSoftmax(ScoreNormalizer):
     def forward(self, scores, mask: Optional[MaskSpec] = None):
         return ops.sigsoftmax(scores, mask, self.log_base)
 
+    def row_spec(self, n_keys: int) -> RowSpec:
+        b = self.log_base  # z = u + ln sigma(u), u = x ln b (see ref.sigsoftmax)
+        return RowSpec(transform=lambda x: x * b + torch.nn.functional.logsigmoid(x * b))
+
 
 # --- ConSmax family (elementwise, learned beta and gamma) --------------------------------------
 @SOFTMAX.register("consmax")
 class ConSmax(ScoreNormalizer):
     """b^{x - beta} / gamma with one learned (beta, gamma) per layer; b = e or consmax_base."""
+
+    elementwise = True
 
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
@@ -179,6 +237,8 @@ class ConSmaxV2(ScoreNormalizer):
     """Per-head ConSmax: beta_h = beta_init f_h, gamma_h = gamma_init g_h with learned factors
     ``beta_factor``, ``gamma_factor`` (n_head, 1, 1) starting at 1; optional clamp of x - beta."""
 
+    elementwise = True
+
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
         self.beta_init = float(config.consmax_initial_beta)
@@ -200,6 +260,8 @@ class SaturatingConSmax(ScoreNormalizer):
     consmax_saturation + consmax_initial_beta; beta and gamma learned or fixed per
     consmax_learnable_beta / consmax_learnable_gamma."""
 
+    elementwise = True
+
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
         self.beta = _scalar(config.consmax_initial_beta, config.consmax_learnable_beta)
@@ -216,6 +278,8 @@ class SaturatingConSmax(ScoreNormalizer):
 @SOFTMAX.register("polymax")
 class Polymax(ScoreNormalizer):
     """0 below x0, a linear ramp to y0 on [x0, 0], x^p + y0 above 0; / polymax_divisor."""
+
+    elementwise = True
 
     formula = staticmethod(ops.polymax)
 
@@ -242,6 +306,8 @@ class VPolymax(Polymax):
 class ExpPolymax(ScoreNormalizer):
     """b^x below 0, (x + s)^p + y0 from 0 (slopes matched at 0); / exppolymax_divisor."""
 
+    elementwise = True
+
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
         self.log_base = _log_base(config.exppolymax_use_euler_base, config.exppolymax_base)
@@ -259,6 +325,8 @@ def _divisor_variant(name: str, class_name: str, formula, divisor_option: str):
     squareplus differ only in f."""
 
     class _Variant(ScoreNormalizer):
+        elementwise = True
+
         def __init__(self, config, n_head: Optional[int] = None):
             super().__init__(config, n_head)
             self.divisor = float(getattr(config, divisor_option))
@@ -304,6 +372,10 @@ class PFLASoftmax(ScoreNormalizer):
         self._obo_raw = None
         if config.pfla_softmax_use_obo:
             self._obo_raw = _scalar(config.pfla_softmax_obo, config.pfla_softmax_use_learned_obo, shape=())
+
+    @property
+    def elementwise(self) -> bool:  # a learned divisor instead of the row sum
+        return self._gamma_raw is not None
 
     def _knots(self, name: str, values: torch.Tensor, learnable: bool) -> None:
         if learnable:

@@ -24,18 +24,27 @@ class MaskSpec:
     q_offset: int = 0  # absolute position of query 0 (KV-cached decoding)
     n_sink: int = 0  # leading always-visible key columns (attention sink / flash-LOBO)
 
-    def keep(self, n_q: int, n_k: int, device=None) -> torch.Tensor:
-        """(n_q, n_k) bool, True where query i may attend key j."""
+    def keep(self, n_q: int, n_k: int, device=None, k_start: int = 0) -> torch.Tensor:
+        """(n_q, n_k) bool, True where query i may attend key column k_start + j (k_start: a key block)."""
         i = torch.arange(n_q, device=device).unsqueeze(1) + self.q_offset
-        j = torch.arange(n_k, device=device).unsqueeze(0) - self.n_sink
+        j = torch.arange(k_start, k_start + n_k, device=device).unsqueeze(0) - self.n_sink
         keep = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
         if self.causal:
             keep &= j <= i
         if self.window is not None:
             keep &= j >= i - self.window
         if self.n_sink:
-            keep[:, : self.n_sink] = True
+            keep |= j < 0
         return keep
+
+    def block_hidden(self, n_q: int, k_start: int, k_end: int) -> bool:
+        """True when no query of n_q sees any key column in [k_start, k_end) (a block to skip)."""
+        if k_start < self.n_sink:
+            return False
+        lo, hi = k_start - self.n_sink, k_end - 1 - self.n_sink  # absolute key positions
+        after = self.causal and lo > self.q_offset + n_q - 1
+        before = self.window is not None and hi < self.q_offset - self.window
+        return after or before
 
     def additive(self, n_q: int, n_k: int, dtype=torch.float32, device=None) -> torch.Tensor:
         """(n_q, n_k): 0 where visible, -inf where hidden (for an additive attention mask)."""

@@ -1,0 +1,157 @@
+"""Blocked attention for every score normaliser: out_i = sum_j f(s_ij) v_j / D_i, key block by key
+block, never holding the (B, H, T, S) scores.
+
+Two kinds, read from the normaliser (forge_dist.model.softmax), one mechanism for all variants:
+- elementwise (``normalizer.elementwise``: consmax family, polymax, relumax, ...): y_ij = f(s_ij)/D
+  needs nothing from other keys, so each key block is normalised by the module itself (its fused
+  kernel or reference, hidden keys as -inf) and multiplied into its values;
+- row-normalised (``normalizer.row_spec``: softmax with soft-capping, softermax, sigsoftmax,
+  strongermax): pass 1 takes the row max m of w = t(s) over the blocks (only where the variant
+  shifts by it), pass 2 accumulates e = exp(c (w - m)) into D_i = sum_j e_ij and O_i = sum_j e_ij v_j,
+  then y_i = O_i / (obo + D_i) / divisor (/ L). With m fixed before pass 2 there is no running
+  rescale, and the result equals the reference's, obo and a learned temperature included.
+
+Each block runs under activation checkpointing: autograd keeps the block's inputs (views of q, k,
+v) and the (B, H, T) statistics, and the backward recomputes f(s) block by block; so the memory is
+O(T x block) instead of O(T x S), and every learned parameter (beta, gamma, per-head factors,
+temperature, obo) gets its gradient from autograd. Masks (causal, window, q offset, sink columns),
+soft-capping, additive bias (FIRE) and the flash-LOBO sink are applied inside the block; grouped-
+query attention broadcasts K/V over the query heads of a group without repeating them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from forge_dist.model.softmax import RowSpec
+from forge_dist.ops import registry
+from forge_dist.ops.mask import MaskSpec
+
+BLOCK = 128  # keys per block
+
+
+def enabled() -> bool:
+    """The blocked path is the default; FORGE_OPS=reference keeps the materialised one (parity runs)."""
+    return registry.mode() != "reference"
+
+
+def supports(normalizer: nn.Module, n_keys: int) -> bool:
+    """True when ``normalizer`` can run blocked (elementwise, or row-normalised with a RowSpec)."""
+    if getattr(normalizer, "elementwise", False):
+        return True
+    spec = getattr(normalizer, "row_spec", None)
+    return spec is not None and spec(n_keys) is not None
+
+
+def _group(x: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """(B, Hq, T, D) -> (B, Hkv, R, T, D): query head h = g R + r uses KV head g (as repeat_kv)."""
+    return x.unflatten(1, (n_kv, x.shape[1] // n_kv))
+
+
+def _block_scores(qg, k_blk, scale, softcap, bias_blk, keep) -> torch.Tensor:  # (B, H, T, n), -inf hidden
+    s = (qg @ k_blk.unsqueeze(2).transpose(-2, -1)).flatten(1, 2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if bias_blk is not None:
+        s = s + bias_blk
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def _pv(p: torch.Tensor, v_blk: torch.Tensor) -> torch.Tensor:  # (B, H, T, n) x (B, Hkv, n, Dv)
+    return (_group(p, v_blk.shape[1]) @ v_blk.unsqueeze(2)).flatten(1, 2)
+
+
+def _run(fn, *args):
+    """fn(*args), recomputed in the backward instead of saved (when anything needs a gradient)."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _blocks(mask: MaskSpec, T: int, S: int, block: int):
+    for j0 in range(0, S, block):
+        j1 = min(S, j0 + block)
+        if not mask.block_hidden(T, j0, j1):
+            yield j0, j1
+
+
+def blocked_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: float, softcap=None,
+                   bias: Optional[torch.Tensor] = None, sink_logit=None, block: int = BLOCK) -> torch.Tensor:
+    """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv); the materialised path's
+    result (forge_dist.model.attention.core._materialised without quant points or dropout)."""
+    T, S = q.shape[-2], k.shape[-2]
+    n_keys = S - mask.n_sink
+    qg = _group(q, k.shape[1])
+    acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+
+    def block_inputs(j0, j1):
+        keep = mask.keep(T, j1 - j0, q.device, k_start=j0)
+        bias_blk = None if bias is None else bias[..., j0:j1]
+        return k[:, :, j0:j1], v[:, :, j0:j1], keep, bias_blk
+
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
+    if getattr(normalizer, "elementwise", False):
+        def elementwise_block(qg, k_blk, v_blk, keep, bias_blk):
+            s = _block_scores(qg, k_blk, scale, softcap, bias_blk, keep)
+            normalizer.total_keys = n_keys  # div_by_seq_len divides by every key, not the block's
+            try:
+                p = normalizer(s, None)
+            finally:
+                normalizer.total_keys = None
+            return _pv(p.to(v_blk.dtype), v_blk)
+
+        for j0, j1 in _blocks(mask, T, S, block):
+            out = out + _run(elementwise_block, qg, *block_inputs(j0, j1)).to(acc)
+        return out.to(q.dtype)  # a sink column only takes mass from a sum: none here
+
+    spec: RowSpec = normalizer.row_spec(n_keys)
+    transform = spec.transform or (lambda x: x)
+    sink_w = None
+    if sink_logit is not None:  # a virtual key with logit log C and a zero value: counts in m and D only
+        sink = torch.as_tensor(sink_logit, dtype=q.dtype, device=q.device).reshape(-1, 1, 1)
+        sink_w = transform(sink.expand(q.shape[1], T, 1).expand(q.shape[0], q.shape[1], T, 1))
+
+    def transformed(qg, k_blk, keep, bias_blk):
+        s = _block_scores(qg, k_blk, scale, softcap, bias_blk, keep)
+        return transform(s.masked_fill(~keep, 0.0))  # hidden x -> 0 before t, as the reference
+
+    m = torch.zeros((), dtype=q.dtype, device=q.device)
+    if spec.shift in ("max", "guess_or_max"):
+        lowest = torch.finfo(q.dtype).min
+
+        def block_max(qg, k_blk, keep, bias_blk):
+            return transformed(qg, k_blk, keep, bias_blk).masked_fill(~keep, lowest).amax(-1, keepdim=True)
+
+        maxima = []
+        for j0, j1 in _blocks(mask, T, S, block):
+            k_blk, _, keep, bias_blk = block_inputs(j0, j1)
+            maxima.append(_run(block_max, qg, k_blk, keep, bias_blk))
+        if sink_w is not None:
+            maxima.append(sink_w)
+        m = torch.cat(maxima, -1).amax(-1, keepdim=True) if maxima else m
+        if spec.shift == "guess_or_max":
+            m = torch.where(m - spec.guess > spec.overflow, m, torch.full_like(m, spec.guess))
+    elif spec.shift == "guess":
+        m = torch.full((), spec.guess, dtype=q.dtype, device=q.device)
+
+    def row_block(qg, k_blk, v_blk, keep, bias_blk, m):
+        u = (transformed(qg, k_blk, keep, bias_blk) - m) * spec.log_scale
+        e = torch.exp(u.masked_fill(~keep, 0.0)).masked_fill(~keep, 0.0)
+        return e.sum(-1, keepdim=True, dtype=acc), _pv(e.to(v_blk.dtype), v_blk).to(acc)
+
+    den = q.new_zeros(*q.shape[:-1], 1, dtype=acc)
+    for j0, j1 in _blocks(mask, T, S, block):
+        d_blk, o_blk = _run(row_block, qg, *block_inputs(j0, j1), m)
+        den, out = den + d_blk, out + o_blk
+    if sink_w is not None:
+        den = den + torch.exp((sink_w - m) * spec.log_scale).to(acc)
+    if spec.divide:
+        den = den + spec.obo
+        out = out / torch.where(den == 0, 1.0, den)
+    out = out / spec.divisor
+    if spec.seq_len is not None:
+        out = out / spec.seq_len
+    return out.to(q.dtype)

@@ -7,9 +7,13 @@ must win over SLURM_PROCID; mpirun inside an allocation likewise):
                       TORCHELASTIC_RUN_ID
   deepspeed launcher  RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE, CROSS_RANK, MASTER_ADDR/PORT
   other env://        RANK and WORLD_SIZE (and optionally LOCAL_RANK)
-  mpirun (OpenMPI)    OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK/LOCAL_SIZE; no master address: when
-                      every rank is on one node it is 127.0.0.1, otherwise rank 0's host is
-                      broadcast with mpi4py (never ``hostname -I``, which picks a random NIC)
+  mpirun (OpenMPI)    OMPI_COMM_WORLD_RANK/SIZE; in a real mpirun rank, mpi4py's view: rank and
+                      size of COMM_WORLD, local rank and size from its shared-memory split
+                      (MPI_COMM_TYPE_SHARED), and, unless MASTER_ADDR is given, rank 0's address
+                      and a port it found free, broadcast to all (DeepSpeed's MPI discovery, but
+                      never ``hostname -I``, which picks a random NIC): 127.0.0.1 when every rank
+                      shares a node, else the IPv4 address of GLOO_SOCKET_IFNAME (or
+                      NCCL_SOCKET_IFNAME) on rank 0, else its host name's address
   SLURM (srun)        SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; master = first host of
                       SLURM_JOB_NODELIST (node[01-04,07] -> node01)
   none                a single process
@@ -135,12 +139,7 @@ def detect_launch_env(env: Optional[Mapping[str, str]] = None, mpi_comm=None) ->
         found = LaunchEnv(launcher, _int(env, "RANK"), world, _int(env, "LOCAL_RANK", 0), local_world,
                           env.get("MASTER_ADDR", "127.0.0.1"), port)
     elif "OMPI_COMM_WORLD_RANK" in env:
-        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
-        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
-        addr = env.get("MASTER_ADDR")
-        if addr is None:
-            addr, port = ("127.0.0.1", port) if local_world == world else mpi_master(port, mpi_comm)
-        found = LaunchEnv("mpirun", rank, world, _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", rank), local_world, addr, port)
+        found = _mpirun_env(env, port, mpi_comm)
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = _int(env, "SLURM_NTASKS")
         addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "")
@@ -162,13 +161,113 @@ def _check(e: LaunchEnv) -> None:
         raise LaunchEnvError(f"{e.launcher}: local rank {e.local_rank} outside {e.local_world_size} local processes")
 
 
-def mpi_master(port: int, comm=None):
-    """(address, port) of rank 0, broadcast over MPI: rank 0 resolves its own host name."""
+def _mpirun_env(env: Mapping[str, str], port: int, comm) -> LaunchEnv:
+    rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+    local_rank, local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", rank), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
+    addr = env.get("MASTER_ADDR")
+    if comm is None and env is os.environ:  # a real mpirun rank (not a mapping under test)
+        comm = _comm_world()
+    if comm is not None and hasattr(comm, "Split_type"):  # mpi4py: MPI's own view of the ranks
+        rank, world, local_rank, local_world = mpi_ranks(comm)
+    if addr is None:
+        if comm is None:
+            if local_world != world:
+                raise LaunchEnvError(f"mpirun over several nodes ({local_world} of {world} ranks on this one) "
+                                     f"needs mpi4py to find rank 0's address, or MASTER_ADDR exported "
+                                     f"(mpirun -x MASTER_ADDR=<rank 0's host>)")
+            addr = "127.0.0.1"
+        else:
+            addr, port = mpi_master(port if "MASTER_PORT" in env else None, comm, one_node=local_world == world,
+                                    env=env)
+            if env is os.environ:  # as DeepSpeed's discovery does: later look-ups agree without MPI
+                os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    return LaunchEnv("mpirun", rank, world, local_rank, local_world, addr, port)
+
+
+def _comm_world():
+    try:
+        from mpi4py import MPI  # imported only under mpirun: it initialises MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def mpi_ranks(comm):
+    """(rank, world, local rank, local world) of this process: COMM_WORLD and its shared-memory
+    split (the ranks on this node), as DeepSpeed's mpi_discovery computes them."""
+    from mpi4py import MPI
+
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def interface_address(name: str) -> Optional[str]:
+    """The IPv4 address of network interface ``name`` (Linux SIOCGIFADDR), None if it has none."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _socket_ifname(env: Mapping[str, str]) -> Optional[str]:
+    """The first interface named by GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME ("eth0,eth1" -> eth0;
+    exclusions like "^docker" name none)."""
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        names = [n for n in env.get(var, "").split(",") if n and not n.startswith(("^", "="))]
+        if names:
+            return names[0]
+    return None
+
+
+def master_address(env: Mapping[str, str], one_node: bool) -> str:
+    """This host's address for the other ranks to reach: loopback when they are all on this node,
+    else the socket interface's address, else the host name's (refused if that is loopback)."""
+    if one_node:
+        return "127.0.0.1"
+    ifname = _socket_ifname(env)
+    if ifname is not None:
+        addr = interface_address(ifname)
+        if addr is None:
+            raise LaunchEnvError(f"GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME names {ifname!r}, which has no IPv4 "
+                                 f"address on rank 0's host {socket.gethostname()}")
+        return addr
+    addr = socket.gethostbyname(socket.getfqdn())
+    if addr.startswith("127."):
+        raise LaunchEnvError(f"rank 0's host name {socket.getfqdn()!r} resolves to {addr}, which other nodes "
+                             f"cannot reach: set GLOO_SOCKET_IFNAME (NCCL_SOCKET_IFNAME on GPUs) to the "
+                             f"interface the nodes share, or export MASTER_ADDR")
+    return addr
+
+
+def free_port(addr: str = "") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def mpi_master(port: Optional[int], comm=None, one_node: bool = False, env: Optional[Mapping[str, str]] = None):
+    """(address, port) of rank 0, broadcast over MPI: rank 0 finds its address (master_address)
+    and, when ``port`` is None, a free port on it."""
     if comm is None:
         from mpi4py import MPI  # imported only when discovery is needed: it initialises MPI
 
         comm = MPI.COMM_WORLD
     mine = None
     if comm.Get_rank() == 0:
-        mine = (socket.gethostbyname(socket.getfqdn()), port)
-    return tuple(comm.bcast(mine, root=0))
+        try:
+            addr = master_address(os.environ if env is None else env, one_node)
+            mine = (addr, port if port is not None else free_port(addr))
+        except LaunchEnvError as e:
+            mine = e  # every rank raises it, instead of waiting for rank 0 forever
+    theirs = comm.bcast(mine, root=0)
+    if isinstance(theirs, Exception):
+        raise LaunchEnvError(str(theirs))
+    return tuple(theirs)

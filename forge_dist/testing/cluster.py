@@ -167,7 +167,10 @@ def process_env(pid: int) -> Dict[str, str]:
 class NetnsPair:
     """Two network namespaces joined by one veth pair, addresses 10.231.<subnet>.1 and .2: two
     "nodes" on one machine, so rendezvous and interface selection run off loopback. Only the two
-    namespaces made here are ever addressed; they are deleted on exit, also after a failure."""
+    namespaces made here are ever addressed; they are deleted on exit, also after a failure. Both
+    ends of the pair are called IFNAME inside their namespace."""
+
+    IFNAME = "forge0"
 
     def __init__(self, subnet: Optional[int] = None):
         tag = f"{os.getpid() % 100000}"
@@ -179,8 +182,9 @@ class NetnsPair:
     def addr(self, node: int) -> str:
         return f"10.231.{self.subnet}.{node + 1}"
 
-    def ifname(self, node: int) -> str:
-        return self.ifnames[node]
+    @property
+    def cidr(self) -> str:
+        return f"10.231.{self.subnet}.0/24"
 
     def prefix(self, node: int) -> List[str]:
         """The command prefix that runs a program inside ``node`` (0 or 1)."""
@@ -199,9 +203,11 @@ class NetnsPair:
             for node in (0, 1):
                 ns, dev = self.names[node], self.ifnames[node]
                 self._ip("link", "set", dev, "netns", ns)
-                self._ip("-n", ns, "addr", "add", f"{self.addr(node)}/24", "dev", dev)
+                # the same name on both "nodes", as eth0/ib0 on a cluster: one GLOO_SOCKET_IFNAME
+                self._ip("-n", ns, "link", "set", dev, "name", self.IFNAME)
+                self._ip("-n", ns, "addr", "add", f"{self.addr(node)}/24", "dev", self.IFNAME)
                 self._ip("-n", ns, "link", "set", "lo", "up")
-                self._ip("-n", ns, "link", "set", dev, "up")
+                self._ip("-n", ns, "link", "set", self.IFNAME, "up")
         except BaseException:
             self.__exit__()
             raise

@@ -24,6 +24,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_SLURM = ROOT / "tools" / "local_slurm.sh"
+NETNS_RSH = Path(__file__).with_name("netns_rsh.sh")
 # Variables of an outer launcher (a test run inside a SLURM job, under torchrun, ...) that must not
 # leak into the launch a test makes.
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
@@ -187,8 +188,22 @@ class NetnsPair:
         return f"10.231.{self.subnet}.0/24"
 
     def prefix(self, node: int) -> List[str]:
-        """The command prefix that runs a program inside ``node`` (0 or 1)."""
-        return ["ip", "netns", "exec", self.names[node]]
+        """The command prefix that runs a program inside ``node`` (0 or 1): its network namespace,
+        and a UTS namespace with the host name ``names[node]`` (OpenMPI tells nodes apart by name)."""
+        return ["ip", "netns", "exec", self.names[node], "unshare", "--uts", "sh", "-c",
+                f'hostname {self.names[node]} && exec "$0" "$@"']
+
+    def hostfile(self, path, slots: int = 2) -> str:
+        """A hostfile (deepspeed and OpenMPI syntax) naming both nodes by address."""
+        Path(path).write_text("".join(f"{self.addr(node)} slots={slots}\n" for node in (0, 1)))
+        return str(path)
+
+    def mpi_env(self) -> Dict[str, str]:
+        """What mpirun needs to reach node 1 like a remote host: its daemon is started through
+        netns_rsh.sh (in place of ssh), and every MPI and gloo socket uses IFNAME."""
+        return {"GLOO_SOCKET_IFNAME": self.IFNAME, "OMPI_MCA_oob_tcp_if_include": self.IFNAME,
+                "OMPI_MCA_btl_tcp_if_include": self.IFNAME, "OMPI_MCA_plm_rsh_agent": str(NETNS_RSH),
+                "FORGE_NETNS_HOSTS": ",".join(f"{self.addr(n)}={self.names[n]}" for n in (0, 1))}
 
     def _ip(self, *args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)

@@ -165,9 +165,12 @@ def _mpirun_env(env: Mapping[str, str], port: int, comm) -> LaunchEnv:
     rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
     local_rank, local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", rank), _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", world)
     addr = env.get("MASTER_ADDR")
-    if comm is None and env is os.environ:  # a real mpirun rank (not a mapping under test)
-        comm = _comm_world()
+    if comm is None and env is os.environ and ("PMIX_RANK" in env or "OMPI_MCA_orte_hnp_uri" in env):
+        comm = _comm_world()  # a rank mpirun started (its runtime's variables are set), not a test's mapping
     if comm is not None and hasattr(comm, "Split_type"):  # mpi4py: MPI's own view of the ranks
+        if comm.Get_size() != world:
+            raise LaunchEnvError(f"OMPI_COMM_WORLD_SIZE={world} but MPI's COMM_WORLD has {comm.Get_size()} "
+                                 f"ranks: mpi4py is built for another MPI than the mpirun that started this")
         rank, world, local_rank, local_world = mpi_ranks(comm)
     if addr is None:
         if comm is None:

@@ -82,6 +82,8 @@ PARALLEL_HELP = {
 }
 ENGINE_HELP = {
     "deepspeed_config": "train with the DeepSpeed engine and this JSON config (docs/deepspeed.md).",
+    "preflight": "check every rank and every process group first (forge-preflight); stop with exit 1 "
+                 "naming the ranks that disagree or fail.",
 }
 
 
@@ -153,27 +155,22 @@ def refuse(message: str, quiet: bool) -> None:
     fail(message, quiet=quiet)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """One process, or one rank of a launch (torchrun, deepspeed, mpirun, srun): everything that can
-    be refused is refused before any process group exists, by rank 0 with one line (exit 2)."""
+def plan(argv: Sequence[str], prog: str = PROG):
+    """Parse, resolve and validate a launch; bad input exits 2 with one line, before any process
+    group. Returns (parsed options, option groups, Resolved, Launch)."""
     from forge_dist.presets import read_preset
-    from forge_dist.train.build import build_run
     from forge_dist.train.resolve import check_data, resolve_run
     from forge_dist.train.launch import detect_env, plan_launch
-    from forge_dist.parallel.flight import CollectiveMismatch
-    from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
     from forge_dist.train.recovery import verify_data
-    from forge_dist.train.rollback import train
-    from forge_dist.train.trainer import summary
 
     quiet_libraries()
-    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
+    argv = strip_launcher_args(argv)
     groups = option_groups()
     quiet = False
     try:
         env = detect_env()
         quiet = env.rank != 0  # every rank reaches the same verdict on the same input; rank 0 says it
-        parsed = parse_options(argv, PROG, groups, read_preset(), DESCRIPTION)
+        parsed = parse_options(argv, prog, groups, read_preset(), DESCRIPTION)
         resolved = resolve_run(parsed, groups)
         launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
         check_data(resolved, launch.dp_size)
@@ -182,8 +179,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         resolved.notes += verify_data(resolved.data_dirs or [resolved.data_dir])
     except (ConfigError, CheckpointError) as e:
         refuse(str(e), quiet)
+    return parsed, groups, resolved, launch
+
+
+def run_launched(argv: Sequence[str], prog: str, body) -> int:
+    """``body(ctx, resolved, launch)`` inside the launch that forge-train's options describe (what
+    forge-preflight runs instead of training); returns its exit status."""
+    _, _, resolved, launch = plan(list(argv), prog)
+    with launch.start() as ctx:
+        return body(ctx, resolved, launch)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """One process, or one rank of a launch (torchrun, deepspeed, mpirun, srun): everything that can
+    be refused is refused before any process group exists, by rank 0 with one line (exit 2)."""
+    from forge_dist.train.build import build_run
+    from forge_dist.parallel.flight import CollectiveMismatch
+    from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
+    from forge_dist.train.rollback import train
+    from forge_dist.train.trainer import summary
+
+    parsed, groups, resolved, launch = plan(sys.argv[1:] if argv is None else list(argv))
+    quiet = launch.env.rank != 0
     try:
         with launch.start() as ctx:
+            if resolved.values.get("preflight"):
+                from forge_dist.dist.preflight import run_preflight
+
+                if run_preflight(ctx, resolved.values, resolved.train_cfg.out_dir, bandwidth_mb=1.0,
+                                 local_rank=launch.env.local_rank):
+                    fail("preflight failed (above); not training", quiet=quiet)
+
             def build(options):  # the first run, then the rebuilds of a rollback (bad_steps.py)
                 try:
                     return build_run(options, groups, ctx, launch.engine_factory,

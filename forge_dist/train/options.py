@@ -117,6 +117,7 @@ class EngineOptions:
     it from the command line, never from the checkpoint."""
 
     deepspeed_config: Optional[str] = None  # DeepSpeed JSON config: train with the DeepSpeed engine
+    preflight: bool = False  # run forge_dist.dist.preflight before training
 
     def __post_init__(self):
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, str):

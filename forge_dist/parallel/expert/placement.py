@@ -77,6 +77,11 @@ def check_expert_parallel(model_config, parallel_config) -> None:
     if etp is not None and etp not in (1, tp):
         raise ConfigError(f"expert_tensor_parallel_size={etp}: experts are either whole on each rank (1) or "
                           f"split like the rest of the model (tensor_parallel_size={tp}); choose 1 or {tp}")
+    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
+    if ep > 1 and pp > 1:
+        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp}: expert parallelism inside "
+                          f"pipeline stages is not implemented yet (the stages reduce every gradient over the "
+                          f"data-parallel group, which would average different experts); use one of the two")
     if ep > 1 and model_config.moe_router_scheme == "noisy_top_k":
         raise ConfigError(f"moe_router_scheme=noisy_top_k with expert_parallel_size={ep}: the gate noise is drawn "
                           f"from each data-parallel rank's own generator, so a token's routing would depend "

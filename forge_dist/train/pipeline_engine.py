@@ -35,6 +35,7 @@ from forge_dist.train.engine import LocalEngine
 class PipelineEngine(LocalEngine):
     name = "pipeline"
     forward_is_collective = True  # generation_model gathers the stages (every rank calls it)
+    optimizer_grouping = (0.0, False)  # (weight_decay, weight_decay_split) the optimizer was built with
 
     def __init__(self, layout, runner, optimizer: torch.optim.Optimizer, device: str, dtype: str,
                  grad_clip: float, groups, parallel_config):
@@ -140,27 +141,31 @@ class PipelineEngine(LocalEngine):
         model.load_state_dict(full)
         return model.eval()
 
-    # --- optimizer state (not yet layout-free under pipelining) ------------------------------------
+    # --- optimizer state: the one-process layout (pipeline/optim_state.py) ------------------------
+    def _order(self):
+        from forge_dist.parallel.pipeline.optim_state import global_order
+
+        return global_order(self.model.config, *self.optimizer_grouping)
+
     def save_state(self, directory: str, ctx) -> None:
         from forge_dist.io.statefile import save_state
+        from forge_dist.parallel.pipeline.optim_state import full_optimizer_state
 
-        states = [None] * ctx.world_size if ctx.is_main else None
-        dist.gather_object(self.state_dict(), states, dst=0)
+        full = full_optimizer_state(self, self._order())
         if ctx.is_main:
-            save_state({"per_rank": states, "engine": self.name, "layout": ctx.layout()}, directory, "optimizer")
+            save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
+                        "layout": ctx.layout()}, directory, "optimizer")
 
     def load_state(self, directory: str) -> None:
-        from forge_dist.train.engine import require_optimizer_files
         from forge_dist.io.statefile import load_state
+        from forge_dist.parallel.pipeline.optim_state import load_optimizer_state
+        from forge_dist.train.engine import require_optimizer_files
 
         require_optimizer_files(directory)
         state = load_state(directory, "optimizer", map_location="cpu")
-        per_rank = state.get("per_rank")
-        if state.get("engine") != self.name or per_rank is None or len(per_rank) != dist.get_world_size():
-            raise CheckpointError(f"the optimizer state in {directory} was written by another layout or engine; "
-                                  f"a pipelined run resumes its optimizer at the same layout only (the weights "
-                                  f"load at any layout: start from them with --init_from prev_run)")
-        self.load_state_dict(per_rank[dist.get_rank()])
+        load_optimizer_state(self, state["optimizer"], self._order(), directory)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
@@ -176,5 +181,7 @@ def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
     optimizer = torch.optim.AdamW(param_groups(local, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split),
                                   lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
                                   eps=train_cfg.adamw_eps, **extra)
-    return PipelineEngine(layout, runner, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
-                          ctx.groups, ctx.parallel_config)
+    engine = PipelineEngine(layout, runner, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
+                            ctx.groups, ctx.parallel_config)
+    engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
+    return engine

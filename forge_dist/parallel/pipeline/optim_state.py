@@ -1,0 +1,95 @@
+"""The optimizer state of a pipelined run in the one-process layout, so checkpoints stay
+layout-free: a PP (x TP) checkpoint resumes in one process, at another pipeline or tensor size,
+and a one-process checkpoint resumes pipelined.
+
+The one-process AdamW numbers its parameters in the order of ``param_groups(GPT)``
+(forge_dist.train.optim): ``global_order`` rebuilds that order by canonical name from a GPT on
+the meta device. Saving gathers every moment tensor to its logical shape over TP (``full_tensor``)
+and the per-stage entries to pipeline rank 0 of data-parallel replica 0; loading keeps this rank's
+entries and slices them for its TP rank (``shard_tensor``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from forge_dist.errors import CheckpointError
+from forge_dist.parallel.tensor.metadata import ShardInfo, full_tensor, shard_info, shard_tensor
+
+
+def global_order(model_config, weight_decay: float, split: bool) -> List[List[str]]:
+    """Per optimizer group, the canonical names of its parameters in the one-process order."""
+    from forge_dist.model.gpt import GPT
+    from forge_dist.train.optim import param_groups
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, split)]
+
+
+def _local(engine) -> Dict[str, List[torch.nn.Parameter]]:
+    return engine.layout.local_params()
+
+
+def full_optimizer_state(engine, order: List[List[str]]) -> Optional[dict]:
+    """The one-process AdamW state dict on global rank 0 (None elsewhere). Collective: every rank
+    calls it (TP gathers; the pipeline gather on data-parallel replica 0)."""
+    groups = engine.groups
+    if groups.coord.dp != 0:
+        return None
+    state = engine.optimizer.state
+    mine: Dict[str, dict] = {}
+    for c, ps in sorted(_local(engine).items()):
+        p = ps[0]
+        info = shard_info(p)
+        mine[c] = {k: (full_tensor(v, info, groups).cpu() if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0
+                       else v) for k, v in state.get(p, {}).items()}
+    if groups.tp.rank != 0:
+        return None
+    pp = groups.pp
+    parts = [None] * pp.size if pp.rank == 0 else None
+    dist.gather_object(mine, parts, dst=pp.ranks[0], group=pp.handle)
+    if pp.rank != 0:
+        return None
+    merged = {c: e for part in parts for c, e in part.items()}
+    index = {c: i for i, c in enumerate(c for g in order for c in g)}
+    local_groups = engine.optimizer.state_dict()["param_groups"]
+    out_groups, start = [], 0
+    for g, names in zip(local_groups, order):
+        out_groups.append({**g, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": {index[c]: e for c, e in merged.items() if e}, "param_groups": out_groups}
+
+
+def load_optimizer_state(engine, sd: dict, order: List[List[str]], source: str) -> None:
+    """Load this rank's part of a one-process AdamW state dict into the engine's optimizer."""
+    index = {c: i for i, c in enumerate(c for g in order for c in g)}
+    if len(sd["param_groups"]) != len(order) or sum(len(g["params"]) for g in sd["param_groups"]) != len(index):
+        raise CheckpointError(f"the optimizer state in {source} does not fit this model's optimizer groups; it is "
+                              f"from another model or weight_decay_split setting")
+    tp, tp_rank = engine.groups.tp.size, engine.groups.tp.rank
+    local_sd = engine.optimizer.state_dict()
+    by_param = {id(p): i for i, p in enumerate(q for g in engine.optimizer.param_groups for q in g["params"])}
+    state = {}
+    for c, ps in _local(engine).items():
+        entry = sd["state"].get(index[c])
+        if entry is None:
+            continue
+        info = shard_info(ps[0]) or ShardInfo.replicated(ps[0])
+        for p in ps:
+            local = {}
+            for k, v in entry.items():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    if tuple(v.shape) != tuple(info.full_shape):
+                        raise CheckpointError(f"the optimizer state {k} of {c} in {source} has shape {tuple(v.shape)}, "
+                                              f"the parameter's logical shape is {info.full_shape}")
+                    v = shard_tensor(v, info, tp_rank, tp)
+                local[k] = v
+            state[by_param[id(p)]] = local
+    groups_out = [{**saved, "params": mine["params"]} for saved, mine in zip(sd["param_groups"], local_sd["param_groups"])]
+    engine.optimizer.load_state_dict({"state": state, "param_groups": groups_out})

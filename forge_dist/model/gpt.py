@@ -17,7 +17,8 @@ from forge_dist.config.model_config import ModelConfig
 from forge_dist.model.attention import build_attention
 from forge_dist.model.block import Block
 from forge_dist.model.cache import KVCache
-from forge_dist.model.init import init_weights
+from forge_dist.model.deferred import deferred_weights, drawn, is_meta_default, materialize
+from forge_dist.model.init import draw_init_seed, init_rules
 from forge_dist.model.moe import build_ffn, collect_moe_aux_loss, reset_moe_state
 from forge_dist.model.norm import build_norm
 from forge_dist.model.quantize import build_embedding
@@ -62,9 +63,27 @@ def build_blocks(config: ModelConfig) -> nn.ModuleList:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """``GPT(config)`` is ready to train. ``GPT(config, defer_init=True)`` leaves the drawn weights
+    (linears, embeddings, the head) on the meta device, for a parallel build to materialise only
+    its shards (forge_dist.parallel.materialize); either way the values are those of
+    ``init_rules`` drawn from per-parameter streams seeded by ``init_seed`` (forge_dist.model.init)."""
+
+    def __init__(self, config: ModelConfig, defer_init: bool = False):
         super().__init__()
         self.config = config
+        self.init_seed = draw_init_seed()  # before anything else draws: see model/deferred.py
+        with deferred_weights(LMHead):
+            self._build(config)
+        self.tie_weights()
+        self.init_rules = init_rules(self, config)  # by name, decided on the plain model
+        if not defer_init and not is_meta_default():
+            self.materialize()
+
+    def materialize(self, local=None) -> int:
+        """Draw the weights still on the meta device (``local(name, param, full)`` keeps a part)."""
+        return materialize(self, drawn(self.init_rules, self.config, self.init_seed), local)
+
+    def _build(self, config: ModelConfig) -> None:
         self.transformer = nn.ModuleDict(dict(
             wte=build_embedding(config, "wte", config.vocab_size, config.wte_dim),  # quantize_wte
             drop=nn.Dropout(config.dropout),
@@ -85,8 +104,6 @@ class GPT(nn.Module):
                                                 if init is None else torch.tensor([float(init)]))
         attach_steering(self, config)  # self.steering, and self.lsv_matrix with use_lsv
         self.lm_head = LMHead(config)
-        init_weights(self, config)
-        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Re-establish weight tying (call again after replacing tied modules): lm_head shares

@@ -3,15 +3,20 @@
 Every linear weight ~ N(linear_mean_init, linear_std_init), biases 0; the position table (and any
 other embedding) ~ N(embedding_mean_init, embedding_std_init); ``init_variant`` decides the token
 table (EMBED_INIT, upstream's initialization_variations.py); finally residual output projections
-(parameter names ending in ``c_proj.weight``) are redrawn with std 0.02/sqrt(2 n_layer) (GPT-2's
-scaled init). A tied lm_head shares the token table's values.
+(parameter names ending in ``c_proj.weight``) are drawn with std 0.02/sqrt(2 n_layer) (GPT-2's
+scaled init). A tied lm_head shares the token table's values. Each parameter is drawn from its
+own stream (``param_generator``), so a sharded build can draw one parameter at a time
+(forge_dist.model.deferred) and get the values of a single-process build.
 
 Each variant builds a (vocab, width) table for the token table's actual shape, so factorised
 tables (width n_embd_wte) work too; upstream builds (vocab, n_embd) and fails on them.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
+from typing import Dict
 
 import numpy as np
 import torch
@@ -146,19 +151,70 @@ def build_embedding_init(config, shape, generator=None) -> torch.Tensor:
     return w
 
 
-@torch.no_grad()
-def init_weights(model: nn.Module, config) -> None:
+# --- the initial value of every parameter, one seeded stream per parameter ----------------------
+# Each drawn parameter gets its own generator, seeded from (the model's init seed, its name), so a
+# parameter's value does not depend on what was drawn before it: a sharded run can build the
+# model on the meta device and draw one full parameter at a time, keeping only its shard
+# (forge_dist.model.deferred), and get exactly the values of a single-process build.
+@dataclass(frozen=True)
+class InitRule:
+    """How a parameter is drawn: ``normal`` (mean, std), ``zeros``, or ``embedding`` (the
+    init_variant of the token table)."""
+    kind: str
+    mean: float = 0.0
+    std: float = 0.0
+
+    def build(self, config, shape, generator: torch.Generator) -> torch.Tensor:
+        if self.kind == "zeros":
+            return torch.zeros(shape)
+        if self.kind == "embedding":
+            return build_embedding_init(config, shape, generator=generator)
+        return torch.empty(shape).normal_(self.mean, self.std, generator=generator)
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of parameter ``name``: seeded from blake2b(seed, name), stable across runs."""
+    digest = hashlib.blake2b(f"{int(seed)}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2 ** 63 - 1))
+
+
+def draw_init_seed() -> int:
+    """One draw from the global torch generator: the model's init seed (so ``torch.manual_seed``
+    before building still decides the weights)."""
+    return int(torch.randint(0, 2 ** 62, (1,), device="cpu").item())
+
+
+def init_rules(model: nn.Module, config) -> Dict[str, InitRule]:
+    """Parameter name (its first name, as in named_parameters) -> its InitRule, for the plain
+    model (before any parallelization): every linear weight ~ N(linear_mean_init, linear_std_init),
+    biases 0, embeddings ~ N(embedding_mean_init, embedding_std_init), the token table by
+    init_variant, residual projections (``c_proj.weight``) ~ N(0, 0.02/sqrt(2 n_layer)) (GPT-2).
+    Parameters without a rule keep the value their module's constructor gave them."""
     wte = model.transformer.wte
+    linear = InitRule("normal", config.linear_mean_init, config.linear_std_init)
+    by_id: Dict[int, InitRule] = {}
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=config.linear_mean_init, std=config.linear_std_init)
+            by_id[id(module.weight)] = linear
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                by_id[id(module.bias)] = InitRule("zeros")
         elif isinstance(module, nn.Embedding) and module is not wte:
-            nn.init.normal_(module.weight, mean=config.embedding_mean_init, std=config.embedding_std_init)
-    wte.weight.copy_(build_embedding_init(config, wte.weight.shape))
-    if model.lm_head.weight is not wte.weight:
-        nn.init.normal_(model.lm_head.weight, mean=config.linear_mean_init, std=config.linear_std_init)
+            by_id[id(module.weight)] = InitRule("normal", config.embedding_mean_init, config.embedding_std_init)
+    by_id[id(model.lm_head.weight)] = linear
+    by_id[id(wte.weight)] = InitRule("embedding")  # also lm_head's, when tied
+    rules = {}
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):
-            nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            rules[name] = InitRule("normal", 0.0, 0.02 / math.sqrt(2 * config.n_layer))
+        elif id(p) in by_id:
+            rules[name] = by_id[id(p)]
+    return rules
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, config, seed: int) -> None:
+    """Draw every parameter that has a rule, in full, in place (a single-process build)."""
+    rules = init_rules(model, config)
+    for name, p in model.named_parameters():
+        if name in rules:
+            p.copy_(rules[name].build(config, tuple(p.shape), param_generator(seed, name)))

@@ -3,7 +3,8 @@
 Two phases, so that a parallel launch can refuse bad input before any process group exists:
 ``resolve_run(parsed, groups)`` (resolve.py) decides every value and reads the dataset's metadata
 and the checkpoint (no model, no communication); ``build_run(..., resolved=)`` then builds the
-model (model_build.py: the same seed on every rank), hands it to the engine factory (which may
+model (model_build.py: the same seed on every rank; a tensor-parallel rank materialises only its
+shards), hands it to the engine factory (which may
 shard it), opens the loader on this rank's data-parallel slice and restores the counters, loader
 position and RNG streams (rng.py) of a resumed run.
 """
@@ -20,7 +21,7 @@ from forge_dist.train.arguments import OptionGroup, ParsedOptions
 from forge_dist.train.context import RunContext
 from forge_dist.train.datasets import open_loader
 from forge_dist.train.engine import LocalEngine
-from forge_dist.train.model_build import seed_everything, shard_model, _build_model  # noqa: F401 (old paths)
+from forge_dist.train.model_build import build_model, seed_everything, shard_model  # noqa: F401 (old paths)
 from forge_dist.train.optim import build_optimizer
 from forge_dist.train.options import TrainConfig
 from forge_dist.train.resolve import Resolved, _known, check_data, resolve_run  # noqa: F401 (old paths)
@@ -82,15 +83,10 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
     """The ready run. ``engine_factory(model, train_cfg, values, ctx)`` receives the model (weights
     already loaded on resume; in a launched run already sharded over ctx.groups by shard_model) and
     returns the engine (see engine.py)."""
-    from forge_dist.train.metrics import flops_per_token
-
     ctx = ctx or RunContext()
     r = resolved or resolve_run(parsed, groups)
     train_cfg = _rank_train_config(r.train_cfg, ctx)
-    model = _build_model(r.model_cfg, train_cfg, r.prev_state, r.resume_path, r.notes)
-    flops = flops_per_token(model)  # the full model's, before it is sharded
-    if ctx.groups is not None:
-        shard_model(model, ctx, train_cfg.seed)
+    model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes)
     engine = engine_factory(model, train_cfg, r.values, ctx)
     loader = open_loader(r.data_dirs or [r.data_dir], r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
     run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.tokenizer(), loader,

@@ -1,8 +1,11 @@
 """The model of a run: built with the run's seed (the same initial weights on every rank), weights
-copied from --prev_run_ckpt or loaded on resume, then sharded over the tensor-parallel group."""
+copied from --prev_run_ckpt or loaded on resume, sharded over the tensor-parallel group; on a
+tensor-parallel launch only this rank's shards are ever materialised (build_model)."""
 from __future__ import annotations
 
+import os
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -39,8 +42,14 @@ def _copy_matching(model, state: dict, source: str, notes: list) -> None:
         notes.append(f"{fresh} tensors not in {source} keep their fresh initialisation")
 
 
-def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_path, notes: list):
+def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_state=None,
+                resume_path=None, notes: Optional[list] = None):
+    """(this rank's model, FLOPs per token of the full model). Tensor-parallel ranks build on the
+    meta device, apply the plan, then materialise only their shards (drawn, or read from the
+    resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
+    full model. The weights are the same either way."""
     from forge_dist.model.gpt import GPT
+    from forge_dist.train.metrics import flops_per_token
 
     seed_everything(train_cfg.seed)  # the same initial weights on every rank
     device = train_cfg.resolved_device
@@ -49,12 +58,26 @@ def _build_model(cfg: ModelConfig, train_cfg: TrainConfig, prev_state, resume_pa
             torch.cuda.set_device(torch.device(device))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = GPT(cfg)
+    deferred = ctx.groups is not None and ctx.tp_size > 1 and prev_state is None
+    model = GPT(cfg, defer_init=deferred)
+    flops = flops_per_token(model)  # the full model's, before it is sharded
+    if deferred:
+        from forge_dist.parallel.materialize import load_shards, materialize_shards
+
+        shard_model(model, ctx, train_cfg.seed)
+        if resume_path is not None:
+            load_shards(model, os.path.join(resume_path, ckpt.MODEL_DIR), ctx.groups)
+        else:
+            materialize_shards(model, ctx.groups)
+        return model.to(device), flops
     if prev_state is not None:
-        _copy_matching(model, prev_state, train_cfg.prev_run_ckpt, notes)
+        _copy_matching(model, prev_state, train_cfg.prev_run_ckpt, notes if notes is not None else [])
     if resume_path is not None:
         ckpt.load_weights(model, resume_path)
-    return model.to(device)
+    model = model.to(device)
+    if ctx.groups is not None:
+        shard_model(model, ctx, train_cfg.seed)
+    return model, flops
 
 
 def shard_model(model: torch.nn.Module, ctx: RunContext, seed: int) -> torch.nn.Module:

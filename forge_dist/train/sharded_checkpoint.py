@@ -1,0 +1,92 @@
+"""Sharded checkpoints of a tensor-parallel model and its AdamW state on torch.distributed.checkpoint.
+
+    files = save_sharded(directory, model, optimizer, groups)    # collective; this rank's files
+    load_sharded(directory, model, optimizer, groups)            # collective; any TP/DP layout
+
+Entries, under logical names and shapes (the names of the single-process model's state dict):
+``model/<name>`` for every parameter and persistent buffer, ``optim/<name>/exp_avg``,
+``optim/<name>/exp_avg_sq`` (sharded like the parameter) and ``optim/<name>/step``. Each rank
+writes only its pieces (forge_dist.parallel.sharded_state), DCP deduplicates replicas, and the
+index is JSON (forge_dist.io.dcp_storage): nothing is unpickled on load. Loading asks DCP for
+the pieces of the current layout, so TP 2 -> 1, 1 -> 2, 2 -> 4 and any data-parallel size resume
+from the same files without any rank holding a full tensor.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+
+from forge_dist.errors import CheckpointError
+from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index
+from forge_dist.parallel.groups import ProcessGroups
+from forge_dist.parallel.sharded_state import LocalShards, ShardLoadPlanner, ShardSavePlanner
+from forge_dist.parallel.tensor.metadata import shard_info
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _unique_named(model: nn.Module):
+    """(name, tensor) of every parameter and persistent buffer, tied tensors under their first name."""
+    seen, out = set(), []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append((name, t))
+    return out
+
+
+def sharded_state(model: nn.Module, optimizer, groups: ProcessGroups) -> Dict[str, object]:
+    """The DCP state dict of this rank (views of the live tensors: a load writes into them)."""
+    state: Dict[str, object] = {}
+    for name, t in _unique_named(model):
+        info = shard_info(t)
+        state[f"model/{name}"] = LocalShards.of(t.data, info, groups)
+        opt = optimizer.state.get(t) if optimizer is not None and isinstance(t, nn.Parameter) else None
+        if opt:
+            for key in MOMENTS:
+                state[f"optim/{name}/{key}"] = LocalShards.of(opt[key], info, groups)
+            step = opt["step"]
+            state[f"optim/{name}/step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
+    return state
+
+
+def save_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups) -> List[str]:
+    """Write this rank's pieces into ``directory`` (collective over the world); returns the data
+    files this rank wrote (relative to ``directory``), for its checksums."""
+    os.makedirs(directory, exist_ok=True)
+    writer = JsonMetadataWriter(directory)
+    dcp.save(sharded_state(model, optimizer, groups), storage_writer=writer, planner=ShardSavePlanner())
+    return writer.files_written
+
+
+def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:
+    """torch AdamW's state for every parameter with a gradient path (zeros, ``step``), to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p not in optimizer.state or not optimizer.state[p]:
+                optimizer.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def load_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups) -> None:
+    """Fill ``model`` (and ``optimizer``) from a sharded checkpoint written at any layout."""
+    index = read_index(directory).state_dict_metadata
+    names = [n for n, _ in _unique_named(model)]
+    missing = [n for n in names if f"model/{n}" not in index]
+    if missing:
+        raise CheckpointError(f"{directory} lacks {missing[:4]}: it is from another model")
+    has_optim = optimizer is not None and any(k.startswith("optim/") for k in index)
+    if has_optim:
+        _create_adam_state(model, optimizer, torch.zeros((), dtype=torch.float32))
+    state = sharded_state(model, optimizer if has_optim else None, groups)
+    steps = {k: v for k, v in state.items() if k.endswith("/step")}
+    dcp.load(state, storage_reader=JsonMetadataReader(directory), planner=ShardLoadPlanner())
+    if has_optim:  # plain tensors are replaced in the dict, not written in place
+        for name, p in _unique_named(model):
+            key = f"optim/{name}/step"
+            if key in steps and p in optimizer.state:
+                optimizer.state[p]["step"] = state[key].to(torch.float32).reshape(())

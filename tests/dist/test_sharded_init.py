@@ -27,7 +27,8 @@ def compare_cases(rank, world_size, tp, selection, workdir):
     from forge_dist.io import save_pretrained
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.groups import ProcessGroups
-    from forge_dist.parallel.materialize import load_shards, materialize_shards
+    from forge_dist.io.weights_reader import load_shards
+    from forge_dist.parallel.materialize import materialize_shards
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.topology import Topology
     from forge_dist.testing.parity import select_cases

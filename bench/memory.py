@@ -1,0 +1,98 @@
+"""Per-rank peak resident memory of building (and stepping) a GPT at TP=1 and TP=N.
+
+Each configuration runs in a fresh gloo world (forge_dist.testing.spawn). A rank records its
+peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) once torch and forge_dist are imported
+and the process groups exist (the idle baseline; a first meta-device op, which imports
+torch._dynamo, is run before it in every layout), then:
+
+  init   GPT(cfg, defer_init=True), parallelize, materialize_shards (TP=1: GPT(cfg), the full
+         build every single process does)
+  step   AdamW steps on a batch of one short sequence (weights + gradients + moments)
+
+and prints the peak above the baseline after each phase, with the ratio to the TP=1 figure and
+the target 1/N + 15%. Activations are kept small (batch 1, --block tokens) so that model state
+dominates, as the issue's proof asks.
+
+    python bench/memory.py                           # 8 x 1024 GPT (~0.4 GB fp32 weights), TP 1 and 2
+    python bench/memory.py --tp 2 4 --n_layer 4 --n_embd 512 --steps 2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import resource
+
+import torch
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int) -> dict:
+    from forge_dist import ModelConfig
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.materialize import materialize_shards
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.metadata import tp_grad_sync
+    from forge_dist.parallel.topology import Topology
+
+    cfg = ModelConfig(**cfg_kwargs)
+    groups = ProcessGroups.build(Topology(world_size, tp=world_size)) if world_size > 1 else None
+    torch.empty(2, device="meta").normal_()  # meta ops import torch._dynamo once: library, not model, memory
+    base = _peak_mb()
+    torch.manual_seed(0)
+    if groups is None:
+        model = GPT(cfg)
+    else:
+        model = GPT(cfg, defer_init=True)
+        parallelize(model, groups, ParallelConfig(tensor_parallel_size=world_size))
+        materialize_shards(model, groups)
+    out = {"init": _peak_mb() - base,
+           "local_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(0, cfg.vocab_size, (1, block), generator=g)
+        _, loss = model(x, x)
+        loss.backward()
+        if groups is not None:
+            tp_grad_sync(model, groups)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["step"] = _peak_mb() - base
+    return out
+
+
+def main() -> None:
+    from forge_dist.testing.spawn import spawn
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tp", type=int, nargs="+", default=[2])
+    ap.add_argument("--n_layer", type=int, default=8)
+    ap.add_argument("--n_embd", type=int, default=1024)
+    ap.add_argument("--n_head", type=int, default=16)
+    ap.add_argument("--vocab_size", type=int, default=8192)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1)
+    args = ap.parse_args()
+    cfg = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
+               block_size=args.block, dropout=0.0, bias=False)
+    weights_mb = None
+    print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}; GPT {cfg}")
+    single = spawn(measure, 1, cfg, args.steps, args.block, timeout=600)
+    weights_mb = single["local_params"] * 4 / 2 ** 20
+    print(f"fp32 weights {weights_mb:.0f} MB (+ AdamW state {2 * weights_mb:.0f} MB)")
+    print(f"{'layout':>8} {'rank':>4} {'init MB':>9} {'ratio':>6} {'step MB':>9} {'ratio':>6} {'target':>7}")
+    print(f"{'TP=1':>8} {0:>4} {single['init']:>9.0f} {1:>6.2f} {single['step']:>9.0f} {1:>6.2f} {1:>7.2f}")
+    for tp in args.tp:
+        for rank, r in enumerate(spawn(measure, tp, cfg, args.steps, args.block, timeout=600, return_all=True)):
+            print(f"{'TP=%d' % tp:>8} {rank:>4} {r['init']:>9.0f} {r['init'] / single['init']:>6.2f} "
+                  f"{r['step']:>9.0f} {r['step'] / single['step']:>6.2f} {1 / tp + 0.15:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

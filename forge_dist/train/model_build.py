@@ -58,9 +58,10 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
             torch.cuda.set_device(torch.device(device))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ep = getattr(ctx.parallel_config, "expert_parallel_size", 1) if ctx.groups is not None else 1
-    # expert placement renames and regroups expert parameters: it builds from the full model for now
-    deferred = ctx.groups is not None and ctx.tp_size > 1 and ep == 1 and prev_state is None
+    pc = ctx.parallel_config if ctx.groups is not None else None
+    # expert placement and pipeline stages still start from the full model (they regroup parameters)
+    deferred = (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
+                and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
     model = GPT(cfg, defer_init=deferred)
     flops = flops_per_token(model)  # the full model's, before it is sharded
     if deferred:

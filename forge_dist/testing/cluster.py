@@ -255,3 +255,21 @@ class NetnsPair:
             return f"cannot create a network namespace: {getattr(e, 'stderr', '') or e}".strip()
         subprocess.run(["ip", "netns", "del", probe.names[0]], capture_output=True, timeout=30)
         return None
+
+
+class LoopbackNodes:
+    """The stand-in for NetnsPair where namespaces cannot be made: both "nodes" are this host on
+    127.0.0.1, so rendezvous and ranks are exercised but not interface selection."""
+
+    IFNAME = "lo"
+    names = ("localhost", "localhost")
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def addr(self, node: int) -> str:
+        return "127.0.0.1"
+
+    def prefix(self, node: int) -> List[str]:
+        return []
+

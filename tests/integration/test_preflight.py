@@ -82,6 +82,7 @@ def _preflight_cases(rank, world, out_dir):
     return results
 
 
+@pytest.mark.dist
 def test_preflight_names_disagreeing_ranks(tmp_path):
     results = spawn(_preflight_cases, 2, str(tmp_path), timeout=120, return_all=True)
     for rank, res in enumerate(results):

@@ -41,7 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "forge-train=forge_dist.train.cli:main",
-            "forge-preflight=forge_dist.dist.preflight:main",
+            "forge-preflight=forge_dist.train.preflight:main",
             "forge-sample=forge_dist.inference.sample:main",
             "forge-eval=forge_dist.inference.evaluate:main",
             "forge-prepare=forge_dist.data.prepare:main",

@@ -71,13 +71,11 @@ def free_gb(path: str) -> float:
 
 
 def rank_facts(rank: int, local_rank: int, values: Mapping, out_dir: str) -> Dict:
-    import forge_dist
-
     devices = ("cuda:" + ",".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
                if torch.cuda.is_available() else "cpu")
     return {"rank": rank, "host": socket.gethostname(), "local_rank": local_rank, "devices": devices,
             "python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": _version("deepspeed"),
-            "forge_dist": forge_dist.__version__, "config_hash": config_hash(values), "code_hash": code_hash(),
+            "forge_dist": _version("forge_dist"), "config_hash": config_hash(values), "code_hash": code_hash(),
             "free_gb": round(free_gb(out_dir), 1)}
 
 
@@ -232,30 +230,3 @@ def run_preflight(ctx, values: Mapping, out_dir: str, bandwidth_mb: float = 8.0,
             stream.write("forge-preflight: every rank agrees and every collective returned the expected values\n")
         stream.flush()
     return 1 if found else 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``forge-preflight [--bandwidth_mb M] [--min_free_gb G] <forge-train options>``, under any
-    launcher: validates like forge-train, then runs the preflight instead of training."""
-    import argparse
-
-    from forge_dist.train.cli import run_launched
-
-    parser = argparse.ArgumentParser(prog="forge-preflight", description=__doc__, add_help=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bandwidth_mb", type=float, default=8.0, help="all-reduce size for the bandwidth (MiB)")
-    parser.add_argument("--min_free_gb", type=float, default=1.0, help="free disk out_dir needs on every rank")
-    own, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
-    if "-h" in rest or "--help" in rest:
-        parser.print_help()
-        print("\nAll other options are forge-train's (forge-train --help); they select the layout, "
-              "the configuration that is hashed and out_dir.")
-        return 0
-    return run_launched(rest, prog="forge-preflight",
-                        body=lambda ctx, resolved, launch: run_preflight(
-                            ctx, resolved.values, resolved.train_cfg.out_dir, own.bandwidth_mb, own.min_free_gb,
-                            launch.env.local_rank))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -68,7 +68,7 @@ def per_token_moe(layer, x: torch.Tensor) -> torch.Tensor:
 
 def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_config, seed: int = 0,
                             batch: int = 2) -> ParityReport:
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
     from forge_dist.parallel.expert import apply_expert_parallel, declare_expert_params

@@ -54,7 +54,7 @@ def test_forge_preflight_under_mpirun(launch_dataset, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("mpirun (OpenMPI) is not installed")
     proc = run(["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", venv_bin("python"), "-m",
-                "forge_dist.dist.preflight", "--bandwidth_mb", "1", *TINY, "--dataset", launch_dataset,
+                "forge_dist.train.preflight", "--bandwidth_mb", "1", *TINY, "--dataset", launch_dataset,
                 "--out_dir", str(tmp_path / "out")], env=launch_env(), timeout=180)
     assert "launcher mpirun" in proc.stdout and "every rank agrees" in proc.stdout, proc.stdout
     assert group_rows(proc.stdout) == {("world", "0,1"): ["ok", "-", "-", "ok", "-"],

@@ -86,7 +86,8 @@ def both(module, x, block):
                               x["sink"], 0.0, _NO_POINTS)
         else:
             y = blocked.blocked_attend(x["q"], x["k"], x["v"], normalizer=module, mask=x["mask"], scale=0.7,
-                                       softcap=x["softcap"], bias=x["bias"], sink_logit=x["sink"], block=block)
+                                       softcap=x["softcap"], bias=x["bias"], sink_logit=x["sink"], block=block,
+                                       q_block=3)
         w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)  # a non-uniform output gradient
         grads = torch.autograd.grad((y * w).sum(), wrt, allow_unused=True)
         results.append((y, grads))

@@ -20,6 +20,7 @@ query attention broadcasts K/V over the query heads of a group without repeating
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -31,6 +32,7 @@ from forge_dist.ops import registry
 from forge_dist.ops.mask import MaskSpec
 
 BLOCK = 128  # keys per block
+Q_BLOCK = 256  # queries per block
 
 
 def enabled() -> bool:
@@ -71,6 +73,13 @@ def _run(fn, *args):
     return fn(*args)
 
 
+def _split(x: Optional[torch.Tensor], size: int, dim: int, n: int) -> list:
+    """x in n blocks of ``size`` along dim (a broadcast dim of 1, or None, repeated)."""
+    if x is None or x.shape[dim] == 1:
+        return [x] * n
+    return list(x.split(size, dim=dim))
+
+
 def _blocks(mask: MaskSpec, T: int, S: int, block: int):
     for j0 in range(0, S, block):
         j1 = min(S, j0 + block)
@@ -79,18 +88,38 @@ def _blocks(mask: MaskSpec, T: int, S: int, block: int):
 
 
 def blocked_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: float, softcap=None,
-                   bias: Optional[torch.Tensor] = None, sink_logit=None, block: int = BLOCK) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None, sink_logit=None, block: int = BLOCK,
+                   q_block: int = Q_BLOCK) -> torch.Tensor:
     """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv); the materialised path's
-    result (forge_dist.model.attention.core._materialised without quant points or dropout)."""
+    result (forge_dist.model.attention.core._materialised without quant points or dropout).
+
+    Queries go in blocks of q_block rows too, so a causal or windowed mask skips the key blocks a
+    query block cannot see (half the work for a causal square)."""
+    # split once (not sliced per block): the backward of a slice would zero-fill a whole k-sized
+    # gradient per block, O(T x S) work; split's backward concatenates the block gradients once
     T, S = q.shape[-2], k.shape[-2]
+    k_blocks, v_blocks = k.split(block, dim=2), v.split(block, dim=2)
+    n_q_blocks, n_k_blocks = -(-T // q_block), -(-S // block)
+    bias_rows = _split(bias, q_block, -2, n_q_blocks)
+    outs = []
+    for n, (i0, q_rows) in enumerate(zip(range(0, T, q_block), q.split(q_block, dim=2))):
+        outs.append(_attend_rows(
+            q_rows, k_blocks, v_blocks, S, normalizer, dataclasses.replace(mask, q_offset=mask.q_offset + i0),
+            scale, softcap, _split(bias_rows[n], block, -1, n_k_blocks), sink_logit, block))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _attend_rows(q, k_blocks, v_blocks, S: int, normalizer, mask: MaskSpec, scale, softcap, bias_blocks,
+                 sink_logit, block: int):
+    T, v = q.shape[-2], v_blocks[0]
     n_keys = S - mask.n_sink
-    qg = _group(q, k.shape[1])
+    qg = _group(q, k_blocks[0].shape[1])
     acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
 
     def block_inputs(j0, j1):
         keep = mask.keep(T, j1 - j0, q.device, k_start=j0)
-        bias_blk = None if bias is None else bias[..., j0:j1]
-        return k[:, :, j0:j1], v[:, :, j0:j1], keep, bias_blk
+        n = j0 // block
+        return k_blocks[n], v_blocks[n], keep, None if bias_blocks is None else bias_blocks[n]
 
     out = q.new_zeros(*q.shape[:-1], v.shape[-1], dtype=acc)
     if getattr(normalizer, "elementwise", False):
@@ -119,6 +148,8 @@ def blocked_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: flo
         return transform(s.masked_fill(~keep, 0.0))  # hidden x -> 0 before t, as the reference
 
     m = torch.zeros((), dtype=q.dtype, device=q.device)
+    # y = e^{c(w - m)} / sum e^{c(w - m)} does not depend on m: without obo or with no division it does
+    m_matters = not spec.divide or torch.is_tensor(spec.obo) or spec.obo != 0
     if spec.shift in ("max", "guess_or_max"):
         lowest = torch.finfo(q.dtype).min
 
@@ -128,7 +159,11 @@ def blocked_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: flo
         maxima = []
         for j0, j1 in _blocks(mask, T, S, block):
             k_blk, _, keep, bias_blk = block_inputs(j0, j1)
-            maxima.append(_run(block_max, qg, k_blk, keep, bias_blk))
+            if m_matters:
+                maxima.append(_run(block_max, qg, k_blk, keep, bias_blk))
+            else:
+                with torch.no_grad():
+                    maxima.append(block_max(qg, k_blk, keep, bias_blk))
         if sink_w is not None:
             maxima.append(sink_w)
         m = torch.cat(maxima, -1).amax(-1, keepdim=True) if maxima else m

@@ -1,0 +1,151 @@
+"""Attention with a softmax variant: the materialised (B, H, T, T) path against the blocked one
+(forge_dist/model/attention/blocked.py), measured in the same run.
+
+Rows 1: one attention call, forward + backward, per variant and sequence length T: time (best of
+interleaved rounds: other processes on a shared machine only add time) and peak extra resident
+memory (RSS sampled every millisecond by a thread while the call runs, minus RSS before it; with glibc's
+mmap threshold pinned at 64 KiB every tensor goes back to the OS when freed, so the peak is the call's own).
+Rows 2: one training step (forward, backward, SGD) of the default model config (6 layers, 384 wide,
+6 heads, block 256) per variant, blocked (the default) against the materialised path
+(disable_flash_attention=True, which keeps the fused normaliser kernels), and the ratio.
+
+    python bench/attention.py                                   # T 512..4096, 3 variants (~1 min)
+    python bench/attention.py --seq 512 1024 --variants all --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import platform
+import threading
+import time
+
+import torch
+
+import forge_dist.model  # noqa: F401  (registers the variants)
+from forge_dist import ModelConfig
+from forge_dist.model.attention import blocked
+from forge_dist.model.attention.core import _NO_POINTS, _materialised
+from forge_dist.model.gpt import GPT
+from forge_dist.model.softmax import build_softmax
+from forge_dist.ops.mask import MaskSpec
+from forge_dist.variants import SOFTMAX
+
+
+def exact_rss() -> None:
+    """Every allocation of 64 KiB or more gets its own mapping, returned to the OS when freed (glibc
+    otherwise raises its mmap threshold to 32 MiB after the first large free and keeps freed heap
+    memory, so RSS would not fall back between calls)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_rss(fn) -> int:
+    """Peak RSS above the starting RSS while fn runs (bytes)."""
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], rss()) - start
+
+
+def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
+    print(f"\n# attention forward+backward, B={B} H={H} head_dim={D} float32, causal")
+    print(f"{'variant':<14}{'T':>6}{'mat ms':>10}{'blk ms':>10}{'speed-up':>10}{'mat MiB':>10}{'blk MiB':>10}")
+    for T in seqs:
+        q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+        for name in variants:
+            cfg = ModelConfig(n_head=H, softmax_variant_attn=name)
+            norm = build_softmax(name, cfg, n_head=H)
+            mask = MaskSpec(causal=True)
+
+            def mat():
+                y = _materialised(q, k, v, 1, norm, mask, D ** -0.5, None, None, None, 0.0, _NO_POINTS)
+                y.sum().backward()
+
+            def blk():
+                y = blocked.blocked_attend(q, k, v, normalizer=norm, mask=mask, scale=D ** -0.5)
+                y.sum().backward()
+
+            if not blocked.supports(norm, T):
+                print(f"{name:<14}{T:>6}  (no blocked path)")
+                continue
+            times = {"mat": [], "blk": []}
+            mem = {"mat": peak_extra_rss(mat), "blk": peak_extra_rss(blk)}
+            for _ in range(rounds):
+                for key, fn in (("mat", mat), ("blk", blk)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[key].append(time.perf_counter() - t0)
+            tm, tb = min(times["mat"]) * 1e3, min(times["blk"]) * 1e3
+            print(f"{name:<14}{T:>6}{tm:>10.1f}{tb:>10.1f}{tm / tb:>9.2f}x{mem['mat'] / 2**20:>10.0f}"
+                  f"{mem['blk'] / 2**20:>10.0f}", flush=True)
+
+
+def training_rows(variants, rounds, batch):
+    print(f"\n# training step (fwd+bwd+SGD), default config (6x384, 6 heads, T=256), batch {batch}, float32")
+    print(f"{'variant':<14}{'mat ms':>10}{'blk ms':>10}{'speed-up':>10}")
+    for name in variants:
+        idx = torch.randint(0, 50304, (batch, 256), generator=torch.Generator().manual_seed(0))
+        steps = {}
+        for key, disable in (("mat", True), ("blk", False)):
+            torch.manual_seed(0)
+            model = GPT(ModelConfig(softmax_variant_attn=name, disable_flash_attention=disable))
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+            def step(model=model, opt=opt):
+                _, loss = model(idx, idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[key] = step
+        times = {"mat": [], "blk": []}
+        for _ in range(rounds):
+            for key in ("mat", "blk"):
+                t0 = time.perf_counter()
+                steps[key]()
+                times[key].append(time.perf_counter() - t0)
+        tm, tb = min(times["mat"]) * 1e3, min(times["blk"]) * 1e3
+        print(f"{name:<14}{tm:>10.0f}{tb:>10.0f}{tm / tb:>9.2f}x", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--variants", nargs="+", default=["polymax", "consmax", "strongermax"],
+                   help="variant names, or 'all'")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--train_variants", nargs="*", default=["polymax", "consmax", "strongermax"])
+    p.add_argument("--batch", type=int, default=2)
+    a = p.parse_args()
+    exact_rss()
+    variants = sorted(n for n in SOFTMAX.names() if n != "softmax") if a.variants == ["all"] else a.variants
+    print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    attention_rows(variants, a.seq, a.rounds)
+    if a.train_variants:
+        training_rows(a.train_variants, a.rounds, a.batch)
+
+
+if __name__ == "__main__":
+    main()

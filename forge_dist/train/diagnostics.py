@@ -146,9 +146,9 @@ class Diagnostics:
             else:
                 self._stop.wait(poll)
             try:
-                self._check_requests()
-                if time.time() >= next_beat:
+                if time.time() >= next_beat:  # the store is shared by every rank: once per interval
                     self._heartbeat()
+                    self._check_requests()
                     next_beat = time.time() + self.heartbeat_s
                 self._check_hang()
             except Exception as e:  # noqa: BLE001  (the watchdog must never kill a healthy run)

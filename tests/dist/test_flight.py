@@ -1,7 +1,9 @@
 """The collective flight recorder in a spawned world of 2: sequence numbers and call sites of the
 recorded collectives, --debug_collectives naming both ranks when they take different branches, the
-straggler fields, and a diagnostics file. One world runs every case."""
+straggler fields, a diagnostics file, and SIGUSR2 to one rank making every rank write theirs. One
+world runs every case."""
 import os
+import signal
 import time
 
 import pytest
@@ -46,6 +48,18 @@ def _cases(rank, world_size, out_dir):
     with open(path) as fh:
         out["dump"] = fh.read()
     ctx.barrier()
+
+    # SIGUSR2 to rank 0 alone: it dumps, and rank 1 dumps on its request (through the store)
+    requested = os.path.join(out_dir, "requested")
+    watchdog = Diagnostics(ctx, requested, timeout_s=4).start()  # heartbeat every 0.5 s
+    ctx.barrier()
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(3)
+    ctx.barrier()
+    watchdog.close()
+    with open(os.path.join(requested, "diagnostics", f"rank_{rank}.txt")) as fh:
+        out["requested"] = fh.readline().strip()
     return out
 
 
@@ -71,3 +85,5 @@ def test_recorder_debug_mismatch_straggler_and_dump(tmp_path):
         assert f"rank: {rank} of 2\n" in dump and "step: 7\n" in dump and "in flight: none" in dump
         assert "barrier" in dump and "python stacks (all threads):" in dump and "_cases" in dump
     assert sorted(os.listdir(tmp_path / "diagnostics")) == ["rank_0.txt", "rank_1.txt"]
+    assert [r["requested"] for r in results] == ["forge_dist diagnostics: SIGUSR2 received",
+                                                 "forge_dist diagnostics: diagnostics requested by another rank"]

@@ -38,6 +38,7 @@ from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.parallel.groups import ProcessGroups
 from forge_dist.parallel.mpu import DeepSpeedMPU
 from forge_dist.parallel.tensor.metadata import tp_grad_norm
+from forge_dist.train.deepspeed_internals import check_deepspeed
 from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
 from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
 from forge_dist.train.optim import build_optimizer, param_groups
@@ -217,6 +218,7 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
                           f"parallelism; launch with pipeline_parallel_size=1")
     import deepspeed
 
+    check_deepspeed()  # the internals used below are where this engine expects them
     skip_shm_build()
     set_model_parallel_attributes(model, groups)
     register_tp_grad_hooks(model, groups)

@@ -1,0 +1,101 @@
+"""The DeepSpeed internals the DeepSpeed engine reaches into, checked in one place.
+
+The engine uses DeepSpeed's public API (initialize, backward, step, save/load_checkpoint, the
+safe_*_full_* tensor-fragment functions, zero_to_fp32) and a few internals that DeepSpeed may move
+in any release: the CPU shm-op builder it skips, the fp16/bf16 wrappers' master-weight groups, the
+ZeRO fragment mappings (``_hp_mapping``) and ZeRO-3's flat fp32 partitions it reads to rebuild
+Adam's state on another layout, and ZeRO's coalesced gradient reduction it uses for the
+tensor-parallel partial-gradient sums. The project pins the versions it tested
+(``deepspeed>=0.19.8,<0.20``: requirements-cpu.txt, the ``deepspeed`` extra); ``check_deepspeed``
+runs before ``deepspeed.initialize`` and refuses, naming what moved, rather than failing later in
+the middle of a step or a checkpoint.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable, List, Tuple
+
+from forge_dist.errors import ConfigError
+
+SUPPORTED = ">=0.19.8,<0.20"
+
+
+def _has(module: str, *names: str) -> Callable[[], bool]:
+    def check() -> bool:
+        mod = importlib.import_module(module)
+        return all(hasattr(mod, n) for n in names)
+    return check
+
+
+def _class_has(module: str, cls: str, *names: str) -> Callable[[], bool]:
+    def check() -> bool:
+        c = getattr(importlib.import_module(module), cls)
+        return all(hasattr(c, n) for n in names)
+    return check
+
+
+def _source_mentions(module: str, cls: str, *names: str) -> Callable[[], bool]:
+    """Instance attributes set in __init__ (no instance exists before initialize)."""
+    def check() -> bool:
+        text = inspect.getsource(getattr(importlib.import_module(module), cls))
+        return all(f"self.{n}" in text for n in names)
+    return check
+
+
+# (what the engine uses it for, check)
+INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
+    ("deepspeed.comm.torch.build_shm_op (skipped: a 35 s JIT build training never uses)",
+     _has("deepspeed.comm.torch", "build_shm_op")),
+    ("deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state} (logical optimizer state)",
+     _has("deepspeed.utils", "safe_get_full_fp32_param", "safe_get_full_optimizer_state",
+          "safe_set_full_fp32_param", "safe_set_full_optimizer_state")),
+    ("deepspeed.utils.tensor_fragment.tensor_fragment.set_optim_state_fragment (Adam state on a new layout)",
+     _class_has("deepspeed.utils.tensor_fragment", "tensor_fragment", "set_optim_state_fragment")),
+    ("FP16_Optimizer.fp16_groups / fp32_groups_flat (stage-0 fp16/bf16 master weights)",
+     _source_mentions("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer", "fp16_groups", "fp32_groups_flat")),
+    ("FP16_UnfusedOptimizer.fp16_groups / fp32_groups (stage-0 fp16/bf16 master weights)",
+     _source_mentions("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer", "fp16_groups",
+                      "fp32_groups")),
+    ("DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat (ZeRO-3 Adam state on a new layout)",
+     _source_mentions("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
+                      "fp32_partitioned_groups_flat")),
+    ("DeepSpeedEngine.coalesce_grad_reduction / no_sync / allreduce_gradients (TP partial-gradient sums)",
+     _class_has("deepspeed.runtime.engine", "DeepSpeedEngine", "coalesce_grad_reduction", "no_sync",
+                "allreduce_gradients", "get_global_grad_norm", "set_gradient_accumulation_boundary")),
+    ("ZeRO-1/2 and ZeRO-3 optimizers' _coalesce_grad_reduction flag",
+     lambda: _source_mentions("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer",
+                              "_coalesce_grad_reduction")()
+     and _source_mentions("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
+                          "_coalesce_grad_reduction")()),
+    ("deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint (forge-convert)",
+     _has("deepspeed.utils.zero_to_fp32", "get_fp32_state_dict_from_zero_checkpoint")),
+    ("deepspeed.runtime.zero.config.DeepSpeedZeroConfig (config validation)",
+     _has("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig")),
+]
+
+
+def missing_internals() -> List[str]:
+    """The internals of INTERNALS this DeepSpeed lacks (an import error counts as missing)."""
+    missing = []
+    for what, check in INTERNALS:
+        try:
+            ok = check()
+        except (ImportError, AttributeError, OSError, TypeError):
+            ok = False
+        if not ok:
+            missing.append(what)
+    return missing
+
+
+def check_deepspeed() -> None:
+    """Refuse a DeepSpeed whose internals moved (ConfigError naming them and the tested range)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError(f"--deepspeed_config needs DeepSpeed: pip install 'deepspeed{SUPPORTED}' "
+                          f"(or pip install -e .[deepspeed])") from None
+    missing = missing_internals()
+    if missing:
+        raise ConfigError(f"deepspeed {deepspeed.__version__} lacks internals forge_dist's DeepSpeed engine uses: "
+                          + "; ".join(missing) + f". Install a tested version: pip install 'deepspeed{SUPPORTED}'")

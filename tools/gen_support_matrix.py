@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 
 from forge_dist.testing.ep_parity import EP_SECTION, render_ep_section, run_ep_matrix
@@ -64,6 +65,18 @@ def _matrix_and_comm(rank: int, world_size: int, runs):
     return run_matrix(rank, world_size, runs), _comm(rank, world_size)
 
 
+def _commit() -> str:
+    """The commit the matrix is measured at (cells CI does not run name it)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(OUT), timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(OUT), timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT, help="the markdown file to write (default: docs/support_matrix.md)")
@@ -83,7 +96,7 @@ def main(argv=None) -> int:
     rows2, comm = spawn(_matrix_and_comm, 2, [(2, "all", sp_modes)], timeout=1800)
     rows4 = spawn(run_matrix, 4, [(4, "all", sp_modes)], timeout=3000)
     with open(args.out, "w") as f:
-        f.write(render_support_matrix(rows2 + rows4, comm, HEADER) + "\n" + render_ep_section(ep_rows))
+        f.write(render_support_matrix(rows2 + rows4, comm, HEADER, _commit()) + "\n" + render_ep_section(ep_rows))
     bad = [r for r in rows2 + rows4 if r[3] == "mismatch"]
     print(f"wrote {args.out}: {len(rows2) + len(rows4)} runs, {len(bad)} mismatches, {time.time() - start:.0f} s")
     for tp, sp, name, _, detail, _ in bad:

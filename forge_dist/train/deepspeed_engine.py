@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -40,7 +40,8 @@ from forge_dist.parallel.mpu import DeepSpeedMPU
 from forge_dist.parallel.tensor.metadata import tp_grad_norm
 from forge_dist.train.deepspeed_internals import check_deepspeed
 from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
-from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
+from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
+                                          sum_partial_grads, tp_sum_mode)
 from forge_dist.train.optim import build_optimizer, param_groups
 from forge_dist.train.statefile import load_state, save_state
 
@@ -62,6 +63,7 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
     """forge-train's engine seam over a DeepSpeed engine (see forge_dist.train.engine)."""
 
     name = "deepspeed"
+    tp_sums: Optional[str] = None  # None | coalesce | no_sync | hooks: see deepspeed_tp.tp_sum_mode
 
     def __init__(self, ds_engine, model, groups: ProcessGroups, resolved: ResolvedDeepSpeed, device: str,
                  buffer_dtypes: Dict[str, torch.dtype]):
@@ -92,6 +94,14 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
             raise ValueError(f"{len(micro_batches)} micro-batches, but the DeepSpeed config accumulates "
                              f"gradient_accumulation_steps={self.gas}")
         total = torch.zeros((), device=self.device)
+        if self.tp_sums in ("coalesce", "no_sync"):  # partial gradients: one TP bucket, then DeepSpeed's DP pass
+            with one_reduction_per_step(self.ds, self.tp_sums):
+                for x, y in micro_batches:
+                    _, loss = self.ds(x.to(self.device), y.to(self.device))
+                    self.ds.backward(loss)
+                    total += loss.detach().float()
+                sum_partial_grads(self.ds, self.model, self.groups)
+            return total / len(micro_batches)
         for i, (x, y) in enumerate(micro_batches):
             _, loss = self.ds(x.to(self.device), y.to(self.device))
             self.ds.backward(loss)  # scaled by 1/gas (and the loss scale) inside
@@ -221,7 +231,6 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     check_deepspeed()  # the internals used below are where this engine expects them
     skip_shm_build()
     set_model_parallel_attributes(model, groups)
-    register_tp_grad_hooks(model, groups)
     buffer_dtypes = {n: b.dtype for n, b in model.named_buffers()}
     device = train_cfg.resolved_device
     # The rate starts at 0: our schedule sets it before every step, and DeepSpeed's fp16/bf16
@@ -238,4 +247,8 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
         params = None
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                               config=resolved.config, mpu=DeepSpeedMPU.build(groups))
-    return DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes)
+    engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes)
+    engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
+    if engine.tp_sums == "hooks":
+        register_tp_grad_hooks(model, groups)
+    return engine

@@ -5,9 +5,11 @@ in two spawned worlds, each running many configurations:
                           clipping active at every step); collectives per step: one DP bucket
                           whatever the number of parameters (1 or 4 layers), none before the last
                           micro-batch (no_sync); unused parameters as one process would see them;
-                          torch.compile (aot_eager) of the DDP-wrapped model equal to eager
+                          torch.compile (aot_eager) of the DDP-wrapped model equal to eager; one
+                          process compiled with dropout equal to eager
   world 4 (TP=2 x DP=2)   parity with one process (sequence parallelism, a replicated KV head,
-                          clipping active), eager and compiled; collectives per step independent of
+                          clipping active); compiled with dropout equal to eager (RNG regions, TP
+                          collectives and DDP hooks in a compiled model); collectives per step independent of
                           the number of layers; DeepSpeed's mpu creates one one-rank group per rank
                           (its own), not one per rank of the world
 
@@ -133,6 +135,8 @@ def world2(rank, world):
     groups = ProcessGroups.build(Topology(world))
     out = {"ref": train(build(TINY)), "dp": train(build(TINY, groups), groups)}
     out["dp_compiled"] = train(build(TINY, groups, compile="aot_eager"), groups)
+    # --compile on one process, dropout on: the RNG stream inside the compiled region
+    out["local_dropout"] = [train(build(dict(TINY, dropout=0.1), compile=c)) for c in (False, "aot_eager")]
     out["counts"] = {n: step_counts(build(dict(TINY, n_layer=n), groups), groups) for n in (1, 4)}
     out["counts_one_micro"] = step_counts(build(TINY, groups), groups, n_micro=1)[0]
     out["params"] = {n: sum(1 for _ in build(dict(TINY, n_layer=n)).model.parameters()) for n in (1, 4)}
@@ -151,7 +155,9 @@ def world4(rank, world):
     groups = ProcessGroups.build(Topology(world, tp=2))
     pc = ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
     out = {"ref": train(build(TP_MODEL)), "tp_dp": train(build(TP_MODEL, groups, pc), groups)}
-    out["tp_dp_compiled"] = train(build(TP_MODEL, groups, pc, compile="aot_eager"), groups)
+    # --compile under TP x DP with dropout: RNG regions, TP collectives and DDP's hooks in the compiled model
+    out["dropout"] = [train(build(dict(TP_MODEL, dropout=0.1), groups, pc, compile=c), groups)
+                      for c in (False, "aot_eager")]
     out["counts"] = {n: step_counts(build(dict(TP_MODEL, n_layer=n), groups, pc), groups)[0] for n in (1, 3)}
     out["mpu"] = _mpu_groups(rank, world)
     return out
@@ -229,10 +235,23 @@ def test_tp2_dp2_equals_one_process_with_clipping(tp2_dp2):
     ref_loss, ref_norm, ref_w = tp2_dp2[0]["ref"]
     assert min(ref_norm) > CLIP
     for rank_out in tp2_dp2:
-        for key in ("tp_dp", "tp_dp_compiled"):
-            loss, norm, w = rank_out[key]
-            assert rel(loss, ref_loss) < 1e-5 and rel(norm, ref_norm) < 1e-5, key
-            assert worst_weight(w, ref_w) < 1e-5, key
+        loss, norm, w = rank_out["tp_dp"]
+        assert rel(loss, ref_loss) < 1e-5 and rel(norm, ref_norm) < 1e-5
+        assert worst_weight(w, ref_w) < 1e-5
+
+
+@pytest.mark.timeout(360)
+def test_compile_under_tp_dp_with_dropout_equals_eager(tp2_dp2):
+    for rank_out in tp2_dp2:
+        (loss, norm, w), (c_loss, c_norm, c_w) = rank_out["dropout"]
+        assert rel(c_loss, loss) < 1e-6 and rel(c_norm, norm) < 1e-5 and worst_weight(c_w, w) < 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_compile_on_one_process_with_dropout_equals_eager(dp2):
+    (loss, norm, w), (c_loss, c_norm, c_w) = dp2["local_dropout"]
+    assert loss != dp2["ref"][0]  # dropout acted
+    assert rel(c_loss, loss) < 1e-6 and rel(c_norm, norm) < 1e-5 and worst_weight(c_w, w) < 1e-6
 
 
 @pytest.mark.timeout(360)

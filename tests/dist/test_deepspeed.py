@@ -43,11 +43,11 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 
 
 def shipped_configs(runnable_here: bool = False):
-    """configs/deepspeed/*.json; ``runnable_here``: without fp16 (device-dependent) and without
-    DeepSpeed's CPU Adam (a one-time JIT build of about 70 s)."""
+    """configs/deepspeed/*.json; ``runnable_here``: without the *_gpu.json ones (fp16, DeepSpeed's CPU
+    Adam), which a CPU run refuses (tests/unit/test_deepspeed_config.py checks the refusal)."""
     names = sorted(n for n in os.listdir(CONFIGS) if n.endswith(".json"))
     if runnable_here:
-        names = [n for n in names if "fp16" not in n and "cpu_adam" not in n]
+        names = [n for n in names if not n.endswith("_gpu.json")]
     return names
 
 
@@ -163,6 +163,8 @@ def world2(rank, world, workdir):
         out["bf16"][stage] = run_iters(engine, ctx, range(8), fixed_batch=True)
         save(engine, ctx, os.path.join(workdir, f"dp2_bf16_z{stage}"))
         out["bf16"][stage]["logical"] = engine.logical_optimizer_state()
+    out["clip"] = {stage: run_iters(*make_engine(stage, model_kwargs=TP_MODEL, clip=CLIP_TP), range(ITERS))
+                   for stage in (1, 2, 3)}  # ZeRO's own clipping, acting at every step, pure DP
     out["configs"] = {}
     for name in shipped_configs(runnable_here=True):  # every shipped config trains (2 steps)
         precision = "bf16" if "bf16" in name else "fp32"
@@ -202,13 +204,22 @@ def world4_tp(rank, world, workdir):
         if stage == 2:
             save(engine, ctx, os.path.join(workdir, "tp2_dp2_z2"))
             out["tp2_z2_saved"] = engine.full_state_dict()
-    real = deepspeed_engine.register_tp_grad_hooks
-    deepspeed_engine.register_tp_grad_hooks = lambda model, groups: []
+        out[stage]["tp_sums"] = engine.tp_sums
+    real = deepspeed_engine.sum_partial_grads
+    deepspeed_engine.sum_partial_grads = lambda *args: 0
     try:  # the control: without summing partial gradients over TP the run must diverge
         out["no_hooks"] = run_iters(*make_engine(1, groups=groups, model_kwargs=TP_MODEL, parallel=pc, clip=CLIP_TP),
                                     range(3))
     finally:
-        deepspeed_engine.register_tp_grad_hooks = real
+        deepspeed_engine.sum_partial_grads = real
+    out["tp_counts"] = {}  # TP collectives of the partial-gradient sums per step, 1 and 3 layers
+    for n_layer in (1, 3):
+        engine, ctx = make_engine(2, groups=groups, model_kwargs=dict(TP_MODEL, n_layer=n_layer), parallel=pc,
+                                  clip=CLIP_TP)
+        with groups.count_collectives() as counter:
+            engine.forward_backward([micro_batch(0, m, ctx.dp_rank, ctx.dp_size) for m in range(engine.gas)])
+        engine.step(lr(0))
+        out["tp_counts"][n_layer] = counter.count(phase="grad_sync")
     return out
 
 
@@ -358,8 +369,23 @@ def test_tp2_dp2_matches_single_process(tp_dp, dp1):
         assert run["ds_sizes"] == (2, 2), stage  # ZeRO partitions over the 2 DP replicas; TP x PP = 2
         e = errors(f"TP=2 x DP=2 ZeRO-{stage} vs one process", run, ref)  # grad norm: TP shards counted once
         assert max(e.values()) <= 1e-5, (stage, e)
+    assert [tp_dp[stage]["tp_sums"] for stage in STAGES] == ["no_sync", "coalesce", "coalesce", "coalesce"]
     control = tp_dp["no_hooks"]
     assert max(rel(a, b) for a, b in zip(control["grad_norm"], ref["grad_norm"])) > 1e-4
+
+
+def test_tp_partial_gradient_sums_do_not_grow_with_the_parameters(tp_dp):
+    """One bucketed all-reduce per step (2 micro-batches) for the partial gradients of 1 or 3 layers,
+    where a hook per parameter would issue one per parameter and micro-batch."""
+    assert tp_dp["tp_counts"] == {1: 1, 3: 1}
+
+
+def test_zero_clipping_in_a_pure_data_parallel_world(dp1, dp2):
+    ref = dp1["ref_tp"]  # one process, the same model and clip
+    assert min(ref["grad_norm"]) > CLIP_TP  # clipped at every step
+    for stage, run in dp2["clip"].items():
+        e = errors(f"DP=2 ZeRO-{stage} clipping vs one process", run, ref)
+        assert max(e.values()) <= 1e-5, (stage, e)
 
 
 # --- checkpoints in our format ----------------------------------------------------------------------

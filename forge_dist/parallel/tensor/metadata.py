@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -154,19 +154,22 @@ def _unique_params(model: nn.Module):
     return list({id(p): p for p in model.parameters()}.values())
 
 
-def tp_grad_sync(model: nn.Module, groups: ProcessGroups) -> int:
+def tp_grad_sync(model: nn.Module, groups: ProcessGroups,
+                 grad_of: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None) -> int:
     """Sum the partial gradients (metadata partial_grad) over the ranks holding the same copy:
     replicated parameters used on local heads or sequence shards, replicated KV heads. One
     flattened all-reduce per group. Call after backward, before clipping and the optimizer step.
-    Returns the number of gradients reduced."""
+    ``grad_of(param)`` says where a parameter's gradient is (default ``param.grad``; an engine
+    may keep it elsewhere). Returns the number of gradients reduced."""
     buckets: Dict[Tuple[int, ...], Tuple[RankGroup, List[torch.Tensor]]] = {}  # by member ranks
     for p in _unique_params(model):
         info = shard_info(p)
-        if p.grad is None or info is None or not info.partial_grad:
+        grad = p.grad if grad_of is None else grad_of(p)
+        if grad is None or info is None or not info.partial_grad:
             continue
         group = info.reduce_group(groups)
         if group.size > 1:
-            buckets.setdefault(group.ranks, (group, []))[1].append(p.grad)
+            buckets.setdefault(group.ranks, (group, []))[1].append(grad)
     n = 0
     for group, grads in buckets.values():
         by_dtype = defaultdict(list)

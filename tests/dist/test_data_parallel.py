@@ -9,9 +9,9 @@ in two spawned worlds, each running many configurations:
                           process compiled with dropout equal to eager
   world 4 (TP=2 x DP=2)   parity with one process (sequence parallelism, a replicated KV head,
                           clipping active); compiled with dropout equal to eager (RNG regions, TP
-                          collectives and DDP hooks in a compiled model); collectives per step independent of
-                          the number of layers; DeepSpeed's mpu creates one one-rank group per rank
-                          (its own), not one per rank of the world
+                          collectives and DDP hooks in a compiled model); collectives per step
+                          independent of the number of layers; DeepSpeed's mpu creates one
+                          one-rank group per rank (its own), not one per rank of the world
 
 The one-process reference is LocalEngine on the same rows, run inside each rank (no collectives).
 """

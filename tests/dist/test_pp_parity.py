@@ -10,6 +10,7 @@ modules and MoE losses on several stages, at PP=2 x TP=2, PP=2 x DP=2 and PP=4 i
 import pytest
 
 from forge_dist.testing.pp_cases import schedule_runs
+from forge_dist.testing.pp_memory import micro_batches_in_flight
 from forge_dist.testing.pp_parity import run_pp_matrix
 from forge_dist.testing.spawn import spawn
 
@@ -34,3 +35,14 @@ def test_every_schedule_pp2_tp2_pp2_dp2_pp4_in_a_world_of_4():
     seen = _check(spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True), len(runs))
     assert (2, 2, 1, "dualpipev", "variant_mix") in seen and (4, 1, 1, "zbv", "default") in seen
     assert (2, 1, 2, "interleaved_zero_bubble", "variant_mix") in seen
+
+
+@pytest.mark.timeout(200)
+def test_activation_memory_1f1b_holds_at_most_p_micro_batches_gpipe_all():
+    """Saved-tensor hooks count the bytes each stage keeps for backward (forge_dist.testing.pp_memory):
+    with P=4 stages and 8 micro-batches, every stage holds all 8 in flight under GPipe, and stage s
+    holds P - s under 1F1B (its warm-up depth): P on the first stage, one on the last."""
+    per_rank = spawn(micro_batches_in_flight, 4, timeout=180, return_all=True)
+    for stage, held in enumerate(per_rank):
+        assert held["gpipe"] == pytest.approx(8, rel=1e-6), (stage, held)
+        assert held["1f1b"] == pytest.approx(4 - stage, rel=1e-6), (stage, held)

@@ -20,6 +20,7 @@ One recorder per process, created with the ProcessGroups and passed explicitly (
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -70,9 +71,8 @@ def call_site(skip: int = 1) -> str:
     node = torch._C._current_autograd_node()
     innermost = None
     while frame is not None:
-        path = frame.f_code.co_filename
-        name = os.path.basename(path)
-        here = f"{_short_path(path)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        name, short = _file_names(frame.f_code.co_filename)
+        here = f"{short}:{frame.f_lineno} in {frame.f_code.co_name}"
         if name not in ("flight.py", "contextlib.py", "groups.py", "context.py") and innermost is None:
             innermost = here
         if node is not None and innermost is not None:
@@ -81,6 +81,12 @@ def call_site(skip: int = 1) -> str:
             return here
         frame = frame.f_back
     return innermost or "?"
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_names(path: str) -> Tuple[str, str]:
+    """(base name, path as shown) of a source file; cached: collectives run in hot loops."""
+    return os.path.basename(path), _short_path(path)
 
 
 def _short_path(path: str) -> str:

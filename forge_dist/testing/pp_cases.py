@@ -33,3 +33,25 @@ def schedule_runs(layouts, models=tuple(MODELS)) -> List[tuple]:
     return [(pp, tp, s, None, m, MODELS[m], micro_batches(s, pp))
             for pp, tp in layouts for s in SCHEDULES for m in models
             if m == "default" or s in MIX_SCHEDULES]
+
+
+# tp_cases configurations (2 layers: one per stage at PP=2) whose modules or options cross the
+# stage boundary or live on one end: embeddings tied or not, factorised and quantized tables,
+# per-layer lists, shared modules and FIRE, steering, LSV, MoE losses, attention/MLP variants.
+# Not exact pipelined (each stage's process draws its own random numbers in the forward, so the
+# single process's stream cannot be replayed): norm=krmsnorm with random feature selection,
+# router=noisy_top_k, stochastic quantizers.
+PP_VARIANT_CASES = (
+    "default", "untied", "factorised", "factorised_untied", "embedding_scale", "softcap", "layerlist_heads",
+    "gradient_checkpointing", "fire", "fire_shared", "shared_attn_mlp", "steering_obtain", "mla_fire_consmax_v2",
+    "option=lsv_at_embedding", "option=moe_swiglu_capacity_losses", "option=quantize_wte", "quantized_wpe",
+    "attention=mla", "attention=ssm", "mlp=kan", "linear=quantized_linear",
+)
+
+
+def variant_runs() -> List[tuple]:
+    """PP_VARIANT_CASES at PP=2 with 1F1B and 2 micro-batches."""
+    from forge_dist.testing.tp_cases import all_cases
+
+    cases = dict(all_cases())
+    return [(2, 1, "1f1b", None, name, cases[name], 2) for name in PP_VARIANT_CASES]

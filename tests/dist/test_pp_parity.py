@@ -9,7 +9,7 @@ modules and MoE losses on several stages, at PP=2 x TP=2, PP=2 x DP=2 and PP=4 i
 """
 import pytest
 
-from forge_dist.testing.pp_cases import schedule_runs
+from forge_dist.testing.pp_cases import schedule_runs, variant_runs
 from forge_dist.testing.pp_memory import micro_batches_in_flight
 from forge_dist.testing.pp_parity import run_pp_matrix
 from forge_dist.testing.spawn import spawn
@@ -35,6 +35,14 @@ def test_every_schedule_pp2_tp2_pp2_dp2_pp4_in_a_world_of_4():
     seen = _check(spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True), len(runs))
     assert (2, 2, 1, "dualpipev", "variant_mix") in seen and (4, 1, 1, "zbv", "default") in seen
     assert (2, 1, 2, "interleaved_zero_bubble", "variant_mix") in seen
+
+
+@pytest.mark.timeout(300)
+def test_variants_across_two_stages_1f1b():
+    """tp_cases configurations whose modules cross the stage boundary (tied, factorised and
+    quantized tables, shared modules and FIRE, per-layer lists, steering, LSV, MoE losses) at PP=2."""
+    runs = variant_runs()
+    _check(spawn(run_pp_matrix, 2, runs, timeout=280, return_all=True), len(runs))
 
 
 @pytest.mark.timeout(200)

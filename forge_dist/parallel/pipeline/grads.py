@@ -44,7 +44,7 @@ def sync_shared(layout: StageLayout, groups) -> int:
     local = layout.local_params()
     n = 0
     for c, ps in local.items():  # two local chunks holding separately sharded copies (V-shape rank 0)
-        if len(ps) > 1 and c not in layout.holders:
+        if len(ps) > 1 and c not in layout.holders and any(p.grad is not None for p in ps):
             g = sum(p.grad if p.grad is not None else torch.zeros_like(p) for p in ps)
             for p in ps:
                 p.grad = g.clone()
@@ -64,10 +64,12 @@ def sync_shared(layout: StageLayout, groups) -> int:
                  if c in local else None for c in names]
         if kind == "pp":  # collective on the first call, on every pipeline rank
             grads = _fill_shapes(grads, names, local, layout, groups)
+        has = torch.tensor([float(c in local and any(p.grad is not None for p in local[c])) for c in names])
+        has = group.all_reduce(has, phase="grad_sync")  # a parameter no copy used keeps grad None
         total = group.all_reduce(_flatten_dense_tensors(grads), phase="grad_sync")
-        for c, g in zip(names, _unflatten_dense_tensors(total, grads)):
+        for c, g, used in zip(names, _unflatten_dense_tensors(total, grads), has.tolist()):
             for p in local.get(c, ()):
-                p.grad = g.clone()
+                p.grad = g.clone() if used else None
                 n += 1
     return n
 

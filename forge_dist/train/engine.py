@@ -45,10 +45,20 @@ def require_optimizer_files(directory: str) -> None:
 def compiled(module: nn.Module, compile) -> nn.Module:
     """``module`` under torch.compile when ``compile`` is True (inductor: what --compile gives) or
     a backend name (tests pass "aot_eager": the same tracing, graph breaks, hooks and autograd,
-    without the C++ code generation that takes tens of seconds on a CPU)."""
+    without the C++ code generation that takes tens of seconds on a CPU).
+
+    Inductor draws dropout masks from its own Philox stream unless ``fallback_random`` is set; it
+    is set, so a compiled model draws exactly the eager masks: the tensor-parallel RNG regions
+    (equal masks on a TP group where activations are replicated, different where sharded) and
+    resumes that replay the RNG state then hold compiled as they are tested eager."""
     if not compile:
         return module
-    return torch.compile(module, backend=compile) if isinstance(compile, str) else torch.compile(module)
+    if isinstance(compile, str):
+        return torch.compile(module, backend=compile)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    return torch.compile(module)
 
 
 class Engine(Protocol):

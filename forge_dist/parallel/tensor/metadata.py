@@ -84,7 +84,7 @@ def shard_tensor(full: torch.Tensor, info: ShardInfo, tp_rank: int, tp_size: int
     index = tp_rank // (tp_size // info.num_shards)
     blocks = _pad(full.detach(), info).chunk(info.segments, dim=info.dim)
     pieces = [b.chunk(info.num_shards, dim=info.dim)[index] for b in blocks]
-    return torch.cat(pieces, dim=info.dim).clone()
+    return (torch.cat(pieces, dim=info.dim) if len(pieces) > 1 else pieces[0]).clone()  # one copy, not two
 
 
 def unshard(locals_in_tp_order: List[torch.Tensor], info: ShardInfo) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Sharded checkpoints of a tensor-parallel model and its AdamW state on torch.distributed.checkpoint.
 
     files = save_sharded(directory, model, optimizer, groups)    # collective; this rank's files
+    future = async_save_sharded(directory, model, optimizer, groups)   # written in the background
     load_sharded(directory, model, optimizer, groups)            # collective; any TP/DP layout
 
 Entries, under logical names and shapes (the names of the single-process model's state dict):
@@ -61,6 +62,16 @@ def save_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGro
     writer = JsonMetadataWriter(directory)
     dcp.save(sharded_state(model, optimizer, groups), storage_writer=writer, planner=ShardSavePlanner())
     return writer.files_written
+
+
+def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups):
+    """DCP's async save: the state is staged (copied to CPU memory) now, collectively, and written
+    by a background thread while training goes on; returns the future (``.result()`` waits). The
+    index (.metadata.json) is written last, so a crash mid-write leaves a directory without one,
+    which load refuses. Nothing is published until the caller does it after the future is done."""
+    os.makedirs(directory, exist_ok=True)
+    return dcp.async_save(sharded_state(model, optimizer, groups), storage_writer=JsonMetadataWriter(directory),
+                          planner=ShardSavePlanner())
 
 
 def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:

@@ -1,6 +1,6 @@
 """Sharded checkpoints on torch.distributed.checkpoint (forge_dist.train.sharded_checkpoint):
 written at TP=2 x DP=2 after an AdamW step, each rank writing only its pieces, then resumed at
-TP=1 (DP=4), TP=2 and TP=4: weights and AdamW moments equal, bit for bit, the slices of the saved
+TP=1 (DP=4), TP=2 and (from an async save, taken before the weights moved on) TP=4: weights and AdamW moments equal, bit for bit, the slices of the saved
 state, and the next step's loss equals the single-process run's (fp32). The index is JSON: a
 pickled DCP ``.metadata`` planted beside it is never read."""
 import os
@@ -22,7 +22,7 @@ def _train_step(model, opt, x, y, groups):
     if groups is not None:
         tp_grad_sync(model, groups)
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def resume_layouts(rank, world_size, path):
@@ -37,7 +37,7 @@ def resume_layouts(rank, world_size, path):
     from forge_dist.parallel.tensor.metadata import gather_full_state_dict, shard_info, shard_tensor
     from forge_dist.parallel.topology import Topology
     from forge_dist.testing.models import TINY
-    from forge_dist.train.sharded_checkpoint import load_sharded, save_sharded
+    from forge_dist.train.sharded_checkpoint import async_save_sharded, load_sharded, save_sharded
 
     cfg = ModelConfig(**{**TINY, "vocab_size": 65, "dropout": 0.0})  # 65: vocab padding at TP=2, 4
     g = torch.Generator().manual_seed(0)
@@ -62,8 +62,12 @@ def resume_layouts(rank, world_size, path):
 
     model, opt, groups = build(2)
     _train_step(model, opt, *batches[0], groups)
-    saved = gather_full_state_dict(model, groups)
+    saved = {k: v.clone() for k, v in gather_full_state_dict(model, groups).items()}
     files = save_sharded(path, model, opt, groups)
+    future = async_save_sharded(path + "-async", model, opt, groups)
+    for p in model.parameters():  # training goes on: the async save staged its copy already
+        p.data.add_(1.0)
+    future.result()
     torch.distributed.barrier()
     if rank == 0:
         with open(os.path.join(path, ".metadata"), "wb") as fh:  # DCP's pickled index: must be ignored
@@ -72,7 +76,7 @@ def resume_layouts(rank, world_size, path):
     out = {"files": files, "listing": sorted(os.listdir(path))}
     for tp in (1, 2, 4):
         model, opt, groups = build(tp, seed=9)  # other initial values: the load must replace them all
-        load_sharded(path, model, opt, groups)
+        load_sharded(path if tp != 4 else path + "-async", model, opt, groups)
         wrong = []
         for name, p in model.named_parameters():
             info = shard_info(p)

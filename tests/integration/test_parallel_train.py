@@ -250,11 +250,11 @@ def test_pp2_under_torchrun_matches_one_process(corpus, tmp_path):
     assert sample_of(pp.stdout) == sample_of(ref.stdout)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)
 def test_pp2_checkpoint_resumes_in_one_process_and_back(corpus, tmp_path):
-    """Layout-free pipelined checkpoints: the PP=2 checkpoint at iteration 5 resumes in one process,
-    and the one-process checkpoint resumes at PP=2, each continuing the uninterrupted one-process
-    run (loss of iteration 5, weights and the one-process AdamW state at 6)."""
+    """Layout-free pipelined checkpoints: the PP=2 checkpoint at iteration 5 resumes in one process
+    and at TP=2 x PP=2, and the one-process checkpoint resumes at PP=2, each continuing the
+    uninterrupted one-process run (loss of iteration 5, weights and the one-process AdamW state at 6)."""
     args = ["--n_layer", "4", *MODEL[2:], *RUN, *NO_SAMPLE, "--dataset", corpus, "--max_iters", "6",
             "--eval_interval", "5"]
     pp_flags = ["--pipeline_parallel_size", "2"]
@@ -264,8 +264,10 @@ def test_pp2_checkpoint_resumes_in_one_process_and_back(corpus, tmp_path):
     single(*resume, os.path.join(tmp_path, "pp2", "checkpoints", "iter_0000005"), "--out_dir", str(tmp_path / "to1"))
     torchrun(2, *resume, os.path.join(tmp_path, "ref", "checkpoints", "iter_0000005"), *pp_flags,
              "--out_dir", str(tmp_path / "to2"), timeout=250)
+    torchrun(4, *resume, os.path.join(tmp_path, "pp2", "checkpoints", "iter_0000005"), *pp_flags,
+             "--tensor_parallel_size", "2", "--out_dir", str(tmp_path / "to_tp2pp2"), timeout=250)
     want = {5: series(tmp_path / "ref")[5]}
-    for out in (tmp_path / "pp2", tmp_path / "to1", tmp_path / "to2"):
+    for out in (tmp_path / "pp2", tmp_path / "to1", tmp_path / "to2", tmp_path / "to_tp2pp2"):
         assert_close_series({5: series(out)[5]}, want, 1e-5, (5,))
         assert_weights_close(weights(out), weights(tmp_path / "ref"), 1e-5)
         got, ref = _optimizer_state(out), _optimizer_state(tmp_path / "ref")

@@ -12,7 +12,7 @@ def _peak_mb() -> float:
 
 
 def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int) -> dict:
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.groups import ProcessGroups

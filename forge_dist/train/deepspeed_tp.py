@@ -10,9 +10,10 @@
     ZeRO 1-3 through DeepSpeed's ``coalesce_grad_reduction`` (every micro-batch's gradients stay
     local, one reduction pass on exit), stage 0 through ``no_sync`` and one ``allreduce_gradients``.
     The price under ZeRO-2/3 is the overlap of that reduction with the backward, which DeepSpeed
-    otherwise has. Only where DeepSpeed offers neither (its BF16_Optimizer wrapper: bf16 parameters with
-    fp32 gradient accumulation at ZeRO-1, which moves the gradients out of ``param.grad`` inside every backward) a hook on each such parameter sums its
-    gradient as it is produced: one all-reduce per parameter and micro-batch.
+    otherwise has. Only where DeepSpeed offers neither (its BF16_Optimizer wrapper, for bf16
+    parameters with fp32 gradient accumulation at ZeRO-1, moves the gradients out of
+    ``param.grad`` inside every backward) a hook on each such parameter sums its gradient as it is
+    produced: one all-reduce per parameter and micro-batch.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import io
 from pathlib import Path
 from typing import Iterator, List, Sequence, Union
 
+from forge_dist.atomic import stays_inside
 from forge_dist.data.errors import DataError
 from forge_dist.data.tokenizer import Tokenizer
 
@@ -116,4 +117,7 @@ class SentencePieceTokenizer(Tokenizer):
             return cls(base64.b64decode(spec["model_b64"]))
         if base_dir is None:
             raise DataError(f"sentencepiece spec refers to {spec['model_file']!r}; pass the dataset folder")
+        if not stays_inside(spec["model_file"]):
+            raise DataError(f"the sentencepiece spec in {base_dir} is refused: it names {spec['model_file']!r}, "
+                            f"a path outside the dataset folder")
         return cls.load(Path(base_dir, spec["model_file"]))

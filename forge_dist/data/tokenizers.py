@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Union
 
+from forge_dist.atomic import stays_inside
 from forge_dist.data.errors import DataError
 from forge_dist.data.hf_tokenizer import HuggingFaceTokenizer
 from forge_dist.data.spm import SentencePieceTokenizer
@@ -24,6 +25,9 @@ def tokenizer_from_spec(spec: dict, base_dir: Union[str, Path, None] = None) -> 
     if "file" in spec:
         if base_dir is None:
             raise DataError(f"tokenizer spec refers to file {spec['file']!r}; pass the dataset folder")
+        if not stays_inside(spec["file"]):
+            raise DataError(f"the tokenizer spec in {base_dir} is refused: it names {spec['file']!r}, a path "
+                            f"outside the dataset folder")
         path = Path(base_dir, spec["file"])
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))

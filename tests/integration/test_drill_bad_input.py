@@ -106,6 +106,12 @@ def test_paths_escaping_their_folder_are_refused(dataset, tmp_path, capsys):
     (data / "meta.json").write_text(json.dumps(meta))
     assert "'../../outside.arrow', a path outside the dataset folder" in _refused(capsys, tmp_path, "--dataset",
                                                                                   str(data))
+    from forge_dist.data.errors import DataError
+    from forge_dist.data.tokenizers import tokenizer_from_spec
+
+    for spec in ({"kind": "char", "file": "../tokenizer.json"}, {"kind": "sentencepiece", "model_file": "/etc/hostname"}):
+        with pytest.raises(DataError, match="a path outside the dataset folder"):
+            tokenizer_from_spec(spec, str(data))
     fake = tmp_path / "checkpoints" / "iter_0000001"
     fake.mkdir(parents=True)
     (fake / "manifest.json").write_text(json.dumps({"format": ckpt.FORMAT, "version": 1, "iteration": 1,

@@ -147,3 +147,25 @@ def test_attend_routes_to_blocked_by_default(monkeypatch, mode, expect):
     calls.clear()
     attend(x["q"], x["k"], x["v"], normalizer=module, mask=x["mask"], scale=0.7, dropout_p=0.1)
     assert not calls and core  # dropout on probabilities needs them materialised
+
+
+def test_compiled_model_has_no_graph_breaks_for_any_variant():
+    """dynamo traces the whole tiny GPT, blocked attention included, in one graph for every variant
+    (after one eager call: the first call loads the kernel library outside the trace)."""
+    import torch._dynamo as dynamo
+
+    from forge_dist.model.gpt import GPT
+
+    idx = torch.randint(0, 32, (1, 16), generator=torch.Generator().manual_seed(0))
+    breaks = {}
+    for name in sorted(SOFTMAX.names()):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32,
+                                softmax_variant_attn=name))
+        model(idx, idx)
+        dynamo.reset()
+        explain = dynamo.explain(model)(idx, idx)
+        if explain.graph_break_count:
+            breaks[name] = [str(b.reason)[:200] for b in explain.break_reasons]
+    dynamo.reset()
+    assert not breaks, breaks

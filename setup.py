@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         "data": ["sentencepiece", "pyarrow"],
-        "deepspeed": ["deepspeed>=0.19.8,<0.20"]  # the engine uses internals: deepspeed_internals.py,
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # the engine uses internals: train/deepspeed_internals.py checks them
         "mpi": ["mpi4py"],
         "logging": ["tensorboard", "matplotlib"],
         "hf": ["transformers>=5.23,<6"],  # only for loading exports in transformers; import/export need none

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from forge_dist.errors import ConfigError
 
@@ -20,6 +20,66 @@ BACKENDS = (None, "gloo", "nccl")
 
 def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# schedule name -> (torch.distributed.pipelining class, placement, model chunks per rank: None = any)
+SCHEDULES: Dict[str, Tuple[str, str, Optional[int]]] = {
+    "gpipe": ("ScheduleGPipe", "loop", 1),
+    "1f1b": ("Schedule1F1B", "loop", 1),
+    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop", None),
+    "interleaved_zero_bubble": ("ScheduleInterleavedZeroBubble", "loop", None),
+    "zbv": ("ScheduleZBVZeroBubble", "v", 2),
+    "dualpipev": ("ScheduleDualPipeV", "v", 2),
+}
+DEFAULT_SCHEDULE = "1f1b"
+MULTI = {"interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev"}  # PipelineScheduleMulti
+
+
+def check_schedule(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ConfigError(f"pipeline_schedule={name!r} is not a schedule; choose one of {', '.join(SCHEDULES)}")
+
+
+def chunks_per_rank(schedule: str, virtual: Optional[int]) -> int:
+    """V: model chunks per rank (--virtual_pipeline_size; None takes the schedule's default)."""
+    check_schedule(schedule)
+    fixed = SCHEDULES[schedule][2]
+    if virtual is None:
+        return fixed if fixed is not None else 2
+    if not isinstance(virtual, int) or isinstance(virtual, bool) or virtual < 1:
+        raise ConfigError(f"virtual_pipeline_size={virtual!r} must be a positive integer")
+    if fixed is not None and virtual != fixed:
+        raise ConfigError(f"virtual_pipeline_size={virtual} with pipeline_schedule={schedule}: that schedule runs "
+                          f"{fixed} model chunk(s) per rank; use --virtual_pipeline_size {fixed}, or "
+                          f"interleaved_1f1b / interleaved_zero_bubble for other counts")
+    return virtual
+
+
+def check_expert_parallel(model_config, parallel_config) -> None:
+    """Refusals that need no process: raises ConfigError."""
+    ep = parallel_config.expert_parallel_size
+    etp = getattr(parallel_config, "expert_tensor_parallel_size", None)
+    tp = parallel_config.tensor_parallel_size
+    if not model_config.use_moe:
+        for name, value, default in (("expert_parallel_size", ep, 1), ("expert_tensor_parallel_size", etp, None)):
+            if value != default:
+                raise ConfigError(f"{name}={value} needs a mixture-of-experts model: add --use_moe (with "
+                                  f"--n_experts), or leave {name} unset")
+        return
+    if etp is not None and etp not in (1, tp):
+        raise ConfigError(f"expert_tensor_parallel_size={etp}: experts are either whole on each rank (1) or "
+                          f"split like the rest of the model (tensor_parallel_size={tp}); choose 1 or {tp}")
+    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
+    if ep > 1 and pp > 1:
+        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp}: expert parallelism inside "
+                          f"pipeline stages is not implemented yet (the stages reduce every gradient over the "
+                          f"data-parallel group, which would average different experts); use one of the two")
+    if ep > 1 and model_config.moe_router_scheme == "noisy_top_k":
+        raise ConfigError(f"moe_router_scheme=noisy_top_k with expert_parallel_size={ep}: the gate noise is drawn "
+                          f"from each data-parallel rank's own generator, so a token's routing would depend "
+                          f"on the layout, and expert parallelism promises the one-process routing; use "
+                          f"moe_router_scheme=softmax (noisy routing runs with expert_parallel_size=1)")
+
 
 
 @dataclass
@@ -50,8 +110,6 @@ class ParallelConfig:
             raise ConfigError(f"sequence_parallel={self.sequence_parallel!r} must be true or false")
         if not (isinstance(self.dist_timeout_minutes, (int, float)) and self.dist_timeout_minutes > 0):
             raise ConfigError(f"dist_timeout_minutes={self.dist_timeout_minutes!r} must be a positive number")
-        from forge_dist.parallel.pipeline.split import check_schedule, chunks_per_rank
-
         check_schedule(self.pipeline_schedule)
         chunks_per_rank(self.pipeline_schedule, self.virtual_pipeline_size)
         if self.dist_backend not in BACKENDS:
@@ -68,26 +126,15 @@ class ParallelConfig:
         return Topology(world_size, tp=self.tensor_parallel_size, pp=self.pipeline_parallel_size,
                         ep=self.expert_parallel_size)
 
-    def pipeline_plan(self, model_config, n_microbatches: Optional[int] = None):
-        """The stage split and placement (forge_dist.parallel.pipeline.split.PipelinePlan)."""
-        from forge_dist.parallel.pipeline.split import plan_pipeline
-
-        return plan_pipeline(model_config, self.pipeline_parallel_size, self.pipeline_schedule,
-                             self.virtual_pipeline_size, self.pipeline_layers, n_microbatches)
-
     def validate(self, model_config, world_size: int) -> None:
         self.topology(world_size)  # world = tp x pp x dp, ep divides dp
         tp, pp, ep = self.tensor_parallel_size, self.pipeline_parallel_size, self.expert_parallel_size
         if pp > model_config.n_layer:
             raise ConfigError(f"pipeline_parallel_size={pp} exceeds n_layer={model_config.n_layer}: every "
                               f"stage needs at least one layer; use at most {model_config.n_layer} stages")
-        if pp > 1:
-            self.pipeline_plan(model_config)
         if model_config.use_moe and model_config.n_experts % ep:
             raise ConfigError(f"n_experts={model_config.n_experts} is not divisible by expert_parallel_size={ep}; "
                               f"choose ep among {_divisors(model_config.n_experts)} or change n_experts")
-        from forge_dist.parallel.expert.placement import check_expert_parallel
-
         check_expert_parallel(model_config, self)
         if self.sequence_parallel and tp > 1 and model_config.block_size % tp:
             raise ConfigError(f"sequence_parallel splits block_size={model_config.block_size} tokens over "

@@ -114,10 +114,15 @@ def parallelize(model: nn.Module, groups: ProcessGroups, parallel_config) -> nn.
 
 def check_parallelizable(model_config, parallel_config) -> None:
     """Refuse, without any process group, a model whose modules lack rules or whose shapes do not
-    split: builds the model on the meta device and plans it for TP rank 0."""
+    split: builds the model on the meta device and plans it for TP rank 0 (and the pipeline's
+    stage split when pipeline_parallel_size > 1)."""
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.topology import Topology
 
+    if parallel_config.pipeline_parallel_size > 1:
+        from forge_dist.parallel.pipeline.split import pipeline_plan
+
+        pipeline_plan(parallel_config, model_config)
     tp = parallel_config.tensor_parallel_size
     if tp == 1:
         return

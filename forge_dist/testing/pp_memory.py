@@ -45,7 +45,7 @@ def micro_batches_in_flight(rank: int, world_size: int, schedules=("gpipe", "1f1
     this rank / bytes one micro-batch saves}."""
     import copy
 
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.groups import ProcessGroups

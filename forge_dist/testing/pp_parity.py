@@ -47,7 +47,7 @@ def _adamw(params):
 
 def compare_pipeline(name: str, config_kwargs: dict, groups, schedule: str, virtual=None, n_micro: int = 4,
                      seed: int = 0, sequence_parallel: bool = False, layers=None) -> ParityReport:
-    from forge_dist import ModelConfig
+    from forge_dist.config.model_config import ModelConfig
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.pipeline import build_pipeline

@@ -116,7 +116,9 @@ def check_parallel(pcfg: ParallelConfig, model_config, env) -> None:
 
 
 def check_pipeline(pcfg: ParallelConfig, model_config, train_config, values: Mapping) -> None:
-    pcfg.pipeline_plan(model_config, train_config.gradient_accumulation_steps)
+    from forge_dist.parallel.pipeline.split import pipeline_plan
+
+    pipeline_plan(pcfg, model_config, train_config.gradient_accumulation_steps)
     if train_config.resolved_dtype == "float16":
         raise ConfigError("dtype=float16 with pipeline_parallel_size > 1: the loss scale cannot reach the "
                           "pipeline schedule's backward; use --dtype bfloat16 or float32")

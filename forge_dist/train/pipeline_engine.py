@@ -19,7 +19,7 @@ losses, summed over the pipeline group, as one process logs it.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -143,9 +143,7 @@ class PipelineEngine(LocalEngine):
 
     # --- optimizer state: the one-process layout (pipeline/optim_state.py) ------------------------
     def _order(self):
-        from forge_dist.parallel.pipeline.optim_state import global_order
-
-        return global_order(self.model.config, *self.optimizer_grouping)
+        return one_process_order(self.model.config, *self.optimizer_grouping)
 
     def save_state(self, directory: str, ctx) -> None:
         from forge_dist.io.statefile import save_state
@@ -185,3 +183,16 @@ def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
                             ctx.groups, ctx.parallel_config)
     engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
     return engine
+
+
+def one_process_order(model_config, weight_decay: float, split: bool) -> List[List[str]]:
+    """Per optimizer group, the canonical names of its parameters in the one-process order."""
+    from forge_dist.model.gpt import GPT
+    from forge_dist.train.optim import param_groups
+
+    with torch.device("meta"):
+        model = GPT(model_config)
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, split)]

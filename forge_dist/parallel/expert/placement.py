@@ -24,6 +24,7 @@ from typing import Iterable, List
 
 import torch.nn as nn
 
+from forge_dist.config.parallel import check_expert_parallel  # noqa: F401 (re-exported)
 from forge_dist.errors import ConfigError
 from forge_dist.model.moe import ExpertList, MoELayer
 from forge_dist.parallel.expert.dispatch import ExpertParallelExperts
@@ -61,32 +62,6 @@ def needs_expert_parallel(model: nn.Module, parallel_config) -> bool:
     return bool(moe_layers(model)) and (parallel_config.expert_parallel_size > 1 or
                                         (parallel_config.tensor_parallel_size > 1
                                          and not expert_tensor_parallel(parallel_config)))
-
-
-def check_expert_parallel(model_config, parallel_config) -> None:
-    """Refusals that need no process: raises ConfigError."""
-    ep = parallel_config.expert_parallel_size
-    etp = getattr(parallel_config, "expert_tensor_parallel_size", None)
-    tp = parallel_config.tensor_parallel_size
-    if not model_config.use_moe:
-        for name, value, default in (("expert_parallel_size", ep, 1), ("expert_tensor_parallel_size", etp, None)):
-            if value != default:
-                raise ConfigError(f"{name}={value} needs a mixture-of-experts model: add --use_moe (with "
-                                  f"--n_experts), or leave {name} unset")
-        return
-    if etp is not None and etp not in (1, tp):
-        raise ConfigError(f"expert_tensor_parallel_size={etp}: experts are either whole on each rank (1) or "
-                          f"split like the rest of the model (tensor_parallel_size={tp}); choose 1 or {tp}")
-    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
-    if ep > 1 and pp > 1:
-        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp}: expert parallelism inside "
-                          f"pipeline stages is not implemented yet (the stages reduce every gradient over the "
-                          f"data-parallel group, which would average different experts); use one of the two")
-    if ep > 1 and model_config.moe_router_scheme == "noisy_top_k":
-        raise ConfigError(f"moe_router_scheme=noisy_top_k with expert_parallel_size={ep}: the gate noise is drawn "
-                          f"from each data-parallel rank's own generator, so a token's routing would depend "
-                          f"on the layout, and expert parallelism promises the one-process routing; use "
-                          f"moe_router_scheme=softmax (noisy routing runs with expert_parallel_size=1)")
 
 
 def declare_expert_params(model: nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Pipeline parallelism for the plain GPT, applied from outside on torch.distributed.pipelining.
 
-    plan = parallel_config.pipeline_plan(model.config, n_microbatches)   # split.py: pure arithmetic
+    plan = pipeline_plan(parallel_config, model.config, n_microbatches)   # split.py: pure arithmetic
     layout, runner = build_pipeline(model, groups, parallel_config, n_microbatches, device, micro_batch)
     losses = runner.step(x, y)        # schedule.py: torch's schedule over this rank's stages
     ... grads.py: scale once, sum pipeline copies (tied table/head, shared modules), global norm
@@ -20,9 +20,10 @@ def build_pipeline(model, groups, parallel_config, n_microbatches: int, device, 
     Returns (StageLayout, PipelineRunner)."""
     from forge_dist.parallel.pipeline import tensor_rule  # noqa: F401  (registers the GPTChunk rule)
     from forge_dist.parallel.pipeline.schedule import PipelineRunner
+    from forge_dist.parallel.pipeline.split import pipeline_plan
     from forge_dist.parallel.pipeline.stage import LocalStages, build_stages
 
-    plan = parallel_config.pipeline_plan(model.config, n_microbatches)
+    plan = pipeline_plan(parallel_config, model.config, n_microbatches)
     if plan.pp != groups.pp.size:
         raise ValueError(f"pipeline_parallel_size={plan.pp} but the pipeline group has {groups.pp.size} ranks")
     layout = build_stages(model, plan, groups.coord.pp)

@@ -3,8 +3,8 @@ layout-free: a PP (x TP) checkpoint resumes in one process, at another pipeline 
 and a one-process checkpoint resumes pipelined.
 
 The one-process AdamW numbers its parameters in the order of ``param_groups(GPT)``
-(forge_dist.train.optim): ``global_order`` rebuilds that order by canonical name from a GPT on
-the meta device. Saving gathers every moment tensor to its logical shape over TP (``full_tensor``)
+(forge_dist.train.optim): the engine passes that order by canonical name (``order``, built by
+train/pipeline_engine.py's ``one_process_order`` from a GPT on the meta device). Saving gathers every moment tensor to its logical shape over TP (``full_tensor``)
 and the per-stage entries to pipeline rank 0 of data-parallel replica 0; loading keeps this rank's
 entries and slices them for its TP rank (``shard_tensor``).
 """
@@ -17,19 +17,6 @@ import torch.distributed as dist
 
 from forge_dist.errors import CheckpointError
 from forge_dist.parallel.tensor.metadata import ShardInfo, full_tensor, shard_info, shard_tensor
-
-
-def global_order(model_config, weight_decay: float, split: bool) -> List[List[str]]:
-    """Per optimizer group, the canonical names of its parameters in the one-process order."""
-    from forge_dist.model.gpt import GPT
-    from forge_dist.train.optim import param_groups
-
-    with torch.device("meta"):
-        model = GPT(model_config)
-    names = {}
-    for name, p in model.named_parameters():
-        names.setdefault(id(p), name)
-    return [[names[id(p)] for p in g["params"]] for g in param_groups(model, weight_decay, split)]
 
 
 def _local(engine) -> Dict[str, List[torch.nn.Parameter]]:

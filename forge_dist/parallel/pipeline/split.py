@@ -21,37 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from forge_dist.errors import ConfigError
 
-# schedule name -> (torch.distributed.pipelining class, placement, model chunks per rank: None = any)
-SCHEDULES: Dict[str, Tuple[str, str, Optional[int]]] = {
-    "gpipe": ("ScheduleGPipe", "loop", 1),
-    "1f1b": ("Schedule1F1B", "loop", 1),
-    "interleaved_1f1b": ("ScheduleInterleaved1F1B", "loop", None),
-    "interleaved_zero_bubble": ("ScheduleInterleavedZeroBubble", "loop", None),
-    "zbv": ("ScheduleZBVZeroBubble", "v", 2),
-    "dualpipev": ("ScheduleDualPipeV", "v", 2),
-}
-DEFAULT_SCHEDULE = "1f1b"
-MULTI = {"interleaved_1f1b", "interleaved_zero_bubble", "zbv", "dualpipev"}  # PipelineScheduleMulti
-
-
-def check_schedule(name: str) -> None:
-    if name not in SCHEDULES:
-        raise ConfigError(f"pipeline_schedule={name!r} is not a schedule; choose one of {', '.join(SCHEDULES)}")
-
-
-def chunks_per_rank(schedule: str, virtual: Optional[int]) -> int:
-    """V: model chunks per rank (--virtual_pipeline_size; None takes the schedule's default)."""
-    check_schedule(schedule)
-    fixed = SCHEDULES[schedule][2]
-    if virtual is None:
-        return fixed if fixed is not None else 2
-    if not isinstance(virtual, int) or isinstance(virtual, bool) or virtual < 1:
-        raise ConfigError(f"virtual_pipeline_size={virtual!r} must be a positive integer")
-    if fixed is not None and virtual != fixed:
-        raise ConfigError(f"virtual_pipeline_size={virtual} with pipeline_schedule={schedule}: that schedule runs "
-                          f"{fixed} model chunk(s) per rank; use --virtual_pipeline_size {fixed}, or "
-                          f"interleaved_1f1b / interleaved_zero_bubble for other counts")
-    return virtual
+# the schedule table and its option checks are configuration: config/parallel.py holds them
+from forge_dist.config.parallel import (DEFAULT_SCHEDULE, MULTI, SCHEDULES, check_schedule,  # noqa: E402,F401
+                                        chunks_per_rank)
 
 
 def stage_ranks(schedule: str, pp: int, virtual: int) -> List[int]:
@@ -191,3 +163,9 @@ def plan_pipeline(model_config, pp: int, schedule: str = DEFAULT_SCHEDULE, virtu
         bounds.append((start, start + k))
         start += k
     return PipelinePlan(schedule, pp, v, tuple(bounds), tuple(stage_ranks(schedule, pp, v)))
+
+
+def pipeline_plan(parallel_config, model_config, n_microbatches: Optional[int] = None) -> PipelinePlan:
+    """The stage split and placement of a ParallelConfig (ConfigError naming the option to change)."""
+    return plan_pipeline(model_config, parallel_config.pipeline_parallel_size, parallel_config.pipeline_schedule,
+                         parallel_config.virtual_pipeline_size, parallel_config.pipeline_layers, n_microbatches)

@@ -59,16 +59,23 @@ def save_pretrained(model, path: str, training: Optional[dict] = None) -> None:
             f.write("\n")
 
 
+def read_json(path: str, name: str, what: str):
+    """The JSON value of ``path/name``; CheckpointError saying ``path`` is not ``what`` when the
+    file is missing, and naming the file when it is not JSON."""
+    file = os.path.join(path, name)
+    try:
+        with open(file, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not {what}: {name} is missing") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+
+
 def read_config(path: str) -> Tuple[ModelConfig, dict]:
     """(ModelConfig, training info) from a checkpoint directory's config.json."""
     file = os.path.join(path, CONFIG_NAME)
-    try:
-        with open(file, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a forge_dist checkpoint: {CONFIG_NAME} is missing") from None
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    meta = read_json(path, CONFIG_NAME, "a forge_dist checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model_config" not in meta:
         raise CheckpointError(f"{file} is not a forge_dist checkpoint config (expected \"format\": "
                               f"\"{FORMAT}\" and a \"model_config\" section)")

@@ -81,16 +81,11 @@ def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str
 
 
 def read_config(path: str) -> dict:
-    file = os.path.join(path, CONFIG_NAME)
-    try:
-        with open(file, "r", encoding="utf-8") as f:
-            hf = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a transformers model directory: {CONFIG_NAME} is missing") from None
-    except ValueError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    from forge_dist.io.forge_format import read_json
+
+    hf = read_json(path, CONFIG_NAME, "a transformers model directory")
     if not isinstance(hf, dict):
-        raise CheckpointError(f"{file} is not a transformers config (expected a JSON object)")
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)} is not a transformers config (expected a JSON object)")
     return hf
 
 

@@ -174,6 +174,13 @@ class LocalEngine:
         require_optimizer_files(directory)
         self.load_state_dict(load_state(directory, "optimizer", map_location=str(self.device)))
 
+    def save_gathered_state(self, directory: str, ctx, full: Optional[dict]) -> None:
+        """A parallel engine's save: ``full`` is the one-process optimizer state dict it gathered
+        (on rank 0); rank 0 writes it with the scaler, the engine's name and the layout that wrote it."""
+        if ctx.is_main:
+            save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
+                        "layout": ctx.layout()}, directory, "optimizer")
+
     def full_state_dict(self) -> dict:
         """The logical weights written to the checkpoint's model/ (the module's own state here)."""
         return self.model.state_dict()

@@ -46,7 +46,7 @@ from forge_dist.errors import CheckpointError
 from forge_dist.parallel.data_parallel import data_parallel
 from forge_dist.train.engine import LocalEngine, compiled, require_optimizer_files
 from forge_dist.train.optim import build_optimizer
-from forge_dist.io.statefile import load_state, save_state
+from forge_dist.io.statefile import load_state
 
 
 class ParallelEngine(LocalEngine):
@@ -184,9 +184,7 @@ class ParallelEngine(LocalEngine):
                 full = global_optimizer_state(self.full_optimizer_state(), self._names, self.model, self.groups)
         else:
             full = self.full_optimizer_state() if self.groups.coord.dp == 0 else None
-        if ctx.is_main:
-            save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
-                        "layout": ctx.layout()}, directory, "optimizer")
+        self.save_gathered_state(directory, ctx, full)
 
     def load_state(self, directory: str) -> None:
         from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info, shard_tensor

@@ -146,13 +146,10 @@ class PipelineEngine(LocalEngine):
         return one_process_order(self.model.config, *self.optimizer_grouping)
 
     def save_state(self, directory: str, ctx) -> None:
-        from forge_dist.io.statefile import save_state
         from forge_dist.parallel.pipeline.optim_state import full_optimizer_state
 
         full = full_optimizer_state(self, self._order())
-        if ctx.is_main:
-            save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
-                        "layout": ctx.layout()}, directory, "optimizer")
+        self.save_gathered_state(directory, ctx, full)
 
     def load_state(self, directory: str) -> None:
         from forge_dist.io.statefile import load_state

@@ -76,3 +76,21 @@ def in_step(call: int, action: Callable) -> Callable:
 
         run.engine.forward_backward = forward_backward
     return hook
+
+
+def train_exit_code(base: Sequence[str], dataset: str, out_dir, *args: str) -> int:
+    """forge-train's main in this process on ``dataset`` into ``out_dir``; its exit status (0, or
+    the code of the SystemExit a refusal or a stop raised)."""
+    from forge_dist.train.cli import main
+
+    try:
+        return main(list(base) + ["--dataset", dataset, "--out_dir", str(out_dir), *args])
+    except SystemExit as e:
+        return e.code
+
+
+def logged_losses(out_dir) -> dict:
+    """{iteration: loss} from out_dir/metrics.jsonl."""
+    from forge_dist.train.metrics import read_metrics
+
+    return {r["iter"]: r["loss"] for r in read_metrics(str(out_dir)) if "loss" in r}

@@ -75,6 +75,15 @@ class Engine(Protocol):
     def generation_model(self) -> nn.Module: ...
 
 
+def clip_to_norm(params: Sequence[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale the gradients of ``params`` by torch's clip_grad_norm_ coefficient for a global
+    ``norm`` that a parallel engine computed over all of its shards."""
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+
+
 class LocalEngine:
     name = "local"
     forward_is_collective = False  # one process: rank 0 alone samples

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from forge_dist.errors import CheckpointError
 from forge_dist.parallel.data_parallel import data_parallel
-from forge_dist.train.engine import LocalEngine, compiled, require_optimizer_files
+from forge_dist.train.engine import LocalEngine, clip_to_norm, compiled, require_optimizer_files
 from forge_dist.train.optim import build_optimizer
 from forge_dist.io.statefile import load_state
 
@@ -98,10 +98,7 @@ class ParallelEngine(LocalEngine):
             from forge_dist.parallel.tensor.metadata import tp_grad_norm
 
             norm = tp_grad_norm(self.model, self.groups)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
-        for p in self._params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        clip_to_norm(self._params, norm, max_norm)
         return norm
 
     def _agree_on_overflow(self) -> None:

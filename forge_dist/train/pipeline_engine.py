@@ -29,7 +29,7 @@ from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, scale_microbatches,
                                                  sync_shared)
 from forge_dist.parallel.pipeline.stage import LocalStages
-from forge_dist.train.engine import LocalEngine
+from forge_dist.train.engine import LocalEngine, clip_to_norm
 
 
 class PipelineEngine(LocalEngine):
@@ -79,10 +79,7 @@ class PipelineEngine(LocalEngine):
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = grad_norm(self.layout, self.groups)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
-        for p in self.distinct:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+        clip_to_norm(self.distinct, norm, max_norm)
         return norm
 
     def step(self, lr: float) -> dict:

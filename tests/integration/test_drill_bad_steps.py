@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from forge_dist.testing.data import corpus_dataset
+from forge_dist.testing.runs import logged_losses, train_exit_code
 from forge_dist.train import checkpoint as ckpt
-from forge_dist.train.cli import main
-from forge_dist.train.metrics import read_metrics
 from forge_dist.train.statefile import load_state
 from forge_dist.train.trainer import Trainer
 
@@ -58,18 +57,14 @@ def inject(monkeypatch):
 
 
 def _train(dataset, out, *args):
-    try:
-        return main(TINY + ["--dataset", dataset, "--out_dir", str(out), *args])
-    except SystemExit as e:
-        return e.code
+    return train_exit_code(TINY, dataset, out, *args)
 
 
 def _events(out):
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
-def _losses(out):
-    return {r["iter"]: r["loss"] for r in read_metrics(str(out)) if "loss" in r}
+_losses = logged_losses
 
 
 def test_skip_drops_the_update_and_the_batch(dataset, tmp_path, inject, capsys):

@@ -17,9 +17,8 @@ import pytest
 
 from forge_dist.errors import CheckpointError
 from forge_dist.testing.data import corpus_dataset
+from forge_dist.testing.runs import logged_losses, train_exit_code
 from forge_dist.train import checkpoint as ckpt
-from forge_dist.train.cli import main
-from forge_dist.train.metrics import read_metrics
 
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "1", "--eval_interval", "2", "--log_interval", "1", "--device", "cpu", "--dtype", "float32",
@@ -33,14 +32,10 @@ def dataset(tmp_path_factory):
 
 
 def _train(dataset, out, *args):
-    try:
-        return main(TINY + ["--dataset", dataset, "--out_dir", str(out), *args])
-    except SystemExit as e:
-        return e.code
+    return train_exit_code(TINY, dataset, out, *args)
 
 
-def _losses(out):
-    return {r["iter"]: r["loss"] for r in read_metrics(str(out)) if "loss" in r}
+_losses = logged_losses
 
 
 @pytest.fixture(scope="module")

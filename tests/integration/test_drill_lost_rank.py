@@ -18,6 +18,7 @@ import time
 import pytest
 
 from forge_dist.testing.data import corpus_dataset
+from forge_dist.testing.runs import logged_losses
 from forge_dist.testing.spawn import free_port
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.metrics import read_metrics
@@ -64,8 +65,7 @@ def finish(procs, timeout=150):
     return out
 
 
-def losses(out_dir):
-    return {r["iter"]: r["loss"] for r in read_metrics(str(out_dir)) if "loss" in r}
+losses = logged_losses
 
 
 @pytest.mark.timeout(400)

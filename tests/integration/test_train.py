@@ -9,6 +9,7 @@ from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.cli import main
 from forge_dist.train.metrics import read_metrics
 from forge_dist.testing.data import corpus_dataset
+from forge_dist.testing.runs import logged_losses, train_exit_code
 
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--eval_interval", "5", "--log_interval", "1", "--device", "cpu",
@@ -22,14 +23,10 @@ def dataset(tmp_path_factory):
 
 
 def train(dataset, out_dir, *args):
-    try:
-        return main(TINY + ["--dataset", dataset, "--out_dir", str(out_dir), *args])
-    except SystemExit as e:
-        return e.code
+    return train_exit_code(TINY, dataset, out_dir, *args)
 
 
-def losses(out_dir):
-    return {r["iter"]: r["loss"] for r in read_metrics(str(out_dir)) if "loss" in r}
+losses = logged_losses
 
 
 @pytest.fixture(scope="module")

@@ -141,6 +141,21 @@ def _module_states(tag_dir: str, n_ranks: int) -> list:
     return out
 
 
+def _pipeline_states(tag_dir: str) -> dict:
+    """A pipeline checkpoint's weights: DeepSpeed writes one ``layer_XX-model_states.pt`` per layer
+    of the PipelineModule, and forge-train's layers keep the GPT's names (train/deepspeed_pipeline.py)."""
+    files = sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")))
+    if not files:
+        raise CheckpointError(f"{tag_dir} is a pipeline checkpoint without layer_XX-model_states.pt files")
+    state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for file in files:
+        try:
+            state.update(torch.load(file, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+    return state
+
+
 def _zero_states(tag_dir: str, tag: str, n_ranks: int) -> list:
     """zero_to_fp32's fp32 state dict of each model-parallel rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -192,7 +207,9 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str,
     layout = meta["layout"]
     n_ranks = layout["tp_size"] * layout["pp_size"]
     zero = layout["zero_stage"] > 0
-    ranks = _zero_states(tag_dir, tag, n_ranks) if zero else _module_states(tag_dir, n_ranks)
+    pipeline = layout.get("pp_size", 1) > 1  # the layer files hold every weight (fp32 masters: the logical copy)
+    ranks = ([_pipeline_states(tag_dir)] if pipeline else _zero_states(tag_dir, tag, n_ranks) if zero
+             else _module_states(tag_dir, n_ranks))
     aliases = meta.get("aliases", {})  # tied names: joined once, under the first name
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for name, t in ranks[0].items():
@@ -203,7 +220,7 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str,
         if missing:
             raise CheckpointError(f"{tag_dir}: model-parallel rank {missing[0]} has no {name}")
         state[name] = t if info is None or info.dim is None else unshard([r[name] for r in ranks], info)
-    if not zero and layout["precision"] != "fp32":
+    if (pipeline or not zero) and layout["precision"] != "fp32":
         state.update(_logical_masters(ds_dir, layout["precision"]))
     state.update({alias: state[first] for alias, first in aliases.items()})
     cfg = model_config_from_dict(meta["model_config"], source=os.path.join(ds_dir, LAYOUT_NAME))

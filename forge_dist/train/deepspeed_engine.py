@@ -188,9 +188,9 @@ def preflight(values: dict, train_cfg, model_config, parallel_config, world_size
     resolved = resolve_deepspeed_config(raw, train_cfg, max(world_size // mp, 1), model_config=model_config,
                                         pipeline_parallel_size=parallel_config.pipeline_parallel_size, source=name)
     if parallel_config.pipeline_parallel_size > 1:  # ZeRO-2/3 with a pipeline was refused just above
-        raise ConfigError(f"pipeline_parallel_size={parallel_config.pipeline_parallel_size} with --deepspeed_config: "
-                          f"DeepSpeed's pipeline engine is not wired to forge_dist's stages yet; train pipeline "
-                          f"parallelism with the native engine (no --deepspeed_config)")
+        from forge_dist.train.deepspeed_pipeline import check_deepspeed_pipeline
+
+        check_deepspeed_pipeline(parallel_config, model_config)
     return resolved
 
 
@@ -223,13 +223,14 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
         raise ConfigError(f"the run context has {ctx.dp_size} data-parallel ranks, the process groups {topo.dp}")
     resolved = resolve_deepspeed_config(raw, train_cfg, topo.dp, model_config=getattr(model, "config", None),
                                         pipeline_parallel_size=topo.pp, source=name)
-    if topo.pp > 1:
-        raise ConfigError(f"pipeline_parallel_size={topo.pp}: the DeepSpeed engine runs tensor and data "
-                          f"parallelism; launch with pipeline_parallel_size=1")
     import deepspeed
 
     check_deepspeed()  # the internals used below are where this engine expects them
     skip_shm_build()
+    if topo.pp > 1:  # DeepSpeed's PipelineModule over our stages
+        from forge_dist.train.deepspeed_pipeline import deepspeed_pipeline_factory
+
+        return deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups)
     set_model_parallel_attributes(model, groups)
     buffer_dtypes = {n: b.dtype for n, b in model.named_buffers()}
     device = train_cfg.resolved_device

@@ -1,0 +1,349 @@
+"""DeepSpeed's own pipeline engine over forge_dist's stages (``--deepspeed_config`` with
+``--pipeline_parallel_size P > 1``).
+
+    engine = deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups)  # deepspeed_engine calls it
+
+The plain GPT becomes a ``deepspeed.pipe.PipelineModule`` of n_layer + 2 layers, each a GPTChunk
+(parallel/pipeline/stage.py: the GPT's own forward pieces under the GPT's own parameter names):
+
+    layer 0          the embeddings (GPTChunk first stage, no block)     TiedLayerSpec "wte"
+    layer i + 1      block i (and the steering point after it)            LayerSpec
+    layer n + 1      final norm and head (HeadChunk: the loss runs in     TiedLayerSpec "wte"
+                     the pipeline's loss_fn, which alone receives labels)
+
+The stage boundaries are forge_dist's split (split.py: balanced with the embedding and head counted,
+or ``--pipeline_layers``), passed to DeepSpeed as explicit partition bounds. The tied token table and
+LM head are DeepSpeed's tied module: each end stage builds its own piece under the key "wte", and
+DeepSpeed broadcasts the table at start and all-reduces its gradient over the two stages every step.
+
+``forward_backward`` is ``engine.train_batch`` over the step's gradient_accumulation_steps
+micro-batches, with DeepSpeed's OptimizerStep instruction held back until ``step(lr)``, so the
+trainer's bad-step check and learning-rate schedule still sit between the backward and the update.
+
+Checkpoints: DeepSpeed's own (``layer_XX-model_states.pt`` per layer, under the GPT's names, and its
+ZeRO optimizer files), ``forge_layout.json``, and the logical optimizer copy of the DeepSpeed engine
+(deepspeed_logical.*, gathered over the stages), so a pipeline run resumes at another layout (PP=1,
+other DP) and ``forge-convert`` reads the layer files without DeepSpeed.
+
+Refused before launch (``check_deepspeed_pipeline``): tensor parallelism inside the stages, MoE
+models, schedules other than 1f1b and virtual stages, modules shared across stages other than the
+tied table (and the tied factorised-embedding adapters); ZeRO-2/3 by the config resolution.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.io import deepspeed_ckpt as dsc
+from forge_dist.parallel.pipeline.stage import GPTChunk
+from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
+from forge_dist.train.statefile import load_state, save_state
+
+TIED_KEY = "wte"
+
+
+# --- refusals (no process group, no model) ---------------------------------------------------------
+def _tied_names(model_config) -> set:
+    """Logical parameters the two end stages may both hold (DeepSpeed ties them)."""
+    out = set()
+    if model_config.wte_weight_tying:
+        out.add("transformer.wte.weight")
+    if model_config.n_embd_wte is not None and model_config.n_embd_wte_scale_tying:
+        out.add("transformer.scale_up.weight")
+    return out
+
+
+def check_deepspeed_pipeline(parallel_config, model_config) -> None:
+    """ConfigError naming the option for what DeepSpeed's pipeline path does not run."""
+    pp = parallel_config.pipeline_parallel_size
+    what = f"--deepspeed_config with pipeline_parallel_size={pp}"
+    native = "train it with the native pipeline engine (no --deepspeed_config)"
+    if parallel_config.tensor_parallel_size > 1:
+        raise ConfigError(f"tensor_parallel_size={parallel_config.tensor_parallel_size} with {what}: tensor "
+                          f"parallelism inside DeepSpeed's pipeline stages is not wired (its grid would need our "
+                          f"TP gradient sums); use tensor_parallel_size=1, or {native}")
+    if parallel_config.pipeline_schedule != "1f1b" or (parallel_config.virtual_pipeline_size or 1) > 1:
+        raise ConfigError(f"pipeline_schedule={parallel_config.pipeline_schedule} / virtual_pipeline_size="
+                          f"{parallel_config.virtual_pipeline_size} with {what}: DeepSpeed's pipeline engine runs its "
+                          f"own 1F1B schedule, one stage per rank; use --pipeline_schedule 1f1b, or {native}")
+    if model_config.use_moe:
+        raise ConfigError(f"use_moe with {what}: MoE auxiliary losses are not wired into DeepSpeed's pipeline "
+                          f"loss; {native}")
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.pipeline.split import pipeline_plan
+    from forge_dist.parallel.pipeline.stage import build_stages
+
+    plan = pipeline_plan(parallel_config, model_config)
+    with torch.device("meta"):
+        shared = set(build_stages(GPT(model_config), plan, 0).holders) - _tied_names(model_config)
+    if shared:
+        raise ConfigError(f"{what}: {sorted(shared)[:4]} are shared by layers on different stages ({plan.describe()}); "
+                          f"DeepSpeed ties only the token table here: set --pipeline_layers so the sharing layers "
+                          f"share a stage, or {native}")
+
+
+# --- the PipelineModule ----------------------------------------------------------------------------
+class HeadChunk(GPTChunk):
+    """The last layer: final norm, head and loss. DeepSpeed hands labels to ``loss_fn`` only, so
+    forward passes the activations through and ``loss`` runs the GPTChunk's last-stage forward."""
+
+    def __init__(self, model, lsv: bool):
+        n = model.config.n_layer
+        super().__init__(model, n, n, is_first=False, is_last=True, lsv=lsv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, labels)[0]
+
+
+def layer_specs(model, plan):
+    """(DeepSpeed layer specs, partition bounds) of ``model`` split as ``plan`` says."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    cfg = model.config
+    n = cfg.n_layer
+    lsv_point = cfg.apply_lsv_at_layer_idx if cfg.use_lsv else None
+    owner = lsv_point if lsv_point is not None and 0 < lsv_point <= n else 0  # the layer applying LSV
+    owner = owner if cfg.use_lsv else -1
+    first_attrs, head_attrs = [], []
+    if cfg.wte_weight_tying:
+        first_attrs.append("transformer.wte.weight")
+        head_attrs.append("lm_head.weight")
+    if cfg.n_embd_wte is not None and cfg.n_embd_wte_scale_tying:
+        first_attrs.append("transformer.scale_up.weight")
+        head_attrs.append("transformer.scale_down.weight")
+    first_args = (GPTChunk, model, 0, 0, True, False, owner == 0)
+    specs = [TiedLayerSpec(TIED_KEY, *first_args, tied_weight_attr=first_attrs) if first_attrs
+             else LayerSpec(*first_args)]
+    specs += [LayerSpec(GPTChunk, model, i, i + 1, False, False, owner == i + 1) for i in range(n)]
+    specs.append(TiedLayerSpec(TIED_KEY, HeadChunk, model, False, tied_weight_attr=head_attrs) if head_attrs
+                 else LayerSpec(HeadChunk, model, False))
+    bounds = [0] + [b + 1 for _, b in plan.layers[:-1]] + [n + 2]
+    return specs, bounds
+
+
+def pipeline_module(model, plan, groups):
+    """The PipelineModule of this rank's stage (collective: DeepSpeed builds its grid and tied
+    groups over the world), checked against our ProcessGroups' coordinates."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    class ForgePipelineModule(PipelineModule):
+        """DeepSpeed's module with forge_dist's stage split (explicit bounds, not a method)."""
+
+        def _partition_layers(self, method="uniform"):
+            self.parts = list(bounds)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    specs, bounds = layer_specs(model, plan)
+    topo = PipeDataParallelTopology(num_pp=groups.topology.pp, num_dp=groups.topology.dp)
+    pipe = ForgePipelineModule(specs, topology=topo, partition_method="forge")
+    grid = pipe._grid
+    if (grid.get_stage_id(), grid.get_data_parallel_rank()) != (groups.coord.pp, groups.coord.dp):
+        raise RuntimeError(f"DeepSpeed's grid puts rank {groups.global_rank} at stage {grid.get_stage_id()}, data "
+                           f"rank {grid.get_data_parallel_rank()}; forge_dist's topology at {groups.coord}")
+    local = [f for f in pipe.forward_funcs if isinstance(f, GPTChunk)]
+    head = next((f for f in local if isinstance(f, HeadChunk)), None)
+    if head is not None:
+        pipe.loss_fn = head.loss
+    _mark_norm_params(pipe)
+    pipe.config = model.config
+    return pipe, local
+
+
+def _mark_norm_params(pipe) -> None:
+    """Which copies count in DeepSpeed's gradient norm. Its tied-module indexing marks every
+    parameter of the non-first tied piece replicated (the head's norm too): only the tied weights
+    are. Its fp32 stage-0 clipping counts a parameter off model-parallel rank 0 only when marked
+    ``model_parallel``: every stage's own parameters are (each held by one stage)."""
+    tied = {id(w) for w, _ in pipe.get_tied_weights_and_groups()}
+    first = all(pipe.global_rank == min(c["ranks"]) for c in pipe.tied_comms.values())
+    for p in pipe.parameters():
+        p.ds_pipe_replicated = id(p) in tied and not first
+        p.model_parallel = not p.ds_pipe_replicated
+
+
+# --- the engine ------------------------------------------------------------------------------------
+class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
+    """forge-train's engine seam over DeepSpeed's PipelineEngine (see forge_dist.train.engine)."""
+
+    name = "deepspeed"  # DeepSpeed's step bookkeeping: a bad step stops the run (train/bad_steps.py)
+
+    def __init__(self, ds_engine, pipe, chunks: List[GPTChunk], canonical: Dict[int, str], groups, resolved,
+                 device: str):
+        from deepspeed.runtime.pipe import schedule
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        self.ds, self.model, self.groups, self.resolved = ds_engine, pipe, groups, resolved
+        self.chunks = chunks
+        self.device = torch.device(device)
+        self.gas = resolved.config["gradient_accumulation_steps"]
+        self._named = [(canonical[id(p)], p) for p in {id(p): p for p in pipe.parameters()}.values()]
+        self._buffer_dtypes = {}
+        self._plain = self.ds.optimizer is self.inner_optimizer
+        self._masters = self._per_parameter_masters()
+        for state in self.inner_optimizer.state.values():  # the wrappers' step at construction (lr 0)
+            if "step" in state:
+                state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+        topo = groups.topology
+        self.layout = {"dp_size": topo.dp, "tp_size": topo.tp, "pp_size": topo.pp,
+                       "zero_stage": resolved.zero_stage, "precision": resolved.precision}
+        self._step_pending = False
+
+        def hold_step(engine, **kwargs):  # OptimizerStep, deferred to step(lr)
+            self._step_pending = True
+
+        self.ds._INSTRUCTION_MAP = {**PipelineEngine._INSTRUCTION_MAP, schedule.OptimizerStep: hold_step}
+        self._shape = None
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+
+    def _feed(self, batches):
+        shape = tuple(batches[0][0].shape)
+        if self._shape is not None and shape != self._shape:
+            self.ds.reset_activation_shape()  # DeepSpeed caches the activation shapes it sends
+        self._shape = shape
+        return iter([(x.to(self.device), y.to(self.device)) for x, y in batches])
+
+    # --- the loop -------------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
+        if len(micro_batches) != self.gas:
+            raise ValueError(f"{len(micro_batches)} micro-batches, but the DeepSpeed config accumulates "
+                             f"gradient_accumulation_steps={self.gas}")
+        loss = self.ds.train_batch(self._feed(micro_batches))  # mean over micro-batches and DP, on every stage
+        return loss.detach().float().reshape(())
+
+    def _plain_grad_norm(self) -> torch.Tensor:
+        """The global norm DeepSpeed's fp32 stage-0 path does not keep: each logical gradient once."""
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is not None and not p.ds_pipe_replicated:
+                total += p.grad.detach().double().pow(2).sum()
+        return self.groups.pp.all_reduce(total, phase="grad_sync").sqrt()
+
+    def step(self, lr: float) -> dict:
+        if not self._step_pending:
+            raise RuntimeError("step() without forward_backward(): DeepSpeed's pipeline has no gradients to apply")
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        norm = self._plain_grad_norm() if self._plain else None
+        self.ds._exec_optimizer_step()  # clip, step, zero gradients; global_steps + 1
+        self._step_pending = False
+        if norm is None:
+            norm = self.ds.get_global_grad_norm()
+        return {"grad_norm": None if norm is None else float(norm), "skipped_steps": int(self.ds.skipped_steps)}
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.ds.eval_batch(self._feed([(x, y)]), num_micro_batches=1)
+        return loss.float().reshape(())
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    # --- layout-free state: each stage's part, gathered to global rank 0 ------------------------
+    def _gather_stages(self, mine: dict) -> Optional[list]:
+        """Every stage's ``mine`` on global rank 0 (data-parallel replica 0 sends; None elsewhere)."""
+        if self.groups.coord.dp != 0:
+            return None
+        pp = self.groups.pp
+        parts = [None] * pp.size if pp.rank == 0 else None
+        dist.gather_object(mine, parts, dst=pp.ranks[0], group=pp.handle)
+        return parts
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The logical fp32 weights (and buffers) on global rank 0; collective."""
+        master = self._logical(self._master)  # collective over DP under ZeRO-1
+        ids = {id(p): name for name, p in self._named}
+        mine = {}
+        for chunk in self.chunks:
+            for name, t in chunk.state_dict(keep_vars=True).items():
+                mine[name] = master[ids[id(t)]] if id(t) in ids else t.detach().to("cpu", copy=True)
+        parts = self._gather_stages(mine)
+        if parts is None:
+            return None
+        from forge_dist.model.gpt import GPT
+
+        with torch.device("meta"):
+            order = list(GPT(self.model.config).state_dict())
+        merged = {k: v for part in parts for k, v in part.items()}
+        missing = [k for k in order if k not in merged]
+        if missing:
+            raise CheckpointError(f"the DeepSpeed pipeline stages hold no value for {missing[:5]}")
+        return {k: merged[k] for k in order}
+
+    def logical_optimizer_state(self, keep: bool = True) -> dict:
+        local = super().logical_optimizer_state(keep=self.groups.coord.dp == 0)
+        parts = self._gather_stages(local["params"])
+        local["params"] = {} if parts is None or not keep else {k: v for part in parts for k, v in part.items()}
+        return local
+
+    def save_state(self, directory: str, ctx) -> None:
+        ds_dir = os.path.join(directory, dsc.DS_DIR)
+        self.ds.save_checkpoint(ds_dir, client_state={"forge_dist_layout": self.layout})
+        logical = self.logical_optimizer_state(keep=ctx.is_main)
+        if ctx.is_main:
+            from forge_dist.model.gpt import GPT
+
+            with torch.device("meta"):
+                plain = GPT(self.model.config)
+            dsc.write_layout(ds_dir, plain, self.layout, int(self.ds.global_steps))
+            save_state(logical, directory, dsc.LOGICAL_NAME)
+        ctx.barrier()
+
+    def load_state(self, directory: str) -> None:
+        ds_dir = os.path.join(directory, dsc.DS_DIR)
+        meta = dsc.read_layout(ds_dir)
+        if meta["layout"] == self.layout:
+            path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
+            return
+        self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+        if self.groups.global_rank == 0:
+            print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
+                  f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
+
+
+def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepSpeedPipelineEngine:
+    """Called by deepspeed_engine_factory when pipeline_parallel_size > 1 (config resolved, DeepSpeed
+    checked, the shm build skipped)."""
+    import deepspeed
+
+    from forge_dist.parallel.pipeline.split import pipeline_plan
+    from forge_dist.train.optim import build_optimizer, param_groups
+
+    check_deepspeed_pipeline(ctx.parallel_config, model.config)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # wraps our world
+    canonical: Dict[int, str] = {}
+    for name, p in model.named_parameters():
+        canonical.setdefault(id(p), name)
+    plan = pipeline_plan(ctx.parallel_config, model.config, train_cfg.gradient_accumulation_steps)
+    pipe, chunks = pipeline_module(model, plan, groups)
+    device = train_cfg.resolved_device
+    if resolved.ds_optimizer:  # rate 0 at construction: see deepspeed_engine_factory
+        optimizer = None
+        params = [dict(g, lr=0.0) for g in param_groups(pipe, train_cfg.adamw_weight_decay,
+                                                         train_cfg.weight_decay_split)]
+    else:
+        optimizer = build_optimizer(pipe, train_cfg, torch.device(device).type)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        params = None
+    ds_engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, model_parameters=params,
+                                              config=resolved.config)
+    return DeepSpeedPipelineEngine(ds_engine, pipe, chunks, canonical, groups, resolved, device)

@@ -1,0 +1,209 @@
+"""DeepSpeed's pipeline engine over forge_dist's stages (forge_dist.train.deepspeed_pipeline)
+against one process.
+
+One spawned world of 4 ranks (DP=2 x PP=2, 3 layers split 1 + 2 with the embedding and head
+counted, tied token table and head), several configurations:
+
+  ZeRO-0 fp32, ZeRO-1 fp32   4 iterations, clipping active: losses, grad norms, every gradient of
+                             iteration 0 and the weights after the last step against forge_dist's
+                             LocalEngine (one process, the same global batch and learning rates)
+  resume                     the ZeRO-1 run's checkpoint at iteration 2 resumed by the pipeline
+                             engine (DeepSpeed's own files) and by the DeepSpeed engine at PP=1,
+                             DP=4 (the logical optimizer copy): both finish as the run did
+  bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
+
+The checkpoint is then consolidated here (forge-convert's reader, no DeepSpeed process group).
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from forge_dist.testing.spawn import spawn
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+MODEL = dict(n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+GLOBAL_MICRO, ACCUM, ITERS, SAVE_AT, CLIP = 4, 2, 4, 2, 0.5  # clipping acts at every step
+
+
+def lr(it: int) -> float:
+    return 1e-2 * (it + 1) / ITERS
+
+
+def micro_batch(it: int, m: int, dp_rank: int = 0, dp_size: int = 1):
+    g = torch.Generator().manual_seed(1000 * it + m)
+    x = torch.randint(0, MODEL["vocab_size"], (GLOBAL_MICRO, MODEL["block_size"]), generator=g)
+    y = torch.randint(0, MODEL["vocab_size"], (GLOBAL_MICRO, MODEL["block_size"]), generator=g)
+    rows = GLOBAL_MICRO // dp_size
+    return x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
+
+
+def train_config(dp_size: int, dtype: str = "float32"):
+    from forge_dist.train.options import TrainConfig
+
+    return TrainConfig(batch_size=GLOBAL_MICRO // dp_size, gradient_accumulation_steps=ACCUM, device="cpu",
+                       dtype=dtype, grad_clip=CLIP, learning_rate=1e-2)
+
+
+def ds_config(stage: int, precision: str = "fp32") -> dict:
+    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 10 ** 6,
+            "zero_optimization": {"stage": stage}}
+
+
+# --- inside the world -------------------------------------------------------------------------------
+def make_engine(stage, pp=2, precision="fp32"):
+    import logging
+
+    from forge_dist import ModelConfig
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.topology import Topology
+    from forge_dist.train.context import RunContext
+    from forge_dist.train.deepspeed_engine import deepspeed_engine_factory
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    world = dist.get_world_size()
+    groups = ProcessGroups.build(Topology(world, pp=pp))
+    ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
+    ctx.groups, ctx.parallel_config = groups, ParallelConfig(pipeline_parallel_size=pp)
+    torch.manual_seed(0)  # the same full model on every rank
+    model = GPT(ModelConfig(**MODEL))
+    cfg = train_config(ctx.dp_size, "bfloat16" if precision == "bf16" else "float32")
+    return deepspeed_engine_factory(model, cfg, {"deepspeed_config": ds_config(stage, precision)}, ctx), ctx
+
+
+def grads(engine):
+    """Logical name -> gradient of every parameter, all stages, on rank 0 (after forward_backward)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    mine = {}
+    for name, p in engine._named:  # ZeRO-1 keeps the averaged gradient in its partitions
+        g = p.grad if p.grad is not None else safe_get_full_grad(p)  # collective over DP
+        if g is not None:
+            mine[name] = g.detach().clone()
+    parts = engine._gather_stages(mine)
+    return None if parts is None else {k: v for part in parts for k, v in part.items()}
+
+
+def run_iters(engine, ctx, iters, save_to=None):
+    out = {"loss": [], "grad_norm": []}
+    for it in iters:
+        if save_to is not None and it == SAVE_AT:
+            if ctx.is_main:
+                os.makedirs(save_to, exist_ok=True)
+            ctx.barrier()
+            engine.save_state(save_to, ctx)
+            out["saved"] = engine.full_state_dict()
+        loss = engine.forward_backward([micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(ACCUM)])
+        if it == 0 and engine.layout["pp_size"] > 1:
+            out["grads"] = grads(engine)
+        out["loss"].append(ctx.mean(loss.item()))  # the pipeline engine's is already the DP mean
+        out["grad_norm"].append(engine.step(lr(it))["grad_norm"])
+    out["weights"] = engine.full_state_dict()
+    return out
+
+
+def world4(rank, world, workdir):
+    os.environ["FORGE_OPS"] = "reference"
+    out = {}
+    for stage in (0, 1):
+        save_to = os.path.join(workdir, "z1") if stage == 1 else None
+        out[stage] = run_iters(*make_engine(stage), range(ITERS), save_to=save_to)
+    engine, ctx = make_engine(1)
+    engine.load_state(os.path.join(workdir, "z1"))  # the same layout: DeepSpeed's own files
+    out["resume"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    engine, ctx = make_engine(1, pp=1)
+    engine.load_state(os.path.join(workdir, "z1"))  # PP=2 x DP=2 -> PP=1 x DP=4: the logical copy
+    out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
+    return out
+
+
+# --- the one-process reference ------------------------------------------------------------------------
+def reference():
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.train.engine import LocalEngine
+    from forge_dist.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**MODEL))
+    cfg = train_config(1)
+    engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
+    out = {"loss": [], "grad_norm": []}
+    for it in range(ITERS):
+        out["loss"].append(engine.forward_backward([micro_batch(it, m) for m in range(ACCUM)]).item())
+        if it == 0:
+            out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
+    out["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def worst(got: dict, want: dict) -> float:
+    assert set(got) == set(want), set(got) ^ set(want)
+    return max(rel(got[k], want[k]) for k in want if want[k].is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("ds_pipe"))
+    return spawn(world4, 4, workdir, timeout=400), reference(), workdir
+
+
+def test_pipeline_zero_0_and_1_match_one_process(runs):
+    out, ref, _ = runs
+    for stage in (0, 1):
+        run = out[stage]
+        assert min(ref["grad_norm"]) > CLIP  # clipping acts: the global norm over both stages matters
+        assert max(rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= 1e-6, (stage, run["loss"], ref["loss"])
+        assert max(rel(a, b) for a, b in zip(run["grad_norm"], ref["grad_norm"])) <= 1e-5, (stage, run["grad_norm"])
+        assert worst(run["grads"], ref["grads"]) <= 1e-5, stage  # the tied table: both stages' parts summed
+        assert worst(run["weights"], ref["weights"]) <= 1e-5, stage
+
+
+def test_zero_1_equals_zero_0(runs):
+    out, _, _ = runs
+    assert out[1]["loss"] == out[0]["loss"]  # the same forward; the clipped step rounds differently
+    assert worst(out[1]["weights"], out[0]["weights"]) <= 1e-6
+
+
+def test_pipeline_checkpoint_resumes_here_and_at_pp1(runs):
+    out, ref, _ = runs
+    full = out[1]
+    for key in ("resume", "resume_pp1"):
+        resumed = out[key]
+        assert max(rel(a, b) for a, b in zip(resumed["loss"], full["loss"][SAVE_AT:])) <= 1e-6, key
+        assert worst(resumed["weights"], full["weights"]) <= 1e-6, key
+    assert out["resume"]["loss"] == full["loss"][SAVE_AT:]  # DeepSpeed's own files: exact
+
+
+def test_pipeline_checkpoint_converts(runs):
+    """forge-convert's DeepSpeed reader takes the layer_XX files (weights_only) under the GPT's names."""
+    from forge_dist.io.deepspeed_ckpt import consolidate, load_deepspeed
+
+    out, _, workdir = runs
+    state, cfg, meta = consolidate(os.path.join(workdir, "z1"))
+    assert meta["layout"]["pp_size"] == 2 and cfg.n_layer == MODEL["n_layer"]
+    saved = out[1]["saved"]
+    for k, v in saved.items():
+        assert torch.equal(state[k], v), k
+    model, info = load_deepspeed(os.path.join(workdir, "z1"))
+    assert info["iter_num"] == SAVE_AT
+
+
+def test_pipeline_bf16_trains(runs):
+    out, ref, _ = runs
+    bf16 = out["bf16"]
+    assert max(rel(a, b) for a, b in zip(bf16["loss"], ref["loss"])) <= 2e-2
+    assert worst(bf16["weights"], ref["weights"]) <= 5e-2
+    assert all(v.dtype == torch.float32 for v in bf16["weights"].values() if v.is_floating_point())

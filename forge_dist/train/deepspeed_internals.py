@@ -5,7 +5,8 @@ safe_*_full_* tensor-fragment functions, zero_to_fp32) and a few internals that 
 in any release: the CPU shm-op builder it skips, the fp16/bf16 wrappers' master-weight groups, the
 ZeRO fragment mappings (``_hp_mapping``) and ZeRO-3's flat fp32 partitions it reads to rebuild
 Adam's state on another layout, and ZeRO's coalesced gradient reduction it uses for the
-tensor-parallel partial-gradient sums. The project pins the versions it tested
+tensor-parallel partial-gradient sums, and the pipeline engine's instruction table and
+PipelineModule's partitioning hook (deepspeed_pipeline.py). The project pins the versions it tested
 (``deepspeed>=0.19.8,<0.20``: requirements-cpu.txt, the ``deepspeed`` extra); ``check_deepspeed``
 runs before ``deepspeed.initialize`` and refuses, naming what moved, rather than failing later in
 the middle of a step or a checkpoint.
@@ -70,6 +71,16 @@ INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
                           "_coalesce_grad_reduction")()),
     ("deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint (forge-convert)",
      _has("deepspeed.utils.zero_to_fp32", "get_fp32_state_dict_from_zero_checkpoint")),
+    ("PipelineEngine._INSTRUCTION_MAP / _exec_optimizer_step / reset_activation_shape (pipeline: the "
+     "optimizer step held for our schedule)",
+     _class_has("deepspeed.runtime.pipe.engine", "PipelineEngine", "_INSTRUCTION_MAP", "_exec_optimizer_step",
+                "reset_activation_shape", "train_batch", "eval_batch")),
+    ("PipelineModule._partition_layers / _set_bounds / get_tied_weights_and_groups (pipeline: our split, "
+     "the tied table's norm count)",
+     lambda: _class_has("deepspeed.runtime.pipe.module", "PipelineModule", "_partition_layers", "_set_bounds",
+                        "get_tied_weights_and_groups")()
+     and _source_mentions("deepspeed.runtime.pipe.module", "PipelineModule", "forward_funcs", "tied_comms",
+                          "_grid")()),
     ("deepspeed.runtime.zero.config.DeepSpeedZeroConfig (config validation)",
      _has("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig")),
 ]

@@ -1,7 +1,8 @@
 """Save and load time of sharded checkpoints (forge_dist.train.sharded_checkpoint) at TP=1, 2, 4,
 with the bytes each rank wrote, against the gathered single-file save of the same state
 (``torch.save``-free: safetensors of the logical model + moments, written by rank 0) measured in
-the same run.
+the same run, and the async save (--async_checkpoint): how long it blocks training (the copy to
+CPU memory) and how long until its files are all written.
 
     python bench/checkpoint.py                         # 4 x 512 GPT, TP 1 2 4
     python bench/checkpoint.py --tp 2 --n_layer 8 --n_embd 1024
@@ -30,7 +31,7 @@ def run(rank: int, world_size: int, cfg_kwargs: dict, root: str) -> dict:
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
     from forge_dist.parallel.topology import Topology
-    from forge_dist.train.sharded_checkpoint import load_sharded, save_sharded
+    from forge_dist.train.sharded_checkpoint import async_save_sharded, load_sharded, save_sharded
 
     cfg = ModelConfig(**cfg_kwargs)
     groups = ProcessGroups.build(Topology(world_size, tp=world_size))
@@ -50,6 +51,14 @@ def run(rank: int, world_size: int, cfg_kwargs: dict, root: str) -> dict:
     torch.distributed.barrier()
     save_s = time.perf_counter() - t
     written = sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    async_group = torch.distributed.new_group(backend="gloo")  # as forge-train: not training's group
+    torch.distributed.barrier()
+    t = time.perf_counter()
+    future, _ = async_save_sharded(path + "-async", model, opt, groups, process_group=async_group)
+    blocked_s = time.perf_counter() - t
+    future.result()
+    torch.distributed.barrier()
+    async_s = time.perf_counter() - t
     t = time.perf_counter()
     load_sharded(path, model, opt, groups)
     torch.distributed.barrier()
@@ -65,7 +74,8 @@ def run(rank: int, world_size: int, cfg_kwargs: dict, root: str) -> dict:
         save_file(state, os.path.join(root, f"gathered{world_size}.safetensors"))
     torch.distributed.barrier()
     gathered_s = time.perf_counter() - t
-    return {"save": save_s, "load": load_s, "bytes": written, "gathered": gathered_s}
+    return {"save": save_s, "load": load_s, "bytes": written, "gathered": gathered_s, "blocked": blocked_s,
+            "async": async_s}
 
 
 def main() -> None:
@@ -81,13 +91,15 @@ def main() -> None:
     cfg = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
                block_size=64, dropout=0.0, bias=False)
     print(f"# {datetime.date.today()} {platform.processor() or platform.machine()}; GPT {cfg}")
-    print(f"{'layout':>7} {'rank':>4} {'save s':>7} {'load s':>7} {'MB written':>10} {'gathered save s':>15}")
+    print(f"{'layout':>7} {'rank':>4} {'save s':>7} {'load s':>7} {'MB written':>10} {'gathered save s':>15} "
+          f"{'async: blocks s':>15} {'async: done s':>13} {'blocked/sync':>12}")
     root = tempfile.mkdtemp(prefix="forge_ckpt_bench_")
     try:
         for tp in args.tp:
             for rank, r in enumerate(spawn(run, tp, cfg, root, timeout=600, return_all=True)):
                 print(f"{'TP=%d' % tp:>7} {rank:>4} {r['save']:>7.2f} {r['load']:>7.2f} "
-                      f"{r['bytes'] / 2 ** 20:>10.1f} {r['gathered']:>15.2f}")
+                      f"{r['bytes'] / 2 ** 20:>10.1f} {r['gathered']:>15.2f} {r['blocked']:>15.3f} "
+                      f"{r['async']:>13.2f} {r['blocked'] / r['save']:>12.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

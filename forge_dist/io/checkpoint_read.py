@@ -116,9 +116,46 @@ def seal(manifest: dict) -> dict:
     return {**manifest, SELF_DIGEST: _canonical_digest(manifest)}
 
 
-def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
+def verify_checkpoint(path: str, retry: str = TRAIN_RETRY, shards: bool = True) -> dict:
     """The manifest, after checking its own sha256 (manifests written since it exists) and that
-    every listed file lies inside ``path`` and exists with its recorded sha256."""
+    every listed file lies inside ``path`` and exists with its recorded sha256. ``shards=False``
+    (a training resume, before any process group): the data files of a sharded checkpoint are only
+    checked to exist with their recorded size; each rank hashes the ones it reads when it loads
+    (verify_files), so no rank hashes every rank's shards."""
+    manifest = _read_manifest(path, retry)
+    files = manifest["files"]
+    sizes = manifest.get("sizes") if not shards and manifest.get("sharded") else None
+    for rel in files:
+        if sizes is not None and rel in sizes:
+            full = os.path.join(path, rel)
+            if not os.path.isfile(full):
+                raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; {retry}")
+            if os.path.getsize(full) != sizes[rel]:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {rel} has {os.path.getsize(full)} bytes, "
+                                      f"{sizes[rel]} were written; {retry}")
+        else:
+            _verify_file(path, rel, files[rel], retry)
+    return manifest
+
+
+def verify_files(path: str, rels: List[str], retry: str = TRAIN_RETRY) -> None:
+    """The files ``rels`` of the checkpoint at ``path`` against its manifest's sha256."""
+    files = _read_manifest(path, retry)["files"]
+    for rel in rels:
+        if rel not in files:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} is not in its {MANIFEST}; {retry}")
+        _verify_file(path, rel, files[rel], retry)
+
+
+def _verify_file(path: str, rel: str, digest: str, retry: str) -> None:
+    full = os.path.join(path, rel)
+    if not os.path.isfile(full):
+        raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; {retry}")
+    if _sha256(full) != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256; {retry}")
+
+
+def _read_manifest(path: str, retry: str) -> dict:
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -138,12 +175,6 @@ def verify_checkpoint(path: str, retry: str = TRAIN_RETRY) -> dict:
         if not stays_inside(rel):
             raise CheckpointError(f"checkpoint {path} is refused: its {MANIFEST} names {rel!r}, a path outside "
                                   f"the checkpoint directory")
-    for rel, digest in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; {retry}")
-        if _sha256(full) != digest:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its sha256; {retry}")
     return manifest
 
 

@@ -12,8 +12,10 @@ entries are supported: everything else of a checkpoint is JSON/safetensors (trai
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from typing import Dict, List
 
 import torch
@@ -108,6 +110,15 @@ class JsonMetadataReader(FileSystemReader):
         md = metadata_from_json(data, file)
         md.storage_meta = StorageMeta(load_id=self.load_id)
         return md
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every save/load of one process without torch.distributed that it assumes one
+    process; that is the intent here (forge-sample, forge-convert, a one-process run)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def read_index(path: str) -> Metadata:

@@ -3,6 +3,7 @@
 model.safetensors   the plain (unsharded) model's state dict under its logical names, every tensor
                     once; metadata ``forge_dist.aliases`` (JSON {alias: stored name}) lists the other
                     names of tied and cross-layer-shared tensors, re-tied on load.
+(or dcp/)          a sharded training checkpoint's weights instead (io/sharded_read.py)
 config.json         {"format": "forge_dist", "format_version": 1, "model_config": ModelConfig.to_dict(),
                      "training": {...}}; ``training`` (optional) keeps iter_num, best_val_loss and
                     an imported ReaLLM-Forge run's ``config``, so conversions round-trip them.
@@ -48,15 +49,21 @@ def save_pretrained(model, path: str, training: Optional[dict] = None) -> None:
 
     path = os.fspath(path)
     tensors, aliases = dedupe(model.state_dict())
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": model.config.to_dict()}
-    if training:
-        meta["training"] = training
     with atomic_directory(path, may_replace=is_forge_checkpoint) as tmp:
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME),
                   metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.write("\n")
+        save_config(model.config, tmp, training)
+
+
+def save_config(config: ModelConfig, path: str, training: Optional[dict] = None) -> None:
+    """``path/config.json`` (also the config of a sharded checkpoint's model/, whose weights are
+    in model/dcp: io/sharded_read.py)."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": config.to_dict()}
+    if training:
+        meta["training"] = training
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def read_json(path: str, name: str, what: str):
@@ -106,8 +113,14 @@ def load_pretrained(path: str):
     """(GPT, training info) from our checkpoint directory; the model is in train mode."""
     from forge_dist.model.gpt import GPT
 
+    from forge_dist.io.sharded_read import is_sharded_model_dir, load_sharded_weights
+
     path = os.fspath(path)
     cfg, training = read_config(path)
+    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and is_sharded_model_dir(path):
+        model = GPT(cfg)  # a sharded training checkpoint's model/: streamed tensor by tensor
+        load_sharded_weights(model, path)
+        return model, training
     state = read_weights(path)
     model = GPT(cfg)
     load_state(model, state, os.path.join(path, WEIGHTS_NAME))

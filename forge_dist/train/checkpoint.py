@@ -97,12 +97,7 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
     engine.save_state(tmp, ctx)
     full = engine.full_state_dict() if hasattr(engine, "full_state_dict") else None  # collective
     if ctx.is_main:
-        best = trainer_state.get("best_val_loss")
-        save_weights(model, tmp, {"iter_num": iteration,
-                                  "best_val_loss": best if best is not None and math.isfinite(best) else None,
-                                  # model/ samples and evaluates on its own
-                                  "tokenizer": trainer_state.get("tokenizer"), "data_dir": trainer_state.get("data_dir")},
-                     state=full)
+        save_weights(model, tmp, weights_training_info(iteration, trainer_state), state=full)
         save_state(trainer_state, tmp, "trainer_state")
     ctx.barrier()
     if ctx.is_main:
@@ -111,12 +106,24 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
     return final
 
 
-def _commit(root, tmp, final, name, iteration, is_best, keep) -> None:
-    files = _files(tmp)
+def weights_training_info(iteration: int, trainer_state: dict) -> dict:
+    """What model/config.json carries about the run (so model/ samples and evaluates on its own)."""
+    best = trainer_state.get("best_val_loss")
+    return {"iter_num": iteration, "best_val_loss": best if best is not None and math.isfinite(best) else None,
+            "tokenizer": trainer_state.get("tokenizer"), "data_dir": trainer_state.get("data_dir")}
+
+
+def _commit(root, tmp, final, name, iteration, is_best, keep, known: Optional[dict] = None,
+            extra: Optional[dict] = None) -> None:
+    """Seal and publish ``tmp`` (rank 0). ``known``: sha256 of files other ranks wrote, hashed and
+    fsynced by them (a sharded checkpoint's shards); the rest are fsynced and hashed here."""
+    known = known or {}
+    files = sorted(set(_files(tmp)) | set(known))
     for f in files:
-        _fsync(os.path.join(tmp, f))
-    manifest = seal({"format": FORMAT, "version": 1, "iteration": iteration,
-                     "files": {f: _sha256(os.path.join(tmp, f)) for f in files}})
+        if f not in known:
+            _fsync(os.path.join(tmp, f))
+    manifest = seal({"format": FORMAT, "version": 1, "iteration": iteration, **(extra or {}),
+                     "files": {f: known.get(f) or _sha256(os.path.join(tmp, f)) for f in files}})
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
         fh.flush()

@@ -162,6 +162,7 @@ def plan(argv: Sequence[str], prog: str = PROG):
     from forge_dist.train.resolve import check_data, resolve_run
     from forge_dist.train.launch import detect_env, plan_launch
     from forge_dist.train.recovery import verify_data
+    from forge_dist.train.sharded_save import check_checkpoint_options
 
     quiet_libraries()
     argv = strip_launcher_args(argv)
@@ -174,6 +175,7 @@ def plan(argv: Sequence[str], prog: str = PROG):
         resolved = resolve_run(parsed, groups)
         launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
         check_data(resolved, launch.dp_size)
+        check_checkpoint_options(resolved.values, resolved.resume_path)
         diagnostics_options(resolved.values)
         BadStepOptions.from_values(resolved.values)
         resolved.notes += verify_data(resolved.data_dirs or [resolved.data_dir])

@@ -181,6 +181,11 @@ class LocalEngine:
 
     def load_state(self, directory: str) -> None:
         require_optimizer_files(directory)
+        from forge_dist.train.sharded_save import is_sharded_checkpoint, load_engine_state
+
+        if is_sharded_checkpoint(directory):  # weights and optimizer state, this rank's pieces
+            load_engine_state(self, directory, getattr(self, "groups", None))
+            return
         self.load_state_dict(load_state(directory, "optimizer", map_location=str(self.device)))
 
     def save_gathered_state(self, directory: str, ctx, full: Optional[dict]) -> None:

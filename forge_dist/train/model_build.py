@@ -58,6 +58,11 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
             torch.cuda.set_device(torch.device(device))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if resume_path is not None:
+        from forge_dist.train.sharded_save import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(resume_path):  # the engine loads this rank's shards with the optimizer's
+            resume_path = None
     pc = ctx.parallel_config if ctx.groups is not None else None
     # expert placement and pipeline stages still start from the full model (they regroup parameters)
     deferred = (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1

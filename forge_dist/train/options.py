@@ -23,6 +23,7 @@ DEFAULT_DATASET = "default"  # the corpus shipped with the package (forge_dist.d
 CHOICES = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "init_from": ("scratch", "resume", "prev_run"),
+    "checkpoint_format": ("auto", "sharded", "gathered"),
     "lr_scheduler": ("none", "cosine", "step", "exponential"),
 }
 
@@ -42,6 +43,10 @@ class TrainConfig:
     always_save_checkpoint: bool = False
     never_save_checkpoint: bool = False
     keep_checkpoints: int = 2  # forge_dist extra: most recent checkpoints kept (plus the best)
+    # forge_dist extras (docs/checkpoints.md): sharded = every rank writes its own shards (DCP);
+    # gathered = one consolidated model.safetensors; auto = sharded for a run of several ranks
+    checkpoint_format: str = "auto"
+    async_checkpoint: bool = False  # write (sharded) checkpoints in the background while training goes on
     tensorboard_log: bool = True
     progress: bool = True  # forge_dist extra: the live progress bar (rank 0, when stderr is a tty)
 

@@ -187,6 +187,11 @@ class ParallelEngine(LocalEngine):
         from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info, shard_tensor
 
         require_optimizer_files(directory)
+        from forge_dist.train.sharded_save import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(directory):
+            super().load_state(directory)
+            return
         state = load_state(directory, "optimizer", map_location="cpu")
         sd = state["optimizer"]
         if self.ep > 1:  # this rank's experts out of one process's state dict

@@ -27,7 +27,7 @@ def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, 
     path = None
     try:
         path = resolve()
-        verify_checkpoint(path)
+        verify_checkpoint(path, shards=False)  # a sharded one: each rank hashes what it reads
         return path
     except CheckpointError as e:
         if explicit:
@@ -39,7 +39,7 @@ def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, 
         if path is not None and os.path.abspath(candidate) == os.path.abspath(path):
             continue
         try:
-            verify_checkpoint(candidate)
+            verify_checkpoint(candidate, shards=False)
         except CheckpointError:
             continue
         notes.append(f"{problem}; resuming from the previous good checkpoint {candidate} instead")

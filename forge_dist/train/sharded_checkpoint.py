@@ -15,14 +15,16 @@ from the same files without any rank holding a full tensor.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from concurrent.futures import Future
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 
 from forge_dist.errors import CheckpointError
-from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index
+from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index, single_process_quiet
 from forge_dist.parallel.groups import ProcessGroups
 from forge_dist.parallel.sharded_state import LocalShards, ShardLoadPlanner, ShardSavePlanner
 from forge_dist.parallel.tensor.metadata import shard_info
@@ -40,7 +42,14 @@ def _unique_named(model: nn.Module):
     return out
 
 
-def sharded_state(model: nn.Module, optimizer, groups: ProcessGroups) -> Dict[str, object]:
+def param_names(model: nn.Module, optimizer) -> List[str]:
+    """The logical name of every optimizer parameter, in the optimizer's order (the one-process
+    state dict's indices: io.sharded_read.one_process_optimizer_state)."""
+    names = {id(t): n for n, t in _unique_named(model)}
+    return [names.get(id(p), f"#{i}") for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
+
+
+def sharded_state(model: nn.Module, optimizer, groups: Optional[ProcessGroups]) -> Dict[str, object]:
     """The DCP state dict of this rank (views of the live tensors: a load writes into them)."""
     state: Dict[str, object] = {}
     for name, t in _unique_named(model):
@@ -55,23 +64,46 @@ def sharded_state(model: nn.Module, optimizer, groups: ProcessGroups) -> Dict[st
     return state
 
 
-def save_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups) -> List[str]:
-    """Write this rank's pieces into ``directory`` (collective over the world); returns the data
-    files this rank wrote (relative to ``directory``), for its checksums."""
+def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
+                 process_group=None) -> List[str]:
+    """Write this rank's pieces into ``directory`` (collective over ``process_group``, default the
+    world; one process without torch.distributed writes alone); returns the data files this rank
+    wrote (relative to ``directory``), for its checksums."""
     os.makedirs(directory, exist_ok=True)
     writer = JsonMetadataWriter(directory)
-    dcp.save(sharded_state(model, optimizer, groups), storage_writer=writer, planner=ShardSavePlanner())
+    with single_process_quiet():
+        dcp.save(sharded_state(model, optimizer, groups), storage_writer=writer, planner=ShardSavePlanner(),
+                 process_group=process_group, no_dist=not dist.is_initialized())
     return writer.files_written
 
 
-def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups):
-    """DCP's async save: the state is staged (copied to CPU memory) now, collectively, and written
-    by a background thread while training goes on; returns the future (``.result()`` waits). The
-    index (.metadata.json) is written last, so a crash mid-write leaves a directory without one,
-    which load refuses. Nothing is published until the caller does it after the future is done."""
+def _staged(state: Dict[str, object]) -> Dict[str, object]:
+    """A copy of ``state`` in fresh CPU memory (the pieces of LocalShards included): what an async
+    save writes while the live tensors move on."""
+    out: Dict[str, object] = {}
+    for key, value in state.items():
+        if isinstance(value, LocalShards):
+            out[key] = LocalShards([(t.detach().to("cpu", copy=True), o) for t, o in value.pieces], value.size())
+        else:
+            out[key] = value.detach().to("cpu", copy=True)
+    return out
+
+
+def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
+                       process_group=None) -> Tuple[Future, JsonMetadataWriter]:
+    """DCP's async save: the state is copied to CPU memory now and written by a background thread
+    (its collectives on ``process_group``, which must not be the group training uses: gloo runs
+    one collective at a time per group) while training goes on. Returns (future, writer): the
+    future's ``.result()`` waits; then ``writer.files_written`` lists this rank's files. The index
+    (.metadata.json) is written last, so a crash mid-write leaves a directory without one, which
+    load refuses. Nothing is published until the caller does it after the future is done."""
     os.makedirs(directory, exist_ok=True)
-    return dcp.async_save(sharded_state(model, optimizer, groups), storage_writer=JsonMetadataWriter(directory),
-                          planner=ShardSavePlanner())
+    writer = JsonMetadataWriter(directory)
+    with single_process_quiet():
+        future = dcp.async_save(_staged(sharded_state(model, optimizer, groups)), storage_writer=writer,
+                                planner=ShardSavePlanner(), process_group=process_group,
+                                no_dist=not dist.is_initialized())
+    return future, writer
 
 
 def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:
@@ -83,9 +115,24 @@ def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 
-def load_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGroups) -> None:
-    """Fill ``model`` (and ``optimizer``) from a sharded checkpoint written at any layout."""
-    index = read_index(directory).state_dict_metadata
+def pieces_of(state: Dict[str, object]) -> Dict[str, list]:
+    """{logical name: [(offsets, sizes)]} of what this rank asks for (io.sharded_read.files_to_read)."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, LocalShards):
+            out[key] = [(tuple(o), tuple(t.shape)) for t, o in value.pieces]
+        else:
+            out[key] = [((0,) * value.dim(), tuple(value.shape))]
+    return out
+
+
+def load_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
+                 verify: Optional[Callable[[List[str]], None]] = None) -> None:
+    """Fill ``model`` (and ``optimizer``) from a sharded checkpoint written at any layout (collective
+    over the world when torch.distributed is initialised). ``verify(files)`` is called first with
+    the data files this rank's pieces are read from (its checksums: io.sharded_read.files_to_read)."""
+    metadata = read_index(directory)
+    index = metadata.state_dict_metadata
     names = [n for n, _ in _unique_named(model)]
     missing = [n for n in names if f"model/{n}" not in index]
     if missing:
@@ -94,8 +141,16 @@ def load_sharded(directory: str, model: nn.Module, optimizer, groups: ProcessGro
     if has_optim:
         _create_adam_state(model, optimizer, torch.zeros((), dtype=torch.float32))
     state = sharded_state(model, optimizer if has_optim else None, groups)
+    # parameters that had no optimizer state when saved (never a gradient) keep the fresh zeros
+    state = {k: v for k, v in state.items() if k in index or not k.startswith("optim/")}
+    if verify is not None:
+        from forge_dist.io.sharded_read import files_to_read
+
+        verify(files_to_read(metadata, pieces_of(state)))
     steps = {k: v for k, v in state.items() if k.endswith("/step")}
-    dcp.load(state, storage_reader=JsonMetadataReader(directory), planner=ShardLoadPlanner())
+    with single_process_quiet():
+        dcp.load(state, storage_reader=JsonMetadataReader(directory), planner=ShardLoadPlanner(),
+                 no_dist=not dist.is_initialized())
     if has_optim:  # plain tensors are replaced in the dict, not written in place
         for name, p in _unique_named(model):
             key = f"optim/{name}/step"

@@ -86,6 +86,9 @@ class Trainer:
         opts = diagnostics_options(run.values)
         self.diagnostics = Diagnostics(self.ctx, self.out_dir, opts.collective_timeout_s, opts.debug_collectives)
         self.compute_s = 0.0  # this rank's last step, outside collectives (the straggler metrics)
+        from forge_dist.train.sharded_save import checkpointer_for
+
+        self.checkpointer = checkpointer_for(self.cfg, self.ctx, self.engine)  # None: the gathered format
 
     # --- pieces -------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -156,12 +159,28 @@ class Trainer:
         if self.cfg.never_save_checkpoint or self.saved_at == it:
             return
         try:
-            self.last_checkpoint = ckpt.save_checkpoint(self.root, it, self.run.model, self.engine,
-                                                        self._trainer_state(it), self.ctx,
-                                                        keep=self.cfg.keep_checkpoints, is_best=is_best)
+            if self.checkpointer is not None:
+                self.wait_for_checkpoint()  # the async save in flight (its errors are its own)
+                self.last_checkpoint = self.checkpointer.save(self.root, it, self.run.model, self.engine,
+                                                              self._trainer_state(it), keep=self.cfg.keep_checkpoints,
+                                                              is_best=is_best)
+            else:
+                self.last_checkpoint = ckpt.save_checkpoint(self.root, it, self.run.model, self.engine,
+                                                            self._trainer_state(it), self.ctx,
+                                                            keep=self.cfg.keep_checkpoints, is_best=is_best)
         except OSError as e:  # e.g. the disk filled up: stop with one line, the older checkpoints intact
             raise save_failed(e, self.root, it, self.last_checkpoint) from None
         self.saved_at = it
+
+    def wait_for_checkpoint(self) -> None:
+        """Collective: an async checkpoint in flight is published (--async_checkpoint)."""
+        if self.checkpointer is None or self.checkpointer.pending_iteration is None:
+            return
+        it = self.checkpointer.pending_iteration
+        try:
+            self.checkpointer.wait()
+        except OSError as e:
+            raise save_failed(e, self.root, it, None) from None
 
     def _evaluate(self, it: int, progress: Progress) -> dict:
         losses = self.estimate_loss()
@@ -305,6 +324,9 @@ class Trainer:
         elif stop not in ("spike", "rollback"):
             self.save(it, is_best=self.best_iter == it)
             self._save_obtained_vector(progress)
+        self.wait_for_checkpoint()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         metrics.close()
         result = TrainResult(self.out_dir, it, stop, self.best_val_loss, self.last_checkpoint, 0.0, nan_iter,
                              stopped_by=self.preemption.signal_name, bad_step=self.bad_steps.last_reason)

@@ -64,7 +64,7 @@ def resume_layouts(rank, world_size, path):
     _train_step(model, opt, *batches[0], groups)
     saved = {k: v.clone() for k, v in gather_full_state_dict(model, groups).items()}
     files = save_sharded(path, model, opt, groups)
-    future = async_save_sharded(path + "-async", model, opt, groups)
+    future, _ = async_save_sharded(path + "-async", model, opt, groups)
     for p in model.parameters():  # training goes on: the async save staged its copy already
         p.data.add_(1.0)
     future.result()

@@ -25,7 +25,6 @@ import torch
 from forge_dist.testing.spawn import free_port
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.metrics import read_metrics
-from forge_dist.io.statefile import load_state
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +197,10 @@ def test_resume_at_the_same_layout_is_exact(corpus, tmp_path):
 
 
 def _optimizer_state(out_dir):
-    return load_state(ckpt.resolve_checkpoint(str(out_dir)), "optimizer")["optimizer"]
+    """The one-process AdamW state of the latest checkpoint (gathered or, from a launch, sharded)."""
+    from forge_dist.io.sharded_read import checkpoint_optimizer_state
+
+    return checkpoint_optimizer_state(ckpt.resolve_checkpoint(str(out_dir)))
 
 
 @pytest.mark.timeout(240)

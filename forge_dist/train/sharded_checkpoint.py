@@ -15,6 +15,7 @@ from the same files without any rank holding a full tensor.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import Future
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from forge_dist.errors import CheckpointError
 from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index, single_process_quiet
@@ -77,16 +79,22 @@ def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[P
     return writer.files_written
 
 
-def _staged(state: Dict[str, object]) -> Dict[str, object]:
-    """A copy of ``state`` in fresh CPU memory (the pieces of LocalShards included): what an async
-    save writes while the live tensors move on."""
-    out: Dict[str, object] = {}
-    for key, value in state.items():
-        if isinstance(value, LocalShards):
-            out[key] = LocalShards([(t.detach().to("cpu", copy=True), o) for t, o in value.pieces], value.size())
-        else:
-            out[key] = value.detach().to("cpu", copy=True)
-    return out
+class ShardStager(AsyncStager):
+    """DCP's staging step for LocalShards: a copy of the state in fresh CPU memory (every piece of
+    every LocalShards included), what an async save writes while the live tensors move on."""
+    _synchronize_after_execute = False  # staging is done when stage() returns
+
+    def stage(self, state: Dict[str, object]) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        for key, value in state.items():
+            if isinstance(value, LocalShards):
+                out[key] = LocalShards([(t.detach().to("cpu", copy=True), o) for t, o in value.pieces], value.size())
+            else:
+                out[key] = value.detach().to("cpu", copy=True)
+        return out
+
+    def close(self) -> None:
+        pass
 
 
 def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
@@ -99,10 +107,12 @@ def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Opti
     load refuses. Nothing is published until the caller does it after the future is done."""
     os.makedirs(directory, exist_ok=True)
     writer = JsonMetadataWriter(directory)
+    if not dist.is_initialized():  # the background thread's warning too (catch_warnings is per thread)
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     with single_process_quiet():
-        future = dcp.async_save(_staged(sharded_state(model, optimizer, groups)), storage_writer=writer,
+        future = dcp.async_save(sharded_state(model, optimizer, groups), storage_writer=writer,
                                 planner=ShardSavePlanner(), process_group=process_group,
-                                no_dist=not dist.is_initialized())
+                                async_stager=ShardStager(), no_dist=not dist.is_initialized())
     return future, writer
 
 

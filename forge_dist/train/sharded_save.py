@@ -37,7 +37,6 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-FORMATS = ("auto", "sharded", "gathered")
 SHARDED_ENGINES = ("local", "parallel")  # pipeline/expert/DeepSpeed layouts: gathered for now
 
 
@@ -48,9 +47,7 @@ def is_sharded_checkpoint(path: str) -> bool:
 def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
     """Before any process group: --checkpoint_format / --async_checkpoint against the layout, and a
     sharded checkpoint resumed by an engine that cannot read one."""
-    fmt, unsupported = values.get("checkpoint_format", "auto"), _unsupported(values)
-    if fmt not in FORMATS:
-        raise ConfigError(f"checkpoint_format={fmt!r} is not valid; valid values: {', '.join(FORMATS)}")
+    fmt, unsupported = values.get("checkpoint_format", "auto"), _unsupported(values)  # the value: TrainConfig's check
     if unsupported and (fmt == "sharded" or values.get("async_checkpoint")):
         option = "--async_checkpoint" if fmt != "sharded" else "checkpoint_format=sharded"
         raise ConfigError(f"{option} is not supported with {unsupported} yet (their checkpoints are "

@@ -185,3 +185,20 @@ class DeepSpeedLogicalState:
             if mapping is not None:
                 hp = inner.param_groups[mapping.param_group_index]["params"][0]
                 mapping.set_optim_state_fragment(hp, inner.state[hp])
+
+
+def one_process_adamw_state(logical: dict, order, hyper) -> dict:
+    """The one-process torch AdamW state dict of a logical optimizer copy: what forge_dist's own
+    engines keep in a checkpoint's optimizer.* (so they resume it). Parameters are numbered in
+    ``order`` (per group, canonical names in one process's order: pipeline_engine.one_process_order),
+    each group takes its hyperparameters from ``hyper``."""
+    index = {name: i for i, name in enumerate(n for names in order for n in names)}
+    step = int(logical["step"])
+    state = {}
+    for name, entry in logical["params"].items() if step else ():
+        state[index[name]] = {"step": torch.tensor(float(step)), **{k: entry[k] for k in ADAM_KEYS}}
+    groups, start = [], 0
+    for h, names in zip(hyper, order):
+        groups.append({**h, "params": list(range(start, start + len(names)))})
+        start += len(names)
+    return {"state": state, "param_groups": groups}

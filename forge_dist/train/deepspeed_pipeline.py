@@ -21,13 +21,20 @@ micro-batches, with DeepSpeed's OptimizerStep instruction held back until ``step
 trainer's bad-step check and learning-rate schedule still sit between the backward and the update.
 
 Checkpoints: DeepSpeed's own (``layer_XX-model_states.pt`` per layer, under the GPT's names, and its
-ZeRO optimizer files), ``forge_layout.json``, and the logical optimizer copy of the DeepSpeed engine
-(deepspeed_logical.*, gathered over the stages), so a pipeline run resumes at another layout (PP=1,
-other DP) and ``forge-convert`` reads the layer files without DeepSpeed.
+ZeRO optimizer files), ``forge_layout.json``, the logical optimizer copy of the DeepSpeed engine
+(deepspeed_logical.*, gathered over the stages) and, when torch AdamW steps, the one-process AdamW
+state (optimizer.*): a pipeline run resumes at another layout under DeepSpeed (PP=1, other DP) or
+under forge_dist's own engines (one process, TP, the native pipeline), and ``forge-convert`` reads
+the layer files without DeepSpeed.
 
-Refused before launch (``check_deepspeed_pipeline``): tensor parallelism inside the stages, MoE
-models, schedules other than 1f1b and virtual stages, modules shared across stages other than the
-tied table (and the tied factorised-embedding adapters); ZeRO-2/3 by the config resolution.
+MoE: every block's auxiliary losses reach the objective through GPTChunk's AuxLossGrad with a
+gradient of 1 / gradient_accumulation_steps (DeepSpeed scales the last stage's loss by it, and
+what the earlier stages receive is already scaled), and the logged loss adds every stage's.
+
+Refused before launch (``check_deepspeed_pipeline``): tensor parallelism inside the stages,
+schedules other than 1f1b and virtual stages, modules shared across stages other than the tied
+table (and the tied factorised-embedding adapters); ZeRO-2/3 by the config resolution, expert
+parallelism by the DeepSpeed engine's preflight.
 """
 from __future__ import annotations
 
@@ -71,9 +78,6 @@ def check_deepspeed_pipeline(parallel_config, model_config) -> None:
         raise ConfigError(f"pipeline_schedule={parallel_config.pipeline_schedule} / virtual_pipeline_size="
                           f"{parallel_config.virtual_pipeline_size} with {what}: DeepSpeed's pipeline engine runs its "
                           f"own 1F1B schedule, one stage per rank; use --pipeline_schedule 1f1b, or {native}")
-    if model_config.use_moe:
-        raise ConfigError(f"use_moe with {what}: MoE auxiliary losses are not wired into DeepSpeed's pipeline "
-                          f"loss; {native}")
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.pipeline.split import pipeline_plan
     from forge_dist.parallel.pipeline.stage import build_stages
@@ -220,8 +224,16 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         if len(micro_batches) != self.gas:
             raise ValueError(f"{len(micro_batches)} micro-batches, but the DeepSpeed config accumulates "
                              f"gradient_accumulation_steps={self.gas}")
+        for chunk in self.chunks:
+            chunk.aux_sum = torch.zeros((), dtype=torch.float64)
         loss = self.ds.train_batch(self._feed(micro_batches))  # mean over micro-batches and DP, on every stage
-        return loss.detach().float().reshape(())
+        loss = loss.detach().float().reshape(())
+        if not self.model.config.use_moe:
+            return loss
+        aux = sum((c.aux_sum for c in self.chunks), torch.zeros((), dtype=torch.float64)).reshape(1)
+        aux = self.groups.pp.all_reduce(aux, phase="loss")  # every stage's auxiliary losses
+        aux = self.groups.dp.all_reduce(aux, phase="loss") / (self.gas * self.groups.dp.size)
+        return loss + aux[0].float()
 
     def _plain_grad_norm(self) -> torch.Tensor:
         """The global norm DeepSpeed's fp32 stage-0 path does not keep: each logical gradient once."""
@@ -291,7 +303,11 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         local["params"] = {} if parts is None or not keep else {k: v for part in parts for k, v in part.items()}
         return local
 
+    optimizer_grouping = (0.0, False)  # (weight_decay, weight_decay_split) of the torch AdamW it steps
+
     def save_state(self, directory: str, ctx) -> None:
+        """DeepSpeed's files, the logical copy, and (stepping torch AdamW) the one-process AdamW state
+        in optimizer.*, which forge_dist's own engines resume at any layout."""
         ds_dir = os.path.join(directory, dsc.DS_DIR)
         self.ds.save_checkpoint(ds_dir, client_state={"forge_dist_layout": self.layout})
         logical = self.logical_optimizer_state(keep=ctx.is_main)
@@ -302,6 +318,16 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
                 plain = GPT(self.model.config)
             dsc.write_layout(ds_dir, plain, self.layout, int(self.ds.global_steps))
             save_state(logical, directory, dsc.LOGICAL_NAME)
+            inner = self.inner_optimizer
+            if type(inner) is torch.optim.AdamW:
+                from forge_dist.train.deepspeed_logical import one_process_adamw_state
+                from forge_dist.train.pipeline_engine import one_process_order
+
+                hyper = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+                full = one_process_adamw_state(logical, one_process_order(self.model.config, *self.optimizer_grouping),
+                                               hyper)
+                save_state({"optimizer": full, "scaler": None, "engine": self.name, "layout": ctx.layout()},
+                           directory, "optimizer")
         ctx.barrier()
 
     def load_state(self, directory: str) -> None:
@@ -334,6 +360,8 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
         canonical.setdefault(id(p), name)
     plan = pipeline_plan(ctx.parallel_config, model.config, train_cfg.gradient_accumulation_steps)
     pipe, chunks = pipeline_module(model, plan, groups)
+    for chunk in chunks:  # see the module doc (MoE)
+        chunk.aux_grad_scale = 1.0 / train_cfg.gradient_accumulation_steps
     device = train_cfg.resolved_device
     if resolved.ds_optimizer:  # rate 0 at construction: see deepspeed_engine_factory
         optimizer = None
@@ -346,4 +374,6 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
         params = None
     ds_engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, model_parameters=params,
                                               config=resolved.config)
-    return DeepSpeedPipelineEngine(ds_engine, pipe, chunks, canonical, groups, resolved, device)
+    engine = DeepSpeedPipelineEngine(ds_engine, pipe, chunks, canonical, groups, resolved, device)
+    engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
+    return engine

@@ -11,6 +11,7 @@ counted, tied token table and head), several configurations:
                              engine (DeepSpeed's own files) and by the DeepSpeed engine at PP=1,
                              DP=4 (the logical optimizer copy): both finish as the run did
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
+  MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
 
 The checkpoint is then consolidated here (forge-convert's reader, no DeepSpeed process group).
 """
@@ -25,6 +26,8 @@ from forge_dist.testing.spawn import spawn
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 MODEL = dict(n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+MOE = dict(MODEL, n_layer=4, use_moe=True, n_experts=4, moe_top_k=2, moe_layer_freq=1, moe_aux_loss_coef=0.01,
+           moe_z_loss_coef=0.001)  # at PP=4 x DP=1: every stage's auxiliary losses in the objective
 GLOBAL_MICRO, ACCUM, ITERS, SAVE_AT, CLIP = 4, 2, 4, 2, 0.5  # clipping acts at every step
 
 
@@ -40,10 +43,10 @@ def micro_batch(it: int, m: int, dp_rank: int = 0, dp_size: int = 1):
     return x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
 
 
-def train_config(dp_size: int, dtype: str = "float32"):
+def train_config(dp_size: int, dtype: str = "float32", accum: int = ACCUM):
     from forge_dist.train.options import TrainConfig
 
-    return TrainConfig(batch_size=GLOBAL_MICRO // dp_size, gradient_accumulation_steps=ACCUM, device="cpu",
+    return TrainConfig(batch_size=GLOBAL_MICRO // dp_size, gradient_accumulation_steps=accum, device="cpu",
                        dtype=dtype, grad_clip=CLIP, learning_rate=1e-2)
 
 
@@ -54,7 +57,7 @@ def ds_config(stage: int, precision: str = "fp32") -> dict:
 
 
 # --- inside the world -------------------------------------------------------------------------------
-def make_engine(stage, pp=2, precision="fp32"):
+def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM):
     import logging
 
     from forge_dist import ModelConfig
@@ -71,8 +74,8 @@ def make_engine(stage, pp=2, precision="fp32"):
     ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
     ctx.groups, ctx.parallel_config = groups, ParallelConfig(pipeline_parallel_size=pp)
     torch.manual_seed(0)  # the same full model on every rank
-    model = GPT(ModelConfig(**MODEL))
-    cfg = train_config(ctx.dp_size, "bfloat16" if precision == "bf16" else "float32")
+    model = GPT(ModelConfig(**model_kwargs))
+    cfg = train_config(ctx.dp_size, "bfloat16" if precision == "bf16" else "float32", accum)
     return deepspeed_engine_factory(model, cfg, {"deepspeed_config": ds_config(stage, precision)}, ctx), ctx
 
 
@@ -98,7 +101,7 @@ def run_iters(engine, ctx, iters, save_to=None):
             ctx.barrier()
             engine.save_state(save_to, ctx)
             out["saved"] = engine.full_state_dict()
-        loss = engine.forward_backward([micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(ACCUM)])
+        loss = engine.forward_backward([micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(engine.gas)])
         if it == 0 and engine.layout["pp_size"] > 1:
             out["grads"] = grads(engine)
         out["loss"].append(ctx.mean(loss.item()))  # the pipeline engine's is already the DP mean
@@ -120,23 +123,24 @@ def world4(rank, world, workdir):
     engine.load_state(os.path.join(workdir, "z1"))  # PP=2 x DP=2 -> PP=1 x DP=4: the logical copy
     out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
+    out["moe"] = run_iters(*make_engine(0, pp=4, model_kwargs=MOE, accum=4), range(ITERS))  # 1f1b: >= P
     return out
 
 
 # --- the one-process reference ------------------------------------------------------------------------
-def reference():
+def reference(model_kwargs=MODEL, accum=ACCUM):
     from forge_dist import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.train.engine import LocalEngine
     from forge_dist.train.optim import build_optimizer
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**MODEL))
-    cfg = train_config(1)
+    model = GPT(ModelConfig(**model_kwargs))
+    cfg = train_config(1, accum=accum)
     engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
     out = {"loss": [], "grad_norm": []}
     for it in range(ITERS):
-        out["loss"].append(engine.forward_backward([micro_batch(it, m) for m in range(ACCUM)]).item())
+        out["loss"].append(engine.forward_backward([micro_batch(it, m) for m in range(accum)]).item())
         if it == 0:
             out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
@@ -158,6 +162,11 @@ def worst(got: dict, want: dict) -> float:
 def runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ds_pipe"))
     return spawn(world4, 4, workdir, timeout=400), reference(), workdir
+
+
+@pytest.fixture(scope="module")
+def moe_reference():
+    return reference(MOE, accum=4)
 
 
 def test_pipeline_zero_0_and_1_match_one_process(runs):
@@ -207,3 +216,12 @@ def test_pipeline_bf16_trains(runs):
     assert max(rel(a, b) for a, b in zip(bf16["loss"], ref["loss"])) <= 2e-2
     assert worst(bf16["weights"], ref["weights"]) <= 5e-2
     assert all(v.dtype == torch.float32 for v in bf16["weights"].values() if v.is_floating_point())
+
+
+def test_pipeline_moe_aux_losses_of_every_stage(runs, moe_reference):
+    """PP=4: MoE layers on all four stages; their load-balancing and z losses are in the logged loss
+    and in every gradient, at the one process's scale (1 / micro-batches)."""
+    run, ref = runs[0]["moe"], moe_reference
+    assert max(rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= 1e-6, (run["loss"], ref["loss"])
+    assert worst(run["grads"], ref["grads"]) <= 1e-5  # the routers' gradients carry the aux losses
+    assert worst(run["weights"], ref["weights"]) <= 1e-4

@@ -1,8 +1,9 @@
 """forge-train --deepspeed_config --pipeline_parallel_size 2 end to end: under torchrun it logs the
 losses, grad norms and validation losses of one process (the native engine, same flags) to 1e-5,
 samples once (the stages' weights gathered to rank 0), and its checkpoint resumes in one process
-at PP=1 under the DeepSpeed engine (weights from model/, AdamW moments from the logical copy),
-continuing as the uninterrupted run. The numerics are tests/dist/test_deepspeed_pipeline.py's."""
+on forge_dist's own engine (weights from model/, AdamW moments from optimizer.*), continuing as the
+uninterrupted run. The numerics, and the resume under DeepSpeed at PP=1, are
+tests/dist/test_deepspeed_pipeline.py's."""
 import os
 
 import pytest
@@ -27,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_deepspeed_pp2_matches_one_process_and_resumes_at_pp1(corpus, tmp_path):
+def test_deepspeed_pp2_matches_one_process_and_resumes_on_the_native_engine(corpus, tmp_path):
     ref, pp2, resumed = tmp_path / "ref", tmp_path / "pp2", tmp_path / "resumed"
     single(*RUN, "--dataset", corpus, "--out_dir", str(ref), "--max_sample_tokens", "none")
     proc = torchrun(2, *RUN, "--dataset", corpus, "--pipeline_parallel_size", "2", "--deepspeed_config", CONFIG,
@@ -36,7 +37,7 @@ def test_deepspeed_pp2_matches_one_process_and_resumes_at_pp1(corpus, tmp_path):
     for key, iters in (("loss", range(4)), ("grad_norm", range(4)), ("val_loss", (0, 2, 4))):
         assert_close_series(series(pp2, key), series(ref, key), 1e-5, iters)
     assert_weights_close(weights(pp2), weights(ref), 1e-5)
-    single(*RUN, "--dataset", corpus, "--deepspeed_config", CONFIG, "--out_dir", str(resumed), "--init_from", "resume",
+    single(*RUN, "--dataset", corpus, "--out_dir", str(resumed), "--init_from", "resume",
            "--init_from_ckpt", os.path.join(pp2, "checkpoints", "iter_0000002"), "--max_sample_tokens", "none")
     want = {i: v for i, v in series(ref).items() if i >= 2}
     assert_close_series(series(resumed), want, 1e-5, range(2, 4))

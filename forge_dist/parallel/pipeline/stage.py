@@ -53,6 +53,8 @@ class GPTChunk(nn.Module):
     head and loss on the last. forward(x, targets): token ids -> activations on the first stage,
     activations -> activations in between, activations -> the mean loss (shape (1,)) on the last."""
 
+    aux_grad_scale = 1.0  # d(objective)/d(aux loss) sent back by AuxLossGrad (DeepSpeed: 1 / micro-batches)
+
     def __init__(self, model: GPT, start: int, stop: int, is_first: bool, is_last: bool, lsv: bool):
         super().__init__()
         self.config = model.config
@@ -90,7 +92,9 @@ class GPTChunk(nn.Module):
         if aux is not None:
             self.aux_sum = self.aux_sum + aux.detach().double().cpu()
         if not self.is_last:
-            return x if aux is None or not torch.is_grad_enabled() else AuxLossGrad.apply(x, aux)
+            if aux is None or not torch.is_grad_enabled():
+                return x
+            return AuxLossGrad.apply(x, aux if self.aux_grad_scale == 1.0 else aux * self.aux_grad_scale)
         _, loss = GPT.head(self, x, targets)
         return torch.stack([loss if aux is None else loss + aux])  # (1,), not a view
 

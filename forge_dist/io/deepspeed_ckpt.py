@@ -141,10 +141,13 @@ def _module_states(tag_dir: str, n_ranks: int) -> list:
     return out
 
 
-def _pipeline_states(tag_dir: str) -> dict:
+def _pipeline_states(tag_dir: str, tp: int) -> dict:
     """A pipeline checkpoint's weights: DeepSpeed writes one ``layer_XX-model_states.pt`` per layer
-    of the PipelineModule, and forge-train's layers keep the GPT's names (train/deepspeed_pipeline.py)."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")))
+    of the PipelineModule (``layer_XX-model_YY-...`` per TP rank), and forge-train's layers keep the
+    GPT's names (train/deepspeed_pipeline.py). Under TP, TP rank 0's files: the logical copy then
+    replaces every parameter (consolidate)."""
+    files = sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_00-model_states.pt" if tp > 1
+                                          else "layer_*-model_states.pt")))
     if not files:
         raise CheckpointError(f"{tag_dir} is a pipeline checkpoint without layer_XX-model_states.pt files")
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -176,7 +179,8 @@ def _zero_states(tag_dir: str, tag: str, n_ranks: int) -> list:
 
 def _logical_masters(ds_dir: str, precision: str) -> Dict[str, torch.Tensor]:
     """Stage 0 in bf16/fp16 keeps its fp32 master weights in DeepSpeed's fp16/bf16 optimizer wrapper,
-    which zero_to_fp32 does not read: take them from forge-train's logical copy beside deepspeed/."""
+    which zero_to_fp32 does not read, and a pipeline's layer files hold TP shards without their
+    layout: take them from forge-train's logical copy beside deepspeed/."""
     from forge_dist.io.statefile import load_state
 
     parent = os.path.dirname(os.path.abspath(ds_dir))
@@ -208,7 +212,7 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str,
     n_ranks = layout["tp_size"] * layout["pp_size"]
     zero = layout["zero_stage"] > 0
     pipeline = layout.get("pp_size", 1) > 1  # the layer files hold every weight (fp32 masters: the logical copy)
-    ranks = ([_pipeline_states(tag_dir)] if pipeline else _zero_states(tag_dir, tag, n_ranks) if zero
+    ranks = ([_pipeline_states(tag_dir, layout["tp_size"])] if pipeline else _zero_states(tag_dir, tag, n_ranks) if zero
              else _module_states(tag_dir, n_ranks))
     aliases = meta.get("aliases", {})  # tied names: joined once, under the first name
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -219,8 +223,8 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str,
         missing = [i for i, r in enumerate(ranks) if name not in r]
         if missing:
             raise CheckpointError(f"{tag_dir}: model-parallel rank {missing[0]} has no {name}")
-        state[name] = t if info is None or info.dim is None else unshard([r[name] for r in ranks], info)
-    if (pipeline or not zero) and layout["precision"] != "fp32":
+        state[name] = t if info is None or info.dim is None or pipeline else unshard([r[name] for r in ranks], info)
+    if (pipeline or not zero) and (layout["precision"] != "fp32" or (pipeline and layout["tp_size"] > 1)):
         state.update(_logical_masters(ds_dir, layout["precision"]))
     state.update({alias: state[first] for alias, first in aliases.items()})
     cfg = model_config_from_dict(meta["model_config"], source=os.path.join(ds_dir, LAYOUT_NAME))

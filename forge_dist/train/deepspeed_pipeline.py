@@ -31,8 +31,12 @@ MoE: every block's auxiliary losses reach the objective through GPTChunk's AuxLo
 gradient of 1 / gradient_accumulation_steps (DeepSpeed scales the last stage's loss by it, and
 what the earlier stages receive is already scaled), and the logged loss adds every stage's.
 
-Refused before launch (``check_deepspeed_pipeline``): tensor parallelism inside the stages,
-schedules other than 1f1b and virtual stages, modules shared across stages other than the tied
+Tensor (and sequence) parallelism inside the stages: DeepSpeed's PipeModelDataParallelTopology has
+Megatron's rank order, as our Topology; the pieces are sharded by forge_dist's TP rules, their
+partial gradients summed over TP by hooks (deepspeed_tp.py), and the tied table's shards tied per
+TP rank by DeepSpeed.
+
+Refused before launch (``check_deepspeed_pipeline``): schedules other than 1f1b and virtual stages, modules shared across stages other than the tied
 table (and the tied factorised-embedding adapters); ZeRO-2/3 by the config resolution, expert
 parallelism by the DeepSpeed engine's preflight.
 """
@@ -44,10 +48,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.parallel.pipeline.stage import GPTChunk
+from forge_dist.parallel.pipeline.tensor_rule import gpt_chunk
+from forge_dist.parallel.tensor.rules.registry import TP_RULES
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
 from forge_dist.train.statefile import load_state, save_state
 
@@ -70,10 +77,6 @@ def check_deepspeed_pipeline(parallel_config, model_config) -> None:
     pp = parallel_config.pipeline_parallel_size
     what = f"--deepspeed_config with pipeline_parallel_size={pp}"
     native = "train it with the native pipeline engine (no --deepspeed_config)"
-    if parallel_config.tensor_parallel_size > 1:
-        raise ConfigError(f"tensor_parallel_size={parallel_config.tensor_parallel_size} with {what}: tensor "
-                          f"parallelism inside DeepSpeed's pipeline stages is not wired (its grid would need our "
-                          f"TP gradient sums); use tensor_parallel_size=1, or {native}")
     if parallel_config.pipeline_schedule != "1f1b" or (parallel_config.virtual_pipeline_size or 1) > 1:
         raise ConfigError(f"pipeline_schedule={parallel_config.pipeline_schedule} / virtual_pipeline_size="
                           f"{parallel_config.virtual_pipeline_size} with {what}: DeepSpeed's pipeline engine runs its "
@@ -107,6 +110,9 @@ class HeadChunk(GPTChunk):
         return super().forward(x, labels)[0]
 
 
+TP_RULES.register(HeadChunk)(gpt_chunk)  # a GPTChunk's TP rule: vocab-parallel head, sequence gather
+
+
 def layer_specs(model, plan):
     """(DeepSpeed layer specs, partition bounds) of ``model`` split as ``plan`` says."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
@@ -133,11 +139,22 @@ def layer_specs(model, plan):
     return specs, bounds
 
 
-def pipeline_module(model, plan, groups):
+class _Pieces(nn.Module):
+    """This rank's pieces in one module, so ``parallelize`` shards them (and what two of them
+    share) once; it holds no parameters of its own."""
+
+    def __init__(self, config, pieces):
+        super().__init__()
+        self.config = config
+        self.pieces = nn.ModuleDict({str(i): c for i, c in enumerate(pieces)})
+
+
+def pipeline_module(model, plan, groups, parallel_config):
     """The PipelineModule of this rank's stage (collective: DeepSpeed builds its grid and tied
-    groups over the world), checked against our ProcessGroups' coordinates."""
+    groups over the world), checked against our ProcessGroups' coordinates; under TP its pieces
+    are sharded by forge_dist's rules (parallelize) and their partial gradients summed over TP."""
     from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
     class ForgePipelineModule(PipelineModule):
         """DeepSpeed's module with forge_dist's stage split (explicit bounds, not a method)."""
@@ -148,31 +165,44 @@ def pipeline_module(model, plan, groups):
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
     specs, bounds = layer_specs(model, plan)
-    topo = PipeDataParallelTopology(num_pp=groups.topology.pp, num_dp=groups.topology.dp)
+    t = groups.topology  # Megatron's rank order, DeepSpeed's too: TP innermost, then DP, PP outermost
+    topo = (PipeModelDataParallelTopology(num_pp=t.pp, num_mp=t.tp, num_dp=t.dp) if t.tp > 1
+            else PipeDataParallelTopology(num_pp=t.pp, num_dp=t.dp))
     pipe = ForgePipelineModule(specs, topology=topo, partition_method="forge")
     grid = pipe._grid
-    if (grid.get_stage_id(), grid.get_data_parallel_rank()) != (groups.coord.pp, groups.coord.dp):
-        raise RuntimeError(f"DeepSpeed's grid puts rank {groups.global_rank} at stage {grid.get_stage_id()}, data "
-                           f"rank {grid.get_data_parallel_rank()}; forge_dist's topology at {groups.coord}")
+    where = (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank())
+    if where != (groups.coord.pp, groups.coord.dp, groups.tp.rank):
+        raise RuntimeError(f"DeepSpeed's grid puts rank {groups.global_rank} at (stage, data, model) {where}; "
+                           f"forge_dist's topology at {groups.coord}")
     local = [f for f in pipe.forward_funcs if isinstance(f, GPTChunk)]
+    if t.tp > 1:
+        from forge_dist.parallel.parallelize import parallelize
+        from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
+
+        parallelize(_Pieces(model.config, local), groups, parallel_config)
+        set_model_parallel_attributes(pipe, groups)
+        register_tp_grad_hooks(pipe, groups)  # partial gradients summed over TP as they are produced
     head = next((f for f in local if isinstance(f, HeadChunk)), None)
     if head is not None:
         pipe.loss_fn = head.loss
-    _mark_norm_params(pipe)
+    _mark_norm_params(pipe, groups.tp.rank)
     pipe.config = model.config
     return pipe, local
 
 
-def _mark_norm_params(pipe) -> None:
+def _mark_norm_params(pipe, tp_rank: int) -> None:
     """Which copies count in DeepSpeed's gradient norm. Its tied-module indexing marks every
     parameter of the non-first tied piece replicated (the head's norm too): only the tied weights
     are. Its fp32 stage-0 clipping counts a parameter off model-parallel rank 0 only when marked
-    ``model_parallel``: every stage's own parameters are (each held by one stage)."""
+    ``model_parallel``: every stage's own parameters are (each held by one stage), on TP rank 0
+    or, split over TP, on every rank holding a distinct shard (``tensor_model_parallel``)."""
     tied = {id(w) for w, _ in pipe.get_tied_weights_and_groups()}
     first = all(pipe.global_rank == min(c["ranks"]) for c in pipe.tied_comms.values())
     for p in pipe.parameters():
         p.ds_pipe_replicated = id(p) in tied and not first
-        p.model_parallel = not p.ds_pipe_replicated
+        split = bool(getattr(p, "tensor_model_parallel", False))
+        p.tensor_model_parallel = split and not p.ds_pipe_replicated
+        p.model_parallel = not p.ds_pipe_replicated and (split or tp_rank == 0)
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -181,7 +211,7 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
 
     name = "deepspeed"  # DeepSpeed's step bookkeeping: a bad step stops the run (train/bad_steps.py)
 
-    def __init__(self, ds_engine, pipe, chunks: List[GPTChunk], canonical: Dict[int, str], groups, resolved,
+    def __init__(self, ds_engine, pipe, chunks: List[GPTChunk], canonical: Dict[str, str], groups, resolved,
                  device: str):
         from deepspeed.runtime.pipe import schedule
         from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -190,7 +220,11 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         self.chunks = chunks
         self.device = torch.device(device)
         self.gas = resolved.config["gradient_accumulation_steps"]
-        self._named = [(canonical[id(p)], p) for p in {id(p): p for p in pipe.parameters()}.values()]
+        named: Dict[int, tuple] = {}  # the pieces' names are the GPT's; a tied copy takes its first name
+        for chunk in chunks:
+            for name, p in chunk.named_parameters(remove_duplicate=False):
+                named.setdefault(id(p), (canonical[name], p))
+        self._named = list(named.values())
         self._buffer_dtypes = {}
         self._plain = self.ds.optimizer is self.inner_optimizer
         self._masters = self._per_parameter_masters()
@@ -236,11 +270,13 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         return loss + aux[0].float()
 
     def _plain_grad_norm(self) -> torch.Tensor:
-        """The global norm DeepSpeed's fp32 stage-0 path does not keep: each logical gradient once."""
+        """The global norm DeepSpeed's fp32 stage-0 path does not keep: each logical gradient once
+        (the copies _mark_norm_params counts)."""
         total = torch.zeros((), dtype=torch.float64)
         for p in self.model.parameters():
-            if p.grad is not None and not p.ds_pipe_replicated:
+            if p.grad is not None and p.model_parallel:
                 total += p.grad.detach().double().pow(2).sum()
+        total = self.groups.tp.all_reduce(total, phase="grad_sync")
         return self.groups.pp.all_reduce(total, phase="grad_sync").sqrt()
 
     def step(self, lr: float) -> dict:
@@ -268,8 +304,9 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
 
     # --- layout-free state: each stage's part, gathered to global rank 0 ------------------------
     def _gather_stages(self, mine: dict) -> Optional[list]:
-        """Every stage's ``mine`` on global rank 0 (data-parallel replica 0 sends; None elsewhere)."""
-        if self.groups.coord.dp != 0:
+        """Every stage's ``mine`` on global rank 0 (TP rank 0 of data-parallel replica 0 sends; None
+        elsewhere)."""
+        if self.groups.coord.dp != 0 or self.groups.tp.rank != 0:
             return None
         pp = self.groups.pp
         parts = [None] * pp.size if pp.rank == 0 else None
@@ -278,12 +315,15 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
 
     def full_state_dict(self) -> Optional[dict]:
         """The logical fp32 weights (and buffers) on global rank 0; collective."""
-        master = self._logical(self._master)  # collective over DP under ZeRO-1
+        from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
+
+        master = self._logical(self._master)  # collective over DP under ZeRO-1, over TP when split
         ids = {id(p): name for name, p in self._named}
         mine = {}
         for chunk in self.chunks:
             for name, t in chunk.state_dict(keep_vars=True).items():
-                mine[name] = master[ids[id(t)]] if id(t) in ids else t.detach().to("cpu", copy=True)
+                mine[name] = master[ids[id(t)]] if id(t) in ids else \
+                    full_tensor(t.detach(), shard_info(t), self.groups).to("cpu", copy=True)
         parts = self._gather_stages(mine)
         if parts is None:
             return None
@@ -345,6 +385,22 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
                   f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
 
 
+def _pipeline_section(resolved, groups, parallel_config) -> dict:
+    """DeepSpeed splits a stage's output over the TP ranks before sending it (``pipe_partitioned``,
+    ``grad_partitioned``: on by default), which assumes the TP ranks hold the same activation; under
+    sequence parallelism each holds its own sequence shard, so the split is turned off."""
+    config = dict(resolved.config)
+    if groups.tp.size > 1 and parallel_config.sequence_parallel:
+        section = dict(config.get("pipeline") or {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if section.get(key):
+                raise ConfigError(f"{resolved.source}: pipeline.{key}=true with --sequence_parallel: each TP rank "
+                                  f"sends its own sequence shard; set it to false or remove it")
+            section[key] = False
+        config["pipeline"] = section
+    return config
+
+
 def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepSpeedPipelineEngine:
     """Called by deepspeed_engine_factory when pipeline_parallel_size > 1 (config resolved, DeepSpeed
     checked, the shm build skipped)."""
@@ -355,11 +411,12 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
 
     check_deepspeed_pipeline(ctx.parallel_config, model.config)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # wraps our world
-    canonical: Dict[int, str] = {}
+    first: Dict[int, str] = {}
     for name, p in model.named_parameters():
-        canonical.setdefault(id(p), name)
+        first.setdefault(id(p), name)
+    canonical = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
     plan = pipeline_plan(ctx.parallel_config, model.config, train_cfg.gradient_accumulation_steps)
-    pipe, chunks = pipeline_module(model, plan, groups)
+    pipe, chunks = pipeline_module(model, plan, groups, ctx.parallel_config)
     for chunk in chunks:  # see the module doc (MoE)
         chunk.aux_grad_scale = 1.0 / train_cfg.gradient_accumulation_steps
     device = train_cfg.resolved_device
@@ -373,7 +430,7 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
             group["lr"] = 0.0
         params = None
     ds_engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, model_parameters=params,
-                                              config=resolved.config)
+                                              config=_pipeline_section(resolved, groups, ctx.parallel_config))
     engine = DeepSpeedPipelineEngine(ds_engine, pipe, chunks, canonical, groups, resolved, device)
     engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
     return engine

@@ -12,6 +12,7 @@ counted, tied token table and head), several configurations:
                              DP=4 (the logical optimizer copy): both finish as the run did
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
   MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
+  TP=2 x PP=2, ZeRO-0 and 1  with and without sequence parallelism: loss, grad norms, gradients, weights
 
 The checkpoint is then consolidated here (forge-convert's reader, no DeepSpeed process group).
 """
@@ -57,7 +58,7 @@ def ds_config(stage: int, precision: str = "fp32") -> dict:
 
 
 # --- inside the world -------------------------------------------------------------------------------
-def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM):
+def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM, tp=1, sp=False):
     import logging
 
     from forge_dist import ModelConfig
@@ -70,9 +71,10 @@ def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM):
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     world = dist.get_world_size()
-    groups = ProcessGroups.build(Topology(world, pp=pp))
+    groups = ProcessGroups.build(Topology(world, pp=pp, tp=tp))
     ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
-    ctx.groups, ctx.parallel_config = groups, ParallelConfig(pipeline_parallel_size=pp)
+    ctx.groups = groups
+    ctx.parallel_config = ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, sequence_parallel=sp)
     torch.manual_seed(0)  # the same full model on every rank
     model = GPT(ModelConfig(**model_kwargs))
     cfg = train_config(ctx.dp_size, "bfloat16" if precision == "bf16" else "float32", accum)
@@ -83,11 +85,13 @@ def grads(engine):
     """Logical name -> gradient of every parameter, all stages, on rank 0 (after forward_backward)."""
     from deepspeed.utils import safe_get_full_grad
 
+    from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
+
     mine = {}
     for name, p in engine._named:  # ZeRO-1 keeps the averaged gradient in its partitions
         g = p.grad if p.grad is not None else safe_get_full_grad(p)  # collective over DP
         if g is not None:
-            mine[name] = g.detach().clone()
+            mine[name] = full_tensor(g, shard_info(p), engine.groups).clone()  # TP shards joined
     parts = engine._gather_stages(mine)
     return None if parts is None else {k: v for part in parts for k, v in part.items()}
 
@@ -124,6 +128,9 @@ def world4(rank, world, workdir):
     out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
     out["moe"] = run_iters(*make_engine(0, pp=4, model_kwargs=MOE, accum=4), range(ITERS))  # 1f1b: >= P
+    for stage in (0, 1):  # ZeRO-0 with sequence parallelism, ZeRO-1 with DeepSpeed's partitioned sends
+        save_to = os.path.join(workdir, "tp_z1") if stage == 1 else None
+        out[f"tp_z{stage}"] = run_iters(*make_engine(stage, tp=2, sp=stage == 0), range(ITERS), save_to=save_to)
     return out
 
 
@@ -201,11 +208,12 @@ def test_pipeline_checkpoint_converts(runs):
     from forge_dist.io.deepspeed_ckpt import consolidate, load_deepspeed
 
     out, _, workdir = runs
-    state, cfg, meta = consolidate(os.path.join(workdir, "z1"))
-    assert meta["layout"]["pp_size"] == 2 and cfg.n_layer == MODEL["n_layer"]
-    saved = out[1]["saved"]
-    for k, v in saved.items():
-        assert torch.equal(state[k], v), k
+    for name, run in (("z1", out[1]), ("tp_z1", out["tp_z1"])):  # TP: the logical copy's fp32 weights
+        state, cfg, meta = consolidate(os.path.join(workdir, name))
+        assert meta["layout"]["pp_size"] == 2 and cfg.n_layer == MODEL["n_layer"]
+        assert set(state) == set(run["saved"]), name
+        for k, v in run["saved"].items():
+            assert torch.equal(state[k], v), (name, k)
     model, info = load_deepspeed(os.path.join(workdir, "z1"))
     assert info["iter_num"] == SAVE_AT
 
@@ -225,3 +233,16 @@ def test_pipeline_moe_aux_losses_of_every_stage(runs, moe_reference):
     assert max(rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= 1e-6, (run["loss"], ref["loss"])
     assert worst(run["grads"], ref["grads"]) <= 1e-5  # the routers' gradients carry the aux losses
     assert worst(run["weights"], ref["weights"]) <= 1e-4
+
+
+def test_pipeline_with_tensor_parallel_stages(runs):
+    """TP=2 x PP=2 (ZeRO-0 sequence parallel; ZeRO-1 not, its activations sent split over TP by DeepSpeed;
+    a vocab-parallel head, the tied table's shards tied per TP rank):
+    gradients gathered over TP and the stages, grad norms with each logical value counted once."""
+    out, ref, _ = runs
+    for stage in (0, 1):
+        run = out[f"tp_z{stage}"]
+        assert max(rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= 1e-6, (stage, run["loss"], ref["loss"])
+        assert max(rel(a, b) for a, b in zip(run["grad_norm"], ref["grad_norm"])) <= 1e-5, (stage, run["grad_norm"])
+        assert worst(run["grads"], ref["grads"]) <= 1e-5, stage
+        assert worst(run["weights"], ref["weights"]) <= 1e-5, stage

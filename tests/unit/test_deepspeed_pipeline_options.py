@@ -39,8 +39,6 @@ def torchrun_env(monkeypatch, world: int) -> None:
     (2, "zero2_fp32.json", [], "zero_optimization.stage=2 with pipeline_parallel_size=2: DeepSpeed's pipeline "
                                "engine supports ZeRO stage 0 or 1 only"),
     (2, "zero3_bf16.json", ["--dtype", "bfloat16"], "zero_optimization.stage=3 with pipeline_parallel_size=2"),
-    (4, "zero1_fp32.json", ["--tensor_parallel_size", "2"], "tensor_parallel_size=2 with --deepspeed_config with "
-                                                            "pipeline_parallel_size=2"),
     (2, "zero0_fp32.json", ["--pipeline_schedule", "gpipe"], "pipeline_schedule=gpipe / virtual_pipeline_size=None "
                                                              "with --deepspeed_config"),
     (2, "zero1_fp32.json", ["--shared_mlp_size", "2"], "are shared by layers on different stages"),

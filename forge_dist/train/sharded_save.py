@@ -134,7 +134,6 @@ class ShardedCheckpointer:
     def _publish(self, files: List[str], group, publish: dict) -> None:
         """Hash this rank's files, send the digests to rank 0, which seals and publishes."""
         from forge_dist.io.checkpoint_read import _sha256
-        from forge_dist.train.checkpoint import _commit
 
         tmp = publish["tmp"]
         rel = [os.path.join(MODEL_DIR, DCP_DIR, f) for f in files]
@@ -144,20 +143,7 @@ class ShardedCheckpointer:
             dist.gather_object(mine, everyone, dst=0, group=group)
         else:
             everyone = [mine]
-        problem = None
-        if self.ctx.is_main:
-            known: Dict[str, tuple] = {}
-            for rank, part in enumerate(everyone):
-                unseen = [f for f in part if not os.path.isfile(os.path.join(tmp, f))]
-                if unseen and problem is None:
-                    problem = (f"saving {publish['name']} failed: rank {rank} wrote {unseen[0]}, which rank 0 "
-                               f"cannot see in {tmp}; out_dir must be a filesystem every node shares (NFS, "
-                               f"Lustre, ...); the previous checkpoint stays the latest")
-                known.update(part)
-            if problem is None:
-                _commit(publish["root"], tmp, publish["final"], publish["name"], publish["iteration"],
-                        publish["is_best"], publish["keep"], known={f: h for f, (h, _) in known.items()},
-                        extra={"sharded": True, "sizes": {f: s for f, (_, s) in known.items()}})
+        problem = seal_and_publish(everyone, publish) if self.ctx.is_main else None
         if dist.is_initialized():  # every rank learns whether rank 0 published
             box = [problem]
             dist.broadcast_object_list(box, src=0, group=group)
@@ -182,6 +168,26 @@ class ShardedCheckpointer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+def seal_and_publish(everyone: List[Dict[str, tuple]], publish: dict) -> Optional[str]:
+    """Rank 0: the manifest from every rank's {file: (sha256, size)}, then the atomic publish
+    (train.checkpoint._commit); or, when a file another rank wrote is not visible here (an out_dir
+    that is not shared by every node), nothing published and the reason returned."""
+    from forge_dist.train.checkpoint import _commit
+
+    tmp, known = publish["tmp"], {}
+    for rank, part in enumerate(everyone):
+        unseen = [f for f in part if not os.path.isfile(os.path.join(tmp, f))]
+        if unseen:
+            return (f"saving {publish['name']} failed: rank {rank} wrote {unseen[0]}, which rank 0 cannot see in "
+                    f"{tmp}; out_dir must be a filesystem every node shares (NFS, Lustre, ...); the previous "
+                    f"checkpoint stays the latest")
+        known.update(part)
+    _commit(publish["root"], tmp, publish["final"], publish["name"], publish["iteration"], publish["is_best"],
+            publish["keep"], known={f: h for f, (h, _) in known.items()},
+            extra={"sharded": True, "sizes": {f: s for f, (_, s) in known.items()}})
+    return None
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -47,3 +47,31 @@ def test_which_format_a_run_writes(fmt, world, engine, asynchronous, sharded):
     cfg = TrainConfig(checkpoint_format=fmt, async_checkpoint=asynchronous)
     ctx = RunContext(rank=0, world_size=world, dp_rank=0, dp_size=world)
     assert (checkpointer_for(cfg, ctx, engine) is not None) == sharded
+
+
+def test_rank_0_publishes_only_what_it_can_see(tmp_path):
+    """An out_dir that is not shared by every node: rank 0 cannot see a file another rank wrote, so
+    nothing is published and the reason names the rank, the file and the fix."""
+    from forge_dist.io.checkpoint_read import read_pointer, verify_checkpoint
+    from forge_dist.train.sharded_save import seal_and_publish
+
+    root = tmp_path / "checkpoints"
+    tmp = root / ".tmp-iter_0000002"
+    (tmp / "model" / "dcp").mkdir(parents=True)
+    (tmp / "model" / "dcp" / "__0_0.distcp").write_bytes(b"rank 0")
+    mine = {"model/dcp/__0_0.distcp": ("0" * 64, 6)}
+    other = {"model/dcp/__1_0.distcp": ("1" * 64, 6)}
+    publish = dict(root=str(root), tmp=str(tmp), final=str(root / "iter_0000002"), name="iter_0000002",
+                   iteration=2, is_best=False, keep=2)
+    problem = seal_and_publish([mine, other], publish)
+    assert "rank 1 wrote model/dcp/__1_0.distcp, which rank 0 cannot see" in problem
+    assert "filesystem every node shares" in problem
+    assert read_pointer(str(root)) is None and tmp.is_dir()
+    (tmp / "model" / "dcp" / "__1_0.distcp").write_bytes(b"rank 1")
+    import hashlib
+
+    digest = {f: (hashlib.sha256(b"rank %d" % i).hexdigest(), 6) for i, f in enumerate(list(mine) + list(other))}
+    assert seal_and_publish([{f: digest[f]} for f in digest], publish) is None
+    assert read_pointer(str(root)) == "iter_0000002"
+    manifest = verify_checkpoint(str(root / "iter_0000002"))
+    assert manifest["sharded"] and manifest["sizes"]["model/dcp/__1_0.distcp"] == 6

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from forge_dist.parallel.groups import ProcessGroups, RankGroup
 
 KINDS_USED = ("tp", "dp", "pp", "mp")  # the groups DeepSpeed asks for
+EXPERT_KINDS = ("ep", "expert_dp")  # handed to DeepSpeed's expert groups (train/deepspeed_moe.py)
 
 
 class DeepSpeedMPU:
@@ -40,11 +41,12 @@ class DeepSpeedMPU:
     def build(cls, groups: ProcessGroups) -> "DeepSpeedMPU":
         """Local: a one-rank group is created by its member alone (see module doc)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
+        kinds = KINDS_USED + (EXPERT_KINDS if groups.ep.size > 1 else ())
         handles: Dict[str, object] = {}
         own: Optional[object] = None
-        if world > 1 and any(groups.get(k).size == 1 for k in KINDS_USED):
+        if world > 1 and any(groups.get(k).size == 1 for k in kinds):
             own = dist.new_group([groups.global_rank], use_local_synchronization=True)
-        for kind in KINDS_USED:
+        for kind in kinds:
             g = groups.get(kind)
             if g.size == world:
                 handles[kind] = dist.group.WORLD if dist.is_initialized() else None
@@ -53,6 +55,10 @@ class DeepSpeedMPU:
             else:
                 handles[kind] = g.handle
         return cls(groups, handles)
+
+    def handle(self, kind: str):
+        """The torch group handle of ``kind`` as DeepSpeed takes it (WORLD, this rank alone, or ours)."""
+        return self._handles[kind]
 
     def _group(self, kind: str) -> RankGroup:
         return self.groups.get(kind)

@@ -13,6 +13,10 @@ into the optimizer's parameter groups before every step.
 Tensor parallelism (deepspeed_tp.py): parameters marked for DeepSpeed's gradient norm and partial
 gradients summed over their TP ranks by hooks.
 
+Expert parallelism (deepspeed_moe.py): placed experts declared as DeepSpeed MoE parameters, with our
+expert groups registered as DeepSpeed's and the optimizer groups split its way, so ZeRO-1/2 reduce
+expert gradients over ``expert_dp``; such a run checkpoints through the logical copy only.
+
 Checkpoints (``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_checkpoint`` into
 ``tmp_dir/deepspeed/`` (any ZeRO stage, exact resume at the same layout), its layout in
 ``deepspeed/forge_layout.json`` (forge_dist.io.deepspeed_ckpt), and a logical copy of the optimizer
@@ -24,6 +28,7 @@ different number of ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -40,6 +45,7 @@ from forge_dist.parallel.mpu import DeepSpeedMPU
 from forge_dist.parallel.tensor.metadata import tp_grad_norm
 from forge_dist.train.deepspeed_internals import check_deepspeed
 from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
+from forge_dist.train.deepspeed_moe import declared_moe, has_placed_experts, moe_param_groups, register_expert_groups
 from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
                                           sum_partial_grads, tp_sum_mode)
 from forge_dist.train.optim import build_optimizer, param_groups
@@ -82,6 +88,10 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
                 state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
         self.layout = {"dp_size": groups.topology.dp, "tp_size": groups.topology.tp, "pp_size": groups.topology.pp,
                        "zero_stage": resolved.zero_stage, "precision": resolved.precision}
+        self.ep = groups.ep.size
+        self._fragments_linked = False
+        if self.ep > 1:
+            self.layout["ep_size"] = self.ep
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
@@ -115,6 +125,9 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
             group["lr"] = lr
         norm = tp_grad_norm(self.model, self.groups) if self._plain else None  # DeepSpeed keeps none here
         self.ds.step()  # the accumulation boundary: clip, step, zero gradients
+        if not self._fragments_linked and len(self.inner_optimizer.param_groups) > 1:
+            self.link_adam_fragments()  # every group's, not only the first one's (deepspeed_logical.py)
+            self._fragments_linked = True
         if norm is None:
             norm = self.ds.get_global_grad_norm()
         stats = {"grad_norm": None if norm is None else float(norm), "skipped_steps": int(self.ds.skipped_steps)}
@@ -137,15 +150,20 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
     # --- checkpoints ----------------------------------------------------------------------------
     def save_state(self, directory: str, ctx) -> None:
         ds_dir = os.path.join(directory, dsc.DS_DIR)
-        self.ds.save_checkpoint(ds_dir, client_state={"forge_dist_layout": self.layout})
+        if self.ep == 1:  # DeepSpeed's MoE files assume its own MoE modules: the logical copy only (deepspeed_moe.py)
+            self.ds.save_checkpoint(ds_dir, client_state={"forge_dist_layout": self.layout})
         logical = self.logical_optimizer_state(keep=ctx.is_main)  # 16 bytes per parameter, rank 0 only
         if ctx.is_main:
-            dsc.write_layout(ds_dir, self.model, self.layout, int(self.ds.global_steps))
+            if self.ep == 1:
+                dsc.write_layout(ds_dir, self.model, self.layout, int(self.ds.global_steps))
             save_state(logical, directory, dsc.LOGICAL_NAME)
         ctx.barrier()
 
     def load_state(self, directory: str) -> None:
         ds_dir = os.path.join(directory, dsc.DS_DIR)
+        if self.ep > 1 or not os.path.isdir(ds_dir):  # expert parallelism, or saved by one: the logical copy
+            self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+            return
         meta = dsc.read_layout(ds_dir)
         if meta["layout"] == self.layout:
             path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
@@ -180,18 +198,28 @@ def preflight(values: dict, train_cfg, model_config, parallel_config, world_size
     must resolve for this world (data-parallel size = world / (tensor x pipeline sizes))."""
     raw, name = _load(values)
     _check_options(train_cfg)
-    if parallel_config.expert_parallel_size > 1:
-        raise ConfigError(f"expert_parallel_size={parallel_config.expert_parallel_size} with --deepspeed_config: "
-                          f"the DeepSpeed engine does not place experts yet; train expert parallelism with the "
-                          f"native engine (no --deepspeed_config), or use expert_parallel_size=1")
     mp = parallel_config.tensor_parallel_size * parallel_config.pipeline_parallel_size
     resolved = resolve_deepspeed_config(raw, train_cfg, max(world_size // mp, 1), model_config=model_config,
                                         pipeline_parallel_size=parallel_config.pipeline_parallel_size, source=name)
+    if parallel_config.expert_parallel_size > 1:
+        check_expert_zero(resolved, parallel_config.expert_parallel_size, name)
     if parallel_config.pipeline_parallel_size > 1:  # ZeRO-2/3 with a pipeline was refused just above
         from forge_dist.train.deepspeed_pipeline import check_deepspeed_pipeline
 
         check_deepspeed_pipeline(parallel_config, model_config)
     return resolved
+
+
+def check_expert_zero(resolved: ResolvedDeepSpeed, ep: int, source: str) -> None:
+    """DeepSpeed's ZeRO-2 partitions expert gradients over expert_dp only with contiguous gradients
+    and reduce-scatter (it asserts both at init); ZeRO-3 with MoE is refused by the config check."""
+    zero = resolved.config.get("zero_optimization", {})
+    if resolved.zero_stage == 2:
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if zero.get(key, True) is False:
+                raise ConfigError(f"{source}: zero_optimization.{key}=false with expert_parallel_size={ep}: "
+                                  f"DeepSpeed's ZeRO-2 reduces expert gradients over the expert-data-parallel "
+                                  f"group only with {key}=true; set it to true (or remove it)")
 
 
 def _groups(ctx) -> ProcessGroups:
@@ -237,17 +265,26 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     # The rate starts at 0: our schedule sets it before every step, and DeepSpeed's fp16/bf16
     # wrappers without ZeRO take one zero-gradient step at construction, which at rate 0 leaves the
     # weights exactly as they are (weight decay included); the engine resets its step counter.
+    experts = has_placed_experts(model)
+    if experts and resolved.zero_stage == 2:
+        check_expert_zero(resolved, topo.ep, name)
+    mpu = DeepSpeedMPU.build(groups)
+    optim_groups = param_groups(model, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
+    if experts:  # DeepSpeed's expert groups are ours; its optimizer groups split dense/expert (deepspeed_moe.py)
+        register_expert_groups(groups, {k: mpu.handle(k) for k in ("ep", "expert_dp")})
+        optim_groups = moe_param_groups(optim_groups)
     if resolved.ds_optimizer:
         optimizer = None
-        params = [dict(g, lr=0.0) for g in param_groups(model, train_cfg.adamw_weight_decay,
-                                                         train_cfg.weight_decay_split)]
+        params = [dict(g, lr=0.0) for g in optim_groups]
     else:
-        optimizer = build_optimizer(model, train_cfg, torch.device(device).type)
+        optimizer = build_optimizer(model, train_cfg, torch.device(device).type, groups=optim_groups)
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         params = None
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                              config=resolved.config, mpu=DeepSpeedMPU.build(groups))
+    declaration = (declared_moe(model, groups, model.config.n_experts) if experts else contextlib.nullcontext())
+    with declaration:
+        ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                                  config=resolved.config, mpu=mpu)
     engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes)
     engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
     if engine.tp_sums == "hooks":

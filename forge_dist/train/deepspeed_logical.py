@@ -1,7 +1,8 @@
 """Layout-free views of a DeepSpeed engine's state: fp32 master weights and Adam moments by logical
 parameter name (TP shards gathered, ZeRO partitions read through DeepSpeed's tensor-fragment API),
 and the way back: a logical copy re-partitioned onto any data-parallel size, TP size or ZeRO stage
-(safe_set_full_*). Collective over DP and TP."""
+(safe_set_full_*). Collective over DP and TP; under expert parallelism every expert is gathered over
+the expert-parallel group too (forge_dist.parallel.expert.state), so the names are one process's."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -83,20 +84,34 @@ class DeepSpeedLogicalState:
         else:
             p.detach().copy_(value.to(p.dtype))
 
-    def _logical(self, fn: Callable, keep: bool = True) -> "OrderedDict[str, torch.Tensor]":
+    def _logical(self, fn: Callable, keep: bool = True, all_experts: bool = True) -> "OrderedDict[str, torch.Tensor]":
         """name -> the logical tensor ``fn`` gives for each parameter (collective); with ``keep``
-        False the tensors are gathered for the others and dropped here."""
+        False the tensors are gathered for the others and dropped here; ``all_experts`` False: this
+        rank's experts only."""
         out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        experts = all_experts and self.groups.ep.size > 1
         for name, p in self._named:
             local = fn(p)
             full = None if local is None else full_tensor(local, shard_info(p), self.groups)
-            out[name] = None if full is None or not keep else full.to("cpu", copy=True)
+            out[name] = None if full is None or not (keep or experts) else full.to("cpu", copy=True)
+        if experts:
+            out = self._all_experts(out)
+            if not keep:
+                out = OrderedDict((name, None) for name in out)
         return out
+
+    def _all_experts(self, state: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+        """This rank's experts -> every expert by global index (collective over the EP group)."""
+        if self.groups.ep.size == 1:
+            return state
+        from forge_dist.parallel.expert.state import gather_experts
+
+        return gather_experts(state, self.model, self.groups)
 
     def full_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         """Logical names -> full fp32 master weights and buffers (in their original dtype), tied
         tensors under every name as in model.state_dict(). Every rank must call it."""
-        master = self._logical(self._master)
+        master = self._logical(self._master, all_experts=False)
         first = {id(p): name for name, p in self._named}
         out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         for name, t in self.model.state_dict(keep_vars=True).items():
@@ -105,7 +120,7 @@ class DeepSpeedLogicalState:
             else:
                 value = t.detach().to(self._buffer_dtypes.get(name, t.dtype))
                 out[name] = full_tensor(value, shard_info(t), self.groups).to("cpu", copy=True)
-        return out
+        return self._all_experts(out)
 
     def export_model(self, ctx) -> Optional[torch.nn.Module]:
         """A plain single-device GPT with the full fp32 weights on rank 0 (None elsewhere), for
@@ -180,11 +195,19 @@ class DeepSpeedLogicalState:
             inner.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32,
                                                    device=p.device if on_device else "cpu"),
                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        self.link_adam_fragments()
+
+    def link_adam_fragments(self) -> None:
+        """Point every parameter's ZeRO-1/2/bf16 fragment at its group's Adam state. DeepSpeed links
+        them once, right after stepping its first parameter group, so a later group (the experts'
+        own, or the no-decay group) would have none until this runs once after the first step."""
+        inner = self.inner_optimizer
         for _, p in self._named:
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is not None:
                 hp = inner.param_groups[mapping.param_group_index]["params"][0]
-                mapping.set_optim_state_fragment(hp, inner.state[hp])
+                if inner.state.get(hp):
+                    mapping.set_optim_state_fragment(hp, inner.state[hp])
 
 
 def one_process_adamw_state(logical: dict, order, hyper) -> dict:

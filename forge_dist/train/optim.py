@@ -7,7 +7,7 @@ the rest (biases, norm gains, per-layer scalars) are not, as in nanoGPT's config
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float, split: bool) -> List[Dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.adamw_weight_decay, cfg.weight_decay_split)
+def build_optimizer(model: nn.Module, cfg, device_type: str, groups: Optional[List[Dict]] = None) -> torch.optim.Optimizer:
+    """torch AdamW over ``groups`` (default: param_groups of the model)."""
+    if groups is None:
+        groups = param_groups(model, cfg.adamw_weight_decay, cfg.weight_decay_split)
     extra = {"fused": True} if device_type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adamw_eps, **extra)

@@ -106,6 +106,25 @@ def test_bad_parallel_options_exit_2_with_one_line(monkeypatch, capsys, dataset,
     assert len(lines) == 1 and lines[0].startswith("forge-train: error: ") and message in lines[0], lines
 
 
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 3}, "zero_optimization.stage=3 with an MoE model"),
+    ({"stage": 2, "contiguous_gradients": False}, "zero_optimization.contiguous_gradients=false with "
+                                                  "expert_parallel_size=2"),
+])
+def test_deepspeed_expert_parallel_refusals(monkeypatch, capsys, dataset, tmp_path, no_process_group, zero, message):
+    """ZeRO-1/2 run with experts (tests/dist/test_expert_deepspeed.py); ZeRO-3, and ZeRO-2 without
+    the contiguous gradients DeepSpeed needs to partition expert gradients, exit 2 before launch."""
+    import json
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                  "gradient_accumulation_steps": "auto", "zero_optimization": zero}))
+    fake_launch(monkeypatch, "torchrun", world=2)
+    code, lines = refused(capsys, dataset, tmp_path, "--use_moe", "--n_experts", "4", "--expert_parallel_size", "2",
+                          "--deepspeed_config", str(config))
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
 def test_resume_with_another_global_batch_is_refused_before_any_process_group(monkeypatch, capsys, dataset, tmp_path):
     """A one-process checkpoint of global batch 2 resumed by 2 data-parallel replicas of batch 2."""
     monkeypatch.setenv("FORGE_OPS", "reference")

@@ -1,0 +1,185 @@
+"""Expert parallelism under DeepSpeed ZeRO against one process (forge_dist.train.deepspeed_moe).
+
+In one world of 4, each layout of DS_EP_LAYOUTS at each ZeRO stage trains ITERS iterations of
+ACCUM micro-batches with the DeepSpeed engine (experts placed by shard_model, as forge-train does),
+and one process trains the same global batches with LocalEngine (plain GPT, same seed, MoE layers
+counting capacity per data-parallel row block). Compared at every iteration: the loss (mean over
+data-parallel ranks) and DeepSpeed's gradient norm (clipping acts at every step); after the last:
+the fp32 master weights by one-process name (every expert gathered). A checkpoint of the EP=4
+ZeRO-2 run is resumed at EP=4 (the same layout: exact) and at EP=1 (ZeRO-2 over 4 ranks). The
+control: the same run with the experts left undeclared to DeepSpeed must fail the comparison.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+from forge_dist.testing.ep_parity import ep_model_kwargs
+
+DS_EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
+    "EP4": dict(expert_parallel_size=4),  # expert_dp of one rank
+    "EP2xDP2": dict(expert_parallel_size=2),  # expert_dp of two ranks
+    "EP2xTP2": dict(expert_parallel_size=2, tensor_parallel_size=2),  # EP=2 over DP=2, experts TP-split
+}
+CASES = ("top2", "top1_capacity")
+STAGES = (1, 2)
+ITERS, ACCUM, GLOBAL_MICRO, SAVE_AT = 3, 2, 8, 2
+CLIP = 0.05  # below the gradient norms here: DeepSpeed's norm (expert partitions included) scales every step
+
+
+def lr(it: int) -> float:
+    return 1e-2 * (it + 1) / ITERS
+
+
+def micro_batch(it: int, m: int, vocab: int, block: int, dp_rank: int = 0, dp_size: int = 1):
+    g = torch.Generator().manual_seed(1000 * it + m)
+    x = torch.randint(0, vocab, (GLOBAL_MICRO, block), generator=g)
+    y = torch.randint(0, vocab, (GLOBAL_MICRO, block), generator=g)
+    rows = GLOBAL_MICRO // dp_size
+    return x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
+
+
+def _model(case: str, capacity_groups: int = 1):
+    from forge_dist.config.model_config import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    # no biases: a key bias has no gradient (softmax is shift-invariant), and AdamW turns the
+    # rounding noise standing in for it into full steps of either sign
+    model = GPT(ModelConfig(**dict(ep_model_kwargs(case), bias=False))).train()
+    for m in model.modules():  # a wider router than the 0.02 init: distinct, unbalanced choices
+        if isinstance(m, MoELayer):
+            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+            m.capacity_groups = capacity_groups
+    return model
+
+
+def _train_config(dp_size: int):
+    from forge_dist.train.options import TrainConfig
+
+    return TrainConfig(batch_size=GLOBAL_MICRO // dp_size, gradient_accumulation_steps=ACCUM, device="cpu",
+                       dtype="float32", grad_clip=CLIP, learning_rate=1e-2)
+
+
+def ds_config(stage: int) -> dict:
+    return {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "steps_per_print": 10 ** 6,
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": "auto"}}
+
+
+def make_engine(case: str, layout: str, stage: int, world: int, declare: bool = True):
+    """The DeepSpeed engine over the placed model, as forge-train builds it (shard_model);
+    ``declare`` False (the control): experts left undeclared, so DeepSpeed treats them as dense."""
+    import torch.distributed as dist
+
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.train.context import RunContext
+    from forge_dist.train.deepspeed_engine import deepspeed_engine_factory, preflight
+    from forge_dist.train.model_build import shard_model
+
+    pc = ParallelConfig(**DS_EP_LAYOUTS.get(layout, {}))
+    groups = ProcessGroups.build(pc.topology(world))
+    model = _model(case)
+    cfg, values = _train_config(groups.topology.dp), {"deepspeed_config": ds_config(stage)}
+    pc.validate(model.config, world)
+    preflight(values, cfg, model.config, pc, world)  # what forge-train checks before launching
+    ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp,
+                     groups=groups, parallel_config=pc)
+    shard_model(model, ctx, 0)
+    for p in model.parameters() if not declare else ():
+        for attr in ("allreduce", "group_name"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    return deepspeed_engine_factory(model, cfg, values, ctx), ctx
+
+
+def run(engine, ctx, iters, save_to=None) -> Dict:
+    cfg = engine.model.config
+    out = {"loss": [], "grad_norm": []}
+    for it in iters:
+        if save_to is not None and it == SAVE_AT:
+            os.makedirs(save_to, exist_ok=True)
+            ctx.barrier()
+            engine.save_state(save_to, ctx)
+        batches = [micro_batch(it, m, cfg.vocab_size, cfg.block_size, ctx.dp_rank, ctx.dp_size) for m in range(ACCUM)]
+        loss = engine.forward_backward(batches)
+        out["grad_norm"].append(engine.step(lr(it))["grad_norm"])
+        out["loss"].append(ctx.mean(loss.item()))
+    out["weights"] = engine.full_state_dict()
+    return out
+
+
+def reference(case: str, dp: int) -> Dict:
+    """One process, the global batch; capacity counted per row block of each of ``dp`` ranks."""
+    from forge_dist.train.engine import LocalEngine
+    from forge_dist.train.optim import build_optimizer
+
+    model = _model(case, capacity_groups=dp)
+    cfg = _train_config(1)
+    engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
+    v, b = model.config.vocab_size, model.config.block_size
+    out = {"loss": [], "grad_norm": []}
+    for it in range(ITERS):
+        out["loss"].append(engine.forward_backward([micro_batch(it, m, v, b) for m in range(ACCUM)]).item())
+        out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
+    out["weights"] = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    return out
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def errors(run_out: Dict, ref: Dict, offset: int = 0) -> Dict[str, float]:
+    """Worst relative errors: losses and grad norms per iteration (from ``offset`` of ref), weights."""
+    n = len(run_out["loss"])
+    out = {"loss": max(_rel(a, b) for a, b in zip(run_out["loss"], ref["loss"][offset:offset + n])),
+           "grad_norm": max(_rel(a, b) for a, b in zip(run_out["grad_norm"], ref["grad_norm"][offset:offset + n]))}
+    assert set(run_out["weights"]) == set(ref["weights"]), "the gathered weights are not one process's names"
+    per = {k: _rel(run_out["weights"][k], ref["weights"][k]) for k in ref["weights"]}
+    out["weights"] = max(per.values())
+    out["worst_weight"] = max(per, key=per.get)  # a name, for the failure message
+    return out
+
+
+def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
+    """On every rank of a spawned world of 4 (the test's worker); rank 0's dict is the result."""
+    import logging
+    import warnings
+
+    os.environ["FORGE_OPS"] = "reference"
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    refs = {(case, dp): reference(case, dp) for case in CASES for dp in (2, 4)}
+    out: Dict = {"parity": {}, "ds_groups": {}}
+    for layout in DS_EP_LAYOUTS:
+        for stage in STAGES:
+            for case in CASES:
+                engine, ctx = make_engine(case, layout, stage, world)
+                ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
+                save = layout == "EP4" and stage == 2 and case == "top2"
+                got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None)
+                out["parity"][(layout, stage, case)] = errors(got, refs[(case, ctx.dp_size)])
+                opt = engine.ds.optimizer
+                moe = [g for g in opt.optimizer.param_groups if g.get("moe")] if stage else []
+                out["ds_groups"][(layout, stage)] = (
+                    engine.ds.has_moe_layers, len(moe),
+                    sorted({torch.distributed.get_world_size(opt.real_dp_process_group[i])
+                            for i, g in enumerate(opt.optimizer.param_groups) if g.get("moe")}))
+                if save:
+                    out["uninterrupted"] = got
+                    out["saved"] = ckpt
+    # the control: undeclared experts are averaged with other ranks' experts; the comparison sees it
+    out["undeclared"] = errors(run(*make_engine("top2", "EP2xDP2", 1, world, declare=False), range(ITERS)),
+                               refs[("top2", 4)])
+    for layout in ("EP4", "DP4"):  # the EP=4 ZeRO-2 checkpoint resumed at EP=4 and at EP=1
+        engine, ctx = make_engine("top2", layout, 2, world)
+        engine.load_state(out["saved"])
+        out[f"resumed_{layout}"] = errors(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"], SAVE_AT)
+    out.pop("uninterrupted")
+    return out

@@ -1,0 +1,46 @@
+"""Expert parallelism under DeepSpeed ZeRO-1/2 against one process (forge_dist.testing.ep_deepspeed):
+one world of 4, EP=4 (expert_dp of one rank), EP=2 x DP=2 (expert_dp of two) and EP=2 x TP=2
+(EP=2 over DP=2, experts TP-split), top-2 dropless and top-1 with a capacity factor, 3 iterations
+of 2 micro-batches with clipping acting at every step. Loss and DeepSpeed's gradient norm 1e-5 at
+every iteration, fp32 weights (every expert gathered, one-process names) 1e-4 after the last. The
+EP=4 ZeRO-2 checkpoint resumes at EP=4 and at EP=1 (ZeRO-2 over 4 ranks) with the uninterrupted
+run's losses and weights. The control, experts left undeclared to DeepSpeed (so averaged with
+other ranks' experts as dense parameters), must fail the weight comparison."""
+import pytest
+
+from forge_dist.testing.ep_deepspeed import CASES, DS_EP_LAYOUTS, STAGES, run_ds_ep
+from forge_dist.testing.spawn import spawn
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+TOL = {"loss": 1e-5, "grad_norm": 1e-5, "weights": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return spawn(run_ds_ep, 4, str(tmp_path_factory.mktemp("ds_ep")), timeout=280)
+
+
+@pytest.mark.timeout(300)
+def test_zero_1_2_with_experts_equal_one_process(world):
+    assert set(world["parity"]) == {(l, s, c) for l in DS_EP_LAYOUTS for s in STAGES for c in CASES}
+    for k, e in sorted(world["parity"].items()):
+        print(k, {m: f"{v:.2g}" if isinstance(v, float) else v for m, v in e.items()})
+    bad = {k: e for k, e in world["parity"].items() if any(e[m] > TOL[m] for m in TOL)}
+    assert not bad, bad
+    assert world["undeclared"]["weights"] > 100 * TOL["weights"], world["undeclared"]  # the test can tell
+
+
+@pytest.mark.timeout(300)
+def test_deepspeed_partitions_experts_over_expert_dp(world):
+    """DeepSpeed sees MoE layers, and its expert optimizer groups live on expert_dp (1 or 2 ranks)."""
+    expected_edp = {"EP4": [1], "EP2xDP2": [2], "EP2xTP2": [1]}
+    for (layout, stage), (has_moe, n_moe_groups, edp_sizes) in world["ds_groups"].items():
+        assert has_moe and n_moe_groups >= 1 and edp_sizes == expected_edp[layout], (layout, stage)
+
+
+@pytest.mark.timeout(300)
+def test_expert_checkpoint_resumes_at_the_same_layout_and_at_ep1(world):
+    print(world["resumed_EP4"], world["resumed_DP4"])
+    assert all(world["resumed_EP4"][m] <= 1e-12 for m in TOL), world["resumed_EP4"]
+    assert all(world["resumed_DP4"][m] <= TOL[m] for m in TOL), world["resumed_DP4"]

@@ -12,6 +12,7 @@ several configurations:
                              engine (DeepSpeed's own files) and by the DeepSpeed engine at PP=1,
                              DP=4 (the logical optimizer copy): both finish as the run did
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
+  --use_gradient_checkpointing  ZeRO-0: the same numbers as without
   MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
   TP=2 x PP=2, ZeRO-0 and 1  with and without sequence parallelism: loss, grad norms, gradients, weights
 
@@ -131,6 +132,8 @@ def world4(rank, world, workdir):
     engine.load_state(os.path.join(workdir, "z1"))  # PP=2 x DP=2 -> PP=1 x DP=4: the logical copy
     out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
+    out["recompute"] = run_iters(*make_engine(0, model_kwargs=dict(MODEL, use_gradient_checkpointing=True)),
+                                 range(ITERS))  # each block recomputed in DeepSpeed's backward
     out["moe"] = run_iters(*make_engine(0, pp=4, model_kwargs=MOE, accum=4), range(ITERS))  # 1f1b: >= P
     for stage in (0, 1):  # ZeRO-0 with sequence parallelism, ZeRO-1 with DeepSpeed's partitioned sends
         save_to = os.path.join(workdir, "tp_z1") if stage == 1 else None
@@ -202,6 +205,13 @@ def test_deepspeed_partition_is_our_split(runs):
     balanced = pipeline_plan(ParallelConfig(pipeline_parallel_size=2), ModelConfig(**MODEL))
     assert out[0]["parts"] == [0, 3, 5]  # --pipeline_layers 2,1
     assert out[1]["parts"] == [0, balanced.layers[0][1] + 1, MODEL["n_layer"] + 2]
+
+
+def test_pipeline_with_gradient_checkpointing(runs):
+    out, ref, _ = runs
+    run = out["recompute"]
+    assert max(rel(a, b) for a, b in zip(run["loss"], ref["loss"])) <= 1e-6
+    assert worst(run["grads"], ref["grads"]) <= 1e-5 and worst(run["weights"], ref["weights"]) <= 1e-5
 
 
 def test_zero_1_equals_zero_0(runs):

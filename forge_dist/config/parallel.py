@@ -70,10 +70,10 @@ def check_expert_parallel(model_config, parallel_config) -> None:
         raise ConfigError(f"expert_tensor_parallel_size={etp}: experts are either whole on each rank (1) or "
                           f"split like the rest of the model (tensor_parallel_size={tp}); choose 1 or {tp}")
     pp = getattr(parallel_config, "pipeline_parallel_size", 1)
-    if ep > 1 and pp > 1:
-        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp}: expert parallelism inside "
-                          f"pipeline stages is not implemented yet (the stages reduce every gradient over the "
-                          f"data-parallel group, which would average different experts); use one of the two")
+    if ep > 1 and pp > 1 and tp > 1:
+        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp} and tensor_parallel_size={tp}: "
+                          f"expert parallelism inside pipeline stages is verified without tensor parallelism "
+                          f"only (the three together need 8 ranks to test); use two of the three")
     if ep > 1 and model_config.moe_router_scheme == "noisy_top_k":
         raise ConfigError(f"moe_router_scheme=noisy_top_k with expert_parallel_size={ep}: the gate noise is drawn "
                           f"from each data-parallel rank's own generator, so a token's routing would depend "

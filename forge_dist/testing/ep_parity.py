@@ -15,6 +15,9 @@ Compared, each relative to the reference (||got - ref|| / ||ref||), with EP_TOLE
               reduced gradients (exact: AdamW is elementwise; against the reference's own step
               the gap is the gradient gap magnified by 1/(|g| + eps) where |g| ~ eps)
   per-token   the expert-parallel MoE layer's output against the per-token loop on one process
+  checkpoint  (EP2xPP2) the pipeline engine's gathered weights and optimizer state, exact
+
+EP2xPP2 runs expert parallelism inside 2 pipeline stages (compare_expert_pipeline).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from forge_dist.testing.parity import ParityReport, rel_error
 
 EP_TOLERANCES: Dict[str, float] = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "records": 0.0, "step": 0.0,
-                                   "per-token": 1e-5}
+                                   "per-token": 1e-5, "checkpoint": 0.0}
 
 ROUTERS = {  # name -> MoE options (aux and z losses on, so the router learns in every case)
     "top1": dict(moe_top_k=1),
@@ -164,6 +167,117 @@ def _report(name: str, errors: Dict[str, float]) -> ParityReport:
     return ParityReport(name, "mismatch", detail, worst)
 
 
+# --- expert parallelism inside pipeline stages (the EP2xPP2 layout) ------------------------------
+N_MICRO = 2  # micro-batches per replica: 1F1B at PP=2 needs at least 2
+
+
+N_MICRO = 2  # per replica: 1F1B at PP=2 needs at least 2
+
+
+def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_config, seed: int = 0,
+                            batch: int = 2) -> ParityReport:
+    """PP=2 x DP=2 with EP=2: each stage's MoE layer dispatches over the 2 replicas of that stage.
+    Replica d pipelines its N_MICRO micro-batches (1F1B); global micro-batch i is every replica's
+    i-th rows. The reference runs each global micro-batch in one forward (load-balancing statistics
+    of the whole micro-batch, capacity per replica's row block) and accumulates the mean. Compared
+    as compare_expert_parallel (EP_TOLERANCES): the logged loss (every stage's aux losses in it),
+    every gradient after the engine's reduction with the experts gathered over EP, the clipping
+    norm, tokens per expert of the last micro-batch, the weights after one AdamW step (exact), and
+    what a checkpoint writes (_checkpoint_errors)."""
+    from forge_dist.config.model_config import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
+    from forge_dist.parallel.expert import apply_expert_parallel
+    from forge_dist.parallel.expert.state import gather_experts
+    from forge_dist.parallel.pipeline import build_pipeline
+    from forge_dist.parallel.pipeline.grads import distinct_params
+    from forge_dist.train.pipeline_engine import PipelineEngine
+
+    cfg = ModelConfig(**config_kwargs)
+    parallel_config.validate(cfg, groups.topology.world_size)
+    dp, d = groups.dp.size, groups.coord.dp
+    torch.manual_seed(seed)
+    ref = GPT(cfg).train()
+    for m in ref.modules():  # a wider router than the 0.02 init: distinct, unbalanced choices
+        if isinstance(m, MoELayer):
+            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+    model, stepped = copy.deepcopy(ref), copy.deepcopy(ref)
+    for m in ref.modules():
+        if isinstance(m, MoELayer):
+            m.capacity_groups = dp
+    apply_expert_parallel(model, groups, parallel_config)  # as shard_model, before the stages are cut
+
+    errors: Dict[str, float] = {}
+    if cfg.moe_capacity_factor is None:
+        errors["per-token"] = _per_token_error(model, ref, groups, cfg, batch, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (N_MICRO, dp * batch, cfg.block_size)
+    xs, ys = torch.randint(0, cfg.vocab_size, shape, generator=g), torch.randint(0, cfg.vocab_size, shape, generator=g)
+    ref_loss = 0.0
+    for i in range(N_MICRO):
+        loss = ref(xs[i], ys[i])[1]
+        (loss / N_MICRO).backward()
+        ref_loss += loss.item() / N_MICRO
+    dropped = sum(float(m.last_dropped_tokens) for m in ref.modules() if isinstance(m, MoELayer))
+    ref_counts = collect_tokens_per_expert(ref)  # the last global micro-batch's
+    ref_params = dict(ref.named_parameters(remove_duplicate=False))
+    ref_norm = torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]).norm()
+
+    layout, runner = build_pipeline(model, groups, parallel_config, N_MICRO, "cpu", batch)
+    engine = PipelineEngine(layout, runner, _adamw(distinct_params(layout)), "cpu", "float32", 0.0, groups,
+                            parallel_config)
+    rows = slice(d * batch, (d + 1) * batch)
+    loss = engine.forward_backward([(xs[i, rows], ys[i, rows]) for i in range(N_MICRO)])
+    errors["loss"] = rel_error(groups.dp.all_reduce(loss.reshape(1))[0] / dp, torch.tensor(ref_loss))
+    engine.sync_gradients()
+    errors["grad norm"] = rel_error(engine.clip_grad_norm(1e9), ref_norm)
+    grads: Dict[str, torch.Tensor] = {}
+    for chunk in layout.chunks.values():
+        for k, c in collect_tokens_per_expert(chunk).items():
+            errors[f"records: {k}"] = rel_error(groups.dp.all_reduce(c.double()), ref_counts[k].double())
+        own = {n: p.grad for n, p in chunk.named_parameters(remove_duplicate=False) if p.grad is not None}
+        grads.update(gather_experts(own, chunk, groups))
+        for n, p in chunk.named_parameters(remove_duplicate=False):  # no early return: collectives follow
+            if p.grad is None and ref_params[n].grad is not None:
+                errors[f"grad: {n} (none on its stage)"] = float("inf")
+    for n, grad in grads.items():
+        errors[f"grad: {n}"] = rel_error(grad, ref_params[n].grad, floor=1e-3 * ref_norm.item())
+    own_stepped = dict(stepped.named_parameters(remove_duplicate=False))
+    for n, grad in grads.items():
+        own_stepped[n].grad = grad.clone()
+    _adamw(stepped.parameters()).step()
+    engine.optimizer.step()
+    full = {}
+    for chunk in layout.chunks.values():
+        full.update(gather_experts(chunk.state_dict(), chunk, groups))
+    stepped_state = stepped.state_dict()
+    for n, t in full.items():
+        errors[f"step: {n}"] = rel_error(t, stepped_state[n])
+    errors.update(_checkpoint_errors(engine, full, stepped_state))
+    report = _report(name, errors)
+    report.worst["dropped"] = dropped
+    return report
+
+
+def _checkpoint_errors(engine, stage_state: dict, one_process: dict) -> Dict[str, float]:
+    """What a checkpoint writes (collective; checked on global rank 0): the weights under every
+    one-process name, this stage's equal to the stepped ones, and an AdamW moment for every
+    parameter of the one-process optimizer."""
+    from forge_dist.parallel.pipeline.optim_state import full_optimizer_state
+    from forge_dist.train.pipeline_engine import one_process_order
+
+    weights = engine.full_state_dict()
+    order = one_process_order(engine.model.config, 0.0, False)
+    optim = full_optimizer_state(engine, order)
+    if weights is None:
+        return {}
+    out = {"checkpoint: names": float(list(weights) != list(one_process))}
+    out.update({f"checkpoint: {n}": rel_error(weights[n], t) for n, t in stage_state.items()})
+    moments = [e.get("exp_avg") for e in optim["state"].values()]
+    out["checkpoint: optimizer entries"] = float(len(moments) != sum(len(g) for g in order) or None in moments)
+    return out
+
+
 EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP4": dict(expert_parallel_size=4),
     "EP2xDP2": dict(expert_parallel_size=2),
@@ -171,6 +285,7 @@ EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
     "EP2xTP2_SP": dict(expert_parallel_size=2, tensor_parallel_size=2, sequence_parallel=True),
     "DP4": dict(),
+    "EP2xPP2": dict(expert_parallel_size=2, pipeline_parallel_size=2),  # inside each stage
 }
 
 
@@ -184,8 +299,9 @@ def run_ep_matrix(rank: int, world_size: int, layouts: Optional[List[str]] = Non
     for layout in layouts or list(EP_LAYOUTS):
         pc = ParallelConfig(**EP_LAYOUTS[layout])
         groups = ProcessGroups.build(pc.topology(world_size))
+        compare = compare_expert_pipeline if pc.pipeline_parallel_size > 1 else compare_expert_parallel
         for case in cases or ep_cases(layout):
-            r = compare_expert_parallel(f"{layout} {case}", ep_model_kwargs(case), groups, pc)
+            r = compare(f"{layout} {case}", ep_model_kwargs(case), groups, pc)
             out.append((layout, case, r.status, r.detail, r.worst))
     return out
 
@@ -204,7 +320,8 @@ def render_ep_section(rows) -> str:
              "exact, AdamW step exact, the placed layer against the per-token loop 1e-5 (dropless). "
              "Routers with aux and z losses; `expert=<variant>`: that MLP variant as every expert, top-2. "
              "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`); EP2xTP2_SP: "
-             "with sequence parallelism; DP4: no "
+             "with sequence parallelism; EP2xPP2: inside each of 2 pipeline stages (1F1B, 2 micro-batches, "
+             "every stage's aux losses in the objective); DP4: no "
              "expert parallelism, load-balancing statistics of the global batch. `-`: not run.", "",
              "| case | " + " | ".join(EP_LAYOUTS) + " | worst grad error |", "|---" * (len(EP_LAYOUTS) + 2) + "|"]
     for case in cases:

@@ -122,10 +122,6 @@ def check_pipeline(pcfg: ParallelConfig, model_config, train_config, values: Map
     if train_config.resolved_dtype == "float16":
         raise ConfigError("dtype=float16 with pipeline_parallel_size > 1: the loss scale cannot reach the "
                           "pipeline schedule's backward; use --dtype bfloat16 or float32")
-    if pcfg.expert_parallel_size > 1:
-        raise ConfigError(f"expert_parallel_size={pcfg.expert_parallel_size} with pipeline_parallel_size="
-                          f"{pcfg.pipeline_parallel_size}: expert parallelism inside pipeline stages is not "
-                          f"supported yet; use one of the two")
     if train_config.compile:
         raise ConfigError("--compile with pipeline_parallel_size > 1 is not supported (the zero-bubble "
                           "schedules split the backward, which torch.compile cannot); drop --compile")

@@ -11,7 +11,8 @@ and shards them over TP. Per optimizer step:
   tp sync        partial gradients of replicated parameters summed over TP (tp_grad_sync)
   pipeline sync  copies of one logical parameter on several stages (tied table and head over the
                  ``embedding`` group, shared_* modules over the pipeline group) summed
-  dp average     bucketed all-reduce over the data-parallel group (grads.dp_average)
+  dp average     bucketed all-reduce over the data-parallel group (grads.dp_average); experts
+                 placed over the expert-parallel group summed over expert_dp instead
   clip, step     the global norm over PP x TP (grads.grad_norm), AdamW on the local shards
 
 The logged loss is the mean over micro-batches of cross-entropy plus every stage's auxiliary
@@ -28,6 +29,8 @@ import torch.nn as nn
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, scale_microbatches,
                                                  sync_shared)
+from forge_dist.parallel.expert import split_expert_params
+from forge_dist.parallel.expert.grads import reduce_expert_gradients
 from forge_dist.parallel.pipeline.stage import LocalStages
 from forge_dist.train.engine import LocalEngine, clip_to_norm
 
@@ -75,7 +78,10 @@ class PipelineEngine(LocalEngine):
             tp_grad_sync(self.model, self.groups)
         sync_shared(self.layout, self.groups)
         if self.dp > 1:
-            dp_average(self._params, self.groups.dp)
+            dense, experts = split_expert_params(self._params)
+            dp_average(dense, self.groups.dp)
+            if experts:  # summed over expert_dp, divided by dp (parallel/expert/grads.py)
+                reduce_expert_gradients(experts, self.groups)
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = grad_norm(self.layout, self.groups)
@@ -101,16 +107,20 @@ class PipelineEngine(LocalEngine):
     # --- weights ----------------------------------------------------------------------------------
     def full_state_dict(self) -> Optional[dict]:
         """The logical weights on global rank 0 (None elsewhere): each stage's TP-gathered state
-        sent over the pipeline group of data-parallel replica 0, TP rank 0."""
-        if self.groups.coord.dp != 0:
+        sent over the pipeline group of data-parallel replica 0, TP rank 0 (experts gathered over
+        the expert-parallel group first)."""
+        if self.groups.coord.edp != 0:
             return None
+        from forge_dist.parallel.expert.state import gather_experts
         from forge_dist.parallel.tensor.metadata import gather_full_state_dict
 
         mine: dict = {}
         for chunk in self.layout.chunks.values():
             part = gather_full_state_dict(chunk, self.groups) if self.tp > 1 else chunk.state_dict()
+            if self.groups.ep.size > 1:
+                part = gather_experts(part, chunk, self.groups)
             mine.update({k: v.detach().cpu() for k, v in part.items()})
-        if self.groups.tp.rank != 0:
+        if self.groups.tp.rank != 0 or self.groups.coord.dp != 0:
             return None
         pp = self.groups.pp
         parts = [None] * pp.size if pp.rank == 0 else None

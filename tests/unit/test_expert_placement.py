@@ -44,8 +44,9 @@ def moe(**kw):
     (dict(expert_parallel_size=2), moe(moe_router_scheme="noisy_top_k"), 2,
      "noisy_top_k with expert_parallel_size=2: the gate noise"),
     (dict(expert_parallel_size=1), moe(moe_router_scheme="noisy_top_k"), 2, None),
-    (dict(expert_parallel_size=2, pipeline_parallel_size=2), moe(), 4,
-     "expert_parallel_size=2 with pipeline_parallel_size=2: expert parallelism inside pipeline stages"),
+    (dict(expert_parallel_size=2, pipeline_parallel_size=2), moe(), 4, None),  # EP inside each stage
+    (dict(expert_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2), moe(), 8,
+     "expert_parallel_size=2 with pipeline_parallel_size=2 and tensor_parallel_size=2"),
 ])
 def test_expert_options_are_validated(pc, cfg, world, match):
     config = ParallelConfig(**pc)

@@ -114,6 +114,26 @@ def full_expert_state_dict(model: nn.Module, groups: ProcessGroups) -> Optional[
     return full if groups.coord.dp == 0 else None
 
 
+def gather_expert_entries(entries: Dict[str, dict], modules: List[nn.Module], groups: ProcessGroups) -> Dict[str, dict]:
+    """{name: optimizer state entry} of this rank's parameters (names as in ``modules``, e.g.
+    pipeline stages) -> the same with every expert's entry under its global name; the moments are
+    all-gathered over the EP group, the other values (AdamW's step) are this rank's. Collective
+    over the expert-parallel group."""
+    placed: Dict[str, ExpertParallelExperts] = {}
+    for m in modules:
+        placed.update(_placed(m))
+    experts = [n for n in entries if _split(n, placed)]
+    where = [(n, k) for n in experts for k, v in entries[n].items() if torch.is_tensor(v) and v.dim() > 0]
+    per_source = _gather([entries[n][k] for n, k in where], groups)
+    out = {n: e for n, e in entries.items() if n not in experts}
+    for s in range(groups.ep.size):
+        for (n, k), v in zip(where, per_source[s]):
+            entry = out.setdefault(_renamed(n, placed, s), {key: val for key, val in entries[n].items()
+                                                            if not (torch.is_tensor(val) and val.dim() > 0)})
+            entry[k] = v
+    return out
+
+
 def _group_names(param_groups: List[dict], names: List[str]) -> List[List[str]]:
     return [[names[i] for i in g["params"]] for g in param_groups]
 

@@ -12,7 +12,8 @@
                        overlap it with the backward but needs each stage wrapped, future work)
   grad_norm            the 2-norm of the whole model's gradient over PP x TP (each logical value
                        counted once: shard copies as tp_grad_norm does, pipeline copies on their
-                       lowest holder only); data-parallel replicas hold the same averaged gradient
+                       lowest holder only, placed experts summed over the expert-parallel group);
+                       data-parallel replicas hold the same averaged gradient
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Dict, List
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from forge_dist.parallel.expert.placement import is_expert_param
 from forge_dist.parallel.pipeline.stage import StageLayout
 from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info
 
@@ -121,7 +123,7 @@ def dp_average(params: List[torch.nn.Parameter], group) -> None:
 def grad_norm(layout: StageLayout, groups) -> torch.Tensor:
     """The global 2-norm over every pipeline stage and TP shard (collective over tp and pp)."""
     tp = groups.tp.size
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64)  # dense, experts (different on each expert-parallel rank)
     for c, ps in layout.local_params().items():
         holders = layout.holders.get(c)
         if holders is not None and holders[0] != layout.pp_rank:
@@ -131,6 +133,7 @@ def grad_norm(layout: StageLayout, groups) -> torch.Tensor:
             continue
         info = shard_info(p) or ShardInfo.replicated(p)
         copies = tp if info.dim is None else tp // info.num_shards
-        total += p.grad.detach().double().pow(2).sum() / copies
-    total = groups.tp.all_reduce(total, phase="grad_sync")
-    return groups.pp.all_reduce(total, phase="grad_sync").sqrt()
+        total[int(is_expert_param(p))] += p.grad.detach().double().pow(2).sum() / copies
+    total = groups.pp.all_reduce(groups.tp.all_reduce(total, phase="grad_sync"), phase="grad_sync")
+    experts = groups.ep.all_reduce(total[1:], phase="grad_sync") if groups.ep.size > 1 else total[1:]
+    return (total[0] + experts[0]).sqrt()

@@ -5,7 +5,8 @@ and a one-process checkpoint resumes pipelined.
 The one-process AdamW numbers its parameters in the order of ``param_groups(GPT)``
 (forge_dist.train.optim): the engine passes that order by canonical name (``order``, built by
 train/pipeline_engine.py's ``one_process_order`` from a GPT on the meta device). Saving gathers every moment tensor to its logical shape over TP (``full_tensor``)
-and the per-stage entries to pipeline rank 0 of data-parallel replica 0; loading keeps this rank's
+(experts over the expert-parallel group) and the per-stage entries to pipeline rank 0 of
+data-parallel replica 0; loading keeps this rank's
 entries and slices them for its TP rank (``shard_tensor``).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ def full_optimizer_state(engine, order: List[List[str]]) -> Optional[dict]:
     """The one-process AdamW state dict on global rank 0 (None elsewhere). Collective: every rank
     calls it (TP gathers; the pipeline gather on data-parallel replica 0)."""
     groups = engine.groups
-    if groups.coord.dp != 0:
+    if groups.coord.edp != 0:  # replica 0, with the replicas holding its other experts
         return None
     state = engine.optimizer.state
     mine: Dict[str, dict] = {}
@@ -36,7 +37,11 @@ def full_optimizer_state(engine, order: List[List[str]]) -> Optional[dict]:
         info = shard_info(p)
         mine[c] = {k: (full_tensor(v, info, groups).cpu() if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0
                        else v) for k, v in state.get(p, {}).items()}
-    if groups.tp.rank != 0:
+    if groups.ep.size > 1:  # every expert's moments under its global name
+        from forge_dist.parallel.expert.state import gather_expert_entries
+
+        mine = gather_expert_entries(mine, list(engine.layout.chunks.values()), groups)
+    if groups.tp.rank != 0 or groups.coord.dp != 0:
         return None
     pp = groups.pp
     parts = [None] * pp.size if pp.rank == 0 else None

@@ -26,11 +26,13 @@ so checkpoints, evaluation and sampling use it as they would in one process. Par
 gradient on every replica stay without one (DDP's unused-parameter map), so the optimizer skips
 exactly what a single process would skip. Why DDP rather than FSDP2: see data_parallel.py.
 
-Checkpoints are layout-free: ``full_state_dict`` gathers the logical weights (the checkpoint's
-model/ is what one process writes), and the optimizer state is written as the single process's
-AdamW state dict, each moment tensor gathered to its logical shape with the parameter's shard
-metadata. Loading slices it again for this rank, so any TP size (and the one-process LocalEngine)
-resumes from any other.
+Checkpoints are layout-free. By default (sharded, train/sharded_save.py) each rank writes its own
+pieces of the weights and moments through torch.distributed.checkpoint and reads the pieces of its
+current layout. The gathered format (``--checkpoint_format gathered``): ``full_state_dict`` gathers
+the logical weights (the checkpoint's model/ is what one process writes), and the optimizer state
+is written as the single process's AdamW state dict, each moment tensor gathered to its logical
+shape with the parameter's shard metadata; loading slices it again for this rank. Either way any
+TP size (and the one-process LocalEngine) resumes from any other.
 """
 from __future__ import annotations
 

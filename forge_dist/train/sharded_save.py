@@ -37,7 +37,7 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-SHARDED_ENGINES = ("local", "parallel")  # pipeline/expert/DeepSpeed layouts: gathered for now
+SHARDED_ENGINES = ("local", "parallel")  # pipeline and DeepSpeed layouts: gathered for now
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -64,9 +64,8 @@ def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
 def _unsupported(values: dict) -> str:
     if values.get("deepspeed_config"):
         return "--deepspeed_config"
-    for key in ("pipeline_parallel_size", "expert_parallel_size"):
-        if (values.get(key) or 1) > 1:
-            return f"{key}={values[key]}"
+    if (values.get("pipeline_parallel_size") or 1) > 1:
+        return f"pipeline_parallel_size={values['pipeline_parallel_size']}"
     return ""
 
 
@@ -76,7 +75,7 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     (one file set that any tool reads as is), unless --async_checkpoint asks for the sharded one."""
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
-    supported = getattr(engine, "name", None) in SHARDED_ENGINES and getattr(engine, "ep", 1) == 1
+    supported = getattr(engine, "name", None) in SHARDED_ENGINES
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 
@@ -94,7 +93,7 @@ class ShardedCheckpointer:
         """Collective: write this rank's shards (all ranks), publish (rank 0); the final path."""
         from forge_dist.io.forge_format import save_config
         from forge_dist.train.checkpoint import weights_training_info
-        from forge_dist.train.sharded_checkpoint import async_save_sharded, param_names, save_sharded
+        from forge_dist.train.sharded_checkpoint import async_save_sharded, save_sharded
 
         self.wait()
         ctx, name = self.ctx, checkpoint_name(iteration)
@@ -105,9 +104,9 @@ class ShardedCheckpointer:
             os.makedirs(dcp_directory(model_dir))
             save_config(model.config, model_dir, weights_training_info(iteration, trainer_state))
             save_state(trainer_state, tmp, "trainer_state")
+            names, param_groups = optimizer_layout(engine)
             save_state({"format": "sharded", "scaler": engine.scaler.state_dict(), "engine": engine.name,
-                        "layout": ctx.layout(), "param_names": param_names(engine.model, engine.optimizer),
-                        "param_groups": engine.optimizer.state_dict()["param_groups"]}, tmp, "optimizer")
+                        "layout": ctx.layout(), "param_names": names, "param_groups": param_groups}, tmp, "optimizer")
         ctx.barrier()
         groups = getattr(engine, "groups", None)
         publish = dict(root=root, tmp=tmp, final=final, name=name, iteration=iteration, is_best=is_best, keep=keep)
@@ -190,16 +189,26 @@ def seal_and_publish(everyone: List[Dict[str, tuple]], publish: dict) -> Optiona
     return None
 
 
+def optimizer_layout(engine):
+    """(parameter names, param_groups) of one process's optimizer, whatever the layout (placed
+    experts listed as every expert under its global index): what optimizer.json records."""
+    from forge_dist.parallel.expert.state import one_process_groups
+    from forge_dist.train.sharded_checkpoint import param_names
+
+    names = param_names(engine.model, engine.optimizer)
+    return one_process_groups(engine.optimizer.state_dict()["param_groups"], names, engine.model)
+
+
 # --- resume ---------------------------------------------------------------------------------------
 def load_engine_state(engine, path: str, groups) -> None:
     """Fill engine.model and engine.optimizer from the sharded checkpoint at ``path`` (any tensor-
     or data-parallel layout), and the scaler and optimizer hyperparameters from optimizer.json."""
-    from forge_dist.train.sharded_checkpoint import load_sharded, param_names
+    from forge_dist.train.sharded_checkpoint import load_sharded
 
-    if getattr(engine, "ep", 1) > 1 or engine.name not in SHARDED_ENGINES:
+    if engine.name not in SHARDED_ENGINES:
         raise CheckpointError(f"{path} is a sharded checkpoint; the {engine.name} engine cannot resume one yet")
     extra = load_state(path, "optimizer", map_location="cpu")
-    names = param_names(engine.model, engine.optimizer)
+    names, _ = optimizer_layout(engine)
     if extra.get("param_names") != names or len(extra.get("param_groups", ())) != len(engine.optimizer.param_groups):
         raise CheckpointError(f"the optimizer state in {path} does not fit this run's optimizer (other parameters "
                               f"or parameter groups); keep the model options and weight_decay_split as they were, "

@@ -11,7 +11,6 @@ from forge_dist.train.sharded_save import check_checkpoint_options, checkpointer
 @pytest.mark.parametrize("values, match", [
     ({"checkpoint_format": "sharded", "pipeline_parallel_size": 2}, "checkpoint_format=sharded is not supported with "
                                                                      "pipeline_parallel_size=2"),
-    ({"checkpoint_format": "sharded", "expert_parallel_size": 2}, "expert_parallel_size=2"),
     ({"async_checkpoint": True, "deepspeed_config": "ds.json"}, "--async_checkpoint is not supported with "
                                                                   "--deepspeed_config"),
     ({"checkpoint_format": "gathered", "async_checkpoint": True}, "needs checkpoint_format=sharded"),
@@ -38,7 +37,7 @@ class _Engine:
     ("auto", 1, _Engine("local"), False, False),      # one process: one plain safetensors file
     ("auto", 1, _Engine("local"), True, True),         # --async_checkpoint: the sharded writer
     ("auto", 4, _Engine("parallel"), False, True),     # a launched run: every rank its own shards
-    ("auto", 4, _Engine("parallel", ep=2), False, False),
+    ("auto", 4, _Engine("parallel", ep=2), False, True),  # experts under their global names
     ("auto", 4, _Engine("pipeline"), False, False),
     ("sharded", 1, _Engine("local"), False, True),
     ("gathered", 4, _Engine("parallel"), False, False),

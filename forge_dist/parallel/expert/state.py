@@ -138,13 +138,23 @@ def _group_names(param_groups: List[dict], names: List[str]) -> List[List[str]]:
     return [[names[i] for i in g["params"]] for g in param_groups]
 
 
+def one_process_groups(param_groups: List[dict], names: List[str], model: nn.Module) -> Tuple[List[str], List[dict]]:
+    """(every parameter's name in one process's optimizer order, ``param_groups`` with one-process
+    indices) from this rank's groups (``names[i]``: local parameter i); the identity without
+    placed experts. What a sharded checkpoint records of the optimizer (no communication)."""
+    placed = _placed(model)
+    global_groups = [expand_names(g, placed) for g in _group_names(param_groups, names)]
+    flat = [n for g in global_groups for n in g]
+    index = {n: i for i, n in enumerate(flat)}
+    return flat, [{**g, "params": [index[n] for n in gn]} for g, gn in zip(param_groups, global_groups)]
+
+
 def global_optimizer_state(sd: dict, names: List[str], model: nn.Module, groups: ProcessGroups) -> dict:
     """This rank's optimizer state dict (moments already TP-gathered; ``names[i]`` the name of
     local parameter i) -> one process's, with every expert's moments. Collective over the EP group."""
     placed = _placed(model)
-    local_groups = _group_names(sd["param_groups"], names)
-    global_groups = [expand_names(g, placed) for g in local_groups]
-    index = {n: i for i, n in enumerate(n for g in global_groups for n in g)}
+    flat, param_groups = one_process_groups(sd["param_groups"], names, model)
+    index = {n: i for i, n in enumerate(flat)}
     state: Dict[int, dict] = {}
     experts: List[Tuple[str, str, torch.Tensor]] = []  # (name, key, tensor) of every expert moment
     for i, entry in sd["state"].items():
@@ -163,7 +173,6 @@ def global_optimizer_state(sd: dict, names: List[str], model: nn.Module, groups:
                 state[target] = {key: (val.clone() if torch.is_tensor(val) else val) for key, val in local.items()
                                  if not (torch.is_tensor(val) and val.dim() > 0)}  # e.g. AdamW's step
             state[target][k] = v
-    param_groups = [{**g, "params": [index[n] for n in gn]} for g, gn in zip(sd["param_groups"], global_groups)]
     return {"state": state, "param_groups": param_groups}
 
 

@@ -47,6 +47,19 @@ TORCH_LIBRARY(forge_ops, m) {
         "int transform, bool divide, float tparam, float post, bool need_dc, bool need_dobo) "
         "-> (Tensor dscores, Tensor dc, Tensor dobo)");
 
+  // Fused attention over a score normaliser without the (T, S) scores (csrc/cpu/attention.cpp):
+  // q (B, Hq, T, D), k, v (B, Hkv, S, .), bias (1 or Hq, T, S); family 0 elementwise (kind, consts,
+  // params (H or 1, 2) as score_elementwise_fwd), 1 row-normalised (c (1,), obo (H or 1,), sink
+  // (H or 1,) or empty, row = [transform, shift_mode, divide, tparam, guess, overflow, post]);
+  // softcap 0 means none; stats (B, Hq, T, 3) = [shift, denominator, ties of the max] (B = 0 for
+  // elementwise). attention_bwd returns [dq, dk, dv, dbias, dparams, dc, dobo, dsink].
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor params, Tensor c, Tensor obo, "
+        "Tensor sink, int family, int kind, float[] consts, float[] row, int[] mask, float scale, float softcap) "
+        "-> (Tensor out, Tensor stats)");
+  m.def("attention_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor params, Tensor c, "
+        "Tensor obo, Tensor sink, Tensor out, Tensor stats, int family, int kind, float[] consts, float[] row, "
+        "int[] mask, float scale, float softcap, bool need_dbias) -> Tensor[]");
+
   // Quantize-dequantize with per-tensor or per-row (last dim) statistics.
   m.def("fake_quantize(Tensor x, int bits, bool symmetric, bool per_row) -> Tensor");
   // y = x @ ((q - zero_point) * scale)^T + bias, q int8 (N, K), scale / zero_point (N,) or (1,).

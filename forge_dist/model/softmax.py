@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from forge_dist import ops
+from forge_dist.ops import scores as ops_scores
 from forge_dist.config.validate import register_rule
 from forge_dist.errors import ConfigError
 from forge_dist.ops.mask import MaskSpec
@@ -55,6 +56,9 @@ class RowSpec:
     divide: bool = True
     divisor: Union[float, torch.Tensor] = 1.0
     seq_len: Optional[int] = None
+    # the same transform as the fused kernels' (RowTransform code, its parameter) in
+    # csrc/include/forge/scores.h; None with a transform: no kernel has it
+    kernel_transform: Optional[tuple] = (ops_scores.IDENTITY, 0.0)
 
 
 def _scalar(value: float, learnable: bool = True, shape=(1,)):
@@ -83,6 +87,15 @@ class ScoreNormalizer(nn.Module):
         """How the blocked attention path computes a row-normalised variant over n_keys real keys
         (None: it cannot, the materialised path runs)."""
         return None
+
+    def elem_spec(self, seq_len: Optional[int], scores: Optional[torch.Tensor] = None):
+        """An elementwise variant's formula and parameters (forge_dist.ops.scores.ElemSpec) for L =
+        seq_len (None: no division by L); per-head parameters shaped against ``scores`` if given,
+        else (H, 1, 1). None for a variant that is not elementwise."""
+        return None
+
+    def forward_elementwise(self, scores, mask: Optional[MaskSpec]):
+        return ops_scores.elementwise(scores, mask, self.elem_spec(self.seq_len(scores, mask), scores))
 
     @staticmethod
     def keep(scores: torch.Tensor, mask: Optional[MaskSpec]) -> Optional[torch.Tensor]:  # (Tq, Tk)
@@ -180,6 +193,7 @@ class Strongermax(ScoreNormalizer):
             obo = obo.reshape(())
         return RowSpec(log_scale=self.log_strength / self.temperature_factor,
                        transform=None if clamp is None else (lambda x: x.clamp(max=clamp)),
+                       kernel_transform=(ops_scores.IDENTITY, 0.0) if clamp is None else (ops_scores.CLAMP, clamp),
                        shift=shift, guess=float(self.xmax_guess or 0.0), overflow=self.overflow_recompute_value,
                        obo=obo, divide=self.div_by_sum_of_terms, divisor=self.divisor,
                        seq_len=n_keys if self.div_by_seq_len else None)
@@ -198,7 +212,8 @@ class SigSoftmax(ScoreNormalizer):
 
     def row_spec(self, n_keys: int) -> RowSpec:
         b = self.log_base  # z = u + ln sigma(u), u = x ln b (see ref.sigsoftmax)
-        return RowSpec(transform=lambda x: x * b + torch.nn.functional.logsigmoid(x * b))
+        return RowSpec(transform=lambda x: x * b + torch.nn.functional.logsigmoid(x * b),
+                       kernel_transform=(ops_scores.SIGSOFT, b))
 
 
 # --- ConSmax family (elementwise, learned beta and gamma) --------------------------------------
@@ -214,8 +229,10 @@ class ConSmax(ScoreNormalizer):
         self.gamma = _scalar(config.consmax_initial_gamma)
         self.log_base = _log_base(config.consmax_use_euler_base, config.consmax_base)
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ops.consmax(scores, mask, self.beta, self.gamma, self.log_base)
+    forward = ScoreNormalizer.forward_elementwise
+
+    def elem_spec(self, seq_len, scores=None):
+        return ops_scores.consmax_spec(self.beta, self.gamma, self.log_base)
 
 
 @SOFTMAX.register("consmax_quan")
@@ -227,9 +244,9 @@ class ConSmaxQuan(ConSmax):
         super().__init__(config, n_head)
         self.log_base = 1.0  # upstream ignores consmax_base here
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
+    def elem_spec(self, seq_len, scores=None):
         beta, gamma = ref.round_ste(self.beta, 100.0), ref.round_ste(self.gamma, 10.0)
-        return ops.consmax(scores, mask, beta, gamma, self.log_base)
+        return ops_scores.consmax_spec(beta, gamma, self.log_base)
 
 
 @SOFTMAX.register("consmax_v2")
@@ -248,10 +265,14 @@ class ConSmaxV2(ScoreNormalizer):
         self.clamp_value = config.consmax_v2_clamp_value if config.consmax_v2_clamping else None
         self.log_base = _log_base(config.consmax_use_euler_base, config.consmax_base)
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
-        beta = self.beta_init * self.per_head(self.beta_factor, scores)
-        gamma = self.gamma_init * self.per_head(self.gamma_factor, scores)
-        return ops.consmax(scores, mask, beta, gamma, self.log_base, self.clamp_value)
+    forward = ScoreNormalizer.forward_elementwise
+
+    def elem_spec(self, seq_len, scores=None):
+        def shaped(p):
+            return p if scores is None else self.per_head(p, scores)
+
+        beta, gamma = self.beta_init * shaped(self.beta_factor), self.gamma_init * shaped(self.gamma_factor)
+        return ops_scores.consmax_spec(beta, gamma, self.log_base, self.clamp_value)
 
 
 @SOFTMAX.register("saturatingconsmax")
@@ -269,9 +290,10 @@ class SaturatingConSmax(ScoreNormalizer):
         self.log_base = _log_base(config.consmax_use_euler_base, config.consmax_base)
         self.x_sat = float(config.consmax_saturation + config.consmax_initial_beta)
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ops.saturating_consmax(scores, mask, self.beta, self.gamma, self.x_sat,
-                                      self.log_base, self.seq_len(scores, mask))
+    forward = ScoreNormalizer.forward_elementwise
+
+    def elem_spec(self, seq_len, scores=None):
+        return ops_scores.saturating_consmax_spec(self.beta, self.gamma, self.x_sat, self.log_base, seq_len)
 
 
 # --- fixed elementwise curves -----------------------------------------------------------------
@@ -281,7 +303,7 @@ class Polymax(ScoreNormalizer):
 
     elementwise = True
 
-    formula = staticmethod(ops.polymax)
+    v_shaped = False
 
     def __init__(self, config, n_head: Optional[int] = None):
         super().__init__(config, n_head)
@@ -290,16 +312,18 @@ class Polymax(ScoreNormalizer):
         self.power = config.polymax_power
         self.divisor = config.polymax_divisor
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return self.formula(scores, mask, self.x_intercept, self.y_intercept,
-                            self.power, self.divisor, self.seq_len(scores, mask))
+    forward = ScoreNormalizer.forward_elementwise
+
+    def elem_spec(self, seq_len, scores=None):
+        return ops_scores.polymax_spec(self.x_intercept, self.y_intercept, self.power, self.divisor, seq_len,
+                                       self.v_shaped)
 
 
 @SOFTMAX.register("vpolymax")
 class VPolymax(Polymax):
     """Polymax whose linear piece falls from 2 y0 at x0 to y0 at 0 (a V); same options."""
 
-    formula = staticmethod(ops.vpolymax)
+    v_shaped = True
 
 
 @SOFTMAX.register("exppolymax")
@@ -315,12 +339,13 @@ class ExpPolymax(ScoreNormalizer):
         self.y_intercept = config.exppolymax_y_intercept
         self.divisor = config.exppolymax_divisor
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
-        return ops.exppolymax(scores, mask, self.log_base, self.power, self.y_intercept,
-                              self.divisor, self.seq_len(scores, mask))
+    forward = ScoreNormalizer.forward_elementwise
+
+    def elem_spec(self, seq_len, scores=None):
+        return ops_scores.exppolymax_spec(self.log_base, self.power, self.y_intercept, self.divisor, seq_len)
 
 
-def _divisor_variant(name: str, class_name: str, formula, divisor_option: str):
+def _divisor_variant(name: str, class_name: str, divisor_option: str):
     """f(x) / D (/ L) with D = config.<divisor_option>: relumax, relu2max, sigmoidmax, softplus,
     squareplus differ only in f."""
 
@@ -331,19 +356,21 @@ def _divisor_variant(name: str, class_name: str, formula, divisor_option: str):
             super().__init__(config, n_head)
             self.divisor = float(getattr(config, divisor_option))
 
-        def forward(self, scores, mask: Optional[MaskSpec] = None):
-            return formula(scores, mask, self.divisor, self.seq_len(scores, mask))
+        forward = ScoreNormalizer.forward_elementwise
+
+        def elem_spec(self, seq_len, scores=None):
+            return ops_scores.curve_spec(name, self.divisor, seq_len)
 
     _Variant.__name__ = _Variant.__qualname__ = class_name
-    _Variant.__doc__ = f"{formula.__doc__.splitlines()[0]} D = {divisor_option}."
+    _Variant.__doc__ = f"{getattr(ops, name).__doc__.splitlines()[0]} D = {divisor_option}."
     return SOFTMAX.register(name)(_Variant)
 
 
-ReLUMax = _divisor_variant("relumax", "ReLUMax", ops.relumax, "relumax_divisor")
-ReLU2Max = _divisor_variant("relu2max", "ReLU2Max", ops.relu2max, "relu2max_divisor")
-SigmoidMax = _divisor_variant("sigmoidmax", "SigmoidMax", ops.sigmoidmax, "sigmoidmax_divisor")
-Softplus = _divisor_variant("softplus", "Softplus", ops.softplus, "softplus_divisor")
-Squareplus = _divisor_variant("squareplus", "Squareplus", ops.squareplus, "squareplus_divisor")
+ReLUMax = _divisor_variant("relumax", "ReLUMax", "relumax_divisor")
+ReLU2Max = _divisor_variant("relu2max", "ReLU2Max", "relu2max_divisor")
+SigmoidMax = _divisor_variant("sigmoidmax", "SigmoidMax", "sigmoidmax_divisor")
+Softplus = _divisor_variant("softplus", "Softplus", "softplus_divisor")
+Squareplus = _divisor_variant("squareplus", "Squareplus", "squareplus_divisor")
 
 
 # --- learned piecewise-linear curve -----------------------------------------------------------

@@ -106,6 +106,41 @@ def _row_backward(ctx, grad, _grad_stats):
     return (dscores, dc if need[1] else None, dobo if need[2] else None) + (None,) * 9
 
 
+# --- fused attention (forge_dist/ops/attention.py) -----------------------------------------------
+ROWNORM = 1  # attention family code of the row-normalised variants (ops/attention.py)
+
+
+def _attn_fwd_fake(q, k, v, bias, params, c, obo, sink, family, kind, consts, row, mask, scale, softcap):
+    B, Hq, T, _ = q.shape
+    return (q.new_empty((B, Hq, T, v.shape[-1])),
+            q.new_empty((B if family == ROWNORM else 0, Hq, T, 3), dtype=_acc(q)))
+
+
+def _attn_bwd_fake(grad, q, k, v, bias, params, c, obo, sink, out, stats, family, kind, consts, row, mask, scale,
+                   softcap, need_dbias):
+    acc = _acc(q)
+    dbias = q.new_empty(bias.shape, dtype=acc) if need_dbias and bias is not None else q.new_empty((0,), dtype=acc)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias,
+            torch.empty_like(params), q.new_empty((1,), dtype=acc), torch.empty_like(obo), torch.empty_like(sink)]
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, bias, params, c, obo, sink, *rest = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(q, k, v, bias, params, c, obo, sink, out, stats)
+    ctx.args = tuple(rest)
+
+
+def _attn_backward(ctx, grad, _grad_stats):
+    q, k, v, bias, params, c, obo, sink, out, stats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv, dbias, dparams, dc, dobo, dsink = torch.ops.forge_ops.attention_bwd(
+        grad, q, k, v, bias, params, c, obo, sink, out, stats, *ctx.args, bool(bias is not None and need[3]))
+    grads = (dq, dk, dv, dbias, dparams, dc.reshape(c.shape), dobo, dsink)
+    return tuple(g if n else None for g, n in zip(grads, need[:8])) + (None,) * 7
+
+
 # --- quantization ----------------------------------------------------------------------------------
 def _fake_quantize_fake(x, bits, symmetric, per_row):
     return torch.empty_like(x)
@@ -149,4 +184,8 @@ def register_all() -> None:
     register_autograd("forge_ops::score_rownorm_fwd", _row_backward, setup_context=_row_setup)
     register_autograd("forge_ops::fake_quantize", _fake_quantize_backward)
     register_autograd("forge_ops::int8_linear", _int8_backward, setup_context=_int8_setup)
+    if hasattr(torch.ops.forge_ops, "attention_fwd"):  # absent from a library built before it
+        register_fake("forge_ops::attention_fwd")(_attn_fwd_fake)
+        register_fake("forge_ops::attention_bwd")(_attn_bwd_fake)
+        register_autograd("forge_ops::attention_fwd", _attn_backward, setup_context=_attn_setup)
     _REGISTERED = True

@@ -13,7 +13,8 @@ each variant onto one of them (constants as laid out in csrc/include/forge/score
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -63,76 +64,118 @@ def _scale(divisor: float, seq_len: Optional[int]) -> float:
 
 
 # --- elementwise -----------------------------------------------------------------------------------
-def _elementwise(name: str, scores, mask, consts: Sequence[float], fallback, beta: Param = 0.0, gamma: Param = 1.0):
-    out = _out_dtype(scores, beta, gamma)
-    b, g = _per_head(beta, scores), _per_head(gamma, scores)
-    if b is None or g is None or not _usable(name, scores, out, b):
-        return fallback()
+@dataclass
+class ElemSpec:
+    """One elementwise variant for a kernel: its kind, constants (layout per csrc/include/forge/scores.h)
+    and learned (beta, gamma); ``reference(scores, keep, beta, gamma)`` is the materialised formula. The same spec
+    feeds the normaliser kernel and the fused attention kernel (forge_dist.ops.attention)."""
+
+    name: str
+    consts: Sequence[float]
+    reference: Callable[..., torch.Tensor]
+    beta: Param = 0.0
+    gamma: Param = 1.0
+
+    @property
+    def kind(self) -> int:
+        return ELEM_KINDS[self.name]
+
+
+def elementwise(scores, mask, spec: ElemSpec):
+    """y = f(scores) by ``spec``: the kernel where usable, else its reference."""
+    out = _out_dtype(scores, spec.beta, spec.gamma)
+    b, g = _per_head(spec.beta, scores), _per_head(spec.gamma, scores)
+    if b is None or g is None or not _usable(spec.name, scores, out, b):
+        return spec.reference(scores, _keep(scores, mask), spec.beta, spec.gamma)
     n = max(b.numel(), g.numel())
     params = torch.stack([b.expand(n), g.expand(n)], dim=1)  # (H or 1, 2); autograd splits dparams back
-    return torch.ops.forge_ops.score_elementwise_fwd(scores, params, ELEM_KINDS[name], [float(c) for c in consts],
+    return torch.ops.forge_ops.score_elementwise_fwd(scores, params, spec.kind, [float(c) for c in spec.consts],
                                                      mask_args(mask), out)
+
+
+def consmax_spec(beta: Param, gamma: Param, log_base: float = 1.0, clamp_value: Optional[float] = None):
+    consts = [log_base, math.inf if clamp_value is None else clamp_value]
+    return ElemSpec("consmax", consts, lambda s, keep, b, g: ref.consmax(s, keep, b, g, log_base, clamp_value),
+                    beta, gamma)
 
 
 def consmax(scores, mask, beta: Param, gamma: Param, log_base: float = 1.0, clamp_value: Optional[float] = None):
     """b^{min(x - beta, clamp)} / gamma; beta, gamma scalars or per head."""
-    consts = [log_base, math.inf if clamp_value is None else clamp_value]
-    return _elementwise("consmax", scores, mask, consts,
-                        lambda: ref.consmax(scores, _keep(scores, mask), beta, gamma, log_base, clamp_value),
-                        beta, gamma)
+    return elementwise(scores, mask, consmax_spec(beta, gamma, log_base, clamp_value))
+
+
+def saturating_consmax_spec(beta: Param, gamma: Param, x_sat: float, log_base: float = 1.0,
+                            seq_len: Optional[int] = None):
+    return ElemSpec("saturatingconsmax", [log_base, x_sat, _scale(1.0, seq_len)],
+                    lambda s, keep, b, g: ref.saturating_consmax(s, keep, b, g, x_sat, log_base, seq_len),
+                    beta, gamma)
 
 
 def saturating_consmax(scores, mask, beta: Param, gamma: Param, x_sat: float, log_base: float = 1.0,
                        seq_len: Optional[int] = None):
-    consts = [log_base, x_sat, _scale(1.0, seq_len)]
-    return _elementwise("saturatingconsmax", scores, mask, consts,
-                        lambda: ref.saturating_consmax(scores, _keep(scores, mask), beta, gamma, x_sat, log_base,
-                                                       seq_len), beta, gamma)
+    return elementwise(scores, mask, saturating_consmax_spec(beta, gamma, x_sat, log_base, seq_len))
+
+
+def polymax_spec(x_intercept: float, y_intercept: float, power: float, divisor: float,
+                 seq_len: Optional[int] = None, v_shaped: bool = False):
+    slope = y_intercept / (x_intercept if v_shaped else -x_intercept)
+    formula = ref.vpolymax if v_shaped else ref.polymax
+    return ElemSpec("polymax", [x_intercept, y_intercept, power, slope, _scale(divisor, seq_len)],
+                    lambda s, keep, *_: formula(s, keep, x_intercept, y_intercept, power, divisor, seq_len))
 
 
 def polymax(scores, mask, x_intercept: float, y_intercept: float, power: float, divisor: float,
             seq_len: Optional[int] = None):
-    consts = [x_intercept, y_intercept, power, y_intercept / -x_intercept, _scale(divisor, seq_len)]
-    return _elementwise("polymax", scores, mask, consts, lambda: ref.polymax(
-        scores, _keep(scores, mask), x_intercept, y_intercept, power, divisor, seq_len))
+    return elementwise(scores, mask, polymax_spec(x_intercept, y_intercept, power, divisor, seq_len))
 
 
 def vpolymax(scores, mask, x_intercept: float, y_intercept: float, power: float, divisor: float,
              seq_len: Optional[int] = None):
-    consts = [x_intercept, y_intercept, power, y_intercept / x_intercept, _scale(divisor, seq_len)]
-    return _elementwise("polymax", scores, mask, consts, lambda: ref.vpolymax(
-        scores, _keep(scores, mask), x_intercept, y_intercept, power, divisor, seq_len))
+    return elementwise(scores, mask, polymax_spec(x_intercept, y_intercept, power, divisor, seq_len, True))
+
+
+def exppolymax_spec(log_base: float, power: float, y_intercept: float, divisor: float,
+                    seq_len: Optional[int] = None):
+    consts = [log_base, power, y_intercept, ref.exppolymax_shift(log_base, power), _scale(divisor, seq_len)]
+    return ElemSpec("exppolymax", consts, lambda s, keep, *_: ref.exppolymax(
+        s, keep, log_base, power, y_intercept, divisor, seq_len))
 
 
 def exppolymax(scores, mask, log_base: float, power: float, y_intercept: float, divisor: float,
                seq_len: Optional[int] = None):
-    consts = [log_base, power, y_intercept, ref.exppolymax_shift(log_base, power), _scale(divisor, seq_len)]
-    return _elementwise("exppolymax", scores, mask, consts, lambda: ref.exppolymax(
-        scores, _keep(scores, mask), log_base, power, y_intercept, divisor, seq_len))
+    return elementwise(scores, mask, exppolymax_spec(log_base, power, y_intercept, divisor, seq_len))
 
 
-def _fixed_curve(name: str, reference):
-    """relumax, relu2max, sigmoidmax, softplus: f(x) / D (/ L)."""
+def curve_spec(name: str, divisor: float, seq_len: Optional[int] = None, b: float = ref.SQUAREPLUS_B):
+    """relumax, relu2max, sigmoidmax, softplus, squareplus: f(x) / D (/ L)."""
+    reference = _CURVES[name]
+    if name == "squareplus":
+        return ElemSpec(name, [_scale(divisor, seq_len), b], lambda s, keep, *_: reference(s, keep, divisor, seq_len, b))
+    return ElemSpec(name, [_scale(divisor, seq_len)], lambda s, keep, *_: reference(s, keep, divisor, seq_len))
 
+
+_CURVES = {"relumax": ref.relumax, "relu2max": ref.relu2max, "sigmoidmax": ref.sigmoidmax, "softplus": ref.softplus,
+           "squareplus": ref.squareplus}
+
+
+def _fixed_curve(name: str):
     def variant(scores, mask, divisor: float, seq_len: Optional[int] = None):
-        return _elementwise(name, scores, mask, [_scale(divisor, seq_len)],
-                            lambda: reference(scores, _keep(scores, mask), divisor, seq_len))
+        return elementwise(scores, mask, curve_spec(name, divisor, seq_len))
 
     variant.__name__ = variant.__qualname__ = name
-    variant.__doc__ = reference.__doc__
+    variant.__doc__ = _CURVES[name].__doc__
     return variant
 
 
-relumax = _fixed_curve("relumax", ref.relumax)
-relu2max = _fixed_curve("relu2max", ref.relu2max)
-sigmoidmax = _fixed_curve("sigmoidmax", ref.sigmoidmax)
-softplus = _fixed_curve("softplus", ref.softplus)
+relumax = _fixed_curve("relumax")
+relu2max = _fixed_curve("relu2max")
+sigmoidmax = _fixed_curve("sigmoidmax")
+softplus = _fixed_curve("softplus")
 
 
 def squareplus(scores, mask, divisor: float, seq_len: Optional[int] = None, b: float = ref.SQUAREPLUS_B):
     """Squareplus (Barron 2021): (x + sqrt(x^2 + b)) / 2, / D (/ L)."""
-    return _elementwise("squareplus", scores, mask, [_scale(divisor, seq_len), b],
-                        lambda: ref.squareplus(scores, _keep(scores, mask), divisor, seq_len, b))
+    return elementwise(scores, mask, curve_spec("squareplus", divisor, seq_len, b))
 
 
 # --- row-normalised --------------------------------------------------------------------------------

@@ -129,9 +129,11 @@ def test_unsupported_variant_stays_materialised():
 
 @pytest.mark.parametrize("mode,expect", [("auto", "blocked"), ("reference", "materialised")])
 def test_attend_routes_to_blocked_by_default(monkeypatch, mode, expect):
-    """attend() runs the blocked path by default for every non-SDPA case, the materialised one under
-    FORGE_OPS=reference, with dropout, or with a score-level quant point; same result either way."""
+    """attend() runs the blocked path by default for every non-SDPA case no fused kernel takes (here:
+    none takes any), the materialised one under FORGE_OPS=reference, with dropout, or with a
+    score-level quant point; same result either way."""
     monkeypatch.setenv("FORGE_OPS", mode)
+    monkeypatch.setattr(core, "fused_attend", lambda *a, **kw: None)
     calls = []
     real = blocked.blocked_attend
     monkeypatch.setattr(blocked, "blocked_attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))

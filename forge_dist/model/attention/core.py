@@ -18,8 +18,9 @@ Unlike upstream, every query also sees its own key (see docs/divergences.md).
 
 Plain softmax (soft-capping off) runs PyTorch's fused scaled_dot_product_attention, grouped-query
 attention included (``enable_gqa``); FIRE bias and sink then travel in its additive mask instead
-of a materialised score matrix. Every other normaliser that supports it (attention/blocked.py)
-runs blocked over keys, O(T x block) memory, unless FORGE_OPS=reference or dropout is on. Only the quant points on tensors the kernel keeps inside
+of a materialised score matrix. Every other normaliser runs the fused kernel where one takes it
+(attention/fused.py: C++ on CPU, FlexAttention on CUDA), else blocked over keys (attention/blocked.py),
+O(T x block) memory, unless FORGE_OPS=reference or dropout is on. Only the quant points on tensors the kernel keeps inside
 (softmax_input, pv_mult_p_input) force the materialised path; q, k, v and the output are quantized
 around the kernel. Head counts are read from the tensors, so the same code runs on a
 tensor-parallel shard of heads.
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from forge_dist.model.attention import blocked
+from forge_dist.model.attention.fused import fused_attend
 from forge_dist.model.attention.common import (AttentionModule, build_fire, init_lobo, lobo_logit, qk_normalize,
                                                uses_plain_softmax)
 from forge_dist.ops.mask import MaskSpec
@@ -99,6 +101,10 @@ def attend(
     materialise = not fused or any(p in points for p in SCORE_POINTS)
     if not materialise and normalizer is None and softcap is None:
         y = _sdpa(q, k, v, mask, float(scale), dropout_p, n_rep, bias, sink_logit)
+    elif not materialise and dropout_p == 0.0 and blocked.enabled() and (y := fused_attend(
+            q, k, v, normalizer=normalizer or _PLAIN_SOFTMAX, mask=mask, scale=scale, softcap=softcap, bias=bias,
+            sink_logit=sink_logit)) is not None:
+        pass  # the fused kernel (attention/fused.py)
     elif not materialise and dropout_p == 0.0 and blocked.enabled() and blocked.supports(
             normalizer or _PLAIN_SOFTMAX, k.shape[-2] - mask.n_sink):
         y = blocked.blocked_attend(q, k, v, normalizer=normalizer or _PLAIN_SOFTMAX, mask=mask, scale=scale,

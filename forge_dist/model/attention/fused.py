@@ -1,0 +1,38 @@
+"""The fused attention route for score normalisers: the normaliser's spec handed to a kernel that never
+holds the (B, H, T, S) scores. CPU: the C++ kernel (forge_dist.ops.attention); CUDA: FlexAttention
+(attention/flex.py, unverified on GPU). None where neither takes the call: attention/core.py then
+runs the blocked PyTorch path (attention/blocked.py), or the materialised one.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from forge_dist.ops import attention as fused_op
+from forge_dist.ops.mask import MaskSpec
+
+
+def spec_of(normalizer: nn.Module, n_keys: int):
+    """ElemSpec (elementwise variants) or RowSpec (row-normalised ones) over n_keys real keys, or None."""
+    if getattr(normalizer, "elementwise", False):
+        seq_len = n_keys if getattr(normalizer, "div_by_seq_len", False) else None
+        return normalizer.elem_spec(seq_len)
+    spec = getattr(normalizer, "row_spec", None)
+    return None if spec is None else spec(n_keys)
+
+
+def fused_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: float, softcap=None,
+                 bias: Optional[torch.Tensor] = None, sink_logit=None) -> Optional[torch.Tensor]:
+    """(B, Hq, T, Dv), the materialised path's result, or None (no fused kernel for this call)."""
+    spec = spec_of(normalizer, k.shape[-2] - mask.n_sink)
+    if spec is None:
+        return None
+    if q.device.type == "cuda":
+        from forge_dist.model.attention import flex
+
+        return flex.flex_attend(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
+                                sink_logit=sink_logit)
+    return fused_op.attention(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
+                              sink_logit=sink_logit)

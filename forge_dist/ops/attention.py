@@ -1,0 +1,102 @@
+"""Fused attention over any score normaliser: out_i = sum_j f(s_ij) v_j / D_i without the (T, S)
+scores (csrc/cpu/attention.cpp); its autograd and fake-tensor rules are in forge_dist.ops.autograd.
+
+``attention(q, k, v, spec, ...)`` takes the normaliser as a spec: an elementwise one
+(forge_dist.ops.scores.ElemSpec: kind, constants, learned beta and gamma) or a row-normalised one
+(forge_dist.model.softmax.RowSpec: exponent scale, transform, shift, obo, divisor). It returns None
+where no kernel takes the call (device, dtype, a learned divisor, a transform without a kernel
+code, a bias of another shape); the caller then runs the blocked PyTorch path. Every learned
+parameter (beta, gamma, per-head factors, temperature, obo, the flash-LOBO sink, the FIRE bias)
+gets its gradient through the op's backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from forge_dist.ops import registry
+from forge_dist.ops.mask import MaskSpec
+from forge_dist.ops.scores import ElemSpec, mask_args
+
+ELEMENTWISE, ROWNORM = 0, 1
+SHIFTS = {"none": 0, "max": 1, "guess": 2, "guess_or_max": 3}  # csrc ShiftMode
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_HAS_KERNEL: dict = {}
+
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def has_kernel(device: str) -> bool:
+    """The loaded library has the fused attention kernel for ``device`` (a stale prebuilt may not)."""
+    if device not in _HAS_KERNEL:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device)
+        try:
+            _HAS_KERNEL[device] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+                "forge_ops::attention_fwd", key)
+        except RuntimeError:
+            _HAS_KERNEL[device] = False
+    return _HAS_KERNEL[device]
+
+
+def _vector(p, acc: torch.dtype, device) -> torch.Tensor:
+    """A float, 0-d, (1,), (H,) or (H, 1, 1) parameter as a flat (n,) tensor (autograd kept)."""
+    t = p if torch.is_tensor(p) else torch.tensor(float(p), dtype=acc)
+    return t.to(device=device, dtype=acc).reshape(-1)
+
+
+def _bias(bias: Optional[torch.Tensor], Hq: int, T: int, S: int, acc) -> Optional[torch.Tensor]:
+    """(1 or Hq, T, S) in the accumulation type, or False when the bias has another layout."""
+    if bias is None:
+        return None
+    while bias.dim() > 3 and bias.shape[0] == 1:
+        bias = bias.squeeze(0)
+    if bias.dim() > 3:
+        return False
+    bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape))
+    if bias.shape[0] not in (1, Hq):
+        return False
+    return bias.expand(bias.shape[0], T, S).to(acc)
+
+
+def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
+              bias: Optional[torch.Tensor] = None, sink_logit=None, n_keys: Optional[int] = None):
+    """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv), or None (no kernel).
+    ``sink_logit``: the flash-LOBO virtual key (log C; scalar or per head), counted by row-normalised
+    variants only (it has a zero value, so an elementwise variant's output does not see it)."""
+    if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
+            or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
+        return None
+    acc, dev = _acc(q), q.device
+    B, Hq, T, _ = q.shape
+    S = k.shape[-2]
+    b = _bias(bias, Hq, T, S, acc)
+    if b is False:
+        return None
+    empty = q.new_zeros((0,), dtype=acc)
+    one = torch.ones(1, dtype=acc, device=dev)
+    if isinstance(spec, ElemSpec):
+        beta, gamma = _vector(spec.beta, acc, dev), _vector(spec.gamma, acc, dev)
+        n = max(beta.numel(), gamma.numel())
+        if n not in (1, Hq) or beta.numel() not in (1, n) or gamma.numel() not in (1, n):
+            return None
+        params = torch.stack([beta.expand(n), gamma.expand(n)], dim=1)
+        args = (params, one, empty, empty, ELEMENTWISE, spec.kind, [float(c) for c in spec.consts], [0.0] * 7)
+    else:
+        if spec.kernel_transform is None and spec.transform is not None or torch.is_tensor(spec.divisor):
+            return None
+        code, tparam = spec.kernel_transform if spec.transform is not None else (0, 0.0)
+        obo = _vector(spec.obo, acc, dev)
+        sink = empty if sink_logit is None else _vector(sink_logit, acc, dev)
+        if obo.numel() not in (1, Hq) or sink.numel() not in (0, 1, Hq):
+            return None
+        post = 1.0 / float(spec.divisor) / (spec.seq_len or 1)
+        row = [float(code), float(SHIFTS[spec.shift]), float(spec.divide), float(tparam), float(spec.guess),
+               float(spec.overflow), post]
+        c = _vector(spec.log_scale, acc, dev)
+        args = (empty, c, obo, sink, ROWNORM, 0, [0.0] * 8, row)
+    out, _stats = torch.ops.forge_ops.attention_fwd(q, k, v, b, *args, mask_args(mask), float(scale),
+                                                    float(softcap or 0.0))
+    return out

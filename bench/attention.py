@@ -1,13 +1,16 @@
 """Attention with a softmax variant: the materialised (B, H, T, T) path against the blocked one
-(forge_dist/model/attention/blocked.py), measured in the same run.
+(forge_dist/model/attention/blocked.py) and the fused C++ kernel (attention/fused.py,
+csrc/cpu/attention.cpp), measured in the same run.
 
 Rows 1: one attention call, forward + backward, per variant and sequence length T: time (best of
 interleaved rounds: other processes on a shared machine only add time) and peak extra resident
 memory (RSS sampled every millisecond by a thread while the call runs, minus RSS before it; with glibc's
 mmap threshold pinned at 64 KiB every tensor goes back to the OS when freed, so the peak is the call's own).
 Rows 2: one training step (forward, backward, SGD) of the default model config (6 layers, 384 wide,
-6 heads, block 256) per variant, blocked (the default) against the materialised path
+6 heads, block 256) per variant, the default route (the fused kernel) against the materialised path
 (disable_flash_attention=True, which keeps the fused normaliser kernels), and the ratio.
+Row 3 (--long): one training step of the default config at block_size 4096, batch 1, with the fused
+kernel: time and peak extra RSS, against the size of the materialised path's score tensors.
 
     python bench/attention.py                                   # T 512..4096, 3 variants (~1 min)
     python bench/attention.py --seq 512 1024 --variants all --rounds 3
@@ -26,7 +29,7 @@ import torch
 
 import forge_dist.model  # noqa: F401  (registers the variants)
 from forge_dist import ModelConfig
-from forge_dist.model.attention import blocked
+from forge_dist.model.attention import blocked, fused
 from forge_dist.model.attention.core import _NO_POINTS, _materialised
 from forge_dist.model.gpt import GPT
 from forge_dist.model.softmax import build_softmax
@@ -71,7 +74,8 @@ def peak_extra_rss(fn) -> int:
 def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
     print(f"\n# attention forward+backward, B={B} H={H} head_dim={D} float32, causal")
     rows = []
-    print(f"{'variant':<14}{'T':>6}{'mat ms':>10}{'blk ms':>10}{'speed-up':>10}{'mat MiB':>10}{'blk MiB':>10}")
+    print(f"{'variant':<14}{'T':>6}{'mat ms':>10}{'blk ms':>10}{'fus ms':>10}{'fus/mat':>10}{'mat MiB':>10}"
+          f"{'blk MiB':>10}{'fus MiB':>10}")
     for T in seqs:
         q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
         for name in variants:
@@ -87,29 +91,34 @@ def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
                 y = blocked.blocked_attend(q, k, v, normalizer=norm, mask=mask, scale=D ** -0.5)
                 y.sum().backward()
 
-            if not blocked.supports(norm, T):
-                print(f"{name:<14}{T:>6}  (no blocked path)")
+            def fus(q=q, k=k, v=v, norm=norm, mask=mask):
+                y = fused.fused_attend(q, k, v, normalizer=norm, mask=mask, scale=D ** -0.5)
+                y.sum().backward()
+
+            if not blocked.supports(norm, T) or fused.spec_of(norm, T) is None:
+                print(f"{name:<14}{T:>6}  (no blocked or fused path)")
                 continue
-            times = {"mat": [], "blk": []}
+            times = {"mat": [], "blk": [], "fus": []}
             for _ in range(rounds):
-                for key, fn in (("mat", mat), ("blk", blk)):
+                for key, fn in (("mat", mat), ("blk", blk), ("fus", fus)):
                     t0 = time.perf_counter()
                     fn()
                     times[key].append(time.perf_counter() - t0)
-            rows.append((name, T, min(times["mat"]) * 1e3, min(times["blk"]) * 1e3, mat, blk))
+            rows.append((name, T, *(min(times[key]) * 1e3 for key in ("mat", "blk", "fus")), mat, blk, fus))
     exact_rss()  # after the timings: one mapping per allocation slows small allocations down
-    for name, T, tm, tb, mat, blk in rows:
-        mm, mb = peak_extra_rss(mat) / 2**20, peak_extra_rss(blk) / 2**20
-        print(f"{name:<14}{T:>6}{tm:>10.1f}{tb:>10.1f}{tm / tb:>9.2f}x{mm:>10.0f}{mb:>10.0f}", flush=True)
+    for name, T, tm, tb, tf, *fns in rows:
+        mm, mb, mf = (peak_extra_rss(fn) / 2**20 for fn in fns)
+        print(f"{name:<14}{T:>6}{tm:>10.1f}{tb:>10.1f}{tf:>10.1f}{tm / tf:>9.2f}x{mm:>10.0f}{mb:>10.0f}{mf:>10.0f}",
+              flush=True)
 
 
 def training_rows(variants, rounds, batch):
     print(f"\n# training step (fwd+bwd+SGD), default config (6x384, 6 heads, T=256), batch {batch}, float32")
-    print(f"{'variant':<14}{'mat ms':>10}{'blk ms':>10}{'speed-up':>10}")
+    print(f"{'variant':<14}{'mat ms':>10}{'fus ms':>10}{'speed-up':>10}")
     for name in variants:
         idx = torch.randint(0, 50304, (batch, 256), generator=torch.Generator().manual_seed(0))
         steps = {}
-        for key, disable in (("mat", True), ("blk", False)):
+        for key, disable in (("mat", True), ("fus", False)):
             torch.manual_seed(0)
             model = GPT(ModelConfig(softmax_variant_attn=name, disable_flash_attention=disable))
             opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -121,14 +130,40 @@ def training_rows(variants, rounds, batch):
                 opt.zero_grad(set_to_none=True)
 
             steps[key] = step
-        times = {"mat": [], "blk": []}
+        times = {"mat": [], "fus": []}
         for _ in range(rounds):
-            for key in ("mat", "blk"):
+            for key in ("mat", "fus"):
                 t0 = time.perf_counter()
                 steps[key]()
                 times[key].append(time.perf_counter() - t0)
-        tm, tb = min(times["mat"]) * 1e3, min(times["blk"]) * 1e3
+        tm, tb = min(times["mat"]) * 1e3, min(times["fus"]) * 1e3
         print(f"{name:<14}{tm:>10.0f}{tb:>10.0f}{tm / tb:>9.2f}x", flush=True)
+
+
+def long_row(name: str, T: int = 4096):
+    """One training step at block_size T, batch 1, default width, fused kernel: time and peak RSS."""
+    cfg = ModelConfig(softmax_variant_attn=name, block_size=T)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    elapsed = []
+
+    def step():
+        t0 = time.perf_counter()
+        _, loss = model(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed.append(time.perf_counter() - t0)
+
+    exact_rss()
+    peak = peak_extra_rss(step) / 2**20
+    scores = cfg.n_head * T * T * 4 / 2**20
+    print(f"\n# training step at block_size {T}, batch 1, {cfg.n_layer}x{cfg.n_embd}, {name}, fused kernel: "
+          f"{elapsed[0]:.1f} s, peak extra RSS {peak:.0f} MiB (weights and AdamW-free SGD state excluded); the "
+          f"materialised path holds (1, {cfg.n_head}, {T}, {T}) float32 = {scores:.0f} MiB per score tensor, "
+          f"several per layer and {cfg.n_layer} layers", flush=True)
 
 
 def main():
@@ -139,6 +174,7 @@ def main():
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train_variants", nargs="*", default=["polymax", "consmax", "strongermax"])
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--long", default="", help="a variant: also one training step at block_size 4096")
     a = p.parse_args()
     variants = sorted(n for n in SOFTMAX.names() if n != "softmax") if a.variants == ["all"] else a.variants
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -146,6 +182,8 @@ def main():
     if a.train_variants:
         training_rows(a.train_variants, a.rounds, a.batch)
     attention_rows(variants, a.seq, a.rounds)
+    if a.long:
+        long_row(a.long)
 
 
 if __name__ == "__main__":

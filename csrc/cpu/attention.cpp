@@ -1,14 +1,14 @@
 // Fused attention for the score normalisers: out_i = sum_j f(s_ij) v_j / D_i without the (T, S)
-// score matrix. One task per (batch, KV head): K^T and V of that head are copied once into the
-// accumulation type, and every query head of its group runs row by row over the visible keys with
-// an O(S) score buffer; so memory is O(threads x S x D), never O(T x S), and GQA never repeats K/V.
+// score matrix. One task per (batch, KV head) over the ATen thread pool; every query head of the
+// KV head's group runs over tiles of 64 query rows x the keys those rows see (causal: up to the last
+// row's key), so memory is O(threads x 64 x S), never O(T x S), and GQA never repeats K/V.
 //
 // s_ij = cap tanh((q_i . k_j) scale / cap) + bias_ij  (soft-capping: Gemma 2; additive bias: FIRE)
 // Two families, their formulas the functors of forge/scores.h (shared with the normaliser kernels):
 // - elementwise: f(s) = F.value(s), D a constant or learned per-head denominator inside F;
 // - row-normalised: t = T(s), m the row shift (max over visible keys and the sink), e = exp(c (t - m)),
-//   D = obo + sum_j e (+ the sink's e), out = post sum_j e_j v_j / D. The whole row is in the buffer,
-//   so m is the exact max (no running rescale); stats (B, H, T, 3) = [m, D, ties of the max] are
+//   D = obo + sum_j e (+ the sink's e), out = post sum_j e_j v_j / D. A whole row is in the tile, so
+//   m is the exact max (no running rescale); stats (B, H, T, 3) = [m, D, ties of the max] are
 //   what the backward needs to recompute e, as flash attention keeps its log-sum-exp.
 // Backward per row (Dao et al. 2022, with f general): dP_j = dO_i . v_j, delta = dO_i . out_i;
 // elementwise ds_j = F'(s_j) dP_j; row-normalised da_j = (post dP_j - delta) e_j / D (no delta without
@@ -29,74 +29,36 @@ struct Geo {
   MaskArgs mask;
 };
 
-// K^T (D, S) and V (S, Dv) of one (batch, KV head), in the accumulation type.
-template <class T, class A>
-void load_kv(const T* k, const T* v, const Geo& g, std::vector<A>& kt, std::vector<A>& vv) {
-  kt.resize(g.D * g.S);
-  vv.resize(g.S * g.Dv);
-  for (int64_t j = 0; j < g.S; ++j)
-    for (int64_t d = 0; d < g.D; ++d) kt[d * g.S + j] = load(k[j * g.D + d]);
-  for (int64_t n = 0; n < g.S * g.Dv; ++n) vv[n] = load(v[n]);
-}
-
 struct Segment {
   int64_t lo, hi;
 };
 inline std::array<Segment, 2> segments(const ColRange& c) { return {Segment{0, c.sink_end}, Segment{c.lo, c.hi}}; }
 
-// s[j] (and th[j] = tanh(.) under soft-capping) for j in [lo, hi): the axpy over j vectorises.
+constexpr int64_t QBLOCK = 64;  // query rows per tile: the tile is QBLOCK x (keys the block sees)
+
+// A tile row from raw q.k to the score: cap tanh(x scale / cap) (th keeps the tanh) + bias, visible
+// columns only.
 template <class A>
-void score_row(const A* q, const A* kt, const A* bias_row, A* s, A* th, Segment sg, const Geo& g) {
-  const int64_t lo = sg.lo, hi = sg.hi, S = g.S;
-  for (int64_t j = lo; j < hi; ++j) s[j] = A(0);
-  for (int64_t d = 0; d < g.D; ++d) {
-    const A qd = q[d];
-    const A* kr = kt + d * S;
-    for (int64_t j = lo; j < hi; ++j) s[j] += qd * kr[j];
+void finish_scores(A* s, A* th, const A* bias_row, const ColRange& c, const Geo& g) {
+  const A sc = A(g.scale), cap = A(g.softcap);
+  for (const Segment sg : segments(c)) {
+    if (g.softcap != 0.0) {
+      for (int64_t j = sg.lo; j < sg.hi; ++j) {
+        A tt = std::tanh(s[j] * sc / cap);
+        th[j] = tt;
+        s[j] = cap * tt;
+      }
+    } else {
+      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] *= sc;
+    }
+    if (bias_row)
+      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] += bias_row[j];
   }
-  const A sc = A(g.scale);
-  if (g.softcap != 0.0) {
-    const A cap = A(g.softcap);
-    for (int64_t j = lo; j < hi; ++j) {
-      A tt = std::tanh(s[j] * sc / cap);
-      th[j] = tt;
-      s[j] = cap * tt;
-    }
-  } else {
-    for (int64_t j = lo; j < hi; ++j) s[j] *= sc;
-  }
-  if (bias_row)
-    for (int64_t j = lo; j < hi; ++j) s[j] += bias_row[j];
 }
 
-// out[:] += p[j] v[j, :] over the visible keys
+// ds w.r.t. the final score -> dbias, then back through tanh and the scale to raw q.k
 template <class A>
-void pv_row(const A* p, const A* vv, A* out, const ColRange& c, int64_t Dv) {
-  for (const Segment sg : segments(c))
-    for (int64_t j = sg.lo; j < sg.hi; ++j) {
-      const A pj = p[j];
-      const A* vr = vv + j * Dv;
-      for (int64_t d = 0; d < Dv; ++d) out[d] += pj * vr[d];
-    }
-}
-
-// dP[j] = dO . v[j]
-template <class A>
-void dp_row(const A* dout, const A* vv, A* dp, const ColRange& c, int64_t Dv) {
-  for (const Segment sg : segments(c))
-    for (int64_t j = sg.lo; j < sg.hi; ++j) {
-      const A* vr = vv + j * Dv;
-      A acc = A(0);
-      for (int64_t d = 0; d < Dv; ++d) acc += dout[d] * vr[d];
-      dp[j] = acc;
-    }
-}
-
-// ds (w.r.t. the biased, capped score) -> dbias, then through tanh and the scale into dq, dk;
-// p (the forward weights) and dO into dv.
-template <class A>
-void backprop_row(const A* q, const A* dout, const A* kt, const A* p, A* ds, const A* th, A* dbias_row, A* dq,
-                  A* dk, A* dv, const ColRange& c, const Geo& g) {
+void unfinish_grad(A* ds, const A* th, A* dbias_row, const ColRange& c, const Geo& g) {
   const A sc = A(g.scale);
   for (const Segment sg : segments(c)) {
     if (dbias_row)
@@ -105,20 +67,14 @@ void backprop_row(const A* q, const A* dout, const A* kt, const A* p, A* ds, con
       for (int64_t j = sg.lo; j < sg.hi; ++j) ds[j] *= (A(1) - th[j] * th[j]) * sc;
     else
       for (int64_t j = sg.lo; j < sg.hi; ++j) ds[j] *= sc;
-    for (int64_t d = 0; d < g.D; ++d) {  // dq_d = sum_j ds_j k_jd
-      const A* kr = kt + d * g.S;
-      A acc = A(0);
-      for (int64_t j = sg.lo; j < sg.hi; ++j) acc += ds[j] * kr[j];
-      dq[d] += acc;
-    }
-    for (int64_t j = sg.lo; j < sg.hi; ++j) {
-      const A dsj = ds[j], pj = p[j];
-      A* dkr = dk + j * g.D;
-      for (int64_t d = 0; d < g.D; ++d) dkr[d] += dsj * q[d];
-      A* dvr = dv + j * g.Dv;
-      for (int64_t d = 0; d < g.Dv; ++d) dvr[d] += pj * dout[d];
-    }
   }
+}
+
+// Zeros the hidden columns [sink_end, lo) and [hi, w) of a tile row.
+template <class A>
+void zero_hidden(A* row, const ColRange& c, int64_t w) {
+  std::fill(row + c.sink_end, row + c.lo, A(0));
+  std::fill(row + c.hi, row + w, A(0));
 }
 
 // ---- the two normaliser families -----------------------------------------------------------------
@@ -233,79 +189,89 @@ struct RowNorm {
   }
 };
 
+// The products are BLAS calls on one tile (at::mm; single-threaded inside the parallel loop), the
+// normaliser runs on the tile's rows in between; K, V in the accumulation type once per task.
 template <class T, class Fam>
-void attn_fwd(const T* q, const T* k, const T* v, const acc_t<T>* bias, T* out, acc_t<T>* stats, const Fam& fam,
-              const Geo& g) {
+void attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t<T>* bias, at::Tensor& out,
+              acc_t<T>* stats, const Fam& fam, const Geo& g) {
   using A = acc_t<T>;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t rep = g.Hq / g.Hkv;
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> kt, vv, s(g.S), th(g.S), qr(g.D), o(g.Dv);
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.Hkv, kvh = bg % g.Hkv;
-      load_kv(k + bg * g.S * g.D, v + bg * g.S * g.Dv, g, kt, vv);
+      const at::Tensor kf = k[b][kvh].to(acc), vf = v[b][kvh].to(acc);
       for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
-        const int64_t bh = b * g.Hq + h;
-        for (int64_t i = 0; i < g.T; ++i) {
-          const ColRange c = visible_cols(g.mask, i, g.S);
-          const T* qi = q + (bh * g.T + i) * g.D;
-          for (int64_t d = 0; d < g.D; ++d) qr[d] = load(qi[d]);
-          const A* brow = g.Hb ? bias + ((g.Hb == 1 ? 0 : h) * g.T + i) * g.S : nullptr;
-          for (const Segment sg : segments(c)) score_row(qr.data(), kt.data(), brow, s.data(), th.data(), sg, g);
-          const A f = fam.forward(h, s.data(), c, stats ? stats + (bh * g.T + i) * 3 : nullptr);
-          std::fill(o.begin(), o.end(), A(0));
-          pv_row(s.data(), vv.data(), o.data(), c, g.Dv);
-          T* orow = out + (bh * g.T + i) * g.Dv;
-          for (int64_t d = 0; d < g.Dv; ++d) orow[d] = store<T>(o[d] * f);
+        const int64_t bh = b * g.Hq + h, hb = g.Hb == 1 ? 0 : h;
+        const at::Tensor qf = q[b][h].to(acc);
+        for (int64_t i0 = 0; i0 < g.T; i0 += QBLOCK) {
+          const int64_t n = std::min(QBLOCK, g.T - i0), w = visible_cols(g.mask, i0 + n - 1, g.S).hi;
+          at::Tensor s = at::mm(qf.narrow(0, i0, n), kf.narrow(0, 0, w).t()).contiguous();
+          at::Tensor th = g.softcap != 0.0 ? at::empty_like(s) : s;
+          at::Tensor f = at::empty({n, 1}, s.options());
+          A *sp = s.data_ptr<A>(), *tp = th.data_ptr<A>(), *fp = f.data_ptr<A>();
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t i = i0 + r;
+            const ColRange c = visible_cols(g.mask, i, g.S);
+            finish_scores(sp + r * w, tp + r * w, g.Hb ? bias + (hb * g.T + i) * g.S : nullptr, c, g);
+            fp[r] = fam.forward(h, sp + r * w, c, stats ? stats + (bh * g.T + i) * 3 : nullptr);
+            zero_hidden(sp + r * w, c, w);
+          }
+          out[b][h].narrow(0, i0, n).copy_(at::mm(s, vf.narrow(0, 0, w)).mul_(f));
         }
       }
     }
   });
 }
 
-// grads: dq (B, Hq, T, D), dk, dv (B, Hkv, S, .) in T; dbias (Hb, T, S), dpar, dc, dobo, dsink in A,
+// grads: dq, dk, dv in T; dbias (Hb, T, S), and the small ones [dparams | dc | dobo | dsink] in A,
 // summed over threads in thread order (deterministic for a thread count).
 template <class T, class Fam>
-void attn_bwd(const T* grad, const T* q, const T* k, const T* v, const acc_t<T>* bias, const T* out,
-              const acc_t<T>* stats, T* dq, T* dk, T* dv, acc_t<T>* dbias, acc_t<T>* small, int64_t n_small,
-              std::array<int64_t, 4> offsets, const Fam& fam, const Geo& g) {
+void attn_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const acc_t<T>* bias, const at::Tensor& out, const acc_t<T>* stats, at::Tensor& dq, at::Tensor& dk,
+              at::Tensor& dv, acc_t<T>* dbias, acc_t<T>* small, int64_t n_small, std::array<int64_t, 4> offsets,
+              const Fam& fam, const Geo& g) {
   using A = acc_t<T>;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t rep = g.Hq / g.Hkv, nb = dbias ? g.Hb * g.T * g.S : 0;
   PerThread<A> acc_bias(nb), acc_small(n_small);
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> kt, vv, s(g.S), th(g.S), dp(g.S), qr(g.D), dor(g.Dv), dqr(g.D);
-    std::vector<A> dkb(g.S * g.D), dvb(g.S * g.Dv);
     A* my_bias = nb ? acc_bias.mine() : nullptr;
     A* my = acc_small.mine();
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.Hkv, kvh = bg % g.Hkv;
-      load_kv(k + bg * g.S * g.D, v + bg * g.S * g.Dv, g, kt, vv);
-      std::fill(dkb.begin(), dkb.end(), A(0));
-      std::fill(dvb.begin(), dvb.end(), A(0));
+      const at::Tensor kf = k[b][kvh].to(acc), vf = v[b][kvh].to(acc);
+      at::Tensor dkf = at::zeros_like(kf), dvf = at::zeros_like(vf);
       for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
-        const int64_t bh = b * g.Hq + h;
-        for (int64_t i = 0; i < g.T; ++i) {
-          const ColRange c = visible_cols(g.mask, i, g.S);
-          const int64_t row = bh * g.T + i;
-          for (int64_t d = 0; d < g.D; ++d) qr[d] = load(q[row * g.D + d]);
-          A delta = A(0);
-          for (int64_t d = 0; d < g.Dv; ++d) {
-            dor[d] = load(grad[row * g.Dv + d]);
-            delta += dor[d] * A(load(out[row * g.Dv + d]));
+        const int64_t bh = b * g.Hq + h, hb = g.Hb == 1 ? 0 : h;
+        const at::Tensor qf = q[b][h].to(acc), gf = grad[b][h].to(acc);
+        const at::Tensor delta = (gf * out[b][h].to(acc)).sum(-1).contiguous();  // dO . out per row
+        const A* dl = delta.const_data_ptr<A>();
+        for (int64_t i0 = 0; i0 < g.T; i0 += QBLOCK) {
+          const int64_t n = std::min(QBLOCK, g.T - i0), w = visible_cols(g.mask, i0 + n - 1, g.S).hi;
+          const at::Tensor qb = qf.narrow(0, i0, n), gb = gf.narrow(0, i0, n);
+          at::Tensor s = at::mm(qb, kf.narrow(0, 0, w).t()).contiguous();
+          at::Tensor dp = at::mm(gb, vf.narrow(0, 0, w).t()).contiguous();
+          at::Tensor th = g.softcap != 0.0 ? at::empty_like(s) : s;
+          A *sp = s.data_ptr<A>(), *tp = th.data_ptr<A>(), *dpp = dp.data_ptr<A>();
+          for (int64_t r = 0; r < n; ++r) {
+            const int64_t i = i0 + r;
+            const ColRange c = visible_cols(g.mask, i, g.S);
+            A *sr = sp + r * w, *dr = dpp + r * w;
+            finish_scores(sr, tp + r * w, g.Hb ? bias + (hb * g.T + i) * g.S : nullptr, c, g);
+            fam.backward(h, sr, dr, c, stats ? stats + (bh * g.T + i) * 3 : nullptr, dl[i], my + offsets[0],
+                         my + offsets[1], my + offsets[2], my + offsets[3]);
+            unfinish_grad(dr, tp + r * w, my_bias ? my_bias + (hb * g.T + i) * g.S : nullptr, c, g);
+            zero_hidden(sr, c, w);
+            zero_hidden(dr, c, w);
           }
-          const int64_t hb = g.Hb == 1 ? 0 : h;
-          const A* brow = g.Hb ? bias + (hb * g.T + i) * g.S : nullptr;
-          for (const Segment sg : segments(c)) score_row(qr.data(), kt.data(), brow, s.data(), th.data(), sg, g);
-          dp_row(dor.data(), vv.data(), dp.data(), c, g.Dv);
-          fam.backward(h, s.data(), dp.data(), c, stats ? stats + row * 3 : nullptr, delta, my + offsets[0],
-                       my + offsets[1], my + offsets[2], my + offsets[3]);
-          std::fill(dqr.begin(), dqr.end(), A(0));
-          backprop_row(qr.data(), dor.data(), kt.data(), s.data(), dp.data(), th.data(),
-                       my_bias ? my_bias + (hb * g.T + i) * g.S : nullptr, dqr.data(), dkb.data(), dvb.data(), c, g);
-          for (int64_t d = 0; d < g.D; ++d) dq[row * g.D + d] = store<T>(dqr[d]);
+          dvf.narrow(0, 0, w).addmm_(s.t(), gb);
+          dkf.narrow(0, 0, w).addmm_(dp.t(), qb);
+          dq[b][h].narrow(0, i0, n).copy_(at::mm(dp, kf.narrow(0, 0, w)));
         }
       }
-      for (int64_t n = 0; n < g.S * g.D; ++n) dk[bg * g.S * g.D + n] = store<T>(dkb[n]);
-      for (int64_t n = 0; n < g.S * g.Dv; ++n) dv[bg * g.S * g.Dv + n] = store<T>(dvb[n]);
+      dk[b][kvh].copy_(dkf);
+      dv[b][kvh].copy_(dvf);
     }
   });
   if (nb) {
@@ -398,8 +364,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   dispatch(p.q, family, kind, p.consts, p.params, p.c, p.obo, p.sink, p.ra, [&](auto t, const auto& fam) {
     using T = decltype(t);
     using A = acc_t<T>;
-    attn_fwd<T>(p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
-                g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.data_ptr<T>(),
+    attn_fwd<T>(p.q, p.k, p.v, g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out,
                 family == ROWNORM ? stats.data_ptr<A>() : nullptr, fam, g);
   });
   return {out, stats.reshape({family == ROWNORM ? g.B : 0, g.Hq, g.T, 3})};
@@ -424,10 +389,9 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_, const at::Tensor&
   dispatch(p.q, family, kind, p.consts, p.params, p.c, p.obo, p.sink, p.ra, [&](auto t, const auto& fam) {
     using T = decltype(t);
     using A = acc_t<T>;
-    attn_bwd<T>(grad.const_data_ptr<T>(), p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
-                g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.const_data_ptr<T>(),
-                family == ROWNORM ? stats.const_data_ptr<A>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(),
-                dv.data_ptr<T>(), dbias.numel() ? dbias.data_ptr<A>() : nullptr, small.data_ptr<A>(), small.numel(),
+    attn_bwd<T>(grad, p.q, p.k, p.v, g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out,
+                family == ROWNORM ? stats.const_data_ptr<A>() : nullptr, dq, dk, dv,
+                dbias.numel() ? dbias.data_ptr<A>() : nullptr, small.data_ptr<A>(), small.numel(),
                 {0, np, np + 1, np + 1 + no}, fam, g);
   });
   return {dq, dk, dv, dbias, small.narrow(0, 0, np).reshape(params_.sizes()), small.narrow(0, np, 1),

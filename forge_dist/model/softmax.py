@@ -410,13 +410,26 @@ class PFLASoftmax(ScoreNormalizer):
         else:
             self.register_buffer(name, values)
 
-    def forward(self, scores, mask: Optional[MaskSpec] = None):
+    def knots(self):
         x_vals, y_vals = self.x_vals, self.y_vals
         if self.learn_x:  # learned knots may cross: take them in increasing order (with their values)
             order = torch.argsort(x_vals.detach())
             x_vals, y_vals = x_vals[order], y_vals[order]
+        return x_vals, y_vals
+
+    def forward(self, scores, mask: Optional[MaskSpec] = None):
+        x_vals, y_vals = self.knots()
         return ref.pfla_softmax(scores, self.keep(scores, mask), x_vals, y_vals, self.mode,
                                 gamma_raw=self._gamma_raw, obo_log=self._obo_raw)
+
+    def row_sum_spec(self):
+        """(curve, addend) of the row-normalised mode, y = curve(s) / (sum_j curve(s_j) + addend), for
+        the blocked attention path (attention/blocked.py); None with the learned divisor."""
+        if self._gamma_raw is not None:
+            return None
+        x_vals, y_vals = self.knots()
+        return ((lambda s: ref.pfla_curve(s, None, x_vals, y_vals, self.mode)),
+                (lambda like: ref.pfla_addend(like, obo_log=self._obo_raw)))
 
 
 # --- construction and option checks -----------------------------------------------------------

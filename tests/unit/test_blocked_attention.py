@@ -34,6 +34,9 @@ CASES = [(name, {}) for name in sorted(SOFTMAX.names()) if name != "pfla_softmax
     ("polymax", dict(div_by_seq_len=True)),
     ("saturatingconsmax", dict(div_by_seq_len=True, consmax_saturation=0.5)),
     ("pfla_softmax", dict(pfla_softmax_use_learned_divisor=True)),
+    ("pfla_softmax", {}),  # normalised by the row sum of its curve
+    ("pfla_softmax", dict(pfla_softmax_use_obo=True, pfla_softmax_use_learned_obo=True, pfla_softmax_learn_x=True,
+                          pfla_softmax_mode="quadratic")),
 ]
 
 # (mask, n_q, n_kv heads, n_keys, softcap, bias, sink): causal with everything; window + KV-cache offset
@@ -123,8 +126,25 @@ def test_blocked_bfloat16_close_to_float64(name):
         torch.testing.assert_close(b.double(), a, rtol=0, atol=0.03 * float(a.abs().max()))
 
 
-def test_unsupported_variant_stays_materialised():
-    assert not blocked.supports(normaliser("pfla_softmax", {}, torch.float64), 9)  # row sum of a learned curve
+def test_pfla_row_sum_never_holds_the_scores():
+    """pfla_softmax normalised by its row sum runs blocked: no (B, H, T, S) tensor in the forward."""
+    module = normaliser("pfla_softmax", {}, torch.float64)
+    assert blocked.supports(module, 9) and not module.elementwise
+    x = inputs(MASKS[0], torch.float64)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes.extend(t.shape for t in (out if isinstance(out, (tuple, list)) else (out,)) if torch.is_tensor(t))
+            return out
+
+    with Shapes():
+        blocked.blocked_attend(x["q"], x["k"], x["v"], normalizer=module, mask=x["mask"], scale=0.7, block=4,
+                               q_block=3)
+    assert not [s for s in shapes if len(s) == 4 and s[-1] == 11 and s[-2] >= 4], "a full score row block"
 
 
 @pytest.mark.parametrize("mode,expect", [("auto", "blocked"), ("reference", "materialised")])

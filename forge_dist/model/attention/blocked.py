@@ -5,6 +5,8 @@ Two kinds, read from the normaliser (forge_dist.model.softmax), one mechanism fo
 - elementwise (``normalizer.elementwise``: consmax family, polymax, relumax, ...): y_ij = f(s_ij)/D
   needs nothing from other keys, so each key block is normalised by the module itself (its fused
   kernel or reference, hidden keys as -inf) and multiplied into its values;
+- row sum of a curve (``normalizer.row_sum_spec``: pfla_softmax without its learned divisor):
+  D_i = sum_j y(s_ij) (+ eps, + e^obo), accumulated with O_i = sum_j y(s_ij) v_j, y = O / D;
 - row-normalised (``normalizer.row_spec``: softmax with soft-capping, softermax, sigsoftmax,
   strongermax): pass 1 takes the row max m of w = t(s) over the blocks (only where the variant
   shifts by it), pass 2 accumulates e = exp(c (w - m)) into D_i = sum_j e_ij and O_i = sum_j e_ij v_j,
@@ -42,10 +44,16 @@ def enabled() -> bool:
 
 def supports(normalizer: nn.Module, n_keys: int) -> bool:
     """True when ``normalizer`` can run blocked (elementwise, or row-normalised with a RowSpec)."""
-    if getattr(normalizer, "elementwise", False):
+    if getattr(normalizer, "elementwise", False) or _row_sum_spec(normalizer) is not None:
         return True
     spec = getattr(normalizer, "row_spec", None)
     return spec is not None and spec(n_keys) is not None
+
+
+def _row_sum_spec(normalizer: nn.Module):
+    """(curve, addend) of a variant normalised by the plain row sum of a curve (pfla_softmax), or None."""
+    spec = getattr(normalizer, "row_sum_spec", None)
+    return None if spec is None else spec()
 
 
 def _group(x: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -135,6 +143,23 @@ def _attend_rows(q, k_blocks, v_blocks, S: int, normalizer, mask: MaskSpec, scal
         for j0, j1 in _blocks(mask, T, S, block):
             out = out + _run(elementwise_block, qg, *block_inputs(j0, j1)).to(acc)
         return out.to(q.dtype)  # a sink column only takes mass from a sum: none here
+
+    row_sum = _row_sum_spec(normalizer)
+    if row_sum is not None:  # y = curve(s) / (sum_j curve(s_j) + addend): accumulate both sums
+        curve, addend = row_sum
+
+        def sum_block(qg, k_blk, v_blk, keep, bias_blk):
+            y = curve(_block_scores(qg, k_blk, scale, softcap, bias_blk, keep))  # 0 where hidden (-inf)
+            return y.sum(-1, keepdim=True, dtype=acc), _pv(y.to(v_blk.dtype), v_blk).to(acc)
+
+        den = q.new_zeros(*q.shape[:-1], 1, dtype=acc)
+        for j0, j1 in _blocks(mask, T, S, block):
+            d_blk, o_blk = _run(sum_block, qg, *block_inputs(j0, j1))
+            den, out = den + d_blk, out + o_blk
+        if sink_logit is not None:  # the sink column's curve value counts in the sum
+            sink = torch.as_tensor(sink_logit, dtype=q.dtype, device=q.device).reshape(-1, 1, 1)
+            den = den + curve(sink.expand(q.shape[1], T, 1).expand(q.shape[0], q.shape[1], T, 1)).to(acc)
+        return (out / (den + addend(den))).to(q.dtype)
 
     spec: RowSpec = normalizer.row_spec(n_keys)
     transform = spec.transform or (lambda x: x)

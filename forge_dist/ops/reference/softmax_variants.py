@@ -316,6 +316,14 @@ def pfla_softmax(
     Any non-finite score counts as hidden (as upstream). The off-by-one addend is e^obo_log: upstream
     maps the stored value through exp (pfla_softmax_obo = 0 gives +1, Miller's softmax_1).
     """
+    y = pfla_curve(scores, keep, x_knots, sqrt_y, mode)
+    if gamma_raw is not None:
+        return y / (torch.relu(gamma_raw) + eps)
+    return y / (y.sum(-1, keepdim=True) + pfla_addend(y, eps, obo_log))
+
+
+def pfla_curve(scores, keep, x_knots, sqrt_y, mode: str = "linear") -> torch.Tensor:
+    """pfla_softmax's unnormalised curve y(x), 0 at hidden and non-finite scores."""
     finite = torch.isfinite(scores)
     keep = finite if keep is None else finite & keep
     x = fill_hidden(scores, keep)
@@ -325,10 +333,11 @@ def pfla_softmax(
         y = x * lerp_knots(x, x_knots, sqrt_y) ** 2
     else:
         raise ValueError(f"pfla_softmax_mode={mode!r}; valid values: linear, quadratic")
-    y = zero_hidden(y, keep)
-    if gamma_raw is not None:
-        return y / (torch.relu(gamma_raw) + eps)
-    den = y.sum(-1, keepdim=True) + eps
-    if obo_log is not None:
-        den = den + torch.exp(torch.as_tensor(obo_log, dtype=y.dtype, device=y.device))
-    return y / den
+    return zero_hidden(y, keep)
+
+
+def pfla_addend(like: torch.Tensor, eps: float = 1e-6, obo_log: Optional[Param] = None):
+    """What pfla_softmax adds to the row sum: eps (+ e^obo_log)."""
+    if obo_log is None:
+        return eps
+    return eps + torch.exp(torch.as_tensor(obo_log, dtype=like.dtype, device=like.device))

@@ -150,7 +150,8 @@ def curve_spec(name: str, divisor: float, seq_len: Optional[int] = None, b: floa
     """relumax, relu2max, sigmoidmax, softplus, squareplus: f(x) / D (/ L)."""
     reference = _CURVES[name]
     if name == "squareplus":
-        return ElemSpec(name, [_scale(divisor, seq_len), b], lambda s, keep, *_: reference(s, keep, divisor, seq_len, b))
+        return ElemSpec(name, [_scale(divisor, seq_len), b],
+                        lambda s, keep, *_: reference(s, keep, divisor, seq_len, b))
     return ElemSpec(name, [_scale(divisor, seq_len)], lambda s, keep, *_: reference(s, keep, divisor, seq_len))
 
 

@@ -10,19 +10,19 @@ from forge_dist.ops import registry
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 NORM = {"norm_fwd", "norm_bwd"}
-ELEM = {"score_elementwise_fwd", "score_elementwise_bwd"}
-# Attention runs blocked over keys (model/attention/blocked.py): the elementwise kernels run per key
-# block, the row-normalised variants are computed by the blocked path itself (no rownorm kernel call).
+ATTN = {"attention_fwd", "attention_bwd"}
+# Attention with a score normaliser runs the fused attention kernel (model/attention/fused.py): no
+# elementwise or rownorm kernel call, the normaliser's formula runs inside it.
 CONFIGS = {  # name -> (options, the forge_ops operators the step must run)
     "rmsnorm_softmax": (dict(norm_variant_attn="rmsnorm", norm_variant_output="rmsnorm"), NORM),
     "layernorm_consmax_v2": (dict(norm_variant_attn="layernorm", norm_variant_output="layernorm",
-                                  softmax_variant_attn="consmax_v2"), NORM | ELEM),
-    "prmsnorm_polymax": (dict(norm_variant_attn="prmsnorm", softmax_variant_attn="polymax"), NORM | ELEM),
+                                  softmax_variant_attn="consmax_v2"), NORM | ATTN),
+    "prmsnorm_polymax": (dict(norm_variant_attn="prmsnorm", softmax_variant_attn="polymax"), NORM | ATTN),
     "hypersphere_strongermax": (dict(norm_variant_attn="hyperspherenorm", softmax_variant_attn="strongermax",
                                      strongermax_use_learned_obo_per_head=True,
-                                     strongermax_use_learned_temperature_factor=True), NORM),
-    "rmsnorm_eps_sigsoftmax": (dict(rmsnorm_eps=1e-5, softmax_variant_attn="sigsoftmax"), NORM),
-    "relumax_window": (dict(softmax_variant_attn="relumax", window_size=5), NORM | ELEM),
+                                     strongermax_use_learned_temperature_factor=True), NORM | ATTN),
+    "rmsnorm_eps_sigsoftmax": (dict(rmsnorm_eps=1e-5, softmax_variant_attn="sigsoftmax"), NORM | ATTN),
+    "relumax_window": (dict(softmax_variant_attn="relumax", window_size=5), NORM | ATTN),
 }
 
 

@@ -19,10 +19,10 @@ Unlike upstream, every query also sees its own key (see docs/divergences.md).
 Plain softmax (soft-capping off) runs PyTorch's fused scaled_dot_product_attention, grouped-query
 attention included (``enable_gqa``); FIRE bias and sink then travel in its additive mask instead
 of a materialised score matrix. Every other normaliser runs the fused kernel where one takes it
-(attention/fused.py: C++ on CPU, FlexAttention on CUDA), else blocked over keys (attention/blocked.py),
-O(T x block) memory, unless FORGE_OPS=reference or dropout is on. Only the quant points on tensors the kernel keeps inside
-(softmax_input, pv_mult_p_input) force the materialised path; q, k, v and the output are quantized
-around the kernel. Head counts are read from the tensors, so the same code runs on a
+(attention/fused.py: C++ on CPU, FlexAttention on CUDA), else blocked over keys
+(attention/blocked.py), never holding the scores, unless FORGE_OPS=reference or dropout is on. Only
+the quant points on tensors the kernel keeps inside (softmax_input, pv_mult_p_input) force the
+materialised path; q, k, v and the output are quantized around the kernel. Head counts are read from the tensors, so the same code runs on a
 tensor-parallel shard of heads.
 """
 from __future__ import annotations
@@ -99,17 +99,17 @@ def attend(
     if torch.is_tensor(scale):  # a learned scale (qk-norm g): (g q) . k = g (q . k)
         q, scale = q * scale, 1.0
     materialise = not fused or any(p in points for p in SCORE_POINTS)
+    y = None
     if not materialise and normalizer is None and softcap is None:
         y = _sdpa(q, k, v, mask, float(scale), dropout_p, n_rep, bias, sink_logit)
-    elif not materialise and dropout_p == 0.0 and blocked.enabled() and (y := fused_attend(
-            q, k, v, normalizer=normalizer or _PLAIN_SOFTMAX, mask=mask, scale=scale, softcap=softcap, bias=bias,
-            sink_logit=sink_logit)) is not None:
-        pass  # the fused kernel (attention/fused.py)
-    elif not materialise and dropout_p == 0.0 and blocked.enabled() and blocked.supports(
-            normalizer or _PLAIN_SOFTMAX, k.shape[-2] - mask.n_sink):
-        y = blocked.blocked_attend(q, k, v, normalizer=normalizer or _PLAIN_SOFTMAX, mask=mask, scale=scale,
-                                   softcap=softcap, bias=bias, sink_logit=sink_logit)
-    else:
+    elif not materialise and dropout_p == 0.0 and blocked.enabled():
+        norm = normalizer or _PLAIN_SOFTMAX
+        y = fused_attend(q, k, v, normalizer=norm, mask=mask, scale=scale, softcap=softcap, bias=bias,
+                         sink_logit=sink_logit)  # None where no fused kernel takes the call
+        if y is None and blocked.supports(norm, k.shape[-2] - mask.n_sink):
+            y = blocked.blocked_attend(q, k, v, normalizer=norm, mask=mask, scale=scale, softcap=softcap, bias=bias,
+                                       sink_logit=sink_logit)
+    if y is None:
         y = _materialised(q, k, v, n_rep, normalizer, mask, scale, softcap, bias, sink_logit, dropout_p, points)
     return points("pv_mult_output", y)
 

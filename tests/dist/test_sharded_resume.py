@@ -8,6 +8,8 @@ world of 4 ranks (forge_dist.testing.runs: the runs forge-train builds under a l
   E  one process (LocalEngine) from A's iteration 2 (TP 2 -> 1 and DP 2 -> 1, no launcher)
   F  a MoE model at EP=2 x DP=4, checkpoints at 2 and 4 (experts under their global index)
   G  EP=4 from F's iteration 2;  H  one process (EP=1) from F's iteration 2
+  X  a copy of B's iteration 6 with one shard flipped: resuming it at TP=2 stops every rank with
+     the file's name (each rank hashed only the files it reads; the ranks agreed before reading)
 
 The global batch stays 8 rows (batch_size 2 x gradient_accumulation x DP), so the data position
 carries over exactly when DP changes, and every resumed loss equals the uninterrupted run's.
@@ -51,10 +53,32 @@ def _worlds(rank, world_size, dataset, root):
     losses["D"] = run("D", 2, 2, *resume, _ckpt(os.path.join(root, "B"), 4), "--max_iters", "6")
     losses["F"] = run("F", 1, 1, *MOE, "--max_iters", "4", ep=2)
     losses["G"] = run("G", 1, 1, *MOE, *resume, _ckpt(os.path.join(root, "F"), 2), "--max_iters", "4", ep=4)
-    return losses, files_a
+    return losses, files_a, _corrupt_resume(rank, root, run)
 
 
-@pytest.mark.timeout(240)
+def _corrupt_resume(rank, root, run):
+    import shutil
+
+    import torch.distributed as dist
+
+    from forge_dist.errors import CheckpointError
+
+    bad = os.path.join(root, "X", "iter_0000006")
+    if rank == 0:
+        shutil.copytree(_ckpt(os.path.join(root, "B"), 6), bad)
+        shard = os.path.join(bad, "model", "dcp", "__3_0.distcp")
+        data = bytearray(open(shard, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(shard, "wb").write(bytes(data))
+    dist.barrier()
+    try:
+        run("X", 2, 2, "--init_from", "resume", "--init_from_ckpt", bad, "--max_iters", "8")
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.timeout(330)
 def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
     from forge_dist.io import from_pretrained
     from forge_dist.io.checkpoint_read import verify_checkpoint
@@ -63,7 +87,10 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
 
     dataset = corpus_dataset(tmp_path, 20_000)
     root = str(tmp_path / "runs")
-    losses, files_a = spawn(_worlds, 4, dataset, root, timeout=220)
+    per_rank = spawn(_worlds, 4, dataset, root, timeout=300, return_all=True)
+    losses, files_a, _ = per_rank[0]
+    for rank, (_, _, refused) in enumerate(per_rank):
+        assert refused and "is corrupt: model/dcp/__3_0.distcp does not match its sha256" in refused, (rank, refused)
     # every rank wrote its own shard file (DCP spreads the deduplicated replicas over the ranks)
     assert files_a == [".metadata.json", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"], files_a
     fit([*ARGS, "--dataset", dataset, "--out_dir", os.path.join(root, "E"), "--gradient_accumulation_steps", "4",

@@ -74,6 +74,16 @@ def check_expert_parallel(model_config, parallel_config) -> None:
         raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp} and tensor_parallel_size={tp}: "
                           f"expert parallelism inside pipeline stages is verified without tensor parallelism "
                           f"only (the three together need 8 ranks to test); use two of the three")
+    if etp == 1 and tp > 1:  # the TP ranks split each MoE layer's tokens (parallel/tensor/rules/moe.py)
+        if model_config.block_size % tp:
+            raise ConfigError(f"expert_tensor_parallel_size=1 with tensor_parallel_size={tp}: each MoE layer's tokens "
+                              f"split over the TP ranks; use a block_size divisible by {tp} "
+                              f"(block_size={model_config.block_size})")
+        if getattr(parallel_config, "sequence_parallel", False) and model_config.moe_capacity_factor is not None:
+            raise ConfigError(f"moe_capacity_factor with expert_tensor_parallel_size=1 and sequence_parallel: capacity "
+                              f"would be counted per sequence shard, which no one-process run reproduces; drop "
+                              f"--moe_capacity_factor (dropless), sequence parallelism, or use "
+                              f"expert_tensor_parallel_size={tp}")
     if ep > 1 and model_config.moe_router_scheme == "noisy_top_k":
         raise ConfigError(f"moe_router_scheme=noisy_top_k with expert_parallel_size={ep}: the gate noise is drawn "
                           f"from each data-parallel rank's own generator, so a token's routing would depend "

@@ -152,6 +152,11 @@ class MoELayer(nn.Module):
         # one-process reference of a run with that many data-parallel ranks).
         self.batch_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.capacity_groups = 1
+        # Also from outside, when each of ``token_splits`` ranks routes its own share of this
+        # forward's tokens (tensor-parallel ranks with whole experts): the sum of a per-rank
+        # statistic over them, its gradient passed through unchanged (None: one rank, all tokens).
+        self.split_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.token_splits = 1
         # Per-forward records; a module shared by several layers records every use (reset_moe_state
         # clears them at the start of each model forward).
         self.aux_losses: list = []  # with grad; collect_moe_aux_loss sums them
@@ -188,14 +193,17 @@ class MoELayer(nn.Module):
         return y.view_as(x)
 
     # --- auxiliary losses and metrics ----------------------------------------------------------
-    def load_balance_loss(self, routing: Routing, plan: DispatchPlan) -> torch.Tensor:
+    def load_balance_loss(self, routing: Routing, plan: DispatchPlan,
+                          routed: Optional[torch.Tensor] = None) -> torch.Tensor:
         """E * sum_e f_e P_e: f_e = share of the N*k assignments routed to e (before the capacity
         cut), P_e = mean router probability of e. 1 for a perfectly uniform router.
 
         Under data parallelism f_e counts the whole data-parallel batch (``batch_counts``) and
         P_e is this rank's mean: every rank holds as many tokens, so the mean over ranks of this
-        loss is exactly the global batch's E sum f_e P_e, and so is its averaged gradient."""
-        routed = plan.routed if self.batch_counts is None else self.batch_counts(plan.routed)
+        loss is exactly the global batch's E sum f_e P_e, and so is its averaged gradient.
+        ``routed``: the counts to use instead of plan.routed (summed over a token split)."""
+        routed = plan.routed if routed is None else routed
+        routed = routed if self.batch_counts is None else self.batch_counts(routed)
         f = routed.to(routing.probs.dtype) / routed.sum()
         return self.n_experts * torch.sum(f * routing.probs.mean(0))
 
@@ -203,16 +211,24 @@ class MoELayer(nn.Module):
     def z_loss(routing: Routing) -> torch.Tensor:
         return torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
 
+    def _split_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over a token split of each rank's mean over its (equally many) tokens."""
+        return t if self.split_sum is None else self.split_sum(t / self.token_splits)
+
     def _record(self, routing: Routing, plan: DispatchPlan) -> None:
-        counts, dropped = plan.counts.detach(), plan.dropped.detach()
+        counts, dropped, routed = plan.counts.detach(), plan.dropped.detach(), plan.routed
+        if self.split_sum is not None:  # every rank of the split routed its own tokens: their sums
+            n = self.n_experts
+            total = self.split_sum(torch.cat([counts, routed, dropped.reshape(1)]))
+            counts, routed, dropped = total[:n], total[n:2 * n], total[2 * n]
         if self.last_tokens_per_expert is not None:  # a shared module: sum over its uses
             counts, dropped = counts + self.last_tokens_per_expert, dropped + self.last_dropped_tokens
         self.last_tokens_per_expert, self.last_dropped_tokens = counts, dropped
         aux = None
-        z = self.z_loss(routing)
-        health = {"router_entropy": router_entropy(routing.probs.detach()), "z_loss": z.detach()}
+        z = self._split_mean(self.z_loss(routing))
+        health = {"router_entropy": self._split_mean(router_entropy(routing.probs.detach())), "z_loss": z.detach()}
         if self.aux_loss_coef > 0:
-            balance = self.load_balance_loss(routing, plan)
+            balance = self._split_mean(self.load_balance_loss(routing, plan, routed))
             health["load_balance_loss"] = balance.detach()
             aux = self.aux_loss_coef * balance
         if self.z_loss_coef > 0:

@@ -53,7 +53,8 @@ def ep_model_kwargs(case: str) -> dict:
 def ep_cases(layout: str) -> List[str]:
     """The cases run at ``layout``: every router, and the expert variants at VARIANT_LAYOUTS."""
     variants = [f"expert={v}" for v in EXPERT_VARIANTS] if layout in VARIANT_LAYOUTS else []
-    return list(ROUTERS) + variants
+    routers = [r for r in ROUTERS if not (layout == "EP2xTP2_ETP1_SP" and "capacity" in r)]
+    return routers + variants
 
 
 def _adamw(params):
@@ -74,7 +75,7 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
-    from forge_dist.parallel.expert import apply_expert_parallel, declare_expert_params
+    from forge_dist.parallel.expert import ExpertParallelExperts, apply_expert_parallel, declare_expert_params
     from forge_dist.parallel.data_parallel import data_parallel
     from forge_dist.parallel.expert.grads import grad_norm, reduce_expert_gradients
     from forge_dist.parallel.parallelize import parallelize
@@ -89,9 +90,11 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
         if isinstance(m, MoELayer):
             torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
     model = copy.deepcopy(ref)
+    # capacity per routing rank: data-parallel row blocks, cut again over TP when TP ranks split tokens
+    splits = groups.tp.size if parallel_config.expert_tensor_parallel_size == 1 else 1
     for m in ref.modules():
         if isinstance(m, MoELayer):
-            m.capacity_groups = dp
+            m.capacity_groups = dp * splits
     apply_expert_parallel(model, groups, parallel_config)
     if groups.tp.size > 1:
         parallelize(model, groups, parallel_config)
@@ -106,7 +109,12 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
         errors["per-token"] = _per_token_error(model, ref, groups, cfg, batch, seed)
     ref_loss = ref(x, y)[1]
     ddp = data_parallel(model, groups)  # the engine's dense reduction (None for one replica)
+    rows_in = []  # assignments this rank dispatches in its first MoE layer
+    placed = next((m for m in model.modules() if isinstance(m, ExpertParallelExperts)), None)
+    hook = placed.register_forward_pre_hook(lambda m, a: rows_in.append(a[0].shape[0])) if placed else None
     loss = (ddp or model)(x[rows], y[rows])[1]
+    if hook is not None:
+        hook.remove()
     errors["loss"] = rel_error(groups.dp.all_reduce(loss.detach()) / dp, ref_loss)
     dropped = sum(float(m.last_dropped_tokens) for m in ref.modules() if isinstance(m, MoELayer))
     ref_counts = collect_tokens_per_expert(ref)
@@ -139,6 +147,8 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
         errors[f"step: {n}"] = rel_error(t, own[n])
     report = _report(name, errors)
     report.worst["dropped"] = dropped  # > 0: the capacity cases do drop (in the reference)
+    if rows_in and cfg.moe_capacity_factor is None:  # this rank's share of its replica's assignments
+        report.worst["routed share"] = rows_in[0] / (batch * cfg.block_size * cfg.moe_top_k)
     return report
 
 
@@ -284,6 +294,8 @@ EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP2xTP2": dict(expert_parallel_size=2, tensor_parallel_size=2),
     "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
     "EP2xTP2_SP": dict(expert_parallel_size=2, tensor_parallel_size=2, sequence_parallel=True),
+    "EP2xTP2_ETP1_SP": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1,
+                            sequence_parallel=True),  # dropless only: capacity per sequence shard is refused
     "DP4": dict(),
     "EP2xPP2": dict(expert_parallel_size=2, pipeline_parallel_size=2),  # inside each stage
 }
@@ -319,7 +331,8 @@ def render_ep_section(rows) -> str:
              "loss 1e-6, every gradient 1e-5 after the engine's reduction, grad norm 1e-5, tokens per expert "
              "exact, AdamW step exact, the placed layer against the per-token loop 1e-5 (dropless). "
              "Routers with aux and z losses; `expert=<variant>`: that MLP variant as every expert, top-2. "
-             "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`); EP2xTP2_SP: "
+             "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`), the TP ranks "
+             "splitting the tokens; _SP: with sequence parallelism (ETP1: dropless only); EP2xTP2_SP: "
              "with sequence parallelism; EP2xPP2: inside each of 2 pipeline stages (1F1B, 2 micro-batches, "
              "every stage's aux losses in the objective); DP4: no "
              "expert parallelism, load-balancing statistics of the global batch. `-`: not run.", "",

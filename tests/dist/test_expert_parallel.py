@@ -3,7 +3,8 @@ in one world of 4, the layouts EP=4, EP=2 x DP=2, EP=2 x TP=2 (experts TP-split 
 with expert_tensor_parallel_size=1, and with sequence parallelism) and plain DP=4, each with top-1 and top-2 routing, dropless
 and with a capacity factor (aux and z losses on); every other MLP variant as the experts at EP=4
 and EP=2 x TP=2; EP=2 inside each of PP=2 stages (the pipeline engine's reduction, norm and
-gathered checkpoint). Statuses must equal docs/support_matrix.md's expert-parallel section. Loss 1e-6, every gradient (router, experts,
+gathered checkpoint). With expert_tensor_parallel_size=1 each TP rank routes and dispatches half
+of its replica's tokens (checked), with and without sequence parallelism. Statuses must equal docs/support_matrix.md's expert-parallel section. Loss 1e-6, every gradient (router, experts,
 dense) 1e-5 after the engine's reduction (DDP over dp, experts over expert_dp), grad norm 1e-5,
 tokens per expert exact, weights after one AdamW step exact, and the placed MoE layer against the
 per-token loop 1e-5."""
@@ -33,6 +34,8 @@ def test_expert_parallel_layouts_equal_one_process():
             assert worst["dropped"] > 0, (layout, router)
         else:  # the grouped all-to-all path against the per-token loop
             assert worst["dropped"] == 0 and "per-token" in worst, (layout, router)
+            if "routed share" in worst:  # expert_tensor_parallel_size=1: each TP rank routes half the tokens
+                assert worst["routed share"] == (0.5 if "ETP1" in layout else 1.0), (layout, router, worst)
     with open(MATRIX) as f:
         documented = read_ep_section(f.read())
     measured = {(case, layout): status for layout, case, status, *_ in rows}

@@ -45,6 +45,11 @@ def moe(**kw):
      "noisy_top_k with expert_parallel_size=2: the gate noise"),
     (dict(expert_parallel_size=1), moe(moe_router_scheme="noisy_top_k"), 2, None),
     (dict(expert_parallel_size=2, pipeline_parallel_size=2), moe(), 4, None),  # EP inside each stage
+    (dict(tensor_parallel_size=2, expert_tensor_parallel_size=1), moe(block_size=15), 2,
+     "expert_tensor_parallel_size=1 with tensor_parallel_size=2: each MoE layer's tokens split"),
+    (dict(tensor_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True), moe(moe_capacity_factor=1.0),
+     2, "moe_capacity_factor with expert_tensor_parallel_size=1 and sequence_parallel"),
+    (dict(tensor_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True), moe(), 2, None),
     (dict(expert_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2), moe(), 8,
      "expert_parallel_size=2 with pipeline_parallel_size=2 and tensor_parallel_size=2"),
 ])

@@ -235,6 +235,7 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         self.layout = {"dp_size": topo.dp, "tp_size": topo.tp, "pp_size": topo.pp,
                        "zero_stage": resolved.zero_stage, "precision": resolved.precision}
         self._step_pending = False
+        self._fragments_linked = False
 
         def hold_step(engine, **kwargs):  # OptimizerStep, deferred to step(lr)
             self._step_pending = True
@@ -287,6 +288,9 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         norm = self._plain_grad_norm() if self._plain else None
         self.ds._exec_optimizer_step()  # clip, step, zero gradients; global_steps + 1
         self._step_pending = False
+        if not self._fragments_linked and len(self.inner_optimizer.param_groups) > 1:
+            self.link_adam_fragments()  # every group's ZeRO fragments (deepspeed_logical.py)
+            self._fragments_linked = True
         if norm is None:
             norm = self.ds.get_global_grad_norm()
         return {"grad_norm": None if norm is None else float(norm), "skipped_steps": int(self.ds.skipped_steps)}

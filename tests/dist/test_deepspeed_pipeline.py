@@ -50,7 +50,8 @@ def train_config(dp_size: int, dtype: str = "float32", accum: int = ACCUM):
     from forge_dist.train.options import TrainConfig
 
     return TrainConfig(batch_size=GLOBAL_MICRO // dp_size, gradient_accumulation_steps=accum, device="cpu",
-                       dtype=dtype, grad_clip=CLIP, learning_rate=1e-2)
+                       dtype=dtype, grad_clip=CLIP, learning_rate=1e-2, weight_decay_split=True,
+                       adamw_weight_decay=0.1)  # two optimizer groups: ZeRO links each one's fragments
 
 
 def ds_config(stage: int, precision: str = "fp32") -> dict:
@@ -217,7 +218,7 @@ def test_pipeline_with_gradient_checkpointing(runs):
 def test_zero_1_equals_zero_0(runs):
     out, _, _ = runs
     assert out[1]["loss"][0] == out[0]["loss"][0]  # the same forward whatever the split
-    assert max(rel(a, b) for a, b in zip(out[1]["loss"], out[0]["loss"])) <= 1e-7
+    assert max(rel(a, b) for a, b in zip(out[1]["loss"], out[0]["loss"])) <= 1e-6
     assert worst(out[1]["weights"], out[0]["weights"]) <= 1e-6  # the clipped steps round differently
 
 

@@ -3,8 +3,9 @@
 
     engine = deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups)  # deepspeed_engine calls it
 
-The plain GPT becomes a ``deepspeed.pipe.PipelineModule`` of n_layer + 2 layers, each a GPTChunk
-(parallel/pipeline/stage.py: the GPT's own forward pieces under the GPT's own parameter names):
+The plain GPT becomes a ``deepspeed.pipe.PipelineModule`` (deepspeed_pipe_module.py) of n_layer + 2
+layers, each a GPTChunk (parallel/pipeline/stage.py: the GPT's own forward pieces under the GPT's
+own parameter names):
 
     layer 0          the embeddings (GPTChunk first stage, no block)     TiedLayerSpec "wte"
     layer i + 1      block i (and the steering point after it)            LayerSpec
@@ -37,8 +38,8 @@ partial gradients summed over TP by hooks (deepspeed_tp.py), and the tied table'
 TP rank by DeepSpeed.
 
 Refused before launch (``check_deepspeed_pipeline``): schedules other than 1f1b and virtual stages, modules shared across stages other than the tied
-table (and the tied factorised-embedding adapters); ZeRO-2/3 by the config resolution, expert
-parallelism by the DeepSpeed engine's preflight.
+table (and the tied factorised-embedding adapters), expert parallelism; ZeRO-2/3 by the config
+resolution.
 """
 from __future__ import annotations
 
@@ -48,17 +49,13 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.parallel.pipeline.stage import GPTChunk
-from forge_dist.parallel.pipeline.tensor_rule import gpt_chunk
-from forge_dist.parallel.tensor.rules.registry import TP_RULES
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
+from forge_dist.train.deepspeed_pipe_module import pipeline_module
 from forge_dist.train.statefile import load_state, save_state
-
-TIED_KEY = "wte"
 
 
 # --- refusals (no process group, no model) ---------------------------------------------------------
@@ -77,6 +74,10 @@ def check_deepspeed_pipeline(parallel_config, model_config) -> None:
     pp = parallel_config.pipeline_parallel_size
     what = f"--deepspeed_config with pipeline_parallel_size={pp}"
     native = "train it with the native pipeline engine (no --deepspeed_config)"
+    if parallel_config.expert_parallel_size > 1:
+        raise ConfigError(f"expert_parallel_size={parallel_config.expert_parallel_size} with {what}: DeepSpeed's "
+                          f"pipeline engine would average placed experts over data parallelism; use "
+                          f"expert_parallel_size=1 (MoE runs with experts whole on each stage), or {native}")
     if parallel_config.pipeline_schedule != "1f1b" or (parallel_config.virtual_pipeline_size or 1) > 1:
         raise ConfigError(f"pipeline_schedule={parallel_config.pipeline_schedule} / virtual_pipeline_size="
                           f"{parallel_config.virtual_pipeline_size} with {what}: DeepSpeed's pipeline engine runs its "
@@ -92,117 +93,6 @@ def check_deepspeed_pipeline(parallel_config, model_config) -> None:
         raise ConfigError(f"{what}: {sorted(shared)[:4]} are shared by layers on different stages ({plan.describe()}); "
                           f"DeepSpeed ties only the token table here: set --pipeline_layers so the sharing layers "
                           f"share a stage, or {native}")
-
-
-# --- the PipelineModule ----------------------------------------------------------------------------
-class HeadChunk(GPTChunk):
-    """The last layer: final norm, head and loss. DeepSpeed hands labels to ``loss_fn`` only, so
-    forward passes the activations through and ``loss`` runs the GPTChunk's last-stage forward."""
-
-    def __init__(self, model, lsv: bool):
-        n = model.config.n_layer
-        super().__init__(model, n, n, is_first=False, is_last=True, lsv=lsv)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return super().forward(x, labels)[0]
-
-
-TP_RULES.register(HeadChunk)(gpt_chunk)  # a GPTChunk's TP rule: vocab-parallel head, sequence gather
-
-
-def layer_specs(model, plan):
-    """(DeepSpeed layer specs, partition bounds) of ``model`` split as ``plan`` says."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
-    cfg = model.config
-    n = cfg.n_layer
-    lsv_point = cfg.apply_lsv_at_layer_idx if cfg.use_lsv else None
-    owner = lsv_point if lsv_point is not None and 0 < lsv_point <= n else 0  # the layer applying LSV
-    owner = owner if cfg.use_lsv else -1
-    first_attrs, head_attrs = [], []
-    if cfg.wte_weight_tying:
-        first_attrs.append("transformer.wte.weight")
-        head_attrs.append("lm_head.weight")
-    if cfg.n_embd_wte is not None and cfg.n_embd_wte_scale_tying:
-        first_attrs.append("transformer.scale_up.weight")
-        head_attrs.append("transformer.scale_down.weight")
-    first_args = (GPTChunk, model, 0, 0, True, False, owner == 0)
-    specs = [TiedLayerSpec(TIED_KEY, *first_args, tied_weight_attr=first_attrs) if first_attrs
-             else LayerSpec(*first_args)]
-    specs += [LayerSpec(GPTChunk, model, i, i + 1, False, False, owner == i + 1) for i in range(n)]
-    specs.append(TiedLayerSpec(TIED_KEY, HeadChunk, model, False, tied_weight_attr=head_attrs) if head_attrs
-                 else LayerSpec(HeadChunk, model, False))
-    bounds = [0] + [b + 1 for _, b in plan.layers[:-1]] + [n + 2]
-    return specs, bounds
-
-
-class _Pieces(nn.Module):
-    """This rank's pieces in one module, so ``parallelize`` shards them (and what two of them
-    share) once; it holds no parameters of its own."""
-
-    def __init__(self, config, pieces):
-        super().__init__()
-        self.config = config
-        self.pieces = nn.ModuleDict({str(i): c for i, c in enumerate(pieces)})
-
-
-def pipeline_module(model, plan, groups, parallel_config):
-    """The PipelineModule of this rank's stage (collective: DeepSpeed builds its grid and tied
-    groups over the world), checked against our ProcessGroups' coordinates; under TP its pieces
-    are sharded by forge_dist's rules (parallelize) and their partial gradients summed over TP."""
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
-
-    class ForgePipelineModule(PipelineModule):
-        """DeepSpeed's module with forge_dist's stage split (explicit bounds, not a method)."""
-
-        def _partition_layers(self, method="uniform"):
-            self.parts = list(bounds)
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
-
-    specs, bounds = layer_specs(model, plan)
-    t = groups.topology  # Megatron's rank order, DeepSpeed's too: TP innermost, then DP, PP outermost
-    topo = (PipeModelDataParallelTopology(num_pp=t.pp, num_mp=t.tp, num_dp=t.dp) if t.tp > 1
-            else PipeDataParallelTopology(num_pp=t.pp, num_dp=t.dp))
-    pipe = ForgePipelineModule(specs, topology=topo, partition_method="forge")
-    grid = pipe._grid
-    where = (grid.get_stage_id(), grid.get_data_parallel_rank(), grid.get_slice_parallel_rank())
-    if where != (groups.coord.pp, groups.coord.dp, groups.tp.rank):
-        raise RuntimeError(f"DeepSpeed's grid puts rank {groups.global_rank} at (stage, data, model) {where}; "
-                           f"forge_dist's topology at {groups.coord}")
-    local = [f for f in pipe.forward_funcs if isinstance(f, GPTChunk)]
-    if t.tp > 1:
-        from forge_dist.parallel.parallelize import parallelize
-        from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
-
-        parallelize(_Pieces(model.config, local), groups, parallel_config)
-        set_model_parallel_attributes(pipe, groups)
-        register_tp_grad_hooks(pipe, groups)  # partial gradients summed over TP as they are produced
-    head = next((f for f in local if isinstance(f, HeadChunk)), None)
-    if head is not None:
-        pipe.loss_fn = head.loss
-    _mark_norm_params(pipe, groups.tp.rank)
-    pipe.config = model.config
-    return pipe, local
-
-
-def _mark_norm_params(pipe, tp_rank: int) -> None:
-    """Which copies count in DeepSpeed's gradient norm. Its tied-module indexing marks every
-    parameter of the non-first tied piece replicated (the head's norm too): only the tied weights
-    are. Its fp32 stage-0 clipping counts a parameter off model-parallel rank 0 only when marked
-    ``model_parallel``: every stage's own parameters are (each held by one stage), on TP rank 0
-    or, split over TP, on every rank holding a distinct shard (``tensor_model_parallel``)."""
-    tied = {id(w) for w, _ in pipe.get_tied_weights_and_groups()}
-    first = all(pipe.global_rank == min(c["ranks"]) for c in pipe.tied_comms.values())
-    for p in pipe.parameters():
-        p.ds_pipe_replicated = id(p) in tied and not first
-        split = bool(getattr(p, "tensor_model_parallel", False))
-        p.tensor_model_parallel = split and not p.ds_pipe_replicated
-        p.model_parallel = not p.ds_pipe_replicated and (split or tp_rank == 0)
 
 
 # --- the engine ------------------------------------------------------------------------------------

@@ -119,8 +119,8 @@ def run_iters(engine, ctx, iters, save_to=None):
 
 
 def world4(rank, world, workdir):
-    os.environ["FORGE_OPS"] = "reference"
-    out = {}
+    os.environ["FORGE_OPS"] = "reference"  # the same numerics as the one-process reference below
+    out = {"ref": reference(), "ref_moe": reference(MOE, accum=4)} if rank == 0 else {}
     for stage in (0, 1):  # ZeRO-0 with --pipeline_layers 2,1; ZeRO-1 with the balanced split
         save_to = os.path.join(workdir, "z1") if stage == 1 else None
         engine, ctx = make_engine(stage, layers="2,1" if stage == 0 else None)
@@ -176,12 +176,13 @@ def worst(got: dict, want: dict) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("ds_pipe"))
-    return spawn(world4, 4, workdir, timeout=400), reference(), workdir
+    out = spawn(world4, 4, workdir, timeout=400)
+    return out, out["ref"], workdir  # the one-process references, run by rank 0 with FORGE_OPS=reference
 
 
 @pytest.fixture(scope="module")
-def moe_reference():
-    return reference(MOE, accum=4)
+def moe_reference(runs):
+    return runs[0]["ref_moe"]
 
 
 def test_pipeline_zero_0_and_1_match_one_process(runs):

@@ -42,6 +42,8 @@ def torchrun_env(monkeypatch, world: int) -> None:
     (2, "zero0_fp32.json", ["--pipeline_schedule", "gpipe"], "pipeline_schedule=gpipe / virtual_pipeline_size=None "
                                                              "with --deepspeed_config"),
     (2, "zero1_fp32.json", ["--shared_mlp_size", "2"], "are shared by layers on different stages"),
+    (4, "zero1_fp32.json", ["--use_moe", "--n_experts", "2", "--expert_parallel_size", "2"],
+     "expert_parallel_size=2 with --deepspeed_config with pipeline_parallel_size=2"),
 ])
 def test_deepspeed_pipeline_refusals(monkeypatch, capsys, dataset, tmp_path, world, config, args, message):
     torchrun_env(monkeypatch, world)

@@ -65,15 +65,17 @@ class WeightsReader:
 
 
 @torch.no_grad()
-def load_shards(model: nn.Module, directory: str, groups: ProcessGroups) -> None:
+def load_shards(model: nn.Module, directory: str, groups: ProcessGroups, partial: bool = False) -> None:
     """Load a forge_dist model directory (logical, unsharded names and shapes) into a deferred,
     parallelized model, tensor by tensor: meta parameters get their shard, the others (constructor
-    valued parameters, persistent buffers) are overwritten with theirs. Strict like io.state."""
+    valued parameters, persistent buffers) are overwritten with theirs. Strict like io.state;
+    ``partial``: ``model`` holds part of the checkpoint's model (a pipeline stage under the GPT's
+    names), so tensors it does not hold are not an error."""
     local = shard_local(groups)
     own = model.state_dict(keep_vars=True)
     with WeightsReader(directory) as weights:
         missing = sorted(set(own) - set(weights.names()))
-        unexpected = sorted(set(weights.names()) - set(own))
+        unexpected = [] if partial else sorted(set(weights.names()) - set(own))
         if missing or unexpected:
             raise CheckpointError(f"{weights.file} does not fit the model built from its config: missing "
                                   f"{missing[:8] or 'none'}; unexpected {unexpected[:8] or 'none'}")

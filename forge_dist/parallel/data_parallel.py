@@ -37,7 +37,7 @@ Choices, each for exactness against one process with dp times the batch:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -57,14 +57,16 @@ def counted_allreduce_hook(group: RankGroup, bucket):  # no return annotation: D
 
 
 def data_parallel(model: nn.Module, groups: ProcessGroups, device: Optional[torch.device] = None,
-                  bucket_cap_mb: float = BUCKET_CAP_MB) -> Optional[DistributedDataParallel]:
+                  bucket_cap_mb: float = BUCKET_CAP_MB,
+                  ignore: Sequence[str] = ()) -> Optional[DistributedDataParallel]:
     """The DDP wrapper of ``model`` over ``groups.dp`` (None for one replica). Collective over the
-    DP group at construction (DDP checks shapes and broadcasts DP rank 0's weights)."""
+    DP group at construction (DDP checks shapes and broadcasts DP rank 0's weights). ``ignore``:
+    parameter names the caller reduces itself (a pipeline stage's parameters shared with others)."""
     dp = groups.dp
     if dp.size == 1:
         return None
-    ignore = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-              if getattr(t, "allreduce", True) is False]
+    ignore = list(ignore) + [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                             if getattr(t, "allreduce", True) is False]
     if ignore:  # experts placed over the EP group: not replicas of each other
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [device.index] if device is not None and device.type == "cuda" and device.index is not None else None

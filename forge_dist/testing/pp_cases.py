@@ -55,3 +55,10 @@ def variant_runs() -> List[tuple]:
 
     cases = dict(all_cases())
     return [(2, 1, "1f1b", None, name, cases[name], 2) for name in PP_VARIANT_CASES]
+
+
+def zero_runs() -> List[tuple]:
+    """ZeRO-1 (--zero_stage 1) over each stage's data-parallel replicas at PP=2 x DP=2 (a world of
+    4): a plain, an interleaved zero-bubble and a V-shaped schedule."""
+    return [(2, 1, s, None, m, MODELS[m], micro_batches(s, 2), {"zero": True})
+            for s, m in (("1f1b", "default"), ("interleaved_zero_bubble", "variant_mix"), ("zbv", "variant_mix"))]

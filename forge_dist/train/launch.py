@@ -176,6 +176,15 @@ def plan_launch(values: Mapping, model_config, train_config, env=None,
     env = env if env is not None else detect_env(environ)
     pcfg = parallel_config_from(values)
     check_parallel(pcfg, model_config, env)
+    from dataclasses import fields
+
+    from forge_dist.train.options import EngineOptions
+
+    EngineOptions(**{f.name: values[f.name] for f in fields(EngineOptions) if f.name in values})  # its refusals
+    if values.get("zero_stage", 0) and pcfg.expert_parallel_size > 1:
+        raise ConfigError(f"zero_stage={values['zero_stage']} with expert_parallel_size={pcfg.expert_parallel_size}: "
+                          f"ZeRO-1 broadcasts each parameter from the replica that steps it, but the replicas hold "
+                          f"different experts; use --zero_stage 0 with expert parallelism")
     if pcfg.pipeline_parallel_size > 1:
         check_pipeline(pcfg, model_config, train_config, values)
     backend = choose_backend(pcfg, train_config.resolved_device, env)

@@ -1,6 +1,7 @@
 """The model of a run: built with the run's seed (the same initial weights on every rank), weights
 copied from --prev_run_ckpt or loaded on resume, sharded over the tensor-parallel group; on a
-tensor-parallel launch only this rank's shards are ever materialised (build_model)."""
+tensor-parallel launch only this rank's shards are ever materialised, on a pipelined one only this
+rank's stages (build_model)."""
 from __future__ import annotations
 
 import os
@@ -64,11 +65,16 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
         if is_sharded_checkpoint(resume_path):  # the engine loads this rank's shards with the optimizer's
             resume_path = None
     pc = ctx.parallel_config if ctx.groups is not None else None
-    # expert placement and pipeline stages still start from the full model (they regroup parameters)
-    deferred = (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
-                and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
+    # expert placement still starts from the full model (it regroups parameters)
+    pipelined = pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1 and prev_state is None
+    deferred = pipelined or (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
+                             and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
     model = GPT(cfg, defer_init=deferred)
     flops = flops_per_token(model)  # the full model's, before it is sharded
+    if pipelined:  # the pipeline engine materialises this rank's stages only (parallel/pipeline/materialize.py)
+        shard_model(model, ctx, train_cfg.seed)
+        model.pipeline_weights_dir = os.path.join(resume_path, ckpt.MODEL_DIR) if resume_path is not None else None
+        return model, flops
     if deferred:
         from forge_dist.io.weights_reader import load_shards
         from forge_dist.parallel.materialize import materialize_shards

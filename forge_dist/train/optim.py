@@ -4,6 +4,7 @@ Upstream's train.py puts every parameter in one group, so norm gains, biases and
 decayed too (``adamw_weight_decay`` 0.01, betas (beta1, beta2) = (0.9, 0.99)). With
 ``weight_decay_split`` the tensors of two or more dims (matmul weights, embeddings) are decayed and
 the rest (biases, norm gains, per-layer scalars) are not, as in nanoGPT's configure_optimizers.
+``--zero_stage 1`` shards the AdamW state over the data-parallel replicas (build_optimizer).
 """
 from __future__ import annotations
 
@@ -22,9 +23,18 @@ def param_groups(model: nn.Module, weight_decay: float, split: bool) -> List[Dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, device_type: str, groups: Optional[List[Dict]] = None) -> torch.optim.Optimizer:
-    """torch AdamW over ``groups`` (default: param_groups of the model)."""
+def build_optimizer(model: nn.Module, cfg, device_type: str, groups: Optional[List[Dict]] = None,
+                    zero_group=None) -> torch.optim.Optimizer:
+    """torch AdamW over ``groups`` (default: param_groups of the model); with ``zero_group`` (a
+    RankGroup of more than one rank: the data-parallel replicas) its state sharded over them
+    (ZeRO-1, forge_dist.parallel.zero)."""
     if groups is None:
         groups = param_groups(model, cfg.adamw_weight_decay, cfg.weight_decay_split)
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adamw_eps, **extra)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adamw_eps)
+    if device_type == "cuda":
+        kwargs["fused"] = True
+    if zero_group is not None and zero_group.size > 1:
+        from forge_dist.parallel.zero import zero_optimizer
+
+        return zero_optimizer(groups, zero_group, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)

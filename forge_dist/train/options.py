@@ -123,10 +123,21 @@ class EngineOptions:
 
     deepspeed_config: Optional[str] = None  # DeepSpeed JSON config: train with the DeepSpeed engine
     preflight: bool = False  # run forge_dist.dist.preflight before training
+    zero_stage: int = 0  # native engine: 1 shards the AdamW state over data-parallel replicas (ZeRO-1)
 
     def __post_init__(self):
         if self.deepspeed_config is not None and not isinstance(self.deepspeed_config, str):
             raise ConfigError(f"deepspeed_config={self.deepspeed_config!r} must be a file path")
+        if self.zero_stage not in ZERO_STAGES or isinstance(self.zero_stage, bool):
+            raise ConfigError(f"zero_stage={self.zero_stage!r}: the native engine runs ZeRO stage 0 (replicated "
+                              f"optimizer state) or 1 (optimizer state sharded over the data-parallel replicas); "
+                              f"for ZeRO-2/3 use --deepspeed_config with zero_optimization.stage")
+        if self.zero_stage and self.deepspeed_config is not None:
+            raise ConfigError(f"zero_stage={self.zero_stage} with --deepspeed_config: DeepSpeed's ZeRO stage is "
+                              f"its config's zero_optimization.stage; drop --zero_stage")
+
+
+ZERO_STAGES = (0, 1)
 
 
 def _validate_dataset_list(cfg: TrainConfig) -> None:

@@ -182,6 +182,9 @@ class ParallelEngine(LocalEngine):
             if self.groups.coord.edp == 0:
                 full = global_optimizer_state(self.full_optimizer_state(), self._names, self.model, self.groups)
         else:
+            from forge_dist.parallel.zero import consolidate
+
+            consolidate(self.optimizer)  # ZeRO-1: every replica's part on data-parallel rank 0
             full = self.full_optimizer_state() if self.groups.coord.dp == 0 else None
         self.save_gathered_state(directory, ctx, full)
 
@@ -240,6 +243,7 @@ def parallel_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
         raise RuntimeError("tensor_parallel_size > 1 but the model is not sharded: build_run shards it "
                            "(forge_dist.train.build.shard_model) before calling the engine factory")
     device = train_cfg.resolved_device
-    optimizer = build_optimizer(model, train_cfg, torch.device(device).type)
+    zero_group = ctx.groups.dp if values.get("zero_stage", 0) == 1 else None  # ZeRO-1 over the replicas
+    optimizer = build_optimizer(model, train_cfg, torch.device(device).type, zero_group=zero_group)
     return ParallelEngine(model, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
                           train_cfg.compile, ctx.groups, ctx.parallel_config)

@@ -1,8 +1,9 @@
 """PipelineEngine: forge-train with pipeline parallelism (composed with TP, SP and DP).
 
-build_run hands over the full plain GPT, built from the same seed on every rank (or loaded from a
-layout-free checkpoint); the factory cuts it into this rank's stages (forge_dist.parallel.pipeline)
-and shards them over TP. Per optimizer step:
+build_run hands over the plain GPT built on the meta device from the same seed on every rank; the
+factory cuts it into this rank's stages (forge_dist.parallel.pipeline), shards them over TP and
+gives values to this rank's parameters only (drawn, or read from a layout-free checkpoint tensor
+by tensor); the other stages' layers never take memory here. Per optimizer step:
 
   schedule       the gradient_accumulation_steps micro-batches of this rank's data-parallel slice
                  through torch's schedule (gpipe, 1f1b, interleaved, zero-bubble, DualPipeV);
@@ -11,9 +12,12 @@ and shards them over TP. Per optimizer step:
   tp sync        partial gradients of replicated parameters summed over TP (tp_grad_sync)
   pipeline sync  copies of one logical parameter on several stages (tied table and head over the
                  ``embedding`` group, shared_* modules over the pipeline group) summed
-  dp average     bucketed all-reduce over the data-parallel group (grads.dp_average); experts
+  dp average     torch's DDP reducer wrapping each chunk (bucketed, during the last micro-batch's
+                 backward); the shared parameters by grads.dp_average after the schedule; experts
                  placed over the expert-parallel group summed over expert_dp instead
-  clip, step     the global norm over PP x TP (grads.grad_norm), AdamW on the local shards
+  clip, step     the global norm over PP x TP (grads.grad_norm), AdamW on the local shards; with
+                 --zero_stage 1 each data-parallel replica of a stage steps its part of the
+                 stage's AdamW state and broadcasts the new values (forge_dist.parallel.zero)
 
 The logged loss is the mean over micro-batches of cross-entropy plus every stage's auxiliary
 losses, summed over the pipeline group, as one process logs it.
@@ -27,10 +31,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, scale_microbatches,
-                                                 sync_shared)
 from forge_dist.parallel.expert import split_expert_params
 from forge_dist.parallel.expert.grads import reduce_expert_gradients
+from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, reduced_by_hand,
+                                                 scale_microbatches, sync_shared)
 from forge_dist.parallel.pipeline.stage import LocalStages
 from forge_dist.train.engine import LocalEngine, clip_to_norm
 
@@ -50,6 +54,8 @@ class PipelineEngine(LocalEngine):
         self.layout, self.runner, self.groups, self.parallel_config = layout, runner, groups, parallel_config
         self.tp, self.dp = groups.tp.size, groups.dp.size
         self.distinct = distinct_params(layout)
+        # DDP wraps the chunks (runner.ddp) and averages all but the shared parameters over dp
+        self.dp_by_hand = reduced_by_hand(layout) if any(runner.ddp.values()) else self._params
 
     # --- one step ---------------------------------------------------------------------------------
     def forward_backward(self, micro_batches: Sequence) -> torch.Tensor:
@@ -78,8 +84,9 @@ class PipelineEngine(LocalEngine):
             tp_grad_sync(self.model, self.groups)
         sync_shared(self.layout, self.groups)
         if self.dp > 1:
-            dense, experts = split_expert_params(self._params)
+            dense, _ = split_expert_params(self.dp_by_hand)  # DDP ignores experts; dp_average skips them
             dp_average(dense, self.groups.dp)
+            experts = split_expert_params(self._params)[1]
             if experts:  # summed over expert_dp, divided by dp (parallel/expert/grads.py)
                 reduce_expert_gradients(experts, self.groups)
 
@@ -173,16 +180,21 @@ class PipelineEngine(LocalEngine):
 def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
     """The engine for pipeline_parallel_size > 1 (parallel_engine_factory hands over to it)."""
     from forge_dist.parallel.pipeline import build_pipeline
-    from forge_dist.train.optim import param_groups
+    from forge_dist.train.optim import build_optimizer
 
     device = train_cfg.resolved_device
+    load = None
+    weights_dir = getattr(model, "pipeline_weights_dir", None)  # set by build_model on resume
+    if weights_dir is not None:
+        from forge_dist.io.weights_reader import load_shards
+
+        def load(chunk):
+            load_shards(chunk, weights_dir, ctx.groups, partial=True)
     layout, runner = build_pipeline(model, ctx.groups, ctx.parallel_config, train_cfg.gradient_accumulation_steps,
-                                    device, train_cfg.batch_size)
+                                    device, train_cfg.batch_size, load=load)
     local = LocalStages(model.config, layout)
-    extra = {"fused": True} if torch.device(device).type == "cuda" else {}
-    optimizer = torch.optim.AdamW(param_groups(local, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split),
-                                  lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
-                                  eps=train_cfg.adamw_eps, **extra)
+    zero_group = ctx.groups.dp if values.get("zero_stage", 0) == 1 else None  # ZeRO-1 over the stage's replicas
+    optimizer = build_optimizer(local, train_cfg, torch.device(device).type, zero_group=zero_group)
     engine = PipelineEngine(layout, runner, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
                             ctx.groups, ctx.parallel_config)
     engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)

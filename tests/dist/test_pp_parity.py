@@ -3,13 +3,15 @@
 Per run (forge_dist.testing.pp_parity): the logged loss 1e-6 relative, every gradient of every
 stage gathered over TP 1e-5, the clipping norm over PP x TP 1e-5, the weights after one AdamW
 step exact against the full model stepped with the gathered gradients (and 1e-3 against the
-reference's own step). Every schedule (gpipe, 1f1b, interleaved_1f1b, interleaved_zero_bubble,
-zbv, dualpipev) on the default model and on a variant mix with tied embeddings, cross-stage shared
-modules and MoE losses on several stages, at PP=2 x TP=2, PP=2 x DP=2 and PP=4 in one world of 4.
+reference's own step). The stages are cut from a GPT built on the meta device: each rank's values
+equal the one-process model's exactly and no other rank's layer is materialised. Every schedule
+(gpipe, 1f1b, interleaved_1f1b, interleaved_zero_bubble, zbv, dualpipev) on the default model and
+on a variant mix with tied embeddings, cross-stage shared modules and MoE losses on several
+stages, at PP=2 x TP=2, PP=2 x DP=2 (DDP per stage, and ZeRO-1) and PP=4 in one world of 4.
 """
 import pytest
 
-from forge_dist.testing.pp_cases import schedule_runs, variant_runs
+from forge_dist.testing.pp_cases import schedule_runs, variant_runs, zero_runs
 from forge_dist.testing.pp_memory import micro_batches_in_flight
 from forge_dist.testing.pp_parity import run_pp_matrix
 from forge_dist.testing.spawn import spawn
@@ -31,10 +33,14 @@ def _check(per_rank, expected_runs):
 
 @pytest.mark.timeout(400)
 def test_every_schedule_pp2_tp2_pp2_dp2_pp4_in_a_world_of_4():
-    runs = schedule_runs([(2, 2), (2, 1), (4, 1)])
+    """Also ZeRO-1 over each stage's replicas at PP=2 x DP=2: the weights after the step, each
+    replica holding a strict part of the AdamW state, the gathered (checkpoint) state equal to the
+    one-process AdamW state, and loading it back giving each replica its part (pp_parity._zero_errors)."""
+    runs = schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs()
     seen = _check(spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True), len(runs))
     assert (2, 2, 1, "dualpipev", "variant_mix") in seen and (4, 1, 1, "zbv", "default") in seen
     assert (2, 1, 2, "interleaved_zero_bubble", "variant_mix") in seen
+    assert (2, 1, 2, "zbv", "variant_mix+zero1") in seen
 
 
 @pytest.mark.timeout(300)

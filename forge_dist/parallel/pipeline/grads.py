@@ -8,8 +8,10 @@
                        group when the holders are exactly its first and last stage, else over the
                        pipeline group with zeros from the ranks that do not hold it
   dp_average           average over the data-parallel group, one flattened all-reduce per bucket
-                       of at most BUCKET_BYTES (after the schedule: torch's DDP reducer would
-                       overlap it with the backward but needs each stage wrapped, future work)
+                       of at most BUCKET_BYTES, for the parameters DDP does not reduce: the
+                       shared ones (shared_canonical); every other parameter is averaged by
+                       torch's DDP reducer wrapping each stage (schedule.py), bucketed and
+                       overlapped with the last micro-batch's backward
   grad_norm            the 2-norm of the whole model's gradient over PP x TP (each logical value
                        counted once: shard copies as tp_grad_norm does, pipeline copies on their
                        lowest holder only, placed experts summed over the expert-parallel group);
@@ -17,7 +19,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -29,6 +31,22 @@ from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info
 
 def distinct_params(layout: StageLayout) -> List[torch.nn.Parameter]:
     return list({id(p): p for ps in layout.local_params().values() for p in ps}.values())
+
+
+def shared_canonical(layout: StageLayout) -> Set[str]:
+    """Logical parameters held by several pipeline ranks or by several local chunks (tied table
+    and head, shared_* modules, shared FIRE): DDP must not reduce them per chunk (a reducer per
+    chunk would reduce a copy before the other chunk's backward added to it), dp_average does."""
+    count: Dict[str, int] = {}
+    for s, c in {(s, c) for (s, _), c in layout.canonical.items()}:
+        count[c] = count.get(c, 0) + 1
+    return set(layout.holders) | {c for c, k in count.items() if k > 1}
+
+
+def reduced_by_hand(layout: StageLayout) -> List[torch.nn.Parameter]:
+    """The distinct local parameters of the shared logical ones (reduced after the schedule)."""
+    shared = shared_canonical(layout)
+    return [p for c, ps in layout.local_params().items() if c in shared for p in ps]
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ The last stage computes the loss with the model's own head (a vocab-parallel one
 schedule's loss_fn returns the stage's output as is; targets reach that stage as a keyword
 argument (each rank passes the keyword arguments of its own stages). Gradients are not scaled by
 the schedule (scale_grads=False; pipeline/grads.py divides each distinct parameter once).
-Evaluation runs the stages in order with point-to-point sends, without a schedule.
+Evaluation runs the stages in order with point-to-point sends, without a schedule. With data
+parallelism each chunk runs inside torch's DDP over its data-parallel group (_data_parallel).
 """
 from __future__ import annotations
 
@@ -62,6 +63,33 @@ def _no_split():
     return lambda: None
 
 
+# Schedules whose backward is split into an input pass and a deferred weight pass (torch's
+# stage_backward_input / stage_backward_weight). torch 2.13's PipelineStage arms DDP's reducer
+# (prepare_for_backward) for the last *input* pass, before any weight gradient of that micro-batch
+# exists, and the weight pass runs outside the reducer's autograd hooks: the buckets would be
+# reduced incomplete (measured: every gradient off by ~100% at PP=2 x DP=2). These schedules keep
+# the hand-written bucketed all-reduce after the schedule (grads.dp_average).
+SPLIT_BACKWARD = {"interleaved_zero_bubble", "zbv", "dualpipev"}
+
+
+def _data_parallel(chunk, stage: int, layout: StageLayout, groups, device):
+    """The chunk in torch's DDP over the stage's data-parallel group (None for one replica, a
+    split-backward schedule, or when every parameter is shared). torch's PipelineStage drives DDP
+    itself: every micro-batch's forward and backward under no_sync, and the reducer armed for the
+    schedule's last backward of the chunk, whose buckets are all-reduced while it runs. Shared
+    logical parameters are left to grads.dp_average (shared_canonical says why)."""
+    if groups.dp.size == 1 or layout.plan.schedule in SPLIT_BACKWARD:
+        return None
+    from forge_dist.parallel.data_parallel import data_parallel
+    from forge_dist.parallel.pipeline.grads import shared_canonical
+
+    shared = shared_canonical(layout)
+    names = [n for n, _ in chunk.named_parameters(remove_duplicate=False) if layout.canonical[(stage, n)] in shared]
+    if all(layout.canonical[(stage, n)] in shared for n, _ in chunk.named_parameters()):
+        return None
+    return data_parallel(chunk, groups, torch.device(device), ignore=names)
+
+
 class PipelineRunner:
     """One schedule over this rank's chunks. ``step(x, y)`` runs forward and backward of the
     ``n_microbatches`` micro-batches stacked in x, y and returns this rank's micro-batch losses
@@ -71,12 +99,13 @@ class PipelineRunner:
                  sequence_parallel: bool = False):
         self.layout, self.groups, self.n = layout, groups, n_microbatches
         plan = layout.plan
-        self.stages = []
+        self.stages, self.ddp = [], {}
         for s, chunk in sorted(layout.chunks.items()):
             inputs, outputs = _stage_shapes(chunk, micro_batch_size, groups.tp.size if sequence_parallel else 1)
+            self.ddp[s] = _data_parallel(chunk, s, layout, groups, device)
             self.stages.append(pipelining.PipelineStage(
-                chunk, s, plan.n_stages, torch.device(device), input_args=inputs, output_args=outputs,
-                group=groups.pp.handle, dw_builder=_no_split if reuses_modules(chunk) else None))
+                self.ddp[s] or chunk, s, plan.n_stages, torch.device(device), input_args=inputs,
+                output_args=outputs, group=groups.pp.handle, dw_builder=_no_split if reuses_modules(chunk) else None))
         cls = getattr(pipelining, SCHEDULES[plan.schedule][0])
         target = self.stages if plan.schedule in MULTI else self.stages[0]
         self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=_stage_loss, scale_grads=False)

@@ -1,0 +1,60 @@
+"""ZeRO-1 in the native engines: torch's ZeroRedundancyOptimizer over the data-parallel group.
+
+Each data-parallel replica keeps the optimizer state (AdamW's two moments) of a part of the
+parameters, steps that part after the gradients were averaged, and broadcasts the updated values
+to the other replicas (ZeRO stage 1, Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
+Training Trillion Parameter Models"). AdamW is elementwise, so the weights equal replicated
+AdamW's exactly. Under pipeline parallelism the group is the stage's data-parallel group
+(ProcessGroups.dp: the ranks with the same pipeline and tensor coordinates).
+
+Checkpoints stay layout-free: ``consolidate_state_dict`` gathers every replica's part on
+data-parallel rank 0, whose ``state_dict()`` is then the replicated optimizer's; loading a
+replicated state dict keeps this replica's part.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+
+def zero_optimizer(param_groups: List[Dict], dp_group, optimizer_class=torch.optim.AdamW, **defaults):
+    """``optimizer_class`` over ``param_groups``, its state sharded over ``dp_group`` (a RankGroup)."""
+    return ZeroRedundancyOptimizer(param_groups, optimizer_class=optimizer_class, process_group=dp_group.handle,
+                                   **defaults)
+
+
+def is_zero(optimizer) -> bool:
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def consolidate(optimizer) -> None:
+    """Gather every replica's state on data-parallel rank 0 (collective over the group; nothing
+    for a replicated optimizer)."""
+    if is_zero(optimizer):
+        optimizer.consolidate_state_dict(to=0)
+
+
+def consolidated_state(optimizer) -> Dict[torch.Tensor, dict]:
+    """Parameter -> state entry: every parameter's after ``consolidate`` (on data-parallel rank 0)."""
+    if not is_zero(optimizer):
+        return optimizer.state
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return {params[i]: entry for i, entry in optimizer.state_dict()["state"].items()}
+
+
+def local_state(optimizer) -> Dict[torch.Tensor, dict]:
+    """Parameter -> state entry this replica holds (its part under ZeRO-1)."""
+    return optimizer.optim.state if is_zero(optimizer) else optimizer.state
+
+
+def group_layout(optimizer) -> List[Dict]:
+    """``state_dict()["param_groups"]`` without the state (a ZeroRedundancyOptimizer has one only
+    after a consolidation): each group's options, its params as indices."""
+    out, start = [], 0
+    for g in optimizer.param_groups:
+        n = len(g["params"])
+        out.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))})
+        start += n
+    return out

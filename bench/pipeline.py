@@ -1,21 +1,24 @@
 """Pipeline bubble of torch.distributed.pipelining's schedules, measured against theory.
 
-One gloo world of ``--world`` processes = P pipeline ranks. Every stage is ``--layers`` synthetic
-layers of uniform cost: a layer's forward sleeps ``--t_f`` ms and its backward 2 x t_f (the usual
-backward = 2 x forward), so each rank's busy time is known exactly and CPU noise from other
-processes matters little (a sleep yields the core). Per schedule, one step of ``--micro`` (m)
-micro-batches is timed on every rank after a warm-up step (median of ``--repeats``):
+One gloo world of ``--world`` processes = P pipeline ranks. Every stage (chunk) is ``--layers``
+synthetic layers of uniform cost: a layer's forward sleeps ``--t_f`` ms, its input gradient
+``--t_b`` and its weight gradient ``--t_w`` (separate autograd paths, so the zero-bubble
+schedules' split backward pays them in separate slots; F = B = W is the zero-bubble paper's
+setting), so each rank's busy time is known exactly and CPU noise from other processes matters
+less (a sleep yields the core). Per schedule, one step of ``--micro`` (m) micro-batches is timed
+on every rank after a warm-up step (median of ``--repeats``):
 
-    busy   = the sleeps of this rank's stages (m x (t_f + 2 t_f) x layers x chunks)
+    busy   = the sleeps of this rank's chunks (m x (t_f + t_b + t_w) x layers x chunks)
     bubble = (wall - busy) / busy, the idle time per unit of work, the worst rank's
 
-against theory (Megatron's bubble ratio): (P - 1) / m for GPipe and 1F1B, (P - 1) / (V m) for the
-interleaved 1F1B with V chunks per rank. The zero-bubble schedules and DualPipeV need a backward
-whose input and weight parts cost separately; this synthetic layer computes both in one step, so
-they are not benchmarked here (their exactness is tests/dist/test_pp_parity.py's).
+against theory: (P - 1) / m for GPipe and 1F1B (Megatron's bubble ratio); for the schedules with
+several chunks per rank the bubble of the schedule's own action lists (``pipeline_order``)
+simulated with these costs and free communication (``simulate``): (P - 1) / (V m) for interleaved
+1F1B, and what torch's zero-bubble and DualPipeV orders leave (0 only with m large enough; the
+papers' "zero" assumes the steady state).
 
-    python bench/pipeline.py                       # P=4, m=8, 2 layers of 5 ms per stage
-    python bench/pipeline.py --world 2 --micro 4
+    python bench/pipeline.py                        # P=2, m=4, F/B/W = 60/60/60 ms, all six
+    python bench/pipeline.py --world 4 --micro 8 --only 1f1b,zbv
 """
 from __future__ import annotations
 
@@ -33,38 +36,109 @@ import torch.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 SCHEDULES = (("gpipe", "ScheduleGPipe", 1), ("1f1b", "Schedule1F1B", 1),
-             ("interleaved_1f1b", "ScheduleInterleaved1F1B", 2))
+             ("interleaved_1f1b", "ScheduleInterleaved1F1B", 2),
+             ("interleaved_zero_bubble", "ScheduleInterleavedZeroBubble", 2),
+             ("zbv", "ScheduleZBVZeroBubble", 2), ("dualpipev", "ScheduleDualPipeV", 2))
 
 
-class _Sleep(torch.autograd.Function):
-    """y = x * w; forward sleeps t, backward 2t (and counts them as busy time)."""
+class _InputPath(torch.autograd.Function):
+    """h = x; forward sleeps t_f, backward (the input gradient, the schedules' B or I) sleeps t_b."""
 
     @staticmethod
-    def forward(ctx, x, w, t, clock):
-        ctx.save_for_backward(x, w)
+    def forward(ctx, x, t, clock):
         ctx.t, ctx.clock = t, clock
-        time.sleep(t)
-        clock[0] += t
-        return x * w
+        time.sleep(t[0])
+        clock[0] += t[0]
+        return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        time.sleep(2 * ctx.t)
-        ctx.clock[0] += 2 * ctx.t
-        return g * w, (g * x).sum().reshape(1), None, None
+        time.sleep(ctx.t[1])
+        ctx.clock[0] += ctx.t[1]
+        return g, None, None
+
+
+class _WeightPath(torch.autograd.Function):
+    """v = w; backward (the weight gradient, the zero-bubble schedules' W) sleeps t_w."""
+
+    @staticmethod
+    def forward(ctx, w, t, clock):
+        ctx.t, ctx.clock = t, clock
+        return w.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        time.sleep(ctx.t[2])
+        ctx.clock[0] += ctx.t[2]
+        return g, None, None
 
 
 class SyntheticStage(nn.Module):
-    def __init__(self, layers: int, t: float, clock: list):
+    """``layers`` layers y = x * w of costs (t_f, t_b, t_w): the input gradient g * w goes through
+    _InputPath only and the weight gradient (g * x).sum() through _WeightPath only, so a split
+    backward (torch's stage_backward_input / stage_backward_weight) pays t_b and t_w in separate
+    slots, and a full backward t_b + t_w."""
+
+    def __init__(self, layers: int, t, clock: list):
         super().__init__()
         self.w = nn.Parameter(torch.ones(layers))
         self.t, self.clock = t, clock
 
     def forward(self, x):
         for i in range(self.w.numel()):
-            x = _Sleep.apply(x, self.w[i:i + 1], self.t, self.clock)
+            x = _InputPath.apply(x, self.t, self.clock) * _WeightPath.apply(self.w[i:i + 1], self.t, self.clock)
         return x
+
+
+def simulate(order, n_stages: int, t) -> dict:
+    """The ideal makespan and busy time per rank of a schedule's action lists (``pipeline_order``:
+    rank -> [F/I/W/B/OVERLAP_F_B actions or None]) with per-chunk costs t = (F, I, W) and free
+    communication: each rank runs its list in order, an action waiting for its inputs (F after the
+    previous stage's F, I/B after the next stage's I/B and its own F, W after its I)."""
+    f, b, w = t
+    cost = {"F": f, "I": b, "W": w, "B": b + w}
+    done, clock, busy = {}, {}, {}
+    lists = {r: [a for a in acts if a is not None] for r, acts in order.items()}
+    flat = {r: [x for a in acts for x in (a.sub_actions if a.sub_actions else (a,))] for r, acts in lists.items()}
+    pos = {r: 0 for r in flat}
+    for r in flat:
+        clock[r], busy[r] = 0.0, 0.0
+    progress = True
+    while progress:
+        progress = False
+        for r, acts in flat.items():
+            while pos[r] < len(acts):
+                a = acts[pos[r]]
+                kind, s, i = str(a.computation_type.value), a.stage_index, a.microbatch_index
+                deps = []
+                if kind == "F" and s > 0:
+                    deps.append(("F", s - 1, i))
+                if kind in ("I", "B"):
+                    deps.append(("F", s, i))
+                    if s < n_stages - 1:
+                        deps.append(("I", s + 1, i))
+                if kind == "W":
+                    deps.append(("I", s, i))
+                if any(d not in done for d in deps):
+                    break
+                start = max([clock[r]] + [done[d] for d in deps])
+                clock[r] = start + cost[kind]
+                busy[r] += cost[kind]
+                done[("I" if kind == "B" else kind, s, i)] = clock[r]
+                pos[r] += 1
+                progress = True
+    if any(pos[r] < len(flat[r]) for r in flat):
+        raise RuntimeError("the schedule's action lists deadlock in the simulation")
+    span = max(clock.values())
+    return {r: (span - busy[r]) / busy[r] for r in flat}
+
+
+def theory(name: str, sched, world: int, v: int, a, t_chunk) -> float:
+    """Megatron's (P - 1) / m for GPipe and 1F1B; the simulated bubble of the schedule's own action
+    lists for the others ((P - 1) / (V m) for interleaved 1F1B with uniform costs)."""
+    if v == 1:
+        return (world - 1) / a.micro
+    return max(simulate(sched.pipeline_order, world * v, t_chunk).values())
 
 
 def _run(rank: int, world: int, a) -> dict:
@@ -73,8 +147,11 @@ def _run(rank: int, world: int, a) -> dict:
 
     from forge_dist.parallel.pipeline.split import stage_ranks
 
+    t = (a.t_f / 1000, a.t_b / 1000, a.t_w / 1000)
     out = {}
     for name, cls_name, v in SCHEDULES:
+        if a.only and name not in a.only.split(","):
+            continue
         n_stages = world * v
         clock = [0.0]
         ranks = stage_ranks(name, world, v)
@@ -83,10 +160,10 @@ def _run(rank: int, world: int, a) -> dict:
             if ranks[s] != rank:
                 continue
             meta = torch.empty(a.rows, 8, device="meta", requires_grad=True)
-            stages.append(pipelining.PipelineStage(SyntheticStage(a.layers, a.t_f / 1000, clock), s, n_stages,
+            stages.append(pipelining.PipelineStage(SyntheticStage(a.layers, t, clock), s, n_stages,
                                                    torch.device("cpu"), input_args=meta, output_args=meta))
         cls = getattr(pipelining, cls_name)
-        sched = cls(stages if v > 1 else stages[0], n_microbatches=a.micro, loss_fn=lambda o, t: o.sum())
+        sched = cls(stages if v > 1 else stages[0], n_microbatches=a.micro, loss_fn=lambda o, _: o.sum())
         x = torch.randn(a.rows * a.micro, 8)
         walls, busys = [], []
         for rep in range(a.repeats + 1):
@@ -104,28 +181,34 @@ def _run(rank: int, world: int, a) -> dict:
         wall, busy = statistics.median(walls), statistics.median(busys)
         worst = torch.tensor([(wall - busy) / busy])
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        out[name] = (float(worst), (world - 1) / (v * a.micro), v, wall)
+        t_chunk = tuple(a.layers * c for c in t)
+        out[name] = (float(worst), theory(name, sched, world, v, a, t_chunk), v, wall)
     return out
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--world", type=int, default=4)
-    p.add_argument("--micro", type=int, default=8)
-    p.add_argument("--layers", type=int, default=2, help="synthetic layers per stage (per chunk)")
-    p.add_argument("--t_f", type=float, default=5.0, help="forward ms of one layer (backward: 2x)")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--layers", type=int, default=1, help="synthetic layers per stage (per chunk)")
+    p.add_argument("--t_f", type=float, default=60.0, help="forward ms of one layer")
+    p.add_argument("--t_b", type=float, default=60.0, help="input-gradient ms of one layer (B / I)")
+    p.add_argument("--t_w", type=float, default=60.0, help="weight-gradient ms of one layer (W)")
+    p.add_argument("--only", default="", help="comma-separated schedules (default: all six)")
     p.add_argument("--rows", type=int, default=2, help="rows per micro-batch")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
     from forge_dist.testing.spawn import spawn
 
     res = spawn(_run, a.world, a, timeout=300)
-    print(f"# pipeline bubble, P={a.world}, m={a.micro}, {a.layers} layers x {a.t_f} ms forward per stage "
+    print(f"# pipeline bubble, P={a.world}, m={a.micro}, {a.layers} layer(s) per chunk of F/B/W = "
+          f"{a.t_f}/{a.t_b}/{a.t_w} ms "
           f"({datetime.date.today()}, {platform.machine()}, torch {torch.__version__})")
-    print("| schedule | V | measured bubble | theory | measured / theory | step wall (s) |")
-    print("|---|---|---|---|---|---|")
-    for name, (measured, theory, v, wall) in res.items():
-        print(f"| {name} | {v} | {measured:.3f} | {theory:.3f} | {measured / theory:.2f} | {wall:.2f} |")
+    print("| schedule | V | measured bubble | theory | measured / theory | measured - theory | step wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (measured, ideal, v, wall) in res.items():
+        print(f"| {name} | {v} | {measured:.3f} | {ideal:.3f} | {measured / ideal:.2f} | {measured - ideal:+.3f} "
+              f"| {wall:.2f} |")
 
 
 if __name__ == "__main__":

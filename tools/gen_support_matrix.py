@@ -4,8 +4,9 @@ Runs every parity case (forge_dist/testing/tp_cases.py) through the parity check
 tests/dist/test_tp_parity.py runs (forge_dist.testing.parity.run_matrix): TP=2 in a world of 2 and
 TP=4 in a world of 4, each with and without sequence parallelism; counts the collectives of one
 training step of every case at TP=2 (forge_dist.testing.parity.comm_counts); runs the
-expert-parallel matrix (forge_dist.testing.ep_parity, a world of 4); writes the markdown.
-``--expert-only`` reruns only the expert-parallel section and replaces it in the file.
+expert-parallel matrix (forge_dist.testing.ep_parity, a world of 4) and the pipeline matrix
+(forge_dist.testing.pp_parity: worlds of 4, 2 and 8); writes the markdown. ``--expert-only`` and
+``--pipeline-only`` rerun only that section and replace it in the file.
 tests/dist/test_tp_parity.py compares the statuses it measures with this file, so a change of
 status fails the test until the file is regenerated. About 5 minutes on 2 CPU cores.
 """
@@ -18,6 +19,7 @@ import time
 
 from forge_dist.testing.ep_parity import EP_SECTION, render_ep_section, run_ep_matrix
 from forge_dist.testing.parity import MODES, render_support_matrix, run_matrix
+from forge_dist.testing.pp_matrix import render_pp_section, replace_pp_section, statuses
 from forge_dist.testing.spawn import spawn
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "support_matrix.md")
@@ -79,12 +81,34 @@ def _commit() -> str:
         return "unknown"
 
 
+def _pipeline_cells() -> dict:
+    """The pipeline matrix of tests/dist/test_pp_parity.py: worlds of 4, 2 and 8."""
+    from forge_dist.testing.pp_cases import schedule_runs, variant_runs, world8_runs, zero_runs
+    from forge_dist.testing.pp_parity import run_pp_matrix
+
+    cells = {}
+    for world, runs in ((4, schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs()), (2, variant_runs()),
+                        (8, world8_runs())):
+        cells.update(statuses(spawn(run_pp_matrix, world, runs, timeout=1200, return_all=True)))
+    return cells
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=OUT, help="the markdown file to write (default: docs/support_matrix.md)")
     parser.add_argument("--expert-only", action="store_true", help="rerun only the expert-parallel section")
+    parser.add_argument("--pipeline-only", action="store_true", help="rerun only the pipeline-parallel section")
     args = parser.parse_args(argv)
     start = time.time()
+    if args.pipeline_only:
+        pp_cells = _pipeline_cells()
+        pp_bad = [cell for cell, (status, _) in pp_cells.items() if status != "pass"]
+        with open(args.out) as f:
+            text = f.read()
+        with open(args.out, "w") as f:
+            f.write(replace_pp_section(text, render_pp_section(pp_cells)))
+        print(f"wrote the pipeline section of {args.out}: {len(pp_cells)} cells, {len(pp_bad)} not passing")
+        return 1 if pp_bad else 0
     ep_rows = spawn(run_ep_matrix, 4, timeout=1200)
     ep_bad = [r for r in ep_rows if r[2] != "pass"]
     if args.expert_only:
@@ -94,16 +118,19 @@ def main(argv=None) -> int:
             f.write(text + "\n\n" + render_ep_section(ep_rows))
         print(f"wrote the expert-parallel section of {args.out}: {len(ep_rows)} runs, {len(ep_bad)} not passing")
         return 1 if ep_bad else 0
+    pp_cells = _pipeline_cells()
+    pp_bad = [cell for cell, (status, _) in pp_cells.items() if status != "pass"]
     sp_modes = tuple(sorted({sp for _, sp in MODES}))
     rows2, comm = spawn(_matrix_and_comm, 2, [(2, "all", sp_modes)], timeout=1800)
     rows4 = spawn(run_matrix, 4, [(4, "all", sp_modes)], timeout=3000)
     with open(args.out, "w") as f:
-        f.write(render_support_matrix(rows2 + rows4, comm, HEADER, _commit()) + "\n" + render_ep_section(ep_rows))
+        f.write(render_support_matrix(rows2 + rows4, comm, HEADER, _commit()) + "\n" + render_pp_section(pp_cells)
+                + "\n" + render_ep_section(ep_rows))
     bad = [r for r in rows2 + rows4 if r[3] == "mismatch"]
     print(f"wrote {args.out}: {len(rows2) + len(rows4)} runs, {len(bad)} mismatches, {time.time() - start:.0f} s")
     for tp, sp, name, _, detail, _ in bad:
         print(f"  MISMATCH tp={tp} sp={sp} {name}: {detail}")
-    return 1 if bad or ep_bad else 0
+    return 1 if bad or ep_bad or pp_bad else 0
 
 
 if __name__ == "__main__":

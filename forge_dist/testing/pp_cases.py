@@ -62,3 +62,13 @@ def zero_runs() -> List[tuple]:
     4): a plain, an interleaved zero-bubble and a V-shaped schedule."""
     return [(2, 1, s, None, m, MODELS[m], micro_batches(s, 2), {"zero": True})
             for s, m in (("1f1b", "default"), ("interleaved_zero_bubble", "variant_mix"), ("zbv", "variant_mix"))]
+
+
+def world8_runs() -> List[tuple]:
+    """PP=2 x TP=2 x DP=2 in one world of 8: all three dimensions at once (a world of 4 holds at
+    most two). A plain, an interleaved, a split-backward V-shaped schedule, ZeRO-1 and sequence
+    parallelism, on the default model and the variant mix."""
+    return [(2, 2, s, None, m, MODELS[m], micro_batches(s, 2), opts)
+            for s, m, opts in (("1f1b", "default", {}), ("interleaved_1f1b", "variant_mix", {}),
+                               ("zbv", "variant_mix", {}), ("1f1b", "variant_mix", {"zero": True}),
+                               ("dualpipev", "default", {"zero": True, "sequence_parallel": True}))]

@@ -214,7 +214,7 @@ def _init_errors(model, layout, groups, ref):
 def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
     """runs = [(pp, tp, schedule, virtual, case name, config, n_micro[, options])]: rows (the run's
     key, status, detail, worst); options are compare_pipeline's keywords ({"zero": True}: ZeRO-1,
-    keyed as "<case>+zero1"). Process groups are built once per (pp, tp) layout."""
+    keyed as "<case>+zero1"; {"sequence_parallel": True}: "<case>+sp"). Process groups are built once per (pp, tp) layout."""
     from forge_dist.errors import ConfigError
     from forge_dist.parallel.groups import ProcessGroups
     from forge_dist.parallel.topology import Topology
@@ -225,7 +225,8 @@ def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
         opts = options[0] if options else {}
         if (pp, tp) not in layouts:
             layouts[(pp, tp)] = ProcessGroups.build(Topology(world_size, tp=tp, pp=pp))
-        key = (pp, tp, world_size // (pp * tp), schedule, name + ("+zero1" if opts.get("zero") else ""))
+        key = (pp, tp, world_size // (pp * tp), schedule,
+               name + ("+zero1" if opts.get("zero") else "") + ("+sp" if opts.get("sequence_parallel") else ""))
         try:
             r = compare_pipeline(name, config, layouts[(pp, tp)], schedule, virtual, n_micro, **opts)
         except ConfigError as e:

@@ -9,14 +9,29 @@ equal the one-process model's exactly and no other rank's layer is materialised.
 on a variant mix with tied embeddings, cross-stage shared modules and MoE losses on several
 stages, at PP=2 x TP=2, PP=2 x DP=2 (DDP per stage, and ZeRO-1) and PP=4 in one world of 4.
 """
+import os
+
 import pytest
 
-from forge_dist.testing.pp_cases import schedule_runs, variant_runs, zero_runs
+from forge_dist.testing.pp_cases import schedule_runs, variant_runs, world8_runs, zero_runs
+from forge_dist.testing.pp_matrix import read_pp_section, statuses
 from forge_dist.testing.pp_memory import micro_batches_in_flight
 from forge_dist.testing.pp_parity import run_pp_matrix
 from forge_dist.testing.spawn import spawn
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+MATRIX = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                      "support_matrix.md")
+
+
+def _documented(per_rank):
+    """The statuses measured equal docs/support_matrix.md's pipeline section (each test checks its cells)."""
+    measured = {cell: status for cell, (status, _) in statuses(per_rank).items()}
+    with open(MATRIX, encoding="utf-8") as f:
+        documented = read_pp_section(f.read())
+    stale = {cell: (documented.get(cell), status) for cell, status in measured.items() if documented.get(cell) != status}
+    assert not stale, f"docs/support_matrix.md is out of date (python tools/gen_support_matrix.py --pipeline-only): {stale}"
 
 
 def _check(per_rank, expected_runs):
@@ -37,7 +52,9 @@ def test_every_schedule_pp2_tp2_pp2_dp2_pp4_in_a_world_of_4():
     replica holding a strict part of the AdamW state, the gathered (checkpoint) state equal to the
     one-process AdamW state, and loading it back giving each replica its part (pp_parity._zero_errors)."""
     runs = schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs()
-    seen = _check(spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True), len(runs))
+    per_rank = spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True)
+    seen = _check(per_rank, len(runs))
+    _documented(per_rank)
     assert (2, 2, 1, "dualpipev", "variant_mix") in seen and (4, 1, 1, "zbv", "default") in seen
     assert (2, 1, 2, "interleaved_zero_bubble", "variant_mix") in seen
     assert (2, 1, 2, "zbv", "variant_mix+zero1") in seen
@@ -48,7 +65,22 @@ def test_variants_across_two_stages_1f1b():
     """tp_cases configurations whose modules cross the stage boundary (tied, factorised and
     quantized tables, shared modules and FIRE, per-layer lists, steering, LSV, MoE losses) at PP=2."""
     runs = variant_runs()
-    _check(spawn(run_pp_matrix, 2, runs, timeout=280, return_all=True), len(runs))
+    per_rank = spawn(run_pp_matrix, 2, runs, timeout=280, return_all=True)
+    _check(per_rank, len(runs))
+    _documented(per_rank)
+
+
+@pytest.mark.timeout(300)
+def test_pp2_tp2_dp2_in_a_world_of_8():
+    """The three dimensions together, which no world of 4 holds: every rank has a pipeline peer, a
+    tensor-parallel peer and a data-parallel replica, so the TP sums, the pipeline copies' sums (tied
+    table, shared modules), the DP reduction (DDP per stage; by hand for zbv and dualpipev) and
+    ZeRO-1 over each stage's replicas all act in one step, with sequence parallelism in one run."""
+    runs = world8_runs()
+    per_rank = spawn(run_pp_matrix, 8, runs, timeout=280, return_all=True)
+    seen = _check(per_rank, len(runs))
+    assert (2, 2, 2, "dualpipev", "default+zero1+sp") in seen
+    _documented(per_rank)
 
 
 @pytest.mark.timeout(200)

@@ -155,14 +155,23 @@ def test_tp2_sequence_parallel_under_mpirun_matches_one_process(reference, corpu
 @pytest.mark.timeout(200)
 def test_dp2_matches_one_process_with_twice_the_batch(reference, corpus, tmp_path):
     """2 replicas of micro-batch 2 (x 2 accumulation steps) take, rank after rank, the rows of the
-    one-process run of micro-batch 4: its first 10 iterations, evaluation and weights at 10."""
+    one-process run of micro-batch 4: its first 10 iterations, evaluation and weights at 10. With
+    ZeRO-1 (--zero_stage 1: each replica steps half of the AdamW state), whose checkpoint holds the
+    one-process AdamW state."""
     ref, out = reference[0], tmp_path / "dp2"
     torchrun(2, *MODEL, *RUN, *NO_SAMPLE, "--dataset", corpus, "--max_iters", "10", "--batch_size", "2",
-             "--out_dir", str(out))
+             "--out_dir", str(out), "--zero_stage", "1")
     for key, iters in (("loss", range(10)), ("grad_norm", range(10)), ("val_loss", (0, 10))):
         want = {i: v for i, v in series(ref, key).items() if i in iters}
         assert_close_series(series(out, key), want, 1e-5, iters)
     assert_weights_close(weights(out), weights(os.path.join(ref, "checkpoints", "iter_0000010")), 1e-5)
+    got = _optimizer_state(out)
+    want = load_state(os.path.join(ref, "checkpoints", "iter_0000010"), "optimizer")["optimizer"]
+    assert got["state"].keys() == want["state"].keys() and got["param_groups"] == want["param_groups"]
+    for i, moments in want["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            a, b = got["state"][i][k], moments[k]
+            assert a.shape == b.shape and ((a - b).norm() / b.norm()).item() < 1e-4, (i, k)
 
 
 @pytest.mark.timeout(240)

@@ -54,13 +54,23 @@ def reuses_modules(chunk) -> bool:
     return again
 
 
-def _no_split():
-    """dw_builder of a chunk that reuses modules: torch 2.13's split of the backward into an input
-    pass and a deferred weight pass (stage_backward_weight) walks a parameter reused by several
-    layers twice and fails ("backward through the graph a second time"). With a dw_builder the
-    zero-bubble schedules run the full backward in the input slot and the weight slot does
-    nothing: the gradients are exact, the bubble of such chunks is 1F1B's."""
-    return lambda: None
+class ReusingStage(pipelining.PipelineStage):
+    """The PipelineStage of a chunk that reuses modules across its layers (shared_* sharing,
+    shared FIRE), for the zero-bubble schedules' split backward. torch's weight pass
+    (``stage_backward_weight``) differentiates the parameter groups that ``get_param_groups``
+    built one ``torch.autograd.grad`` call at a time; a parameter used by two layers joins their
+    weight paths into groups that share autograd nodes, so without ``retain_graph`` the first call
+    frees buffers the next one reads ("Trying to backward through the graph a second time").
+    This stage runs the same function with ``retain_graph=True`` (its own parameter); the graph
+    is freed when the stage drops the micro-batch's backward state right after. Split-backward
+    schedules run without DDP (SPLIT_BACKWARD), so the weight pass needs no reducer here."""
+
+    def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
+        if backward_type != "weight":
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        from torch.distributed.pipelining._backward import stage_backward_weight
+
+        return stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"], retain_graph=True), None
 
 
 # Schedules whose backward is split into an input pass and a deferred weight pass (torch's
@@ -103,9 +113,9 @@ class PipelineRunner:
         for s, chunk in sorted(layout.chunks.items()):
             inputs, outputs = _stage_shapes(chunk, micro_batch_size, groups.tp.size if sequence_parallel else 1)
             self.ddp[s] = _data_parallel(chunk, s, layout, groups, device)
-            self.stages.append(pipelining.PipelineStage(
-                self.ddp[s] or chunk, s, plan.n_stages, torch.device(device), input_args=inputs,
-                output_args=outputs, group=groups.pp.handle, dw_builder=_no_split if reuses_modules(chunk) else None))
+            stage_class = ReusingStage if reuses_modules(chunk) else pipelining.PipelineStage
+            self.stages.append(stage_class(self.ddp[s] or chunk, s, plan.n_stages, torch.device(device),
+                                           input_args=inputs, output_args=outputs, group=groups.pp.handle))
         cls = getattr(pipelining, SCHEDULES[plan.schedule][0])
         target = self.stages if plan.schedule in MULTI else self.stages[0]
         self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=_stage_loss, scale_grads=False)

@@ -12,8 +12,8 @@ def column(key) -> str:
     """The layout column of a run key (pp, tp, dp, schedule, case): PP2xTP2, PP2xDP2 ZeRO-1, ..."""
     pp, tp, dp, _, case = key
     flags = case.split("+")[1:]
-    name = f"PP{pp}" + (f"xTP{tp}" if tp > 1 else "") + (" SP" if "sp" in flags else "") + (f"xDP{dp}" if dp > 1 else "")
-    return name + (" ZeRO-1" if "zero1" in flags else "")
+    name = f"PP{pp}" + (f"xTP{tp}" if tp > 1 else "") + (f"xDP{dp}" if dp > 1 else "")
+    return name + (" SP" if "sp" in flags else "") + (" ZeRO-1" if "zero1" in flags else "")
 
 
 def row(key) -> str:

@@ -86,7 +86,8 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
     ctx = ctx or RunContext()
     r = resolved or resolve_run(parsed, groups)
     train_cfg = _rank_train_config(r.train_cfg, ctx)
-    model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes)
+    model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes,
+                               stages_only=not r.values.get("deepspeed_config"))
     engine = engine_factory(model, train_cfg, r.values, ctx)
     loader = open_loader(r.data_dirs or [r.data_dir], r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
     run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.tokenizer(), loader,

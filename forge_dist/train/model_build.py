@@ -44,7 +44,7 @@ def _copy_matching(model, state: dict, source: str, notes: list) -> None:
 
 
 def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_state=None,
-                resume_path=None, notes: Optional[list] = None):
+                resume_path=None, notes: Optional[list] = None, stages_only: bool = True):
     """(this rank's model, FLOPs per token of the full model). Tensor-parallel ranks build on the
     meta device, apply the plan, then materialise only their shards (drawn, or read from the
     resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
@@ -66,7 +66,10 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
             resume_path = None
     pc = ctx.parallel_config if ctx.groups is not None else None
     # expert placement still starts from the full model (it regroups parameters)
-    pipelined = pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1 and prev_state is None
+    # stages_only: the native pipeline engine materialises this rank's stages itself; DeepSpeed's
+    # pipeline engine (--deepspeed_config) starts from the whole model
+    pipelined = (stages_only and pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1
+                 and prev_state is None)
     deferred = pipelined or (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
                              and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
     model = GPT(cfg, defer_init=deferred)

@@ -66,6 +66,8 @@ def _unsupported(values: dict) -> str:
         return "--deepspeed_config"
     if (values.get("pipeline_parallel_size") or 1) > 1:
         return f"pipeline_parallel_size={values['pipeline_parallel_size']}"
+    if values.get("zero_stage"):  # ZeroRedundancyOptimizer: the state is per replica (consolidated when gathered)
+        return f"zero_stage={values['zero_stage']}"
     return ""
 
 
@@ -75,7 +77,10 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     (one file set that any tool reads as is), unless --async_checkpoint asks for the sharded one."""
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
-    supported = getattr(engine, "name", None) in SHARDED_ENGINES
+    from forge_dist.parallel.zero import is_zero
+
+    supported = (getattr(engine, "name", None) in SHARDED_ENGINES
+                 and not is_zero(getattr(engine, "optimizer", None)))
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 

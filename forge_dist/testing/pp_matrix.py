@@ -53,8 +53,8 @@ def render_pp_section(cells: Dict[tuple, tuple]) -> str:
              "forge_dist/testing/pp_cases.py; the others: tp_cases.py configurations whose modules cross the "
              "stage boundary). PPxDP without ZeRO: torch's DDP reducer per stage (split-backward schedules: "
              "bucketed all-reduce after the schedule). The 8-rank PP2xTP2xDP2 column is measured by the "
-             "8-rank test. `-`: not run. Refused before launch by name: expert_parallel_size > 1 with "
-             "pipeline stages, dtype float16, --compile.", "",
+             "8-rank test. `-`: not run. Refused before launch by name: expert parallelism with both "
+             "pipeline stages and TP, --zero_stage with expert parallelism, dtype float16, --compile.", "",
              "| case / schedule | " + " | ".join(columns) + " | worst grad error |",
              "|---" * (len(columns) + 2) + "|"]
     for r in rows:

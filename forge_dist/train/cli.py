@@ -201,7 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from forge_dist.train.build import build_run
     from forge_dist.parallel.flight import CollectiveMismatch
     from forge_dist.train.diagnostics import EXIT_LOST_RANK, CollectiveFailure
-    from forge_dist.train.rollback import train
+    from forge_dist.train.recovery import fall_back_past
+    from forge_dist.train.rollback import rollback_options, train
+    from forge_dist.train.sharded_save import CorruptShards
     from forge_dist.train.trainer import summary
 
     parsed, groups, resolved, launch = plan(sys.argv[1:] if argv is None else list(argv))
@@ -217,8 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             def build(options):  # the first run, then the rebuilds of a rollback (bad_steps.py)
                 try:
-                    return build_run(options, groups, ctx, launch.engine_factory,
-                                     resolved if options is parsed else None)
+                    try:
+                        return build_run(options, groups, ctx, launch.engine_factory,
+                                         resolved if options is parsed else None)
+                    except CorruptShards as e:  # found by the ranks that read it; all fall back together
+                        if options is not parsed or parsed.explicit.get("init_from_ckpt"):
+                            raise
+                        notes: list = []
+                        previous = fall_back_past(e.path, resolved.train_cfg.out_dir, str(e), notes)
+                        run = build_run(rollback_options(parsed, previous), groups, ctx, launch.engine_factory)
+                        run.notes[:0] = notes
+                        return run
                 except (ConfigError, CheckpointError) as e:
                     fail(f"rank {ctx.rank}: {e}" if ctx.distributed else str(e))
 

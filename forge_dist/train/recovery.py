@@ -48,6 +48,24 @@ def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, 
                           f"--init_from scratch")
 
 
+def fall_back_past(bad: str, out_dir: str, problem: str, notes: List[str]) -> str:
+    """The newest checkpoint older than ``bad`` whose manifest, small files and shard sizes verify
+    (a shard that failed its sha256 while loading, after the process group existed: every rank
+    calls this alike and takes the same one); a note says why."""
+    root = os.path.join(out_dir, ROOT)
+    older = [n for n in list_checkpoints(root) if n < os.path.basename(os.path.normpath(bad))]
+    for name in reversed(older):
+        candidate = os.path.join(root, name)
+        try:
+            verify_checkpoint(candidate, shards=False)
+        except CheckpointError:
+            continue
+        notes.append(f"{problem.split('; use ')[0]}; resuming from the previous good checkpoint {candidate} instead")
+        return candidate
+    raise CheckpointError(f"{problem.split('; use ')[0]}; no older checkpoint in {root} verifies; start again with "
+                          f"--init_from scratch")
+
+
 def save_failed(error: OSError, root: str, iteration: int, last_good: Optional[str]) -> CheckpointError:
     """The error to stop with after a failed save; the partial directory is removed first."""
     shutil.rmtree(os.path.join(root, f".tmp-{checkpoint_name(iteration)}"), ignore_errors=True)

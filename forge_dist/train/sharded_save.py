@@ -227,6 +227,15 @@ def load_engine_state(engine, path: str, groups) -> None:
         engine.scaler.load_state_dict(extra["scaler"])
 
 
+class CorruptShards(CheckpointError):
+    """A shard of the sharded checkpoint at ``path`` failed its sha256 on some rank (every rank
+    raises it, so a resume that named no checkpoint can fall back together: recovery.py)."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(message)
+        self.path = path
+
+
 def _verify_agreed(path: str, files: List[str]) -> None:
     """This rank's files against the manifest; every rank learns of any failure before reading."""
     error = None
@@ -242,4 +251,4 @@ def _verify_agreed(path: str, files: List[str]) -> None:
     bad = [(rank, e) for rank, e in enumerate(errors) if e]
     if bad:
         rank, message = bad[0]
-        raise CheckpointError(message if error == message else f"{message} (found by rank {rank})")
+        raise CorruptShards(message if error == message else f"{message} (found by rank {rank})", path)

@@ -36,7 +36,8 @@ def test_ep2_matches_one_process_and_resumes_on_one_process(corpus, tmp_path):
     ref, ep2, resumed = tmp_path / "ref", tmp_path / "ep2", tmp_path / "resumed"
     single(*MOE, "--dataset", corpus, "--batch_size", "4", "--out_dir", str(ref), "--max_sample_tokens", "none")
     proc = torchrun(2, *MOE, "--dataset", corpus, "--batch_size", "2", "--expert_parallel_size", "2",
-                    "--out_dir", str(ep2), "--max_sample_tokens", "8", timeout=240)
+                    "--out_dir", str(ep2), "--max_sample_tokens", "8", "--checkpoint_format", "gathered",
+                    timeout=240)  # the gathered EP checkpoint; the sharded one: tests/dist/test_sharded_resume.py
     assert proc.stdout.count("--- sample ---") == 1  # every rank ran the sampling forward (all-to-all)
     for key, iters in (("loss", range(4)), ("grad_norm", range(4)), ("val_loss", (0, 2, 4))):
         assert_close_series(series(ep2, key), series(ref, key), 1e-5, iters)

@@ -126,8 +126,8 @@ def reference(corpus, tmp_path_factory):
 def tp2(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp2") / "out"
     proc = torchrun(2, *MODEL, *RUN, *SAMPLE, "--dataset", corpus, "--max_iters", "20", "--out_dir", str(out),
-                    "--tensor_parallel_size", "2")
-    return out, proc.stdout
+                    "--tensor_parallel_size", "2", "--checkpoint_format", "gathered")  # the sharded format: the
+    return out, proc.stdout  # same-layout resume below and tests/dist/test_sharded_resume.py
 
 
 @pytest.mark.timeout(200)

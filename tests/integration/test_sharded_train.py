@@ -144,3 +144,23 @@ def test_corrupt_or_truncated_shard_is_refused_by_name(dataset, reference, tmp_p
         assert code not in (0, None) and "model/dcp/__0_0.distcp" in err, (damage, code, err[-2000:])
         with pytest.raises(CheckpointError, match="model/dcp/__0_0.distcp"):
             load_for_inference(str(out / "checkpoints" / "iter_0000004"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_plain_resume_falls_back_past_a_corrupt_shard(dataset, reference, tmp_path, capsys):
+    """A shard that fails its sha256 when the ranks read it: with plain --init_from resume every
+    rank falls back to the newest older checkpoint that verifies, says so, and continues exactly."""
+    out = tmp_path / "out"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    shard = out / "checkpoints" / "iter_0000006" / "model" / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train_exit_code(TINY, dataset, out, *SHARDED, "--max_iters", "6", "--init_from", "resume") == 0
+    text = capsys.readouterr()
+    assert "model/dcp/__0_0.distcp does not match its sha256; resuming from the previous good checkpoint" in \
+        text.out + text.err and "iter_0000004" in text.out + text.err
+    want, got = logged_losses(reference), logged_losses(out)
+    assert [got[i] for i in (4, 5)] == [want[i] for i in (4, 5)]

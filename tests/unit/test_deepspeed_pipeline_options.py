@@ -54,3 +54,24 @@ def test_deepspeed_pipeline_refusals(monkeypatch, capsys, dataset, tmp_path, wor
     assert e.value.code == 2 and not (tmp_path / "out").exists()
     assert len(lines) == 1 and lines[0].startswith("forge-train: error: ") and message in lines[0], lines
     assert not dist.is_initialized()
+
+
+def test_sequence_parallel_turns_off_deepspeeds_split_sends():
+    """Under SP each TP rank holds its own sequence shard: DeepSpeed's pipe_partitioned /
+    grad_partitioned (split a replicated activation over TP before sending) are set false, and a
+    config asking for them is refused by key."""
+    from types import SimpleNamespace
+
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.errors import ConfigError
+    from forge_dist.train.deepspeed_pipeline import _pipeline_section
+
+    groups = SimpleNamespace(tp=SimpleNamespace(size=2))
+    sp = ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2, sequence_parallel=True)
+    resolved = SimpleNamespace(config={"train_batch_size": 8}, source="cfg.json")
+    assert _pipeline_section(resolved, groups, sp)["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+    no_sp = ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert "pipeline" not in _pipeline_section(resolved, groups, no_sp)  # replicated activations: DeepSpeed's default
+    resolved.config["pipeline"] = {"pipe_partitioned": True}
+    with pytest.raises(ConfigError, match="cfg.json: pipeline.pipe_partitioned=true with --sequence_parallel"):
+        _pipeline_section(resolved, groups, sp)

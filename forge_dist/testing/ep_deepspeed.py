@@ -1,6 +1,7 @@
 """Expert parallelism under DeepSpeed ZeRO against one process (forge_dist.train.deepspeed_moe).
 
-In one world of 4, each layout of DS_EP_LAYOUTS at each ZeRO stage trains ITERS iterations of
+In one world of 4, each layout of DS_EP_LAYOUTS at each ZeRO stage (top-2 dropless; top-1 with a
+capacity factor at ZeRO-2 only: capacity is counted before the exchange, whatever the stage) trains ITERS iterations of
 ACCUM micro-batches with the DeepSpeed engine (experts placed by shard_model, as forge-train does),
 and one process trains the same global batches with LocalEngine (plain GPT, same seed, MoE layers
 counting capacity per data-parallel row block). Compared at every iteration: the loss (mean over
@@ -25,6 +26,8 @@ DS_EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
 }
 CASES = ("top2", "top1_capacity")
 STAGES = (1, 2)
+RUNS = [(layout, stage, case) for layout in DS_EP_LAYOUTS for stage in STAGES for case in CASES
+        if stage == 2 or case == "top2"]  # capacity is counted before the exchange, whatever the stage
 ITERS, ACCUM, GLOBAL_MICRO, SAVE_AT = 3, 2, 8, 2
 CLIP = 0.05  # below the gradient norms here: DeepSpeed's norm (expert partitions included) scales every step
 
@@ -157,23 +160,21 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     refs = {(case, dp): reference(case, dp) for case in CASES for dp in (2, 4)}
     out: Dict = {"parity": {}, "ds_groups": {}}
-    for layout in DS_EP_LAYOUTS:
-        for stage in STAGES:
-            for case in CASES:
-                engine, ctx = make_engine(case, layout, stage, world)
-                ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
-                save = layout == "EP4" and stage == 2 and case == "top2"
-                got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None)
-                out["parity"][(layout, stage, case)] = errors(got, refs[(case, ctx.dp_size)])
-                opt = engine.ds.optimizer
-                moe = [g for g in opt.optimizer.param_groups if g.get("moe")] if stage else []
-                out["ds_groups"][(layout, stage)] = (
-                    engine.ds.has_moe_layers, len(moe),
-                    sorted({torch.distributed.get_world_size(opt.real_dp_process_group[i])
-                            for i, g in enumerate(opt.optimizer.param_groups) if g.get("moe")}))
-                if save:
-                    out["uninterrupted"] = got
-                    out["saved"] = ckpt
+    for layout, stage, case in RUNS:
+        engine, ctx = make_engine(case, layout, stage, world)
+        ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
+        save = layout == "EP4" and stage == 2 and case == "top2"
+        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None)
+        out["parity"][(layout, stage, case)] = errors(got, refs[(case, ctx.dp_size)])
+        opt = engine.ds.optimizer
+        moe = [g for g in opt.optimizer.param_groups if g.get("moe")]
+        out["ds_groups"][(layout, stage)] = (
+            engine.ds.has_moe_layers, len(moe),
+            sorted({torch.distributed.get_world_size(opt.real_dp_process_group[i])
+                    for i, g in enumerate(opt.optimizer.param_groups) if g.get("moe")}))
+        if save:
+            out["uninterrupted"] = got
+            out["saved"] = ckpt
     # the control: undeclared experts are averaged with other ranks' experts; the comparison sees it
     out["undeclared"] = errors(run(*make_engine("top2", "EP2xDP2", 1, world, declare=False), range(ITERS)),
                                refs[("top2", 4)])

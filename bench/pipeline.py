@@ -85,6 +85,8 @@ class SyntheticStage(nn.Module):
         self.t, self.clock = t, clock
 
     def forward(self, x):
+        if not x.requires_grad:  # the first stage: give its input path a backward too (uniform stages)
+            x = x.detach().requires_grad_()
         for i in range(self.w.numel()):
             x = _InputPath.apply(x, self.t, self.clock) * _WeightPath.apply(self.w[i:i + 1], self.t, self.clock)
         return x

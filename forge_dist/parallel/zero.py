@@ -7,9 +7,11 @@ Training Trillion Parameter Models"). AdamW is elementwise, so the weights equal
 AdamW's exactly. Under pipeline parallelism the group is the stage's data-parallel group
 (ProcessGroups.dp: the ranks with the same pipeline and tensor coordinates).
 
-Checkpoints stay layout-free: ``consolidate_state_dict`` gathers every replica's part on
-data-parallel rank 0, whose ``state_dict()`` is then the replicated optimizer's; loading a
-replicated state dict keeps this replica's part.
+Checkpoints stay layout-free. Sharded (train/sharded_checkpoint.py): each replica writes the moments
+of the parameters it owns (``local_state``) and, on resume, reads those of its new part, so ZeRO-1
+and replicated AdamW resume from each other at any layout. Gathered: ``consolidate_state_dict``
+gathers every replica's part on data-parallel rank 0, whose ``state_dict()`` is then the
+replicated optimizer's; loading a replicated state dict keeps this replica's part.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from forge_dist.errors import CheckpointError
 from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index, single_process_quiet
 from forge_dist.parallel.groups import ProcessGroups
+from forge_dist.parallel.zero import is_zero, local_state
 from forge_dist.parallel.sharded_state import LocalShards, ShardLoadPlanner, ShardSavePlanner
 from forge_dist.parallel.tensor.metadata import shard_info
 
@@ -57,7 +58,8 @@ def sharded_state(model: nn.Module, optimizer, groups: Optional[ProcessGroups]) 
     for name, t in _unique_named(model):
         info = shard_info(t)
         state[f"model/{name}"] = LocalShards.of(t.data, info, groups)
-        opt = optimizer.state.get(t) if optimizer is not None and isinstance(t, nn.Parameter) else None
+        # ZeRO-1: this replica's part only (the parameters it owns); the other replicas write theirs
+        opt = local_state(optimizer).get(t) if optimizer is not None and isinstance(t, nn.Parameter) else None
         if opt:
             for key in MOMENTS:
                 state[f"optim/{name}/{key}"] = LocalShards.of(opt[key], info, groups)
@@ -117,12 +119,14 @@ def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Opti
 
 
 def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:
-    """torch AdamW's state for every parameter with a gradient path (zeros, ``step``), to load into."""
-    for group in optimizer.param_groups:
+    """torch AdamW's state for every parameter this rank steps (zeros, ``step``), to load into:
+    under ZeRO-1 the parameters this replica owns in the current partition."""
+    owner = optimizer.optim if is_zero(optimizer) else optimizer
+    for group in owner.param_groups:
         for p in group["params"]:
-            if p not in optimizer.state or not optimizer.state[p]:
-                optimizer.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+            if p not in owner.state or not owner.state[p]:
+                owner.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
 
 
 def pieces_of(state: Dict[str, object]) -> Dict[str, list]:
@@ -164,5 +168,5 @@ def load_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[P
     if has_optim:  # plain tensors are replaced in the dict, not written in place
         for name, p in _unique_named(model):
             key = f"optim/{name}/step"
-            if key in steps and p in optimizer.state:
-                optimizer.state[p]["step"] = state[key].to(torch.float32).reshape(())
+            if key in steps and p in local_state(optimizer):
+                local_state(optimizer)[p]["step"] = state[key].to(torch.float32).reshape(())

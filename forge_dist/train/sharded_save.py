@@ -66,8 +66,6 @@ def _unsupported(values: dict) -> str:
         return "--deepspeed_config"
     if (values.get("pipeline_parallel_size") or 1) > 1:
         return f"pipeline_parallel_size={values['pipeline_parallel_size']}"
-    if values.get("zero_stage"):  # ZeroRedundancyOptimizer: the state is per replica (consolidated when gathered)
-        return f"zero_stage={values['zero_stage']}"
     return ""
 
 
@@ -77,10 +75,7 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     (one file set that any tool reads as is), unless --async_checkpoint asks for the sharded one."""
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
-    from forge_dist.parallel.zero import is_zero
-
-    supported = (getattr(engine, "name", None) in SHARDED_ENGINES
-                 and not is_zero(getattr(engine, "optimizer", None)))
+    supported = getattr(engine, "name", None) in SHARDED_ENGINES
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 
@@ -198,10 +193,11 @@ def optimizer_layout(engine):
     """(parameter names, param_groups) of one process's optimizer, whatever the layout (placed
     experts listed as every expert under its global index): what optimizer.json records."""
     from forge_dist.parallel.expert.state import one_process_groups
+    from forge_dist.parallel.zero import group_layout
     from forge_dist.train.sharded_checkpoint import param_names
 
-    names = param_names(engine.model, engine.optimizer)
-    return one_process_groups(engine.optimizer.state_dict()["param_groups"], names, engine.model)
+    names = param_names(engine.model, engine.optimizer)  # a ZeRO-1 optimizer's groups hold every parameter
+    return one_process_groups(group_layout(engine.optimizer), names, engine.model)
 
 
 # --- resume ---------------------------------------------------------------------------------------

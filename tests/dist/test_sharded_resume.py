@@ -8,6 +8,9 @@ world of 4 ranks (forge_dist.testing.runs: the runs forge-train builds under a l
   E  one process (LocalEngine) from A's iteration 2 (TP 2 -> 1 and DP 2 -> 1, no launcher)
   F  a MoE model at EP=2 x DP=4, checkpoints at 2 and 4 (experts under their global index)
   G  EP=4 from F's iteration 2;  H  one process (EP=1) from F's iteration 2
+  Z  TP=1 x DP=4 with ZeRO-1 (each replica writes the moments of the parameters it owns), from
+     scratch: A's losses;  ZR  TP=2 x DP=2 without ZeRO from Z's iteration 2;  AZ  ZeRO-1 at
+     TP=1 x DP=4 from A's iteration 2 (each replica reads the moments of its new part)
   X  a copy of B's iteration 6 with one shard flipped: resuming it at TP=2 stops every rank with
      the file's name (each rank hashed only the files it reads; the ranks agreed before reading)
 
@@ -53,6 +56,9 @@ def _worlds(rank, world_size, dataset, root):
     losses["D"] = run("D", 2, 2, *resume, _ckpt(os.path.join(root, "B"), 4), "--max_iters", "6")
     losses["F"] = run("F", 1, 1, *MOE, "--max_iters", "4", ep=2)
     losses["G"] = run("G", 1, 1, *MOE, *resume, _ckpt(os.path.join(root, "F"), 2), "--max_iters", "4", ep=4)
+    losses["Z"] = run("Z", 1, 1, "--zero_stage", "1", "--max_iters", "4")
+    losses["ZR"] = run("ZR", 2, 2, *resume, _ckpt(os.path.join(root, "Z"), 2), "--max_iters", "4")
+    losses["AZ"] = run("AZ", 1, 1, "--zero_stage", "1", *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4")
     return losses, files_a, _corrupt_resume(rank, root, run)
 
 
@@ -104,7 +110,8 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
     a, b = losses["A"], losses["B"]
     assert sorted(a) == [0, 1, 2, 3] and sorted(b) == [2, 3, 4, 5]
     for name, want, iters in (("B", a, (2, 3)), ("C", a, (2, 3)), ("E", a, (2, 3)), ("D", b, (4, 5)),
-                              ("G", losses["F"], (2, 3)), ("H", losses["F"], (2, 3))):
+                              ("G", losses["F"], (2, 3)), ("H", losses["F"], (2, 3)), ("Z", a, (0, 1, 2, 3)),
+                              ("ZR", losses["Z"], (2, 3)), ("AZ", a, (2, 3))):
         got = losses[name]
         assert set(iters) <= set(got) and min(got) == iters[0], (name, sorted(got))
         for i in iters:
@@ -122,3 +129,12 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
         worst = max((moe[name][k] - moe["F"][k]).abs().max().item() for k in moe["F"])
         assert worst < atol, (name, worst)
     verify_checkpoint(_ckpt(os.path.join(root, "D"), 6))
+    # the ZeRO-1 checkpoint holds every parameter's moments (each from its owner), as A's does
+    from forge_dist.io.sharded_read import checkpoint_optimizer_state
+
+    got, want = (checkpoint_optimizer_state(_ckpt(os.path.join(root, n), 2)) for n in ("Z", "A"))
+    assert got["state"].keys() == want["state"].keys() and got["param_groups"] == want["param_groups"]
+    for i, moments in want["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            a, b = got["state"][i][k], moments[k]
+            assert ((a - b).norm() / b.norm()).item() < 1e-4, (i, k)

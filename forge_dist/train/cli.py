@@ -72,7 +72,8 @@ PARALLEL_HELP = {
     "expert_parallel_size": "split each MoE layer's experts over this many data-parallel replicas (tokens "
                             "dispatched by all-to-all); must divide n_experts and the data-parallel size.",
     "expert_tensor_parallel_size": "none: experts split over the tensor-parallel ranks like the MLP; 1: each "
-                                   "expert whole on every tensor-parallel rank.",
+                                   "expert whole on every tensor-parallel rank, the ranks splitting each MoE "
+                                   "layer's tokens (Megatron-Core's choice).",
     "sequence_parallel": "split the residual stream along the sequence over the tensor-parallel ranks "
                          "(block_size must be divisible by tensor_parallel_size).",
     "make_vocab_size_divisible_by": "pad the vocabulary to a multiple of this x tensor_parallel_size "

@@ -15,8 +15,9 @@ Why DDP and not FSDP2 (``fully_shard``): FSDP2 turns each parameter into a DTens
 the replicas, which our tensor-parallel layers (plain tensors with ShardInfo metadata), the
 checkpoint gather and the optimizer-state resharding do not read, and it would gather the weights
 before every forward. Sharding the optimizer state, gradients and weights over the replicas is
-the DeepSpeed engine's job (ZeRO 1-3, --deepspeed_config); the native engine replicates them and
-only needs the reduction to be bucketed and overlapped. DDP leaves the module and its parameters
+the DeepSpeed engine's job (ZeRO 1-3, --deepspeed_config); the native engine replicates them (or,
+with --zero_stage 1, shards only the optimizer state: forge_dist.parallel.zero) and only needs the
+reduction to be bucketed and overlapped. DDP leaves the module and its parameters
 untouched: ``engine.model`` stays the plain (tensor-parallel) module that checkpoints,
 evaluation and sampling use; only the training forward runs through the wrapper.
 

@@ -38,8 +38,9 @@ def micro_batches(it, dp_rank=0, dp_size=1, n_micro=MICRO):
     return out
 
 
-def build(model_kwargs, groups=None, parallel=None, compile=False, clip=CLIP):
-    """LocalEngine (groups None) or ParallelEngine on the same initial weights."""
+def build(model_kwargs, groups=None, parallel=None, compile=False, clip=CLIP, zero=False):
+    """LocalEngine (groups None) or ParallelEngine on the same initial weights (``zero``: ZeRO-1
+    over the data-parallel group, as --zero_stage 1)."""
     from forge_dist import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.train.engine import LocalEngine
@@ -58,7 +59,8 @@ def build(model_kwargs, groups=None, parallel=None, compile=False, clip=CLIP):
     parallel = parallel or ParallelConfig()
     if groups.tp.size > 1:
         parallelize(model, groups, parallel)
-    return ParallelEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", clip, compile, groups, parallel)
+    optimizer = build_optimizer(model, cfg, "cpu", zero_group=groups.dp if zero else None)
+    return ParallelEngine(model, optimizer, "cpu", "float32", clip, compile, groups, parallel)
 
 
 def train(engine, groups=None, iters=ITERS):
@@ -155,6 +157,18 @@ def world4(rank, world):
     groups = ProcessGroups.build(Topology(world, tp=2))
     pc = ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
     out = {"ref": train(build(TP_MODEL)), "tp_dp": train(build(TP_MODEL, groups, pc), groups)}
+    # ZeRO-1: the same run with the AdamW state sharded over dp, and its gathered (checkpoint) state
+    from forge_dist.parallel.zero import consolidate, local_state
+
+    states = []
+    for zero in (False, True):
+        engine = build(TP_MODEL, groups, pc, zero=zero)
+        out[f"zero={zero}"] = train(engine, groups)
+        consolidate(engine.optimizer)
+        states.append(engine.full_optimizer_state() if groups.coord.dp == 0 else None)
+        out[f"moments zero={zero}"] = sum(v.numel() for st in local_state(engine.optimizer).values()
+                                          for k, v in st.items() if k == "exp_avg")
+    out["zero states"] = states
     # --compile under TP x DP with dropout: RNG regions, TP collectives and DDP's hooks in the compiled model
     out["dropout"] = [train(build(dict(TP_MODEL, dropout=0.1), groups, pc, compile=c), groups)
                       for c in (False, "aot_eager")]
@@ -238,6 +252,23 @@ def test_tp2_dp2_equals_one_process_with_clipping(tp2_dp2):
         loss, norm, w = rank_out["tp_dp"]
         assert rel(loss, ref_loss) < 1e-5 and rel(norm, ref_norm) < 1e-5
         assert worst_weight(w, ref_w) < 1e-5
+
+
+@pytest.mark.timeout(540)
+def test_zero1_under_tp_dp_equals_replicated_adamw(tp2_dp2):
+    """--zero_stage 1 (ZeroRedundancyOptimizer over dp) at TP=2 x DP=2: the same losses and weights
+    as replicated AdamW (exactly: AdamW is elementwise), each replica holding a strict part of the
+    moments, and the gathered optimizer state (what a checkpoint writes) equal to replicated AdamW's."""
+    for rank_out in tp2_dp2:
+        (loss, norm, w), (zloss, znorm, zw) = rank_out["zero=False"], rank_out["zero=True"]
+        assert zloss == loss and znorm == norm and worst_weight(zw, w) == 0.0
+        assert 0 < rank_out["moments zero=True"] < rank_out["moments zero=False"]
+    for rank_out in tp2_dp2[:2]:  # data-parallel rank 0 (TP ranks 0 and 1) holds the gathered state
+        plain, zero = rank_out["zero states"]
+        assert plain["state"].keys() == zero["state"].keys() and plain["param_groups"] == zero["param_groups"]
+        for i, entry in plain["state"].items():
+            for k, v in entry.items():
+                assert torch.equal(torch.as_tensor(zero["state"][i][k]), torch.as_tensor(v)), (i, k)
 
 
 @pytest.mark.timeout(540)

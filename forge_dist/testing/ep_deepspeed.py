@@ -23,6 +23,8 @@ DS_EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP4": dict(expert_parallel_size=4),  # expert_dp of one rank
     "EP2xDP2": dict(expert_parallel_size=2),  # expert_dp of two ranks
     "EP2xTP2": dict(expert_parallel_size=2, tensor_parallel_size=2),  # EP=2 over DP=2, experts TP-split
+    "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),  # whole
+    # experts, the TP ranks splitting the tokens: router and expert gradients partial over TP
 }
 CASES = ("top2", "top1_capacity")
 STAGES = (1, 2)
@@ -116,12 +118,13 @@ def run(engine, ctx, iters, save_to=None) -> Dict:
     return out
 
 
-def reference(case: str, dp: int) -> Dict:
-    """One process, the global batch; capacity counted per row block of each of ``dp`` ranks."""
+def reference(case: str, blocks: int) -> Dict:
+    """One process, the global batch; capacity counted per block of each of ``blocks`` routing
+    ranks (the data-parallel ranks, times TP when the TP ranks split the tokens)."""
     from forge_dist.train.engine import LocalEngine
     from forge_dist.train.optim import build_optimizer
 
-    model = _model(case, capacity_groups=dp)
+    model = _model(case, capacity_groups=blocks)
     cfg = _train_config(1)
     engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
     v, b = model.config.vocab_size, model.config.block_size
@@ -158,14 +161,15 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
     os.environ["FORGE_OPS"] = "reference"
     warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    refs = {(case, dp): reference(case, dp) for case in CASES for dp in (2, 4)}
+    refs = {(case, blocks): reference(case, blocks) for case in CASES for blocks in (2, 4)}
     out: Dict = {"parity": {}, "ds_groups": {}}
     for layout, stage, case in RUNS:
         engine, ctx = make_engine(case, layout, stage, world)
         ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
         save = layout == "EP4" and stage == 2 and case == "top2"
         got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None)
-        out["parity"][(layout, stage, case)] = errors(got, refs[(case, ctx.dp_size)])
+        blocks = ctx.dp_size * (2 if DS_EP_LAYOUTS[layout].get("expert_tensor_parallel_size") == 1 else 1)
+        out["parity"][(layout, stage, case)] = errors(got, refs[(case, blocks)])
         opt = engine.ds.optimizer
         moe = [g for g in opt.optimizer.param_groups if g.get("moe")]
         out["ds_groups"][(layout, stage)] = (

@@ -1,6 +1,6 @@
 """Expert parallelism under DeepSpeed ZeRO-1/2 against one process (forge_dist.testing.ep_deepspeed):
 one world of 4, EP=4 (expert_dp of one rank), EP=2 x DP=2 (expert_dp of two) and EP=2 x TP=2
-(EP=2 over DP=2, experts TP-split), top-2 dropless (and top-1 with a capacity factor at ZeRO-2), 3 iterations
+(EP=2 over DP=2, experts TP-split; and whole, the TP ranks splitting the tokens), top-2 dropless (and top-1 with a capacity factor at ZeRO-2), 3 iterations
 of 2 micro-batches with clipping acting at every step. Loss and DeepSpeed's gradient norm 1e-5 at
 every iteration, fp32 weights (every expert gathered, one-process names) 1e-4 after the last. The
 EP=4 ZeRO-2 checkpoint resumes at EP=4 and at EP=1 (ZeRO-2 over 4 ranks) with the uninterrupted
@@ -34,7 +34,7 @@ def test_zero_1_2_with_experts_equal_one_process(world):
 @pytest.mark.timeout(300)
 def test_deepspeed_partitions_experts_over_expert_dp(world):
     """DeepSpeed sees MoE layers, and its expert optimizer groups live on expert_dp (1 or 2 ranks)."""
-    expected_edp = {"EP4": [1], "EP2xDP2": [2], "EP2xTP2": [1]}
+    expected_edp = {"EP4": [1], "EP2xDP2": [2], "EP2xTP2": [1], "EP2xTP2_ETP1": [1]}
     for (layout, stage), (has_moe, n_moe_groups, edp_sizes) in world["ds_groups"].items():
         assert has_moe and n_moe_groups >= 1 and edp_sizes == expected_edp[layout], (layout, stage)
 

@@ -15,6 +15,12 @@ dominates, as the issue's proof asks.
 
     python bench/memory.py                           # 8 x 1024 GPT (~0.4 GB fp32 weights), TP 1 and 2
     python bench/memory.py --tp 2 4 --n_layer 4 --n_embd 512 --steps 2
+    python bench/memory.py --tp --zero3 2            # DeepSpeed ZeRO-3 at DP=2 (partitioned init)
+
+ZeRO-3 rows (forge_dist.testing.measure_zero3) add ``built`` (the model drawn into this rank's
+partitions, before deepspeed.initialize; ratio to the TP=1 init) and ``backward``; their init
+includes the fp32 partitions, gradient partitions and AdamW moments DeepSpeed allocates there
+(ratio to the TP=1 step, which holds the same kinds of state).
 """
 from __future__ import annotations
 
@@ -24,11 +30,12 @@ import platform
 
 
 def main() -> None:
-    from forge_dist.testing.memory import measure
+    from forge_dist.testing.memory import measure, measure_zero3
     from forge_dist.testing.spawn import spawn
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tp", type=int, nargs="+", default=[2])
+    ap.add_argument("--tp", type=int, nargs="*", default=[2])
+    ap.add_argument("--zero3", type=int, nargs="*", default=[], help="DeepSpeed ZeRO-3 data-parallel sizes")
     ap.add_argument("--n_layer", type=int, default=8)
     ap.add_argument("--n_embd", type=int, default=1024)
     ap.add_argument("--n_head", type=int, default=16)
@@ -49,6 +56,11 @@ def main() -> None:
         for rank, r in enumerate(spawn(measure, tp, cfg, args.steps, args.block, timeout=600, return_all=True)):
             print(f"{'TP=%d' % tp:>8} {rank:>4} {r['init']:>9.0f} {r['init'] / single['init']:>6.2f} "
                   f"{r['step']:>9.0f} {r['step'] / single['step']:>6.2f} {1 / tp + 0.15:>7.2f}")
+    for dp in args.zero3:
+        for rank, r in enumerate(spawn(measure_zero3, dp, cfg, args.steps, args.block, timeout=600, return_all=True)):
+            print(f"{'ZeRO3x%d' % dp:>8} {rank:>4} built {r['built']:.0f} MB ({r['built'] / single['init']:.2f}); "
+                  f"init {r['init']:.0f} MB ({r['init'] / single['step']:.2f}); backward {r['backward']:.0f} MB; "
+                  f"step {r['step']:>.0f} MB ({r['step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ and tensor-parallel sizes, ZeRO stage, precision), the tag, and the ShardInfo of
 is what a consolidation needs to put tensor-parallel shards back together.
 
 ``consolidate(path)`` rebuilds the fp32 weights from any ZeRO stage with DeepSpeed's own
-``zero_to_fp32`` (``get_fp32_state_dict_from_zero_checkpoint``), once per model-parallel rank: it
+``zero_to_fp32`` (``get_fp32_state_dict_from_zero_checkpoint``), once per model-parallel rank, with
+every torch.load it makes forced to weights_only=True and our allow-list (deepspeed_safe.py: no
+pickle runs, no GPU and any original world size): it
 reads every ``*_optim_states.pt`` of a directory as data-parallel partitions of one model, so each
 TP rank's files are shown to it alone (symbolic links renamed to model-parallel rank 00). The TP
 shards are then joined with ``unshard`` and the result loads strictly into the plain GPT. Stage 0
@@ -32,6 +34,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from forge_dist.errors import CheckpointError
+from forge_dist.io.deepspeed_safe import safe_load, weights_only_loads
 
 DS_DIR = "deepspeed"
 LAYOUT_NAME = "forge_layout.json"
@@ -135,7 +138,7 @@ def _module_states(tag_dir: str, n_ranks: int) -> list:
     for t in range(n_ranks):
         file = os.path.join(tag_dir, f"mp_rank_{t:02d}_model_states.pt")
         try:
-            out.append(torch.load(file, map_location="cpu", weights_only=True)["module"])
+            out.append(safe_load(file)["module"])
         except (OSError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
     return out
@@ -170,7 +173,8 @@ def _zero_states(tag_dir: str, tag: str, n_ranks: int) -> list:
             noise = io.StringIO()  # zero_to_fp32 prints its progress
             try:
                 with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
-                    out.append(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag))
+                    with weights_only_loads(tag_dir):
+                        out.append(get_fp32_state_dict_from_zero_checkpoint(view, tag=tag))
             except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"DeepSpeed's zero_to_fp32 cannot read {tag_dir} (model-parallel rank {t}): "
                                       f"{' '.join(str(e).split())}") from None

@@ -90,9 +90,11 @@ def replace_value(p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, full_value: FullValue, local: Optional[Local] = None) -> int:
+def materialize(model: nn.Module, full_value: FullValue, local: Optional[Local] = None,
+                after: Optional[Callable[[str, nn.Parameter], None]] = None) -> int:
     """Give every meta parameter of ``model`` its value (see the module doc); returns how many.
-    Names are the first names of named_parameters (they survive parallelization). A buffer left
+    Names are the first names of named_parameters (they survive parallelization). ``after(name,
+    param)`` runs as soon as a parameter has its value (ZeRO-3 partitions it there). A buffer left
     on meta is an error naming it."""
     done = 0
     for name, p in model.named_parameters():
@@ -102,6 +104,9 @@ def materialize(model: nn.Module, full_value: FullValue, local: Optional[Local] 
         value = full if local is None else local(name, p, full)
         del full
         replace_value(p, value)
+        del value
+        if after is not None:
+            after(name, p)
         done += 1
     left = [n for n, b in model.named_buffers() if b.is_meta]
     if left:

@@ -1,4 +1,5 @@
-"""Per-rank peak resident memory of building and stepping a GPT at TP=1 or TP=N, for
+"""Per-rank peak resident memory of building and stepping a GPT at TP=1 or TP=N (``measure``), or
+under DeepSpeed ZeRO-3 at DP=N built with partitioned initialisation (``measure_zero3``), for
 bench/memory.py and tests/dist/test_memory.py (run it on every rank of a spawned world)."""
 from __future__ import annotations
 
@@ -45,4 +46,60 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
         opt.step()
         opt.zero_grad(set_to_none=True)
     out["step"] = _peak_mb() - base
+    return out
+
+
+def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int, save_dir=None,
+                  zero: dict = None) -> dict:
+    """``measure`` for forge-train's DeepSpeed engine at ZeRO-3 over ``world_size`` data-parallel
+    ranks (fp32, torch AdamW), the model drawn into partitions (train/deepspeed_init.py); with
+    ``save_dir`` also the peak after a checkpoint save (DeepSpeed's files and the logical copy);
+    ``zero``: entries of zero_optimization to override."""
+    from forge_dist.config.model_config import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.train.context import RunContext
+    from forge_dist.train import deepspeed_engine as dse
+    from forge_dist.train.options import TrainConfig
+
+    import deepspeed  # noqa: F401  (library memory belongs to the baseline)
+
+    dse.skip_shm_build()
+    cfg = ModelConfig(**cfg_kwargs)
+    torch.empty(2, device="meta").normal_()
+    base = _peak_mb()
+    torch.manual_seed(0)
+    ctx = RunContext(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
+    train_cfg = TrainConfig(batch_size=1, gradient_accumulation_steps=1, device="cpu", dtype="float32",
+                            learning_rate=1e-4, grad_clip=1.0)
+    ds_config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 10 ** 6,
+                 "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                       "stage3_prefetch_bucket_size": "auto",
+                                       "stage3_param_persistence_threshold": "auto", **(zero or {})}}
+    out = {}
+    real = dse.partitioned_materialize
+
+    def recorded(*args):  # the model drawn into partitions, before deepspeed.initialize
+        drawn = real(*args)
+        out["built"] = _peak_mb() - base
+        return drawn
+
+    dse.partitioned_materialize = recorded
+    try:
+        engine = dse.deepspeed_engine_factory(GPT(cfg, defer_init=True), train_cfg, {"deepspeed_config": ds_config},
+                                              ctx)
+    finally:
+        dse.partitioned_materialize = real
+    unique = {id(p): p for p in engine.model.parameters()}.values()
+    out.update({"init": _peak_mb() - base, "local_params": sum(p.ds_tensor.numel() for p in unique)})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randint(0, cfg.vocab_size, (1, block), generator=g)
+        engine.forward_backward([(x, x)])
+        out.setdefault("backward", _peak_mb() - base)
+        engine.step(1e-4)
+    out["step"] = _peak_mb() - base
+    if save_dir is not None:
+        engine.save_state(save_dir, ctx)
+        out["save"] = _peak_mb() - base
     return out

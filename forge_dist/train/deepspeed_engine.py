@@ -18,7 +18,8 @@ expert groups registered as DeepSpeed's and the optimizer groups split its way, 
 expert gradients over ``expert_dp``; such a run checkpoints through the logical copy only.
 
 Checkpoints (``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_checkpoint`` into
-``tmp_dir/deepspeed/`` (any ZeRO stage, exact resume at the same layout), its layout in
+``tmp_dir/deepspeed/`` (any ZeRO stage, exact resume at the same layout; read back through
+forge_dist.io.deepspeed_safe, which refuses any pickled object beyond a short allow-list), its layout in
 ``deepspeed/forge_layout.json`` (forge_dist.io.deepspeed_ckpt), and a logical copy of the optimizer
 (fp32 master weights, exp_avg, exp_avg_sq, step by parameter name, TP shards gathered) in
 ``deepspeed_logical.*``. ``load_state`` uses DeepSpeed's files when the data-parallel size, TP
@@ -40,9 +41,12 @@ import torch.distributed as dist
 from forge_dist.config.deepspeed import ResolvedDeepSpeed, load_deepspeed_config, resolve_deepspeed_config
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
+from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine, weights_only_loads
 from forge_dist.parallel.groups import ProcessGroups
 from forge_dist.parallel.mpu import DeepSpeedMPU
 from forge_dist.parallel.tensor.metadata import tp_grad_norm
+from forge_dist.train.deepspeed_init import (has_meta_parameters, partitioned_materialize,
+                                             wants_meta_model)
 from forge_dist.train.deepspeed_internals import check_deepspeed
 from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
 from forge_dist.train.deepspeed_moe import declared_moe, has_placed_experts, moe_param_groups, register_expert_groups
@@ -166,8 +170,9 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
             return
         meta = dsc.read_layout(ds_dir)
         if meta["layout"] == self.layout:
-            path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            with weights_only_loads(ds_dir):  # and SafeCheckpointEngine: no pickle from the files runs
+                path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
             return
@@ -242,7 +247,9 @@ def _groups(ctx) -> ProcessGroups:
 
 
 def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEngine:
-    """The engine_factory of build.build_run for ``--deepspeed_config`` (see the module doc)."""
+    """The engine_factory of build.build_run for ``--deepspeed_config`` (see the module doc). Under
+    ZeRO-3 ``model`` may still be on the meta device (build_run asks ``wants_meta_model``): it is
+    then drawn straight into ZeRO-3 partitions (deepspeed_init.py)."""
     raw, name = _load(values)
     _check_options(train_cfg)
     groups = _groups(ctx)
@@ -260,6 +267,12 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
 
         return deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups)
     set_model_parallel_attributes(model, groups)
+    mpu = DeepSpeedMPU.build(groups)
+    if has_meta_parameters(model):  # build.build_run left it on meta (wants_meta_model): ZeRO-3 draws it
+        if resolved.zero_stage != 3:
+            raise ConfigError(f"the model is on the meta device but the DeepSpeed config has ZeRO stage "
+                              f"{resolved.zero_stage}: only stage 3 materialises it (partitioned)")
+        partitioned_materialize(model, resolved.config, groups, mpu)
     buffer_dtypes = {n: b.dtype for n, b in model.named_buffers()}
     device = train_cfg.resolved_device
     # The rate starts at 0: our schedule sets it before every step, and DeepSpeed's fp16/bf16
@@ -268,7 +281,6 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     experts = has_placed_experts(model)
     if experts and resolved.zero_stage == 2:
         check_expert_zero(resolved, topo.ep, name)
-    mpu = DeepSpeedMPU.build(groups)
     optim_groups = param_groups(model, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
     if experts:  # DeepSpeed's expert groups are ours; its optimizer groups split dense/expert (deepspeed_moe.py)
         register_expert_groups(groups, {k: mpu.handle(k) for k in ("ep", "expert_dp")})
@@ -285,8 +297,12 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     with declaration:
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                   config=resolved.config, mpu=mpu)
+    install_safe_checkpoint_engine(ds_engine)  # DeepSpeed's own loads unpickle anything
     engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes)
     engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
     if engine.tp_sums == "hooks":
         register_tp_grad_hooks(model, groups)
     return engine
+
+
+deepspeed_engine_factory.wants_meta_model = wants_meta_model  # build.build_run asks it (ZeRO-3)

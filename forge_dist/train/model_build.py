@@ -44,11 +44,14 @@ def _copy_matching(model, state: dict, source: str, notes: list) -> None:
 
 
 def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_state=None,
-                resume_path=None, notes: Optional[list] = None, stages_only: bool = True):
+                resume_path=None, notes: Optional[list] = None, stages_only: bool = True,
+                on_meta: bool = False):
     """(this rank's model, FLOPs per token of the full model). Tensor-parallel ranks build on the
     meta device, apply the plan, then materialise only their shards (drawn, or read from the
     resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
-    full model. The weights are the same either way."""
+    full model. The weights are the same either way. ``on_meta``: the model is left on the meta
+    device (the TP plan applied) for an engine that materialises it itself (ZeRO-3 partitions:
+    train/deepspeed_init.py), and a resume's weights come with that engine's state."""
     from forge_dist.model.gpt import GPT
     from forge_dist.train.metrics import flops_per_token
 
@@ -72,8 +75,12 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
                  and prev_state is None)
     deferred = pipelined or (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
                              and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
-    model = GPT(cfg, defer_init=deferred)
+    model = GPT(cfg, defer_init=deferred or on_meta)
     flops = flops_per_token(model)  # the full model's, before it is sharded
+    if on_meta:  # ZeRO-3: the DeepSpeed engine draws it into partitions (train/deepspeed_init.py)
+        if ctx.groups is not None:
+            shard_model(model, ctx, train_cfg.seed)
+        return model, flops
     if pipelined:  # the pipeline engine materialises this rank's stages only (parallel/pipeline/materialize.py)
         shard_model(model, ctx, train_cfg.seed)
         model.pipeline_weights_dir = os.path.join(resume_path, ckpt.MODEL_DIR) if resume_path is not None else None

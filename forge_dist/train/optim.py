@@ -14,12 +14,17 @@ import torch
 import torch.nn as nn
 
 
+def _ndim(p: torch.Tensor) -> int:
+    """The parameter's own rank, also for a ZeRO-3 partition (a flat slice; ds_shape is the shape)."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()
+
+
 def param_groups(model: nn.Module, weight_decay: float, split: bool) -> List[Dict]:
     params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     if not split:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if _ndim(p) >= 2]
+    no_decay = [p for p in params if _ndim(p) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

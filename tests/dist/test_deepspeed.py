@@ -17,6 +17,7 @@ ZeRO-3 to 1e-6, everything the reference to 1e-5. Checkpoints are then consolida
 zero_to_fp32 and forge-convert in this process. Last, forge-train itself under DeepSpeed's launcher,
 torchrun (resume, bit for bit), one process (resume on one replica) and mpirun (no MPI discovery).
 """
+import glob
 import json
 import logging
 import os
@@ -439,14 +440,14 @@ def _bin(name):
     return os.path.join(os.path.dirname(sys.executable), name)  # the venv's own script
 
 
-def _launch(cmd, extra_env=None, timeout=180):
+def _launch(cmd, extra_env=None, timeout=180, check=True):
     from forge_dist.testing.spawn import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(FORGE_OPS="reference", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                MASTER_PORT=str(free_port()), **(extra_env or {}))
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0 or not check, f"{' '.join(cmd)} -> {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
 
@@ -531,3 +532,56 @@ def test_mpirun_keeps_rendezvous_on_loopback(ds_launch, corpus, tmp_path):
     zero3, zero2 = _losses(out), _losses(ds_launch)
     assert sorted(zero3) == [0, 1, 2]
     assert max(abs(zero3[i] - zero2[i]) / zero2[i] for i in range(3)) <= 1e-6
+
+
+# --- hostile checkpoints: nothing in DeepSpeed's files is unpickled ----------------------------------
+def _poisoned_copy(ds_launch, tmp_path, pattern):
+    """A copy of the run whose iteration-3 DeepSpeed files matching ``pattern`` each carry a
+    code-running payload, the manifest re-sealed around them (as an attacker would); returns
+    (out_dir, checkpoint, marker files the payloads would create)."""
+    from forge_dist.testing.hostile import plant_payload, reseal
+
+    out = tmp_path / "out"
+    shutil.copytree(ds_launch, out)
+    ckpt = out / "checkpoints" / "iter_0000003"
+    files = sorted(glob.glob(str(ckpt / "deepspeed" / "*" / pattern)))
+    assert files, pattern
+    control = tmp_path / "control_ran"  # the payload is live: DeepSpeed's torch.load would run it
+    plant_payload(shutil.copy(files[0], tmp_path / "control.pt"), str(control))
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+    markers = [tmp_path / f"payload_ran_{i}" for i in range(len(files))]
+    for f, marker in zip(files, markers):
+        plant_payload(f, str(marker))
+    reseal(str(ckpt))
+    return out, ckpt, markers
+
+
+def test_code_in_a_deepspeed_checkpoint_never_runs_on_resume(ds_launch, tmp_path):
+    """torchrun resume at the saved layout (DeepSpeed reads its own ZeRO-2 files) of a checkpoint
+    whose optimizer partitions carry a payload: refused with the file named, the payload never runs."""
+    from forge_dist.testing.spawn import free_port
+
+    out, _, markers = _poisoned_copy(ds_launch, tmp_path, "*_optim_states.pt")
+    proc = _launch([_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                    "-m", "forge_dist.train", "--deepspeed_config", os.path.join(CONFIGS, "zero2_fp32.json"), *CLI,
+                    "--out_dir", str(out), "--init_from", "resume", "--init_from_ckpt", "iter_0000003"], check=False)
+    assert proc.returncode != 0
+    assert "refused DeepSpeed checkpoint file" in proc.stderr, proc.stderr[-3000:]
+    assert "io.open" in proc.stderr
+    assert not any(m.exists() for m in markers)
+
+
+def test_code_in_a_deepspeed_checkpoint_never_runs_in_forge_convert(ds_launch, tmp_path, capsys):
+    """forge-convert consolidating through zero_to_fp32 (which passes weights_only=False) refuses a
+    payload in the model states and in the optimizer partitions."""
+    from forge_dist.io.convert import main as convert_main
+
+    for pattern in ("*_model_states.pt", "*_optim_states.pt"):
+        sub = tmp_path / pattern.strip("*_.pt")
+        sub.mkdir()
+        _, ckpt, markers = _poisoned_copy(ds_launch, sub, pattern)
+        assert convert_main([str(ckpt), str(sub / "model"), "--to", "forge"]) == 2
+        err = capsys.readouterr().err
+        assert "refused DeepSpeed checkpoint file" in err and "io.open" in err, err
+        assert not any(m.exists() for m in markers) and not (sub / "model").exists()

@@ -156,7 +156,7 @@ def _pipeline_states(tag_dir: str, tp: int) -> dict:
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for file in files:
         try:
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            state.update(safe_load(file))
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
     return state

@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
+from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine, weights_only_loads
 from forge_dist.parallel.pipeline.stage import GPTChunk
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
 from forge_dist.train.deepspeed_pipe_module import pipeline_module
@@ -268,8 +269,9 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         ds_dir = os.path.join(directory, dsc.DS_DIR)
         meta = dsc.read_layout(ds_dir)
         if meta["layout"] == self.layout:
-            path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            with weights_only_loads(ds_dir):  # and SafeCheckpointEngine: no pickle from the files runs
+                path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
             return
@@ -325,6 +327,7 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
         params = None
     ds_engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, model_parameters=params,
                                               config=_pipeline_section(resolved, groups, ctx.parallel_config))
+    install_safe_checkpoint_engine(ds_engine)  # DeepSpeed's own loads unpickle anything
     engine = DeepSpeedPipelineEngine(ds_engine, pipe, chunks, canonical, groups, resolved, device)
     engine.optimizer_grouping = (train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
     return engine

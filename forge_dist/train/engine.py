@@ -180,13 +180,14 @@ class LocalEngine:
             save_state(self.state_dict(), directory, "optimizer")
 
     def load_state(self, directory: str) -> None:
-        require_optimizer_files(directory)
+        from forge_dist.train.optimizer_state import read_optimizer_state  # also DeepSpeed's logical copy
         from forge_dist.train.sharded_save import is_sharded_checkpoint, load_engine_state
 
         if is_sharded_checkpoint(directory):  # weights and optimizer state, this rank's pieces
+            require_optimizer_files(directory)
             load_engine_state(self, directory, getattr(self, "groups", None))
             return
-        self.load_state_dict(load_state(directory, "optimizer", map_location=str(self.device)))
+        self.load_state_dict(read_optimizer_state(directory, self.optimizer, self.model, map_location=str(self.device)))
 
     def save_gathered_state(self, directory: str, ctx, full: Optional[dict]) -> None:
         """A parallel engine's save: ``full`` is the one-process optimizer state dict it gathered

@@ -46,9 +46,8 @@ import torch.nn as nn
 
 from forge_dist.errors import CheckpointError
 from forge_dist.parallel.data_parallel import data_parallel
-from forge_dist.train.engine import LocalEngine, clip_to_norm, compiled, require_optimizer_files
+from forge_dist.train.engine import LocalEngine, clip_to_norm, compiled
 from forge_dist.train.optim import build_optimizer
-from forge_dist.io.statefile import load_state
 
 
 class ParallelEngine(LocalEngine):
@@ -191,13 +190,13 @@ class ParallelEngine(LocalEngine):
     def load_state(self, directory: str) -> None:
         from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info, shard_tensor
 
-        require_optimizer_files(directory)
+        from forge_dist.train.optimizer_state import read_optimizer_state  # also DeepSpeed's logical copy
         from forge_dist.train.sharded_save import is_sharded_checkpoint
 
         if is_sharded_checkpoint(directory):
             super().load_state(directory)
             return
-        state = load_state(directory, "optimizer", map_location="cpu")
+        state = read_optimizer_state(directory, self.optimizer, self.model)
         sd = state["optimizer"]
         if self.ep > 1:  # this rank's experts out of one process's state dict
             from forge_dist.parallel.expert.state import local_optimizer_state

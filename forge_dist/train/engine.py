@@ -21,25 +21,17 @@ n micro-batches, and clipping of the global gradient norm after unscaling (as up
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from forge_dist.errors import CheckpointError
-from forge_dist.io.statefile import load_state, save_state
+from forge_dist.io.statefile import save_state
+from forge_dist.train.optimizer_state import read_optimizer_state, require_optimizer_files  # noqa: F401 (old path)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Batch = Tuple[torch.Tensor, torch.Tensor]
-
-
-def require_optimizer_files(directory: str) -> None:
-    """A checkpoint written by another engine (DeepSpeed keeps its own files) is named as such."""
-    if not os.path.isfile(os.path.join(directory, "optimizer.json")):
-        raise CheckpointError(f"{directory} has no optimizer state of forge_dist's own engine (optimizer.json); "
-                              f"it was written by another engine (e.g. DeepSpeed): resume with the same "
-                              f"--deepspeed_config, or start from its weights with --init_from prev_run")
 
 
 def compiled(module: nn.Module, compile) -> nn.Module:
@@ -180,13 +172,13 @@ class LocalEngine:
             save_state(self.state_dict(), directory, "optimizer")
 
     def load_state(self, directory: str) -> None:
-        from forge_dist.train.optimizer_state import read_optimizer_state  # also DeepSpeed's logical copy
         from forge_dist.train.sharded_save import is_sharded_checkpoint, load_engine_state
 
         if is_sharded_checkpoint(directory):  # weights and optimizer state, this rank's pieces
             require_optimizer_files(directory)
             load_engine_state(self, directory, getattr(self, "groups", None))
             return
+        # optimizer.*, or the logical AdamW copy of a DeepSpeed checkpoint (any ZeRO stage)
         self.load_state_dict(read_optimizer_state(directory, self.optimizer, self.model, map_location=str(self.device)))
 
     def save_gathered_state(self, directory: str, ctx, full: Optional[dict]) -> None:

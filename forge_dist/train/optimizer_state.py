@@ -21,13 +21,19 @@ from forge_dist.io.statefile import load_state
 from forge_dist.train.deepspeed_logical import one_process_adamw_state
 
 
+def require_optimizer_files(directory: str) -> None:
+    """A checkpoint written by another engine (DeepSpeed keeps its own files) is named as such."""
+    if not os.path.isfile(os.path.join(directory, "optimizer.json")):
+        raise CheckpointError(f"{directory} has no optimizer state of forge_dist's own engine (optimizer.json); "
+                              f"it was written by another engine (e.g. DeepSpeed): resume with the same "
+                              f"--deepspeed_config, or start from its weights with --init_from prev_run")
+
+
 def read_optimizer_state(directory: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                          map_location="cpu") -> dict:
     """``{"optimizer": state dict, "scaler": ...}`` of the checkpoint ``directory`` for ``optimizer``
     over ``model`` (names from model.named_parameters; the one-process order, as a parallel
     engine's own files have it). Full tensors: a parallel engine slices its shards."""
-    from forge_dist.train.engine import require_optimizer_files
-
     if not os.path.isfile(os.path.join(directory, "optimizer.json")) and os.path.isfile(
             os.path.join(directory, f"{LOGICAL_NAME}.json")):
         return from_deepspeed_logical(load_state(directory, LOGICAL_NAME, map_location=map_location), optimizer,

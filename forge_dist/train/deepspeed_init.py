@@ -50,10 +50,18 @@ def partitioned_materialize(model, config: dict, groups: ProcessGroups, mpu) -> 
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     init = deepspeed.zero.Init(config_dict_or_path=config, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group(),
                                remote_device="cpu" if _offloads_params(config) else None)
-    convert = init._convert_to_zero_parameters  # what zero.Init does to each module's parameters
+
+    def partition(name, p) -> None:  # what zero.Init does to each parameter a module creates
+        if hasattr(p, "ds_id"):
+            return
+        if p.is_floating_point() and p.dtype != init.dtype:  # DeepSpeed casts no zero.Init parameter later
+            p.data = p.data.to(init.dtype)
+        init._convert_to_zero_parameters([p])
+
     local = shard_local(groups) if groups.topology.tp > 1 else None
-    drawn = model.materialize(local=local, after=lambda name, p: convert([p]))
-    convert(list(model.parameters()))  # the rest (already-converted ones are skipped)
+    drawn = model.materialize(local=local, after=partition)
+    for name, p in model.named_parameters():  # the constructor-valued ones
+        partition(name, p)
     return drawn
 
 

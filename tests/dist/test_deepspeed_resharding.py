@@ -8,7 +8,9 @@ checkpoint at SAVE_AT + 2, the rest; the native engine resumed from the ZeRO-3 c
 consolidated from DeepSpeed's files without pickle, the AdamW moments from the logical copy:
 forge_dist.train.optimizer_state). The ZeRO-3 checkpoint with a pickle payload in every rank's
 optimizer partition is refused there too (DeepSpeed's own files at the same layout). Then one
-process resumes the ZeRO-3 checkpoint with forge_dist's LocalEngine."""
+process resumes the ZeRO-3 checkpoint with forge_dist's LocalEngine. The same DP=2 world checks
+that ZeRO-3 from a meta-device model (deepspeed_init.py: no rank builds it whole) trains exactly as
+from a full build, for the shipped ZeRO-3 configs that run on a CPU."""
 import os
 import shutil
 
@@ -93,7 +95,37 @@ def world2(rank, world, workdir):
         out["refused"] = None
     except CheckpointError as e:
         out["refused"] = str(e)
+    out["meta"] = {name: (T.run_iters(*T.make_engine(None, precision(name), config=config(name)), range(3))["loss"],
+                          T.run_iters(*meta_engine(name), range(3))["loss"]) for name in ZERO3_CONFIGS}
     return out
+
+
+ZERO3_CONFIGS = ("zero3_fp32.json", "zero3_bf16.json", "zero3_offload_param.json")
+
+
+def precision(name):
+    return "bf16" if "bf16" in name else "fp32"
+
+
+def config(name):
+    return os.path.join(T.CONFIGS, name)
+
+
+def meta_engine(name):
+    """The DeepSpeed engine on GPT(cfg, defer_init=True): drawn into ZeRO-3 partitions (deepspeed_init.py)."""
+    import torch.distributed as dist
+
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.train.context import RunContext
+    from forge_dist.train.deepspeed_engine import deepspeed_engine_factory
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = RunContext(rank=rank, world_size=world, dp_rank=rank, dp_size=world)
+    torch.manual_seed(0)
+    cfg = T.train_config(world, "bfloat16" if precision(name) == "bf16" else "float32")
+    model = GPT(ModelConfig(**T.TINY), defer_init=True)
+    return deepspeed_engine_factory(model, cfg, {"deepspeed_config": config(name)}, ctx), ctx
 
 
 def world1(rank, world, workdir):
@@ -126,3 +158,10 @@ def test_zero3_resumes_without_deepspeed(runs):
 def test_zero3_partitions_with_a_payload_are_refused(runs):
     assert runs["refused"] is not None and "refused DeepSpeed checkpoint file" in runs["refused"], runs["refused"]
     assert not any(f.startswith("payload_ran") for f in os.listdir(runs["workdir"]))
+
+
+def test_zero3_drawn_into_partitions_equals_a_full_build(runs):
+    """The model built on meta and drawn parameter by parameter into ZeRO-3 partitions (fp32, bf16,
+    parameters offloaded to the CPU) trains exactly as the same config on a fully built model."""
+    for name, (full, meta) in runs["meta"].items():
+        assert meta == full, name

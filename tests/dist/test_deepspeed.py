@@ -190,10 +190,14 @@ def world1_resume(rank, world, workdir):
 
 def world4_tp(rank, world, workdir):
     quiet()
+    from forge_dist import ModelConfig
     from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.model.gpt import GPT
     from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.topology import Topology
     from forge_dist.train import deepspeed_engine
+    from forge_dist.train.context import RunContext
 
     groups = ProcessGroups.build(Topology(world, tp=2))
     pc = ParallelConfig(tensor_parallel_size=2, sequence_parallel=True)
@@ -206,6 +210,13 @@ def world4_tp(rank, world, workdir):
             save(engine, ctx, os.path.join(workdir, "tp2_dp2_z2"))
             out["tp2_z2_saved"] = engine.full_state_dict()
         out[stage]["tp_sums"] = engine.tp_sums
+    ctx = RunContext(rank=rank, world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
+    ctx.groups = groups  # ZeRO-3 from the meta device: TP shards drawn into partitions (deepspeed_init.py)
+    torch.manual_seed(0)
+    meta = parallelize(GPT(ModelConfig(**TP_MODEL), defer_init=True), groups, pc)
+    meta_engine = deepspeed_engine.deepspeed_engine_factory(meta, train_config(2, clip=CLIP_TP),
+                                                            {"deepspeed_config": ds_config(3)}, ctx)
+    out["zero3_meta"] = run_iters(meta_engine, ctx, range(ITERS))
     real = deepspeed_engine.sum_partial_grads
     deepspeed_engine.sum_partial_grads = lambda *args: 0
     try:  # the control: without summing partial gradients over TP the run must diverge
@@ -373,6 +384,14 @@ def test_tp2_dp2_matches_single_process(tp_dp, dp1):
     assert [tp_dp[stage]["tp_sums"] for stage in STAGES] == ["no_sync", "coalesce", "coalesce", "coalesce"]
     control = tp_dp["no_hooks"]
     assert max(rel(a, b) for a, b in zip(control["grad_norm"], ref["grad_norm"])) > 1e-4
+
+
+def test_tp2_dp2_zero3_drawn_into_partitions_equals_a_full_build(tp_dp):
+    """No rank builds the TP=2 x DP=2 ZeRO-3 model whole (meta device, TP shards drawn into ZeRO-3
+    partitions), and it trains exactly as the fully built one."""
+    assert tp_dp["zero3_meta"]["loss"] == tp_dp[3]["loss"]
+    for k, v in tp_dp[3]["weights"].items():
+        assert torch.equal(tp_dp["zero3_meta"]["weights"][k], v), k
 
 
 def test_tp_partial_gradient_sums_do_not_grow_with_the_parameters(tp_dp):

@@ -108,15 +108,10 @@ class DeepSpeedLogicalState:
 
         return gather_experts(state, self.model, self.groups)
 
-    def full_state_dict(self) -> Optional["OrderedDict[str, torch.Tensor]"]:
+    def full_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
         """Logical names -> full fp32 master weights and buffers (in their original dtype), tied
-        tensors under every name as in model.state_dict(), on global rank 0; None on the other
-        ranks, which take part in the gathers and drop each tensor at once (no rank but the one
-        writing model/ holds the full weights; under expert parallelism every rank keeps them until
-        the experts are gathered). Every rank must call it."""
-        keep = self.groups.global_rank == 0
-        held = keep or self.groups.ep.size > 1
-        master = self._logical(self._master, held, all_experts=False)
+        tensors under every name as in model.state_dict(). Every rank must call it."""
+        master = self._logical(self._master, all_experts=False)
         first = {id(p): name for name, p in self._named}
         out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         for name, t in self.model.state_dict(keep_vars=True).items():
@@ -124,10 +119,8 @@ class DeepSpeedLogicalState:
                 out[name] = master[first[id(t)]]
             else:
                 value = t.detach().to(self._buffer_dtypes.get(name, t.dtype))
-                full = full_tensor(value, shard_info(t), self.groups)
-                out[name] = full.to("cpu", copy=True) if held else None
-        out = self._all_experts(out)
-        return out if keep else None
+                out[name] = full_tensor(value, shard_info(t), self.groups).to("cpu", copy=True)
+        return self._all_experts(out)
 
     def export_model(self, ctx) -> Optional[torch.nn.Module]:
         """A plain single-device GPT with the full fp32 weights on rank 0 (None elsewhere), for

@@ -168,7 +168,7 @@ def long_row(name: str, T: int = 4096):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--seq", type=int, nargs="*", default=[512, 1024, 2048, 4096])
     p.add_argument("--variants", nargs="+", default=["polymax", "consmax", "strongermax"],
                    help="variant names, or 'all'")
     p.add_argument("--rounds", type=int, default=2)
@@ -181,7 +181,8 @@ def main():
           f"threads {torch.get_num_threads()}")
     if a.train_variants:
         training_rows(a.train_variants, a.rounds, a.batch)
-    attention_rows(variants, a.seq, a.rounds)
+    if a.seq:
+        attention_rows(variants, a.seq, a.rounds)
     if a.long:
         long_row(a.long)
 

@@ -176,3 +176,31 @@ def test_train_step_at_block_size_4096_never_allocates_t_by_t():
         opt.step()
     assert torch.isfinite(loss)
     assert largest[0] < T * T // 8, f"a tensor of {largest[0]} elements (T x T = {T * T})"
+
+
+def test_flex_route_forward_on_cpu_equals_materialised():
+    """The CUDA route's algebra (attention/flex.py: score_mod = ln f or c t(s), output rescaled by
+    e^{lse} / D) checked through FlexAttention's CPU forward, float32, without gradients (its
+    backward does not run on CPU; the GPU run itself is unverified). One case per kind of rescale
+    (eager FlexAttention on CPU is slow), on the two causal mask setups (bias + soft-cap + sink + GQA;
+    window + KV offset + sink columns); obo with the row max is left to the blocked path (None)."""
+    from forge_dist.model.attention import flex
+
+    cases = [("softmax", {}), ("consmax_v2", dict(consmax_v2_clamping=True, consmax_v2_clamp_value=0.3)),
+             ("polymax", dict(div_by_seq_len=True)), ("squareplus", {}), ("softermax", dict(softermax_use_xmax=False)),
+             ("sigsoftmax", dict(sigsoftmax_use_euler_base=False, sigsoftmax_base=2.0)),
+             ("strongermax", dict(strongermax_xmax_guess=1.0)),
+             ("strongermax", dict(strongermax_div_by_sum_of_terms=False, strongermax_use_xmax=False)),
+             ("strongermax", dict(strongermax_use_learned_obo=True, strongermax_obo=1.0))]
+    for name, opts in cases:
+        module = normaliser(name, opts, torch.float32).requires_grad_(False)
+        for i, case in enumerate(MASKS[:2]):
+            x = {k: v.detach() if torch.is_tensor(v) else v for k, v in inputs(case, torch.float32, seed=i).items()}
+            spec = fused.spec_of(module, x["k"].shape[-2] - x["mask"].n_sink)
+            y = flex.flex_attend(x["q"], x["k"], x["v"], spec, mask=x["mask"], scale=0.7, softcap=x["softcap"],
+                                 bias=x["bias"], sink_logit=x["sink"])
+            if "strongermax_use_learned_obo" in opts:
+                assert y is None
+                continue
+            ref = run(module, x, "materialised")
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

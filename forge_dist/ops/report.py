@@ -27,6 +27,7 @@ OPS: Dict[str, Optional[str]] = {
         "softplus", "squareplus")},
     **{name: "score_rownorm_fwd" for name in ("softmax", "softermax", "strongermax", "sigsoftmax")},
     "fake_quantize": "fake_quantize", "int8_linear": "int8_linear",
+    "attention": "attention_fwd",  # fused attention over the score normalisers (CUDA: FlexAttention route)
     "k_rms_norm": None,
 }
 REFERENCE_ONLY = {"k_rms_norm": "reference only (gathers, quantizes)"}

@@ -40,8 +40,8 @@ def has_meta_parameters(model) -> bool:
 def partitioned_materialize(model, config: dict, groups: ProcessGroups, mpu) -> int:
     """Draw ``model``'s meta parameters one by one into ZeRO-3 partitions over ``mpu``'s
     data-parallel group (see the module doc); the constructor-valued ones (norm gains, scalars)
-    are partitioned after. Collective over the world (one broadcast per parameter); returns how
-    many parameters were drawn."""
+    are partitioned after. Collective over the data-parallel group (DeepSpeed broadcasts each
+    parameter from its rank 0, then keeps this rank's part); returns how many were drawn."""
     import deepspeed
 
     from forge_dist.parallel.materialize import shard_local

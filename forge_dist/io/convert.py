@@ -2,6 +2,7 @@
 
     forge-convert out converted/ --to forge                   # a forge-train out_dir (its latest checkpoint)
     forge-convert out/checkpoints/iter_0000500 m500/ --to reallm-forge   # one checkpoint of it
+    forge-convert out-tp2x2 consolidated/ --to forge          # a sharded (DCP) checkpoint -> one safetensors
     forge-convert out/ckpt.pt converted/ --to forge           # ReaLLM-Forge -> forge_dist
     forge-convert converted/ out2/ --to reallm-forge          # -> out2/ckpt.pt (or DST.pt)
     forge-convert out/checkpoints/iter_0000100 model/ --to forge   # a DeepSpeed checkpoint (ZeRO 0-3, any TP)

@@ -10,6 +10,10 @@ One gloo world of ``--world`` processes (default 4). Rows, each forward + backwa
                    parameters and FLOPs per token)
   grouped EP=E     every rank of the world, experts placed over E ranks (E = 2, 4, ... dividing
                    the world), tokens/s summed over the ranks
+  EP=2 x TP=2      --expert_tensor_parallel_size 1 (whole experts on both TP ranks of a replica):
+                   every TP rank routing all of the replica's tokens (the layer before the token
+                   split) against the TP rule's split (each routes half, output all-gathered);
+                   tokens/s summed over the replicas
 
 Ratios are against the grouped EP=1 row measured in the same run. The all-to-all bytes of one
 forward are counted by the communication counter (what this rank sends, its own rows included)
@@ -105,6 +109,24 @@ def measure(rank: int, world: int, a) -> dict:
         # a rank returns the rows it received, which depends on the routing: the mean over ranks is exact
         mean = groups.dp.all_reduce(torch.tensor([float(rows_bytes)], dtype=torch.float64)).item() / world
         traffic[ep] = (mean, counts, 2 * a.tokens * a.top_k * a.n_embd * 4)
+    if world % 4 == 0 and a.n_experts % 2 == 0:  # whole experts on 2 TP ranks: each runs all tokens, or half
+        from forge_dist.parallel.parallelize import parallelize
+
+        pc = ParallelConfig(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1)
+        groups = ProcessGroups.build(pc.topology(world))
+        for split in (False, True):
+            layer = MoELayer(cfg)
+            layer.load_state_dict(base.state_dict())
+            apply_expert_parallel(layer, groups, pc)
+            if split:  # the TP rule of expert_tensor_parallel_size=1: each TP rank routes 1/TP of the tokens
+                parallelize(layer, groups, pc)
+            gen = torch.Generator().manual_seed(100 + groups.coord.dp)  # the replica's tokens, alike on its TP ranks
+            xr = torch.randn(1, a.tokens, a.n_embd, generator=gen)
+            dist.barrier()
+            seconds = groups.dp.all_reduce(torch.tensor([_timed(_step(layer, xr), a.repeats)]),
+                                           op=dist.ReduceOp.MAX).item()
+            name = "tokens split over TP (now)" if split else "every TP rank all tokens (before)"
+            rows[f"EP=2 x TP=2, whole experts, {name}"] = (world // 2) * a.tokens / seconds
     return {"rows": rows, "traffic": traffic}
 
 

@@ -87,6 +87,15 @@ INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
                           "_grid")()),
     ("deepspeed.runtime.zero.config.DeepSpeedZeroConfig (config validation)",
      _has("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig")),
+    ("deepspeed.utils.groups._EXPERT_{,DATA_}PARALLEL_GROUP{,_RANKS} (expert parallelism: our expert groups "
+     "registered as DeepSpeed's)",
+     _has("deepspeed.utils.groups", "_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+          "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP_RANKS")),
+    ("deepspeed.moe.layer.MoE, split_params_into_different_moe_groups_for_optimizer, the engine's has_moe_layers "
+     "(expert parallelism: how DeepSpeed learns a model's MoE layers and their optimizer groups)",
+     lambda: _has("deepspeed.moe.layer", "MoE")()
+     and _has("deepspeed.moe.utils", "split_params_into_different_moe_groups_for_optimizer")()
+     and _source_mentions("deepspeed.runtime.engine", "DeepSpeedEngine", "has_moe_layers")()),
 ]
 
 

@@ -69,11 +69,6 @@ def check_expert_parallel(model_config, parallel_config) -> None:
     if etp is not None and etp not in (1, tp):
         raise ConfigError(f"expert_tensor_parallel_size={etp}: experts are either whole on each rank (1) or "
                           f"split like the rest of the model (tensor_parallel_size={tp}); choose 1 or {tp}")
-    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
-    if ep > 1 and pp > 1 and tp > 1:
-        raise ConfigError(f"expert_parallel_size={ep} with pipeline_parallel_size={pp} and tensor_parallel_size={tp}: "
-                          f"expert parallelism inside pipeline stages is verified without tensor parallelism "
-                          f"only (the three together need 8 ranks to test); use two of the three")
     if etp == 1 and tp > 1:  # the TP ranks split each MoE layer's tokens (parallel/tensor/rules/moe.py)
         if model_config.block_size % tp:
             raise ConfigError(f"expert_tensor_parallel_size=1 with tensor_parallel_size={tp}: each MoE layer's tokens "

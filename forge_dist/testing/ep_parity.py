@@ -177,23 +177,23 @@ def _report(name: str, errors: Dict[str, float]) -> ParityReport:
     return ParityReport(name, "mismatch", detail, worst)
 
 
-# --- expert parallelism inside pipeline stages (the EP2xPP2 layout) ------------------------------
+# --- expert parallelism inside pipeline stages (EP2xPP2; with TP=2 in the world of 8 of test_pp_parity) --
 N_MICRO = 2  # micro-batches per replica: 1F1B at PP=2 needs at least 2
-
-
-N_MICRO = 2  # per replica: 1F1B at PP=2 needs at least 2
 
 
 def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_config, seed: int = 0,
                             batch: int = 2) -> ParityReport:
-    """PP=2 x DP=2 with EP=2: each stage's MoE layer dispatches over the 2 replicas of that stage.
+    """PP=2 x DP=2 with EP=2 (x TP=2 in a world of 8): each stage's MoE layer dispatches over the 2
+    replicas of that stage, its experts whole on each TP rank (the TP ranks splitting the tokens) or
+    TP-split (expert_tensor_parallel_size).
     Replica d pipelines its N_MICRO micro-batches (1F1B); global micro-batch i is every replica's
     i-th rows. The reference runs each global micro-batch in one forward (load-balancing statistics
     of the whole micro-batch, capacity per replica's row block) and accumulates the mean. Compared
     as compare_expert_parallel (EP_TOLERANCES): the logged loss (every stage's aux losses in it),
     every gradient after the engine's reduction with the experts gathered over EP, the clipping
     norm, tokens per expert of the last micro-batch, the weights after one AdamW step (exact), and
-    what a checkpoint writes (_checkpoint_errors)."""
+    what a checkpoint writes (_checkpoint_errors). Gradients and weights are gathered over TP, then
+    over EP."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
@@ -212,9 +212,10 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
         if isinstance(m, MoELayer):
             torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
     model, stepped = copy.deepcopy(ref), copy.deepcopy(ref)
+    splits = groups.tp.size if parallel_config.expert_tensor_parallel_size == 1 else 1  # TP ranks split tokens
     for m in ref.modules():
         if isinstance(m, MoELayer):
-            m.capacity_groups = dp
+            m.capacity_groups = dp * splits
     apply_expert_parallel(model, groups, parallel_config)  # as shard_model, before the stages are cut
 
     errors: Dict[str, float] = {}
@@ -245,8 +246,8 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     for chunk in layout.chunks.values():
         for k, c in collect_tokens_per_expert(chunk).items():
             errors[f"records: {k}"] = rel_error(groups.dp.all_reduce(c.double()), ref_counts[k].double())
-        own = {n: p.grad for n, p in chunk.named_parameters(remove_duplicate=False) if p.grad is not None}
-        grads.update(gather_experts(own, chunk, groups))
+        own = _tp_full(chunk, groups, grads=True)
+        grads.update(gather_experts({n: t for n, t in own.items() if t is not None}, chunk, groups))
         for n, p in chunk.named_parameters(remove_duplicate=False):  # no early return: collectives follow
             if p.grad is None and ref_params[n].grad is not None:
                 errors[f"grad: {n} (none on its stage)"] = float("inf")
@@ -259,7 +260,7 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     engine.optimizer.step()
     full = {}
     for chunk in layout.chunks.values():
-        full.update(gather_experts(chunk.state_dict(), chunk, groups))
+        full.update(gather_experts(_tp_full(chunk, groups), chunk, groups))
     stepped_state = stepped.state_dict()
     for n, t in full.items():
         errors[f"step: {n}"] = rel_error(t, stepped_state[n])
@@ -267,6 +268,17 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     report = _report(name, errors)
     report.worst["dropped"] = dropped
     return report
+
+
+def _tp_full(chunk, groups, grads: bool = False) -> dict:
+    """This rank's state (or gradients) of a stage, gathered over TP when TP > 1."""
+    from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+
+    if groups.tp.size > 1:
+        return gather_full_state_dict(chunk, groups, grads=grads)
+    if grads:
+        return {n: p.grad for n, p in chunk.named_parameters(remove_duplicate=False)}
+    return chunk.state_dict()
 
 
 def _checkpoint_errors(engine, stage_state: dict, one_process: dict) -> Dict[str, float]:

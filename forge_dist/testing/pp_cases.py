@@ -67,8 +67,20 @@ def zero_runs() -> List[tuple]:
 def world8_runs() -> List[tuple]:
     """PP=2 x TP=2 x DP=2 in one world of 8: all three dimensions at once (a world of 4 holds at
     most two). A plain, an interleaved, a split-backward V-shaped schedule, ZeRO-1 and sequence
-    parallelism, on the default model and the variant mix."""
+    parallelism, on the default model and the variant mix; and expert parallelism inside the stages
+    (EP=2 carved out of DP=2, ep_parity's MoE model) with the experts whole on each TP rank and
+    TP-split."""
     return [(2, 2, s, None, m, MODELS[m], micro_batches(s, 2), opts)
             for s, m, opts in (("1f1b", "default", {}), ("interleaved_1f1b", "variant_mix", {}),
                                ("zbv", "variant_mix", {}), ("1f1b", "variant_mix", {"zero": True}),
-                               ("dualpipev", "default", {"zero": True, "sequence_parallel": True}))]
+                               ("dualpipev", "default", {"zero": True, "sequence_parallel": True}))] + expert_runs()
+
+
+def expert_runs() -> List[tuple]:
+    """EP=2 inside PP=2 x TP=2 (world of 8): top-2 dropless with the experts whole on each TP rank
+    (expert_tensor_parallel_size 1, the TP ranks splitting the tokens) and TP-split; top-1 with
+    capacity (counted per TP rank's token share) with the experts whole."""
+    from forge_dist.testing.ep_parity import N_MICRO, ep_model_kwargs
+
+    return [(2, 2, "1f1b", None, f"moe_{router}_etp{etp}", ep_model_kwargs(router), N_MICRO, {"ep": 2, "etp": etp})
+            for router, etp in (("top2", 1), ("top2", 2), ("top1_capacity", 1))]

@@ -13,7 +13,9 @@ def column(key) -> str:
     pp, tp, dp, _, case = key
     flags = case.split("+")[1:]
     name = f"PP{pp}" + (f"xTP{tp}" if tp > 1 else "") + (f"xDP{dp}" if dp > 1 else "")
-    return name + (" SP" if "sp" in flags else "") + (" ZeRO-1" if "zero1" in flags else "")
+    ep = [f[2:] for f in flags if f.startswith("ep")]
+    return (name + (" SP" if "sp" in flags else "") + (" ZeRO-1" if "zero1" in flags else "")
+            + (f" EP{ep[0]}" if ep else ""))
 
 
 def row(key) -> str:
@@ -53,8 +55,11 @@ def render_pp_section(cells: Dict[tuple, tuple]) -> str:
              "forge_dist/testing/pp_cases.py; the others: tp_cases.py configurations whose modules cross the "
              "stage boundary). PPxDP without ZeRO: torch's DDP reducer per stage (split-backward schedules: "
              "bucketed all-reduce after the schedule). The 8-rank PP2xTP2xDP2 column is measured by the "
-             "8-rank test. `-`: not run. Refused before launch by name: expert parallelism with both "
-             "pipeline stages and TP, --zero_stage with expert parallelism, dtype float16, --compile.", "",
+             "8-rank test; its EP2 column: expert parallelism inside the stages (EP=2 carved out of DP=2, "
+             "`moe_<router>_etp<1|2>`: forge_dist.testing.ep_parity's MoE model, experts whole on each TP rank "
+             "or TP-split; also tokens per expert exact and the checkpoint's gathered weights and AdamW state). "
+             "`-`: not run. Refused before launch by name: --zero_stage with expert parallelism, dtype float16, "
+             "--compile.", "",
              "| case / schedule | " + " | ".join(columns) + " | worst grad error |",
              "|---" * (len(columns) + 2) + "|"]
     for r in rows:

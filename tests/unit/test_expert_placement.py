@@ -50,8 +50,10 @@ def moe(**kw):
     (dict(tensor_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True), moe(moe_capacity_factor=1.0),
      2, "moe_capacity_factor with expert_tensor_parallel_size=1 and sequence_parallel"),
     (dict(tensor_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=True), moe(), 2, None),
-    (dict(expert_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2), moe(), 8,
-     "expert_parallel_size=2 with pipeline_parallel_size=2 and tensor_parallel_size=2"),
+    # EP inside the stages of PP x TP (tests/dist/test_pp_parity.py::test_pp2_tp2_dp2_in_a_world_of_8)
+    (dict(expert_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2), moe(), 8, None),
+    (dict(expert_parallel_size=2, pipeline_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
+     moe(), 8, None),
 ])
 def test_expert_options_are_validated(pc, cfg, world, match):
     config = ParallelConfig(**pc)

@@ -27,8 +27,9 @@ def test_defaults_and_valid_combinations():
     pc(tensor_parallel_size=4, sequence_parallel=True).validate(model(), 8)  # dp 2
     pc(tensor_parallel_size=4).validate(model(n_kv_group=1), 4)  # MQA: KV head replicated
     pc(tensor_parallel_size=2, pipeline_parallel_size=2).validate(model(use_moe=True, n_experts=4), 8)
-    pc(tensor_parallel_size=2, expert_parallel_size=2).validate(model(use_moe=True, n_experts=4), 8)  # EP inside
-    # pipeline stages is refused for now (tests/unit/test_expert_placement.py)
+    pc(tensor_parallel_size=2, expert_parallel_size=2).validate(model(use_moe=True, n_experts=4), 8)
+    pc(tensor_parallel_size=2, pipeline_parallel_size=2, expert_parallel_size=2).validate(
+        model(use_moe=True, n_experts=4), 16)  # EP inside the stages of PP x TP
     assert pc(tensor_parallel_size=2, pipeline_parallel_size=3).model_parallel_size == 6
 
 

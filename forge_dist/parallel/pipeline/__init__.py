@@ -41,6 +41,9 @@ def build_pipeline(model, groups, parallel_config, n_microbatches: int, device, 
         after = {s: [n for n, _ in c.named_parameters(remove_duplicate=False)] for s, c in layout.chunks.items()}
         if after != before:
             raise RuntimeError("parallelize changed a pipeline stage's parameter names")
+        from forge_dist.parallel.expert import declare_expert_params
+
+        declare_expert_params(local)  # TP-split experts are new tensors: mark them expert parameters again
     if has_meta(layout):
         materialize_stages(model, layout, groups, load)
         for chunk in layout.chunks.values():

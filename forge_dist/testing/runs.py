@@ -12,15 +12,15 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 
-def parallel_context(rank: int, world_size: int, tp: int = 1, ep: int = 1):
+def parallel_context(rank: int, world_size: int, tp: int = 1, ep: int = 1, pp: int = 1):
     """The RunContext a launch of ``world_size`` ranks at ``tensor_parallel_size=tp`` (and
-    ``expert_parallel_size=ep``) would give this rank (torch.distributed is already initialised by
-    the spawn harness)."""
+    ``expert_parallel_size=ep``, ``pipeline_parallel_size=pp``) would give this rank
+    (torch.distributed is already initialised by the spawn harness)."""
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.parallel.groups import ProcessGroups
     from forge_dist.train.context import RunContext
 
-    pcfg = ParallelConfig(tensor_parallel_size=tp, expert_parallel_size=ep)
+    pcfg = ParallelConfig(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=pp)
     topology = pcfg.topology(world_size)
     groups = ProcessGroups.build(topology)
     coord = topology.coord(rank)

@@ -19,6 +19,10 @@ by tensor); the other stages' layers never take memory here. Per optimizer step:
                  --zero_stage 1 each data-parallel replica of a stage steps its part of the
                  stage's AdamW state and broadcasts the new values (forge_dist.parallel.zero)
 
+Checkpoints: the sharded format (train/sharded_save.py) writes each stage rank's own tensors under
+their one-process names (LocalStages.logical_tensors), read back at any pipeline, tensor or data-
+parallel size; the gathered one (save_state) sends everything to rank 0 in the one-process layout.
+
 The logged loss is the mean over micro-batches of cross-entropy plus every stage's auxiliary
 losses, summed over the pipeline group, as one process logs it.
 """
@@ -159,6 +163,17 @@ class PipelineEngine(LocalEngine):
     def _order(self):
         return one_process_order(self.model.config, *self.optimizer_grouping)
 
+    def optimizer_layout(self):
+        """(every parameter's one-process name, param_groups with one-process indices): what a
+        sharded checkpoint's optimizer.json records (train/sharded_save.py)."""
+        from forge_dist.parallel.zero import group_layout
+
+        order, out, start = self._order(), [], 0
+        for g, names in zip(group_layout(self.optimizer), order):
+            out.append({**g, "params": list(range(start, start + len(names)))})
+            start += len(names)
+        return [c for names in order for c in names], out
+
     def save_state(self, directory: str, ctx) -> None:
         from forge_dist.parallel.pipeline.optim_state import full_optimizer_state
 
@@ -169,7 +184,11 @@ class PipelineEngine(LocalEngine):
         from forge_dist.io.statefile import load_state
         from forge_dist.parallel.pipeline.optim_state import load_optimizer_state
         from forge_dist.train.engine import require_optimizer_files
+        from forge_dist.train.sharded_save import is_sharded_checkpoint
 
+        if is_sharded_checkpoint(directory):  # weights and AdamW state: this rank's stages' pieces
+            super().load_state(directory)
+            return
         require_optimizer_files(directory)
         state = load_state(directory, "optimizer", map_location="cpu")
         load_optimizer_state(self, state["optimizer"], self._order(), directory)

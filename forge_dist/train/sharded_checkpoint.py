@@ -35,8 +35,12 @@ from forge_dist.parallel.tensor.metadata import shard_info
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _unique_named(model: nn.Module):
-    """(name, tensor) of every parameter and persistent buffer, tied tensors under their first name."""
+def _unique_named(model: nn.Module, writing: bool = False):
+    """(name, tensor) of every parameter and persistent buffer, tied tensors under their first name;
+    a model of pipeline stages names its own (``logical_tensors``: one-process names, and when
+    ``writing`` only the tensors this rank owns)."""
+    if hasattr(model, "logical_tensors"):
+        return model.logical_tensors(writing)
     seen, out = set(), []
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in seen:
@@ -52,10 +56,11 @@ def param_names(model: nn.Module, optimizer) -> List[str]:
     return [names.get(id(p), f"#{i}") for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])]
 
 
-def sharded_state(model: nn.Module, optimizer, groups: Optional[ProcessGroups]) -> Dict[str, object]:
+def sharded_state(model: nn.Module, optimizer, groups: Optional[ProcessGroups],
+                  writing: bool = False) -> Dict[str, object]:
     """The DCP state dict of this rank (views of the live tensors: a load writes into them)."""
     state: Dict[str, object] = {}
-    for name, t in _unique_named(model):
+    for name, t in _unique_named(model, writing):
         info = shard_info(t)
         state[f"model/{name}"] = LocalShards.of(t.data, info, groups)
         # ZeRO-1: this replica's part only (the parameters it owns); the other replicas write theirs
@@ -76,8 +81,8 @@ def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[P
     os.makedirs(directory, exist_ok=True)
     writer = JsonMetadataWriter(directory)
     with single_process_quiet():
-        dcp.save(sharded_state(model, optimizer, groups), storage_writer=writer, planner=ShardSavePlanner(),
-                 process_group=process_group, no_dist=not dist.is_initialized())
+        dcp.save(sharded_state(model, optimizer, groups, writing=True), storage_writer=writer,
+                 planner=ShardSavePlanner(), process_group=process_group, no_dist=not dist.is_initialized())
     return writer.files_written
 
 
@@ -112,7 +117,7 @@ def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Opti
     if not dist.is_initialized():  # the background thread's warning too (catch_warnings is per thread)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     with single_process_quiet():
-        future = dcp.async_save(sharded_state(model, optimizer, groups), storage_writer=writer,
+        future = dcp.async_save(sharded_state(model, optimizer, groups, writing=True), storage_writer=writer,
                                 planner=ShardSavePlanner(), process_group=process_group,
                                 async_stager=ShardStager(), no_dist=not dist.is_initialized())
     return future, writer

@@ -19,7 +19,8 @@ publishing run in a background thread (their collectives on a process group of t
 training goes on; the next save, and the end of the run, wait for it (a failure surfaces there).
 
 Resume (load_engine_state): each rank asks DCP for the pieces of its current layout, which
-reshards across tensor- and data-parallel sizes; before reading, it verifies the sha256 of only the
+reshards across tensor-, data- and pipeline-parallel sizes (pipeline stages name their tensors by
+the one-process GPT: parallel/pipeline/stage.py LocalStages.logical_tensors); before reading, it verifies the sha256 of only the
 files those pieces come from, and all ranks agree before any reads, so a corrupt file is refused by
 name on every rank.
 """
@@ -37,7 +38,7 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-SHARDED_ENGINES = ("local", "parallel")  # pipeline and DeepSpeed layouts: gathered for now
+SHARDED_ENGINES = ("local", "parallel", "pipeline")  # DeepSpeed's layouts: gathered for now
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -64,8 +65,6 @@ def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
 def _unsupported(values: dict) -> str:
     if values.get("deepspeed_config"):
         return "--deepspeed_config"
-    if (values.get("pipeline_parallel_size") or 1) > 1:
-        return f"pipeline_parallel_size={values['pipeline_parallel_size']}"
     return ""
 
 
@@ -76,6 +75,13 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
     supported = getattr(engine, "name", None) in SHARDED_ENGINES
+    ok = getattr(getattr(engine, "model", None), "sharded_checkpoint_ok", None)
+    if supported and ok is not None and not ok():  # pipeline stages holding two sharded copies of a tensor
+        if fmt == "sharded" or asynchronous:
+            raise ConfigError("checkpoint_format=sharded (and --async_checkpoint) is not supported when a pipeline "
+                              "rank holds two separately sharded copies of one parameter (a V-shape schedule with "
+                              "tied embeddings and tensor parallelism); use --checkpoint_format gathered")
+        supported = False
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 
@@ -196,6 +202,8 @@ def optimizer_layout(engine):
     from forge_dist.parallel.zero import group_layout
     from forge_dist.train.sharded_checkpoint import param_names
 
+    if hasattr(engine, "optimizer_layout"):  # pipeline stages: the one-process order of the whole model
+        return engine.optimizer_layout()
     names = param_names(engine.model, engine.optimizer)  # a ZeRO-1 optimizer's groups hold every parameter
     return one_process_groups(group_layout(engine.optimizer), names, engine.model)
 

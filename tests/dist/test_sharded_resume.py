@@ -11,6 +11,11 @@ world of 4 ranks (forge_dist.testing.runs: the runs forge-train builds under a l
   Z  TP=1 x DP=4 with ZeRO-1 (each replica writes the moments of the parameters it owns), from
      scratch: A's losses;  ZR  TP=2 x DP=2 without ZeRO from Z's iteration 2;  AZ  ZeRO-1 at
      TP=1 x DP=4 from A's iteration 2 (each replica reads the moments of its new part)
+  P  PP=2 x DP=2 (pipeline stages, tied table and head) from A's iteration 2 (PP 1 -> 2): each stage
+     rank writes only its stage's tensors, under the one-process names, a tied one by its first holder
+  PR TP=1 x DP=4 from P's iteration 4 (PP 2 -> 1): B's losses
+  Q  the MoE model at EP=2 x PP=2, the gathered format (the optimizer state's expert entries);
+     QR the same layout from Q's iteration 2, writing the sharded format (experts under global names)
   X  a copy of B's iteration 6 with one shard flipped: resuming it at TP=2 stops every rank with
      the file's name (each rank hashed only the files it reads; the ranks agreed before reading)
 
@@ -42,10 +47,10 @@ def _ckpt(out, it):
 def _worlds(rank, world_size, dataset, root):
     from forge_dist.testing.runs import fit, logged_losses, parallel_context
 
-    def run(name, tp, accum, *extra, ep=1):
+    def run(name, tp, accum, *extra, ep=1, pp=1):
         out = os.path.join(root, name)
         fit([*ARGS, "--dataset", dataset, "--out_dir", out, "--gradient_accumulation_steps", str(accum), *extra],
-            parallel_context(rank, world_size, tp=tp, ep=ep))
+            parallel_context(rank, world_size, tp=tp, ep=ep, pp=pp))
         return logged_losses(out)
 
     resume = ["--init_from", "resume", "--init_from_ckpt"]
@@ -56,6 +61,10 @@ def _worlds(rank, world_size, dataset, root):
     losses["D"] = run("D", 2, 2, *resume, _ckpt(os.path.join(root, "B"), 4), "--max_iters", "6")
     losses["F"] = run("F", 1, 1, *MOE, "--max_iters", "4", ep=2)
     losses["G"] = run("G", 1, 1, *MOE, *resume, _ckpt(os.path.join(root, "F"), 2), "--max_iters", "4", ep=4)
+    losses["P"] = run("P", 1, 2, *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4", pp=2)
+    losses["PR"] = run("PR", 1, 1, *resume, _ckpt(os.path.join(root, "P"), 4), "--max_iters", "6")
+    losses["Q"] = run("Q", 1, 2, *MOE, "--max_iters", "4", "--checkpoint_format", "gathered", ep=2, pp=2)
+    losses["QR"] = run("QR", 1, 2, *MOE, *resume, _ckpt(os.path.join(root, "Q"), 2), "--max_iters", "4", ep=2, pp=2)
     losses["Z"] = run("Z", 1, 1, "--zero_stage", "1", "--max_iters", "4")
     losses["ZR"] = run("ZR", 2, 2, *resume, _ckpt(os.path.join(root, "Z"), 2), "--max_iters", "4")
     losses["AZ"] = run("AZ", 1, 1, "--zero_stage", "1", *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4")
@@ -82,6 +91,22 @@ def _corrupt_resume(rank, root, run):
     except CheckpointError as e:
         return str(e)
     return None
+
+
+def _assert_stage_ranks_wrote_their_stages(path):
+    """PP=2 x DP=2 (ranks 0, 1: stage 0, layer 0 and the tied table; ranks 2, 3: stage 1, layer 1,
+    the final norm): every entry comes from a rank of the stage that holds it, the tied table from
+    stage 0 only (its first holder), and every moment is there under the one-process name."""
+    from forge_dist.io.dcp_storage import read_index
+
+    index = read_index(os.path.join(path, "model", "dcp"))
+    writers = {}
+    for idx, info in index.storage_data.items():
+        writers.setdefault(idx.fqn, set()).add(int(info.relative_path.split("_")[2]))
+    assert "model/lm_head.weight" not in writers and "optim/transformer.wte.weight/exp_avg" in writers
+    for fqn, ranks in writers.items():
+        stage1 = ".h.1." in fqn or "ln_f" in fqn
+        assert ranks <= ({2, 3} if stage1 else {0, 1}), (fqn, ranks)
 
 
 @pytest.mark.timeout(330)
@@ -111,17 +136,19 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
     assert sorted(a) == [0, 1, 2, 3] and sorted(b) == [2, 3, 4, 5]
     for name, want, iters in (("B", a, (2, 3)), ("C", a, (2, 3)), ("E", a, (2, 3)), ("D", b, (4, 5)),
                               ("G", losses["F"], (2, 3)), ("H", losses["F"], (2, 3)), ("Z", a, (0, 1, 2, 3)),
-                              ("ZR", losses["Z"], (2, 3)), ("AZ", a, (2, 3))):
+                              ("ZR", losses["Z"], (2, 3)), ("AZ", a, (2, 3)), ("P", a, (2, 3)),
+                              ("PR", b, (4, 5)), ("QR", losses["Q"], (2, 3))):
         got = losses[name]
         assert set(iters) <= set(got) and min(got) == iters[0], (name, sorted(got))
         for i in iters:
             assert got[i] == pytest.approx(want[i], rel=REL), (name, i, got[i], want[i])
     # the sharded checkpoint reads back, with no world, as the weights each layout trained to
-    final = {name: from_pretrained(os.path.join(_ckpt(os.path.join(root, name), 4 if name in "ACE" else 6),
-                                                "model")).state_dict() for name in "ACDE"}
-    for name in "CE":
-        worst = max((final[name][k] - final["A"][k]).abs().max().item() for k in final["A"])
+    final = {name: from_pretrained(os.path.join(_ckpt(os.path.join(root, name), 4 if name in "ACEP" else 6),
+                                                "model")).state_dict() for name in ("A", "C", "D", "E", "P", "B", "PR")}
+    for name, ref in (("C", "A"), ("E", "A"), ("P", "A"), ("PR", "B")):
+        worst = max((final[name][k] - final[ref][k]).abs().max().item() for k in final[ref])
         assert worst < 1e-5, (name, worst)
+    _assert_stage_ranks_wrote_their_stages(_ckpt(os.path.join(root, "P"), 4))
     moe = {name: from_pretrained(os.path.join(_ckpt(os.path.join(root, name), 4), "model")).state_dict()
            for name in "FGH"}  # every expert, whatever EP size wrote it
     for name, atol in (("G", 1e-6), ("H", 1e-3)):  # H: one process's matmul shapes; an AdamW step of a

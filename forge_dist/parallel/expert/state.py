@@ -128,7 +128,9 @@ def gather_expert_entries(entries: Dict[str, dict], modules: List[nn.Module], gr
     out = {n: e for n, e in entries.items() if n not in experts}
     for s in range(groups.ep.size):
         for (n, k), v in zip(where, per_source[s]):
-            entry = out.setdefault(_renamed(n, placed, s), {key: val for key, val in entries[n].items()
+            # AdamW's step copied: one tensor in several entries is shared memory, which safetensors refuses
+            entry = out.setdefault(_renamed(n, placed, s), {key: val.clone() if torch.is_tensor(val) else val
+                                                            for key, val in entries[n].items()
                                                             if not (torch.is_tensor(val) and val.dim() > 0)})
             entry[k] = v
     return out

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from forge_dist.errors import CheckpointError
 from forge_dist.model.gpt import GPT
 from forge_dist.model.moe import collect_moe_aux_loss, reset_moe_state
 from forge_dist.model.steering import steer
@@ -174,6 +175,33 @@ class LocalStages(nn.Module):
         super().__init__()
         self.config = config
         self.stages = nn.ModuleDict({f"stage{s}": c for s, c in sorted(layout.chunks.items())})
+        self.layout = layout
+
+    def logical_tensors(self, writing: bool = False) -> List[tuple]:
+        """(one-process GPT name, tensor) of this rank's parameters and persistent buffers, each
+        logical tensor once: what a sharded checkpoint holds (train/sharded_checkpoint.py). Writing,
+        a parameter held by several pipeline ranks (tied table and head, shared_* modules) is left to
+        its first holder, so it is written once; reading, every holder fills its copy."""
+        layout, out, seen = self.layout, [], set()
+        for name, ps in layout.local_params().items():
+            if len(ps) > 1:  # a V-shape rank holding two differently sharded copies of one tensor
+                raise CheckpointError(f"{name} has {len(ps)} separately sharded copies on pipeline rank "
+                                          f"{layout.pp_rank}: use --checkpoint_format gathered")
+            if not (writing and layout.holders.get(name, (layout.pp_rank,))[0] != layout.pp_rank):
+                out.append((name, ps[0]))
+            seen.add(name)
+        for _, chunk in sorted(layout.chunks.items()):
+            params = {id(p) for p in chunk.parameters()}
+            for name, t in chunk.state_dict(keep_vars=True).items():
+                if id(t) not in params and name not in seen:  # persistent buffers: the GPT's names already
+                    seen.add(name)
+                    out.append((name, t))
+        return out
+
+    def sharded_checkpoint_ok(self) -> bool:
+        """False when a local parameter has several distinct copies (the sharded format then falls
+        back to the gathered one)."""
+        return all(len(ps) == 1 for ps in self.layout.local_params().values())
 
 
 def release_unused(model: GPT, layout: StageLayout) -> None:

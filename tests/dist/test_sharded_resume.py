@@ -11,8 +11,9 @@ world of 4 ranks (forge_dist.testing.runs: the runs forge-train builds under a l
   Z  TP=1 x DP=4 with ZeRO-1 (each replica writes the moments of the parameters it owns), from
      scratch: A's losses;  ZR  TP=2 x DP=2 without ZeRO from Z's iteration 2;  AZ  ZeRO-1 at
      TP=1 x DP=4 from A's iteration 2 (each replica reads the moments of its new part)
-  P  PP=2 x DP=2 (pipeline stages, tied table and head) from A's iteration 2 (PP 1 -> 2): each stage
-     rank writes only its stage's tensors, under the one-process names, a tied one by its first holder
+  P  PP=2 x DP=2 with ZeRO-1 (pipeline stages, tied table and head) from A's iteration 2 (PP 1 -> 2),
+     async: each stage rank writes only its stage's tensors (each replica the moments it owns), under
+     the one-process names, a tied one by its first holder
   PR TP=1 x DP=4 from P's iteration 4 (PP 2 -> 1): B's losses
   Q  the MoE model at EP=2 x PP=2, the gathered format (the optimizer state's expert entries);
      QR the same layout from Q's iteration 2, writing the sharded format (experts under global names)
@@ -61,7 +62,8 @@ def _worlds(rank, world_size, dataset, root):
     losses["D"] = run("D", 2, 2, *resume, _ckpt(os.path.join(root, "B"), 4), "--max_iters", "6")
     losses["F"] = run("F", 1, 1, *MOE, "--max_iters", "4", ep=2)
     losses["G"] = run("G", 1, 1, *MOE, *resume, _ckpt(os.path.join(root, "F"), 2), "--max_iters", "4", ep=4)
-    losses["P"] = run("P", 1, 2, *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4", pp=2)
+    losses["P"] = run("P", 1, 2, *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4", "--zero_stage", "1",
+                      "--async_checkpoint", pp=2)
     losses["PR"] = run("PR", 1, 1, *resume, _ckpt(os.path.join(root, "P"), 4), "--max_iters", "6")
     losses["Q"] = run("Q", 1, 2, *MOE, "--max_iters", "4", "--checkpoint_format", "gathered", ep=2, pp=2)
     losses["QR"] = run("QR", 1, 2, *MOE, *resume, _ckpt(os.path.join(root, "Q"), 2), "--max_iters", "4", ep=2, pp=2)

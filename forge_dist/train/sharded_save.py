@@ -20,9 +20,9 @@ training goes on; the next save, and the end of the run, wait for it (a failure 
 
 Resume (load_engine_state): each rank asks DCP for the pieces of its current layout, which
 reshards across tensor-, data- and pipeline-parallel sizes (pipeline stages name their tensors by
-the one-process GPT: parallel/pipeline/stage.py LocalStages.logical_tensors); before reading, it verifies the sha256 of only the
-files those pieces come from, and all ranks agree before any reads, so a corrupt file is refused by
-name on every rank.
+the one-process GPT: parallel/pipeline/stage.py LocalStages.logical_tensors); before reading, it
+verifies the sha256 of only the files those pieces come from, and all ranks agree before any reads,
+so a corrupt file is refused by name on every rank.
 """
 from __future__ import annotations
 

@@ -265,7 +265,7 @@ def test_pp2_under_torchrun_matches_one_process(corpus, tmp_path):
 
 @pytest.mark.timeout(420)
 def test_pp2_checkpoint_resumes_in_one_process_and_back(corpus, tmp_path):
-    """Layout-free pipelined checkpoints: the PP=2 checkpoint at iteration 5 resumes in one process
+    """Layout-free pipelined checkpoints: the PP=2 (sharded) checkpoint at iteration 5 resumes in one process
     and at TP=2 x PP=2, and the one-process checkpoint resumes at PP=2, each continuing the
     uninterrupted one-process run (loss of iteration 5, weights and the one-process AdamW state at 6)."""
     args = ["--n_layer", "4", *MODEL[2:], *RUN, *NO_SAMPLE, "--dataset", corpus, "--max_iters", "6",
@@ -279,6 +279,10 @@ def test_pp2_checkpoint_resumes_in_one_process_and_back(corpus, tmp_path):
              "--out_dir", str(tmp_path / "to2"), timeout=250)
     torchrun(4, *resume, os.path.join(tmp_path, "pp2", "checkpoints", "iter_0000005"), *pp_flags,
              "--tensor_parallel_size", "2", "--out_dir", str(tmp_path / "to_tp2pp2"), timeout=250)
+    from forge_dist.train.sharded_save import is_sharded_checkpoint
+
+    # launched pipelined runs write the sharded format (each stage rank its own tensors): PP=2 -> 1 reshards
+    assert is_sharded_checkpoint(os.path.join(tmp_path, "pp2", "checkpoints", "iter_0000005"))
     want = {5: series(tmp_path / "ref")[5]}
     for out in (tmp_path / "pp2", tmp_path / "to1", tmp_path / "to2", tmp_path / "to_tp2pp2"):
         assert_close_series({5: series(out)[5]}, want, 1e-5, (5,))

@@ -32,16 +32,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from forge_dist.config.deepspeed import ResolvedDeepSpeed, load_deepspeed_config, resolve_deepspeed_config
-from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.errors import ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
-from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine, weights_only_loads
+from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine
 from forge_dist.parallel.groups import ProcessGroups
 from forge_dist.parallel.mpu import DeepSpeedMPU
 from forge_dist.parallel.tensor.metadata import tp_grad_norm
@@ -168,18 +167,7 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
         if self.ep > 1 or not os.path.isdir(ds_dir):  # expert parallelism, or saved by one: the logical copy
             self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
             return
-        meta = dsc.read_layout(ds_dir)
-        if meta["layout"] == self.layout:
-            with weights_only_loads(ds_dir):  # and SafeCheckpointEngine: no pickle from the files runs
-                path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
-            return
-        self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
-        if self.groups.global_rank == 0:
-            print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
-                  f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
+        self.load_own_or_logical_state(directory)
 
 
 def _load(values: dict):

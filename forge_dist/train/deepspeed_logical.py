@@ -6,12 +6,15 @@ the expert-parallel group too (forge_dist.parallel.expert.state), so the names a
 from __future__ import annotations
 
 from collections import OrderedDict
+import os
+import sys
 from typing import Callable, Dict, Optional
 
 import torch
 
 from forge_dist.errors import CheckpointError
 from forge_dist.io import deepspeed_ckpt as dsc
+from forge_dist.io.deepspeed_safe import weights_only_loads
 from forge_dist.parallel.tensor.metadata import full_tensor, shard_info, shard_tensor
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -152,6 +155,25 @@ class DeepSpeedLogicalState:
         return {"format": dsc.LOGICAL_FORMAT, "layout": self.layout, "step": step,
                 "global_steps": int(self.ds.global_steps), "skipped_steps": int(self.ds.skipped_steps),
                 "params": params}
+
+    def load_own_or_logical_state(self, directory: str) -> None:
+        """Resume through DeepSpeed's own files when the layout is the saved one (its partitions load
+        as they are), else re-partition from the logical copy, which any layout reads."""
+        from forge_dist.train.statefile import load_state
+
+        ds_dir = os.path.join(directory, dsc.DS_DIR)
+        meta = dsc.read_layout(ds_dir)
+        if meta["layout"] == self.layout:
+            with weights_only_loads(ds_dir):  # and SafeCheckpointEngine: no pickle from the files runs
+                path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
+            return
+        self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+        if self.groups.global_rank == 0:
+            print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
+                  f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
 
     def load_logical_optimizer_state(self, state: dict) -> None:
         if state.get("format") != dsc.LOGICAL_FORMAT:

@@ -44,19 +44,18 @@ resolution.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.errors import ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
-from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine, weights_only_loads
-from forge_dist.parallel.pipeline.stage import GPTChunk
+from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine
+from forge_dist.parallel.pipeline.stage import GPTChunk, merge_stage_parts
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
 from forge_dist.train.deepspeed_pipe_module import pipeline_module
-from forge_dist.train.statefile import load_state, save_state
+from forge_dist.train.statefile import save_state
 
 
 # --- refusals (no process group, no model) ---------------------------------------------------------
@@ -222,15 +221,7 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         parts = self._gather_stages(mine)
         if parts is None:
             return None
-        from forge_dist.model.gpt import GPT
-
-        with torch.device("meta"):
-            order = list(GPT(self.model.config).state_dict())
-        merged = {k: v for part in parts for k, v in part.items()}
-        missing = [k for k in order if k not in merged]
-        if missing:
-            raise CheckpointError(f"the DeepSpeed pipeline stages hold no value for {missing[:5]}")
-        return {k: merged[k] for k in order}
+        return merge_stage_parts(parts, self.model.config, "DeepSpeed pipeline")
 
     def logical_optimizer_state(self, keep: bool = True) -> dict:
         local = super().logical_optimizer_state(keep=self.groups.coord.dp == 0)
@@ -266,19 +257,7 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         ctx.barrier()
 
     def load_state(self, directory: str) -> None:
-        ds_dir = os.path.join(directory, dsc.DS_DIR)
-        meta = dsc.read_layout(ds_dir)
-        if meta["layout"] == self.layout:
-            with weights_only_loads(ds_dir):  # and SafeCheckpointEngine: no pickle from the files runs
-                path, _ = self.ds.load_checkpoint(ds_dir, tag=meta["tag"], load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
-            if path is None:
-                raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
-            return
-        self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
-        if self.groups.global_rank == 0:
-            print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
-                  f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
+        self.load_own_or_logical_state(directory)
 
 
 def _pipeline_section(resolved, groups, parallel_config) -> dict:

@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from forge_dist.errors import CheckpointError, ConfigError
+from forge_dist.errors import ConfigError
 from forge_dist.parallel.expert import split_expert_params
 from forge_dist.parallel.expert.grads import reduce_expert_gradients
 from forge_dist.parallel.pipeline.grads import (distinct_params, dp_average, grad_norm, reduced_by_hand,
                                                  scale_microbatches, sync_shared)
-from forge_dist.parallel.pipeline.stage import LocalStages
+from forge_dist.parallel.pipeline.stage import LocalStages, merge_stage_parts
 from forge_dist.train.engine import LocalEngine, clip_to_norm
 
 
@@ -138,15 +138,7 @@ class PipelineEngine(LocalEngine):
         dist.gather_object(mine, parts, dst=pp.ranks[0], group=pp.handle)
         if pp.rank != 0:
             return None
-        from forge_dist.model.gpt import GPT
-
-        with torch.device("meta"):
-            order = list(GPT(self.model.config).state_dict())
-        merged = {k: v for part in parts for k, v in part.items()}
-        missing = [k for k in order if k not in merged]
-        if missing:
-            raise CheckpointError(f"the pipeline stages hold no value for {missing[:5]}")
-        return {k: merged[k] for k in order}
+        return merge_stage_parts(parts, self.model.config)
 
     def generation_model(self) -> Optional[nn.Module]:
         """A plain GPT with the trained weights on rank 0 (a collective; None elsewhere)."""

@@ -211,3 +211,15 @@ def release_unused(model: GPT, layout: StageLayout) -> None:
     for i in range(len(model.transformer.h)):
         if i not in local:
             model.transformer.h[i] = nn.Identity()
+
+
+def merge_stage_parts(parts: List[dict], config, who: str = "pipeline") -> Dict[str, torch.Tensor]:
+    """The gathered tensors of every stage in one process's state-dict order, so a pipeline
+    checkpoint is the one-process checkpoint; refuses one no stage held."""
+    with torch.device("meta"):
+        order = list(GPT(config).state_dict())
+    merged = {k: v for part in parts for k, v in part.items()}
+    missing = [k for k in order if k not in merged]
+    if missing:
+        raise CheckpointError(f"the {who} stages hold no value for {missing[:5]}")
+    return {k: merged[k] for k in order}

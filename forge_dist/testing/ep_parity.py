@@ -43,6 +43,20 @@ EXPERT_VARIANTS = ("swiglu", "dual_path", "kan", "identity")  # every other MLP 
 VARIANT_LAYOUTS = ("EP4", "EP2xTP2")  # all-to-all alone, and with the experts TP-split inside
 
 
+
+def reference_moe_model(cfg, seed: int):
+    """The one-process GPT both sides start from, with a wider router than the 0.02 init so the
+    routing choices are distinct and unbalanced."""
+    from forge_dist.model.gpt import GPT
+    from forge_dist.model.moe import MoELayer
+
+    torch.manual_seed(seed)
+    ref = GPT(cfg).train()
+    for m in ref.modules():
+        if isinstance(m, MoELayer):
+            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+    return ref
+
 def ep_model_kwargs(case: str) -> dict:
     """A router case (ROUTERS) or ``expert=<mlp_variant>`` (top-2, dropless)."""
     extra = dict(moe_top_k=2, mlp_variant=case.split("=", 1)[1]) if case.startswith("expert=") else ROUTERS[case]
@@ -84,11 +98,7 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
     cfg = ModelConfig(**config_kwargs)
     parallel_config.validate(cfg, groups.topology.world_size)
     dp, d = groups.dp.size, groups.coord.dp
-    torch.manual_seed(seed)
-    ref = GPT(cfg).train()
-    for m in ref.modules():  # a wider router than the 0.02 init: distinct, unbalanced choices
-        if isinstance(m, MoELayer):
-            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+    ref = reference_moe_model(cfg, seed)
     model = copy.deepcopy(ref)
     # capacity per routing rank: data-parallel row blocks, cut again over TP when TP ranks split tokens
     splits = groups.tp.size if parallel_config.expert_tensor_parallel_size == 1 else 1
@@ -195,7 +205,6 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     what a checkpoint writes (_checkpoint_errors). Gradients and weights are gathered over TP, then
     over EP."""
     from forge_dist.config.model_config import ModelConfig
-    from forge_dist.model.gpt import GPT
     from forge_dist.model.moe import MoELayer, collect_tokens_per_expert
     from forge_dist.parallel.expert import apply_expert_parallel
     from forge_dist.parallel.expert.state import gather_experts
@@ -206,11 +215,7 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     cfg = ModelConfig(**config_kwargs)
     parallel_config.validate(cfg, groups.topology.world_size)
     dp, d = groups.dp.size, groups.coord.dp
-    torch.manual_seed(seed)
-    ref = GPT(cfg).train()
-    for m in ref.modules():  # a wider router than the 0.02 init: distinct, unbalanced choices
-        if isinstance(m, MoELayer):
-            torch.nn.init.normal_(m.router.route_linear.weight, std=0.5)
+    ref = reference_moe_model(cfg, seed)
     model, stepped = copy.deepcopy(ref), copy.deepcopy(ref)
     splits = groups.tp.size if parallel_config.expert_tensor_parallel_size == 1 else 1  # TP ranks split tokens
     for m in ref.modules():

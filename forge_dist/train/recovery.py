@@ -34,18 +34,9 @@ def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, 
             raise
         problem = str(e).split("; use ")[0]  # without the retry advice: we retry ourselves
     root = os.path.join(out_dir, ROOT)
-    for name in reversed(list_checkpoints(root)):
-        candidate = os.path.join(root, name)
-        if path is not None and os.path.abspath(candidate) == os.path.abspath(path):
-            continue
-        try:
-            verify_checkpoint(candidate, shards=False)
-        except CheckpointError:
-            continue
-        notes.append(f"{problem}; resuming from the previous good checkpoint {candidate} instead")
-        return candidate
-    raise CheckpointError(f"{problem}; no other checkpoint in {root} verifies either; start again with "
-                          f"--init_from scratch")
+    skip = None if path is None else os.path.abspath(path)
+    names = [n for n in list_checkpoints(root) if os.path.abspath(os.path.join(root, n)) != skip]
+    return _newest_verifying(root, names, problem, f"no other checkpoint in {root} verifies either", notes)
 
 
 def fall_back_past(bad: str, out_dir: str, problem: str, notes: List[str]) -> str:
@@ -54,16 +45,21 @@ def fall_back_past(bad: str, out_dir: str, problem: str, notes: List[str]) -> st
     calls this alike and takes the same one); a note says why."""
     root = os.path.join(out_dir, ROOT)
     older = [n for n in list_checkpoints(root) if n < os.path.basename(os.path.normpath(bad))]
-    for name in reversed(older):
+    return _newest_verifying(root, older, problem.split("; use ")[0], f"no older checkpoint in {root} verifies",
+                            notes)
+
+
+def _newest_verifying(root: str, names: List[str], problem: str, none_left: str, notes: List[str]) -> str:
+    """The newest of ``names`` whose manifest, small files and shard sizes verify; a note says why."""
+    for name in reversed(names):
         candidate = os.path.join(root, name)
         try:
             verify_checkpoint(candidate, shards=False)
         except CheckpointError:
             continue
-        notes.append(f"{problem.split('; use ')[0]}; resuming from the previous good checkpoint {candidate} instead")
+        notes.append(f"{problem}; resuming from the previous good checkpoint {candidate} instead")
         return candidate
-    raise CheckpointError(f"{problem.split('; use ')[0]}; no older checkpoint in {root} verifies; start again with "
-                          f"--init_from scratch")
+    raise CheckpointError(f"{problem}; {none_left}; start again with --init_from scratch")
 
 
 def save_failed(error: OSError, root: str, iteration: int, last_good: Optional[str]) -> CheckpointError:

@@ -96,9 +96,12 @@ def simulate(order, n_stages: int, t) -> dict:
     """The ideal makespan and busy time per rank of a schedule's action lists (``pipeline_order``:
     rank -> [F/I/W/B/OVERLAP_F_B actions or None]) with per-chunk costs t = (F, I, W) and free
     communication: each rank runs its list in order, an action waiting for its inputs (F after the
-    previous stage's F, I/B after the next stage's I/B and its own F, W after its I)."""
+    previous stage's F, I/B after the next stage's I/B and its own F, W after its I). The first
+    stage's split backward is torch's: its I does nothing (no input gradient to send) and its W
+    runs the full backward, B + W (PipelineStage.backward_one_chunk / backward_weight_one_chunk)."""
     f, b, w = t
     cost = {"F": f, "I": b, "W": w, "B": b + w}
+    first = {"I": 0.0, "W": b + w}
     done, clock, busy = {}, {}, {}
     lists = {r: [a for a in acts if a is not None] for r, acts in order.items()}
     flat = {r: [x for a in acts for x in (a.sub_actions if a.sub_actions else (a,))] for r, acts in lists.items()}
@@ -124,8 +127,9 @@ def simulate(order, n_stages: int, t) -> dict:
                 if any(d not in done for d in deps):
                     break
                 start = max([clock[r]] + [done[d] for d in deps])
-                clock[r] = start + cost[kind]
-                busy[r] += cost[kind]
+                c = first.get(kind, cost[kind]) if s == 0 else cost[kind]
+                clock[r] = start + c
+                busy[r] += c
                 done[("I" if kind == "B" else kind, s, i)] = clock[r]
                 pos[r] += 1
                 progress = True

@@ -192,11 +192,12 @@ N_MICRO = 2  # micro-batches per replica: 1F1B at PP=2 needs at least 2
 
 
 def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_config, seed: int = 0,
-                            batch: int = 2) -> ParityReport:
+                            batch: int = 2, n_micro: int = N_MICRO) -> ParityReport:
     """PP=2 x DP=2 with EP=2 (x TP=2 in a world of 8): each stage's MoE layer dispatches over the 2
     replicas of that stage, its experts whole on each TP rank (the TP ranks splitting the tokens) or
     TP-split (expert_tensor_parallel_size).
-    Replica d pipelines its N_MICRO micro-batches (1F1B); global micro-batch i is every replica's
+    Replica d pipelines its n_micro micro-batches (parallel_config's schedule; N_MICRO for 1F1B, 2 x PP
+    for the V shapes); global micro-batch i is every replica's
     i-th rows. The reference runs each global micro-batch in one forward (load-balancing statistics
     of the whole micro-batch, capacity per replica's row block) and accumulates the mean. Compared
     as compare_expert_parallel (EP_TOLERANCES): the logged loss (every stage's aux losses in it),
@@ -227,23 +228,23 @@ def compare_expert_pipeline(name: str, config_kwargs: dict, groups, parallel_con
     if cfg.moe_capacity_factor is None:
         errors["per-token"] = _per_token_error(model, ref, groups, cfg, batch, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    shape = (N_MICRO, dp * batch, cfg.block_size)
+    shape = (n_micro, dp * batch, cfg.block_size)
     xs, ys = torch.randint(0, cfg.vocab_size, shape, generator=g), torch.randint(0, cfg.vocab_size, shape, generator=g)
     ref_loss = 0.0
-    for i in range(N_MICRO):
+    for i in range(n_micro):
         loss = ref(xs[i], ys[i])[1]
-        (loss / N_MICRO).backward()
-        ref_loss += loss.item() / N_MICRO
+        (loss / n_micro).backward()
+        ref_loss += loss.item() / n_micro
     dropped = sum(float(m.last_dropped_tokens) for m in ref.modules() if isinstance(m, MoELayer))
     ref_counts = collect_tokens_per_expert(ref)  # the last global micro-batch's
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
     ref_norm = torch.stack([p.grad.norm() for p in ref.parameters() if p.grad is not None]).norm()
 
-    layout, runner = build_pipeline(model, groups, parallel_config, N_MICRO, "cpu", batch)
+    layout, runner = build_pipeline(model, groups, parallel_config, n_micro, "cpu", batch)
     engine = PipelineEngine(layout, runner, _adamw(distinct_params(layout)), "cpu", "float32", 0.0, groups,
                             parallel_config)
     rows = slice(d * batch, (d + 1) * batch)
-    loss = engine.forward_backward([(xs[i, rows], ys[i, rows]) for i in range(N_MICRO)])
+    loss = engine.forward_backward([(xs[i, rows], ys[i, rows]) for i in range(n_micro)])
     errors["loss"] = rel_error(groups.dp.all_reduce(loss.reshape(1))[0] / dp, torch.tensor(ref_loss))
     engine.sync_gradients()
     errors["grad norm"] = rel_error(engine.clip_grad_norm(1e9), ref_norm)

@@ -79,8 +79,14 @@ def world8_runs() -> List[tuple]:
 def expert_runs() -> List[tuple]:
     """EP=2 inside PP=2 x TP=2 (world of 8): top-2 dropless with the experts whole on each TP rank
     (expert_tensor_parallel_size 1, the TP ranks splitting the tokens) and TP-split; top-1 with
-    capacity (counted per TP rank's token share) with the experts whole."""
+    capacity (counted per TP rank's token share) with the experts whole; and, with sequence
+    parallelism on 4 layers (one per chunk), the split-backward schedules: dualpipev with the
+    experts TP-split, interleaved zero-bubble with them whole. (ZeRO-1 with expert parallelism is
+    refused before launch: launch.py.)"""
     from forge_dist.testing.ep_parity import N_MICRO, ep_model_kwargs
 
-    return [(2, 2, "1f1b", None, f"moe_{router}_etp{etp}", ep_model_kwargs(router), N_MICRO, {"ep": 2, "etp": etp})
-            for router, etp in (("top2", 1), ("top2", 2), ("top1_capacity", 1))]
+    plain = [(2, 2, "1f1b", None, f"moe_{router}_etp{etp}", ep_model_kwargs(router), N_MICRO, {"ep": 2, "etp": etp})
+             for router, etp in (("top2", 1), ("top2", 2), ("top1_capacity", 1))]
+    return plain + [(2, 2, s, None, f"moe_top2_etp{etp}", {**ep_model_kwargs("top2"), "n_layer": 4},
+                     micro_batches(s, 2), {"ep": 2, "etp": etp, "sequence_parallel": True})
+                    for s, etp in (("dualpipev", 2), ("interleaved_zero_bubble", 1))]

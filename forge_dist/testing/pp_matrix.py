@@ -53,11 +53,12 @@ def render_pp_section(cells: Dict[tuple, tuple]) -> str:
              "holding a strict part of the AdamW state and the gathered (checkpoint) state equal to the "
              "one-process AdamW state exactly. Rows: case / schedule (`default` and `variant_mix`: "
              "forge_dist/testing/pp_cases.py; the others: tp_cases.py configurations whose modules cross the "
-             "stage boundary). PPxDP without ZeRO: torch's DDP reducer per stage (split-backward schedules: "
-             "bucketed all-reduce after the schedule). The 8-rank PP2xTP2xDP2 column is measured by the "
-             "8-rank test; its EP2 column: expert parallelism inside the stages (EP=2 carved out of DP=2, "
-             "`moe_<router>_etp<1|2>`: forge_dist.testing.ep_parity's MoE model, experts whole on each TP rank "
-             "or TP-split; also tokens per expert exact and the checkpoint's gathered weights and AdamW state). "
+             "stage boundary). PPxDP: torch's DDP reducer per stage, every schedule (split-backward ones: "
+             "schedule.ForgeStage fires its hooks at the last weight pass). The 8-rank PP2xTP2xDP2 column is "
+             "measured by the 8-rank test; its EP2 columns: expert parallelism inside the stages (EP=2 carved "
+             "out of DP=2, `moe_<router>_etp<1|2>`: forge_dist.testing.ep_parity's MoE model, experts whole on "
+             "each TP rank or TP-split, SP: 4 layers with sequence parallelism; also tokens per expert exact "
+             "and the checkpoint's gathered weights and AdamW state). "
              "`-`: not run. Refused before launch by name: --zero_stage with expert parallelism, dtype float16, "
              "--compile.", "",
              "| case / schedule | " + " | ".join(columns) + " | worst grad error |",

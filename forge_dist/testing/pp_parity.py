@@ -215,7 +215,8 @@ def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
     """runs = [(pp, tp, schedule, virtual, case name, config, n_micro[, options])]: rows (the run's
     key, status, detail, worst); options are compare_pipeline's keywords ({"zero": True}: ZeRO-1,
     keyed as "<case>+zero1"; {"sequence_parallel": True}: "<case>+sp"), or {"ep": E, "etp": 1 or tp}:
-    expert parallelism inside the stages (ep_parity.compare_expert_pipeline, a MoE config; "<case>+epE").
+    expert parallelism inside the stages (ep_parity.compare_expert_pipeline, a MoE config; "<case>+epE",
+    with "sequence_parallel" too: "<case>+epE+sp").
     Process groups are built once per (pp, tp) layout."""
     from forge_dist.errors import ConfigError
     from forge_dist.parallel.groups import ProcessGroups
@@ -226,7 +227,7 @@ def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
     for pp, tp, schedule, virtual, name, config, n_micro, *options in runs:
         opts = options[0] if options else {}
         if "ep" in opts:
-            out.append(_expert_run(pp, tp, schedule, name, config, opts, world_size, layouts))
+            out.append(_expert_run(pp, tp, schedule, name, config, n_micro, opts, world_size, layouts))
             continue
         if (pp, tp) not in layouts:
             layouts[(pp, tp)] = ProcessGroups.build(Topology(world_size, tp=tp, pp=pp))
@@ -240,8 +241,8 @@ def run_pp_matrix(rank: int, world_size: int, runs) -> List[tuple]:
     return out
 
 
-def _expert_run(pp: int, tp: int, schedule: str, name: str, config: dict, opts: dict, world_size: int,
-                layouts: dict) -> tuple:
+def _expert_run(pp: int, tp: int, schedule: str, name: str, config: dict, n_micro: int, opts: dict,
+                world_size: int, layouts: dict) -> tuple:
     """Expert parallelism inside the stages with TP (the EP groups carved out of DP), against one
     process: forge_dist.testing.ep_parity.compare_expert_pipeline (its EP_TOLERANCES)."""
     from forge_dist.config.parallel import ParallelConfig
@@ -249,14 +250,14 @@ def _expert_run(pp: int, tp: int, schedule: str, name: str, config: dict, opts: 
     from forge_dist.parallel.groups import ProcessGroups
     from forge_dist.testing.ep_parity import compare_expert_pipeline
 
-    ep, etp = opts["ep"], opts.get("etp", tp)
+    ep, etp, sp = opts["ep"], opts.get("etp", tp), bool(opts.get("sequence_parallel"))
     pc = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                        expert_tensor_parallel_size=etp, pipeline_schedule=schedule)
-    key = (pp, tp, world_size // (pp * tp), schedule, f"{name}+ep{ep}")
+                        expert_tensor_parallel_size=etp, pipeline_schedule=schedule, sequence_parallel=sp)
+    key = (pp, tp, world_size // (pp * tp), schedule, f"{name}+ep{ep}" + ("+sp" if sp else ""))
     try:
         if (pp, tp, "ep", ep) not in layouts:
             layouts[(pp, tp, "ep", ep)] = ProcessGroups.build(pc.topology(world_size))
-        r = compare_expert_pipeline(name, config, layouts[(pp, tp, "ep", ep)], pc)
+        r = compare_expert_pipeline(name, config, layouts[(pp, tp, "ep", ep)], pc, n_micro=n_micro)
     except ConfigError as e:
         r = ParityReport(name, "config", str(e))
     return key, r.status, r.detail, r.worst

@@ -12,15 +12,16 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 
-def parallel_context(rank: int, world_size: int, tp: int = 1, ep: int = 1, pp: int = 1):
+def parallel_context(rank: int, world_size: int, tp: int = 1, ep: int = 1, pp: int = 1, **parallel):
     """The RunContext a launch of ``world_size`` ranks at ``tensor_parallel_size=tp`` (and
-    ``expert_parallel_size=ep``, ``pipeline_parallel_size=pp``) would give this rank
-    (torch.distributed is already initialised by the spawn harness)."""
+    ``expert_parallel_size=ep``, ``pipeline_parallel_size=pp``, other ParallelConfig options such as
+    ``pipeline_schedule``) would give this rank (torch.distributed is already initialised by the
+    spawn harness)."""
     from forge_dist.config.parallel import ParallelConfig
     from forge_dist.parallel.groups import ProcessGroups
     from forge_dist.train.context import RunContext
 
-    pcfg = ParallelConfig(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=pp)
+    pcfg = ParallelConfig(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=pp, **parallel)
     topology = pcfg.topology(world_size)
     groups = ProcessGroups.build(topology)
     coord = topology.coord(rank)

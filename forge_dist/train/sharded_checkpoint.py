@@ -64,13 +64,50 @@ def sharded_state(model: nn.Module, optimizer, groups: Optional[ProcessGroups],
         info = shard_info(t)
         state[f"model/{name}"] = LocalShards.of(t.data, info, groups)
         # ZeRO-1: this replica's part only (the parameters it owns); the other replicas write theirs
-        opt = local_state(optimizer).get(t) if optimizer is not None and isinstance(t, nn.Parameter) else None
+        opt = _owned_state(model, optimizer, name, t)[1]
         if opt:
             for key in MOMENTS:
                 state[f"optim/{name}/{key}"] = LocalShards.of(opt[key], info, groups)
             step = opt["step"]
             state[f"optim/{name}/step"] = step if torch.is_tensor(step) else torch.tensor(float(step))
     return state
+
+
+def _copies(model: nn.Module, name: str, t: torch.Tensor) -> list:
+    """Every local Parameter of the logical tensor ``name``: several where pipeline stages on this
+    rank hold separately sharded copies that train equal (LocalStages.local_copies), else [t]."""
+    fn = getattr(model, "local_copies", None)
+    return (fn(name) or [t]) if fn is not None else [t]
+
+
+def _owned_state(model: nn.Module, optimizer, name: str, t: torch.Tensor):
+    """(copy, AdamW state) of the local copy of ``name`` whose state this replica holds (under
+    ZeRO-1 one it owns), or (t, None)."""
+    if optimizer is None or not isinstance(t, nn.Parameter):
+        return t, None
+    local = local_state(optimizer)
+    for c in _copies(model, name, t):
+        if local.get(c):
+            return c, local[c]
+    return t, None
+
+
+@torch.no_grad()
+def _fill_copies(model: nn.Module, optimizer) -> None:
+    """After a load: the other local copies of a tensor (the V-shape's tied table and head) take the
+    loaded one's value, and its AdamW state where this replica steps them."""
+    for name, t in _unique_named(model):
+        copies = _copies(model, name, t)
+        if len(copies) < 2:
+            continue
+        for c in copies[1:]:
+            c.copy_(copies[0])
+        owner, state = _owned_state(model, optimizer, name, t)
+        if state:
+            local = local_state(optimizer)
+            for c in copies:
+                if c is not owner and c in local:
+                    local[c] = {k: v.clone() for k, v in state.items()}
 
 
 def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
@@ -173,5 +210,7 @@ def load_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[P
     if has_optim:  # plain tensors are replaced in the dict, not written in place
         for name, p in _unique_named(model):
             key = f"optim/{name}/step"
-            if key in steps and p in local_state(optimizer):
-                local_state(optimizer)[p]["step"] = state[key].to(torch.float32).reshape(())
+            owner, opt = _owned_state(model, optimizer, name, p)
+            if key in steps and opt:
+                opt["step"] = state[key].to(torch.float32).reshape(())
+    _fill_copies(model, optimizer if has_optim else None)

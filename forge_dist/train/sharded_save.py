@@ -75,13 +75,6 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
     supported = getattr(engine, "name", None) in SHARDED_ENGINES
-    ok = getattr(getattr(engine, "model", None), "sharded_checkpoint_ok", None)
-    if supported and ok is not None and not ok():  # pipeline stages holding two sharded copies of a tensor
-        if fmt == "sharded" or asynchronous:
-            raise ConfigError("checkpoint_format=sharded (and --async_checkpoint) is not supported when a pipeline "
-                              "rank holds two separately sharded copies of one parameter (a V-shape schedule with "
-                              "tied embeddings and tensor parallelism); use --checkpoint_format gathered")
-        supported = False
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 

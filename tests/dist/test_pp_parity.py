@@ -74,15 +74,18 @@ def test_variants_across_two_stages_1f1b():
 def test_pp2_tp2_dp2_in_a_world_of_8():
     """The three dimensions together, which no world of 4 holds: every rank has a pipeline peer, a
     tensor-parallel peer and a data-parallel replica, so the TP sums, the pipeline copies' sums (tied
-    table, shared modules), the DP reduction (DDP per stage; by hand for zbv and dualpipev) and
+    table, shared modules), the DP reduction (DDP per stage, every schedule) and
     ZeRO-1 over each stage's replicas all act in one step, with sequence parallelism in one run; and
     expert parallelism inside the stages (EP=2 carved out of DP=2), experts whole on each TP rank and
-    TP-split (forge_dist.testing.ep_parity.compare_expert_pipeline)."""
+    TP-split, under 1F1B and, with sequence parallelism, dualpipev and interleaved zero-bubble
+    (forge_dist.testing.ep_parity.compare_expert_pipeline)."""
     runs = world8_runs()
     per_rank = spawn(run_pp_matrix, 8, runs, timeout=330, return_all=True)
     seen = _check(per_rank, len(runs))
     assert (2, 2, 2, "dualpipev", "default+zero1+sp") in seen
     assert {(2, 2, 2, "1f1b", f"moe_top2_etp{e}+ep2") for e in (1, 2)} <= seen
+    assert {(2, 2, 2, "dualpipev", "moe_top2_etp2+ep2+sp"), (2, 2, 2, "interleaved_zero_bubble",
+                                                            "moe_top2_etp1+ep2+sp")} <= seen
     _documented(per_rank)
 
 

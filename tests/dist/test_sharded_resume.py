@@ -17,6 +17,10 @@ world of 4 ranks (forge_dist.testing.runs: the runs forge-train builds under a l
   PR TP=1 x DP=4 from P's iteration 4 (PP 2 -> 1): B's losses
   Q  the MoE model at EP=2 x PP=2, the gathered format (the optimizer state's expert entries);
      QR the same layout from Q's iteration 2, writing the sharded format (experts under global names)
+  L  PP=2 x DP=2 on 4 layers (1F1B), 6 iterations, sharded checkpoints at 2, 4 and 6 (the reference);
+     L4 PP=4 from L's iteration 2 (PP 2 -> 4);  LV PP=2 x TP=2 with dualpipev from L4's iteration 4
+     (PP 4 -> 2, TP 1 -> 2): its rank 0 holds the tied table (stage 0) and head (stage 3) as two
+     TP-sharded copies, which its resume fills from one entry and its checkpoint writes once
   X  a copy of B's iteration 6 with one shard flipped: resuming it at TP=2 stops every rank with
      the file's name (each rank hashed only the files it reads; the ranks agreed before reading)
 
@@ -38,6 +42,7 @@ ARGS = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "16
         "--max_sample_tokens", "none", "--no-tensorboard_log", "--no-progress", "--always_save_checkpoint",
         "--dropout", "0.0", "--learning_rate", "1e-2", "--grad_clip", "1.0", "--keep_checkpoints", "3"]
 MOE = ["--use_moe", "--n_experts", "4", "--moe_top_k", "2", "--moe_layer_freq", "1", "--moe_aux_loss_coef", "0.01"]
+DEEP = ["--n_layer", "4"]  # PP=4, and the V shape at PP=2 (2 chunks of a layer per rank)
 REL = 2e-5  # fp32 across TP sizes: the reductions are ordered differently
 
 
@@ -48,10 +53,10 @@ def _ckpt(out, it):
 def _worlds(rank, world_size, dataset, root):
     from forge_dist.testing.runs import fit, logged_losses, parallel_context
 
-    def run(name, tp, accum, *extra, ep=1, pp=1):
+    def run(name, tp, accum, *extra, ep=1, pp=1, **parallel):
         out = os.path.join(root, name)
         fit([*ARGS, "--dataset", dataset, "--out_dir", out, "--gradient_accumulation_steps", str(accum), *extra],
-            parallel_context(rank, world_size, tp=tp, ep=ep, pp=pp))
+            parallel_context(rank, world_size, tp=tp, ep=ep, pp=pp, **parallel))
         return logged_losses(out)
 
     resume = ["--init_from", "resume", "--init_from_ckpt"]
@@ -67,6 +72,10 @@ def _worlds(rank, world_size, dataset, root):
     losses["PR"] = run("PR", 1, 1, *resume, _ckpt(os.path.join(root, "P"), 4), "--max_iters", "6")
     losses["Q"] = run("Q", 1, 2, *MOE, "--max_iters", "4", "--checkpoint_format", "gathered", ep=2, pp=2)
     losses["QR"] = run("QR", 1, 2, *MOE, *resume, _ckpt(os.path.join(root, "Q"), 2), "--max_iters", "4", ep=2, pp=2)
+    losses["L"] = run("L", 1, 2, *DEEP, "--max_iters", "6", pp=2)
+    losses["L4"] = run("L4", 1, 4, *DEEP, *resume, _ckpt(os.path.join(root, "L"), 2), "--max_iters", "4", pp=4)
+    losses["LV"] = run("LV", 2, 4, *DEEP, "--pipeline_schedule", "dualpipev", *resume,
+                       _ckpt(os.path.join(root, "L4"), 4), "--max_iters", "6", pp=2, pipeline_schedule="dualpipev")
     losses["Z"] = run("Z", 1, 1, "--zero_stage", "1", "--max_iters", "4")
     losses["ZR"] = run("ZR", 2, 2, *resume, _ckpt(os.path.join(root, "Z"), 2), "--max_iters", "4")
     losses["AZ"] = run("AZ", 1, 1, "--zero_stage", "1", *resume, _ckpt(os.path.join(root, "A"), 2), "--max_iters", "4")
@@ -139,7 +148,8 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
     for name, want, iters in (("B", a, (2, 3)), ("C", a, (2, 3)), ("E", a, (2, 3)), ("D", b, (4, 5)),
                               ("G", losses["F"], (2, 3)), ("H", losses["F"], (2, 3)), ("Z", a, (0, 1, 2, 3)),
                               ("ZR", losses["Z"], (2, 3)), ("AZ", a, (2, 3)), ("P", a, (2, 3)),
-                              ("PR", b, (4, 5)), ("QR", losses["Q"], (2, 3))):
+                              ("PR", b, (4, 5)), ("QR", losses["Q"], (2, 3)), ("L4", losses["L"], (2, 3)),
+                              ("LV", losses["L"], (4, 5))):
         got = losses[name]
         assert set(iters) <= set(got) and min(got) == iters[0], (name, sorted(got))
         for i in iters:
@@ -151,6 +161,16 @@ def test_sharded_checkpoint_resumes_at_other_layouts(tmp_path):
         worst = max((final[name][k] - final[ref][k]).abs().max().item() for k in final[ref])
         assert worst < 1e-5, (name, worst)
     _assert_stage_ranks_wrote_their_stages(_ckpt(os.path.join(root, "P"), 4))
+    from forge_dist.train.sharded_save import is_sharded_checkpoint
+
+    deep = {name: from_pretrained(os.path.join(_ckpt(os.path.join(root, name), it), "model")).state_dict()
+            for name, it in (("L", 4), ("L4", 4))}
+    deep["L6"] = from_pretrained(os.path.join(_ckpt(os.path.join(root, "L"), 6), "model")).state_dict()
+    deep["LV"] = from_pretrained(os.path.join(_ckpt(os.path.join(root, "LV"), 6), "model")).state_dict()
+    assert is_sharded_checkpoint(_ckpt(os.path.join(root, "LV"), 6))  # the V shape's tied copies: sharded
+    for name, ref in (("L4", "L"), ("LV", "L6")):
+        worst = max((deep[name][k] - deep[ref][k]).abs().max().item() for k in deep[ref])
+        assert worst < 1e-5, (name, worst)
     moe = {name: from_pretrained(os.path.join(_ckpt(os.path.join(root, name), 4), "model")).state_dict()
            for name in "FGH"}  # every expert, whatever EP size wrote it
     for name, atol in (("G", 1e-6), ("H", 1e-3)):  # H: one process's matmul shapes; an AdamW step of a

@@ -11,6 +11,7 @@ parallelism each chunk runs inside torch's DDP over its data-parallel group (_da
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -54,41 +55,104 @@ def reuses_modules(chunk) -> bool:
     return again
 
 
-class ReusingStage(pipelining.PipelineStage):
-    """The PipelineStage of a chunk that reuses modules across its layers (shared_* sharing,
-    shared FIRE), for the zero-bubble schedules' split backward. torch's weight pass
-    (``stage_backward_weight``) differentiates the parameter groups that ``get_param_groups``
-    built one ``torch.autograd.grad`` call at a time; a parameter used by two layers joins their
-    weight paths into groups that share autograd nodes, so without ``retain_graph`` the first call
-    frees buffers the next one reads ("Trying to backward through the graph a second time").
-    This stage runs the same function with ``retain_graph=True`` (its own parameter); the graph
-    is freed when the stage drops the micro-batch's backward state right after. Split-backward
-    schedules run without DDP (SPLIT_BACKWARD), so the weight pass needs no reducer here."""
+class ForgeStage(pipelining.PipelineStage):
+    """torch's PipelineStage, with two changes to the split backward (zero-bubble schedules and
+    DualPipeV: an input pass, stage_backward_input, then a deferred weight pass).
+
+    DDP: torch 2.13 arms DDP's reducer (prepare_for_backward) at the stage's last weight pass,
+    after the input pass has detached the stage's outputs (so the reducer's search for used
+    parameters from them finds none and marks every parameter ready at once), and its weight pass,
+    stage_backward_weight, takes the gradients with torch.autograd.grad, which never runs the
+    AccumulateGrad nodes where DDP's hooks sit, so the buckets are not all-reduced. Here the reducer
+    is armed at the stage's last backward to start (the n-th input or full pass), on its intact
+    graph; when weight passes still follow, that pass runs as input then weight pass without
+    hooks, and the schedule's last weight pass accumulates through autograd itself
+    (weight_pass_through_hooks), so DDP's hooks fire then, once every gradient is complete. Every
+    other pass runs under no_sync, as torch runs it. The first stage is torch's: its weight pass
+    is a full backward on its intact graph.
+
+    Modules reused across the chunk's layers (shared_* sharing, shared FIRE): torch's weight pass
+    differentiates the parameter groups one autograd call at a time; a parameter used by two
+    layers joins their weight paths into groups that share autograd nodes, so without
+    ``retain_graph`` the first call frees buffers the next one reads ("Trying to backward through
+    the graph a second time"). ``retain_graph`` is set for such chunks; the graph is freed when the
+    stage drops the micro-batch's backward state right after."""
+
+    retain_graph = False
+    n_microbatches = 0
+    started = 0  # backward passes begun (input or full) in this step
 
     def backward_maybe_with_nosync(self, backward_type, bwd_kwargs: dict, last_backward: bool = False):
-        if backward_type != "weight":
-            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
         from torch.distributed.pipelining._backward import stage_backward_weight
+        from torch.nn.parallel import DistributedDataParallel
 
-        return stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"], retain_graph=True), None
+        ddp = isinstance(self.submod, DistributedDataParallel)
+        if ddp and not self.is_first and backward_type in ("input", "full"):
+            self.started += 1
+            if self.started == self.n_microbatches and not last_backward:  # weight passes still follow
+                return self._armed_backward(bwd_kwargs, weight_too=backward_type == "full")
+        if backward_type != "weight" or not (self.retain_graph or (ddp and last_backward)):
+            return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+        if ddp and last_backward and not self.is_first:
+            return weight_pass_through_hooks(self.submod.parameters(), bwd_kwargs["param_groups"],
+                                             self.retain_graph), None
+        with self.submod.no_sync() if ddp else contextlib.nullcontext():
+            return stage_backward_weight(self.submod.parameters(), bwd_kwargs["param_groups"], retain_graph=True), None
+
+    def _armed_backward(self, bwd_kwargs: dict, weight_too: bool):
+        """DDP's reducer armed on this micro-batch's graph, then its input pass (and, for a full
+        backward, its weight pass, through torch.autograd.grad: no hook fires yet)."""
+        from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+        outputs = bwd_kwargs["stage_output"]
+        outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
+        self.submod.reducer.prepare_for_backward(list(torch.nn.parallel.distributed._find_tensors(outputs)))
+        grads, groups = stage_backward_input(outputs, bwd_kwargs["output_grads"], bwd_kwargs["input_values"],
+                                             self.submod.parameters())
+        if not weight_too:
+            return grads, groups
+        stage_backward_weight(self.submod.parameters(), groups, retain_graph=self.retain_graph)
+        return grads, None
 
 
-# Schedules whose backward is split into an input pass and a deferred weight pass (torch's
-# stage_backward_input / stage_backward_weight). torch 2.13's PipelineStage arms DDP's reducer
-# (prepare_for_backward) for the last *input* pass, before any weight gradient of that micro-batch
-# exists, and the weight pass runs outside the reducer's autograd hooks: the buckets would be
-# reduced incomplete (measured: every gradient off by ~100% at PP=2 x DP=2). These schedules keep
-# the hand-written bucketed all-reduce after the schedule (grads.dp_average).
-SPLIT_BACKWARD = {"interleaved_zero_bubble", "zbv", "dualpipev"}
+def weight_pass_through_hooks(weights, param_groups, retain_graph: bool = False) -> tuple:
+    """torch's weight pass (pipelining/_backward.py stage_backward_weight), with
+    torch.autograd.backward(inputs=the weights) in place of torch.autograd.grad: the same
+    gradients, accumulated into ``.grad`` by autograd's AccumulateGrad nodes, whose hooks (DDP's
+    reducer) fire. Each group's saved output gradients are pinned on its intermediate nodes (as
+    torch does) so that no gradient is counted twice through a descendant intermediate."""
+    from torch.autograd.graph import GradientEdge
+    from torch.distributed.pipelining._backward import _get_grad_fn_or_grad_acc
+
+    weight_of = {_get_grad_fn_or_grad_acc(w): w for w in weights}
+    for group in param_groups:
+        edges, grads = [], []
+        for saved, node in zip(group["grads"], group["intermediates"]):
+            for i, g in enumerate(saved):
+                if g is not None:
+                    edges.append(GradientEdge(node, i))
+                    grads.append(g)
+        pinned = zip(group["grads"], group["intermediates"]) if len(group["intermediates"]) > 1 else ()
+        handles = [node.register_prehook(lambda _, saved=saved: saved) for saved, node in pinned]
+        del group["intermediates"]  # the hook -> group -> intermediates cycle
+        try:
+            if edges:
+                torch.autograd.backward(edges, grads, retain_graph=retain_graph,
+                                        inputs=[weight_of[a] for a in group["params"]])
+        finally:
+            for h in handles:
+                h.remove()
+        del group["grads"]
+    return tuple(w.grad for w in weight_of.values())
 
 
 def _data_parallel(chunk, stage: int, layout: StageLayout, groups, device):
-    """The chunk in torch's DDP over the stage's data-parallel group (None for one replica, a
-    split-backward schedule, or when every parameter is shared). torch's PipelineStage drives DDP
-    itself: every micro-batch's forward and backward under no_sync, and the reducer armed for the
-    schedule's last backward of the chunk, whose buckets are all-reduced while it runs. Shared
+    """The chunk in torch's DDP over the stage's data-parallel group (None for one replica, or when
+    every parameter is shared). torch's PipelineStage drives DDP itself: every micro-batch's
+    forward and backward under no_sync, and the reducer armed for the schedule's last backward of
+    the chunk, whose buckets are all-reduced while it runs (split backward: ForgeStage). Shared
     logical parameters are left to grads.dp_average (shared_canonical says why)."""
-    if groups.dp.size == 1 or layout.plan.schedule in SPLIT_BACKWARD:
+    if groups.dp.size == 1:
         return None
     from forge_dist.parallel.data_parallel import data_parallel
     from forge_dist.parallel.pipeline.grads import shared_canonical
@@ -113,9 +177,10 @@ class PipelineRunner:
         for s, chunk in sorted(layout.chunks.items()):
             inputs, outputs = _stage_shapes(chunk, micro_batch_size, groups.tp.size if sequence_parallel else 1)
             self.ddp[s] = _data_parallel(chunk, s, layout, groups, device)
-            stage_class = ReusingStage if reuses_modules(chunk) else pipelining.PipelineStage
-            self.stages.append(stage_class(self.ddp[s] or chunk, s, plan.n_stages, torch.device(device),
-                                           input_args=inputs, output_args=outputs, group=groups.pp.handle))
+            stage = ForgeStage(self.ddp[s] or chunk, s, plan.n_stages, torch.device(device), input_args=inputs,
+                               output_args=outputs, group=groups.pp.handle)
+            stage.retain_graph, stage.n_microbatches = reuses_modules(chunk), n_microbatches
+            self.stages.append(stage)
         cls = getattr(pipelining, SCHEDULES[plan.schedule][0])
         target = self.stages if plan.schedule in MULTI else self.stages[0]
         self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=_stage_loss, scale_grads=False)
@@ -126,6 +191,8 @@ class PipelineRunner:
         args = (x,) if self.has_first else ()
         kwargs = dict(target=y, targets=y) if self.has_last else {}
         losses: list = []
+        for stage in self.stages:
+            stage.started = 0
         self.schedule.step(*args, losses=losses, return_outputs=False, **kwargs)
         return [loss.detach() for loss in losses]
 

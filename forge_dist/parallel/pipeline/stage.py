@@ -181,12 +181,10 @@ class LocalStages(nn.Module):
         """(one-process GPT name, tensor) of this rank's parameters and persistent buffers, each
         logical tensor once: what a sharded checkpoint holds (train/sharded_checkpoint.py). Writing,
         a parameter held by several pipeline ranks (tied table and head, shared_* modules) is left to
-        its first holder, so it is written once; reading, every holder fills its copy."""
+        its first holder, so it is written once; reading, every holder fills its copy. A tensor with
+        several local copies (``local_copies``) is named by its first."""
         layout, out, seen = self.layout, [], set()
         for name, ps in layout.local_params().items():
-            if len(ps) > 1:  # a V-shape rank holding two differently sharded copies of one tensor
-                raise CheckpointError(f"{name} has {len(ps)} separately sharded copies on pipeline rank "
-                                          f"{layout.pp_rank}: use --checkpoint_format gathered")
             if not (writing and layout.holders.get(name, (layout.pp_rank,))[0] != layout.pp_rank):
                 out.append((name, ps[0]))
             seen.add(name)
@@ -198,10 +196,15 @@ class LocalStages(nn.Module):
                     out.append((name, t))
         return out
 
-    def sharded_checkpoint_ok(self) -> bool:
-        """False when a local parameter has several distinct copies (the sharded format then falls
-        back to the gathered one)."""
-        return all(len(ps) == 1 for ps in self.layout.local_params().values())
+    def local_copies(self, name: str) -> List[nn.Parameter]:
+        """This rank's distinct Parameters of the logical parameter ``name``: several only where two
+        local chunks hold separately sharded copies (the tied table and head on a V-shape's rank 0
+        with TP), which are sharded alike and stay equal (their gradients summed: grads.sync_shared),
+        so a checkpoint writes the first and a resume copies it, and its AdamW state, into the rest."""
+        copies = self.__dict__.get("_copies")
+        if copies is None:
+            copies = self.__dict__["_copies"] = self.layout.local_params()
+        return copies.get(name, [])
 
 
 def release_unused(model: GPT, layout: StageLayout) -> None:

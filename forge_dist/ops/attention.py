@@ -61,14 +61,11 @@ def _bias(bias: Optional[torch.Tensor], Hq: int, T: int, S: int, acc) -> Optiona
     return bias.expand(bias.shape[0], T, S).to(acc)
 
 
-def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
-              bias: Optional[torch.Tensor] = None, sink_logit=None, n_keys: Optional[int] = None):
-    """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv), or None (no kernel).
-    ``sink_logit``: the flash-LOBO virtual key (log C; scalar or per head), counted by row-normalised
-    variants only (it has a zero value, so an elementwise variant's output does not see it)."""
-    if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
-            or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
-        return None
+def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
+                bias: Optional[torch.Tensor] = None, sink_logit=None):
+    """The attention_fwd op's arguments for ``spec`` (the one layout every fused attention kernel reads:
+    this library's CPU op and the Triton kernels of forge_dist.ops.triton_attention), or None where
+    no kernel covers the call (a learned divisor, a transform without a kernel code, another bias layout)."""
     acc, dev = _acc(q), q.device
     B, Hq, T, _ = q.shape
     S = k.shape[-2]
@@ -97,6 +94,19 @@ def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[
                float(spec.overflow), post]
         c = _vector(spec.log_scale, acc, dev)
         args = (empty, c, obo, sink, ROWNORM, 0, [0.0] * 8, row)
-    out, _stats = torch.ops.forge_ops.attention_fwd(q, k, v, b, *args, mask_args(mask), float(scale),
-                                                    float(softcap or 0.0))
+    return (q, k, v, b) + args + (mask_args(mask), float(scale), float(softcap or 0.0))
+
+
+def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
+              bias: Optional[torch.Tensor] = None, sink_logit=None, n_keys: Optional[int] = None):
+    """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv), or None (no kernel).
+    ``sink_logit``: the flash-LOBO virtual key (log C; scalar or per head), counted by row-normalised
+    variants only (it has a zero value, so an elementwise variant's output does not see it)."""
+    if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
+            or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
+        return None
+    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit)
+    if args is None:
+        return None
+    out, _stats = torch.ops.forge_ops.attention_fwd(*args)
     return out

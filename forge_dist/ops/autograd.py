@@ -132,13 +132,21 @@ def _attn_setup(ctx, inputs, output):
     ctx.args = tuple(rest)
 
 
-def _attn_backward(ctx, grad, _grad_stats):
-    q, k, v, bias, params, c, obo, sink, out, stats = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dq, dk, dv, dbias, dparams, dc, dobo, dsink = torch.ops.forge_ops.attention_bwd(
-        grad, q, k, v, bias, params, c, obo, sink, out, stats, *ctx.args, bool(bias is not None and need[3]))
-    grads = (dq, dk, dv, dbias, dparams, dc.reshape(c.shape), dobo, dsink)
-    return tuple(g if n else None for g, n in zip(grads, need[:8])) + (None,) * 7
+def attention_backward(bwd_op):
+    """The autograd backward of an attention_fwd op through its ``bwd_op`` (same schema as
+    forge_ops::attention_bwd: this library's, or forge_triton's in forge_dist.ops.triton_attention)."""
+    def backward(ctx, grad, _grad_stats):
+        q, k, v, bias, params, c, obo, sink, out, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dv, dbias, dparams, dc, dobo, dsink = bwd_op(
+            grad, q, k, v, bias, params, c, obo, sink, out, stats, *ctx.args, bool(bias is not None and need[3]))
+        grads = (dq, dk, dv, dbias, dparams, dc.reshape(c.shape), dobo, dsink)
+        return tuple(g if n else None for g, n in zip(grads, need[:8])) + (None,) * 7
+
+    return backward
+
+
+_attn_backward = attention_backward(lambda *args: torch.ops.forge_ops.attention_bwd(*args))
 
 
 # --- quantization ----------------------------------------------------------------------------------

@@ -1,0 +1,425 @@
+"""Triton kernels of the fused score-normaliser attention (forge_dist.ops.triton_attention launches them).
+UNVERIFIED ON GPU: tested on CPU through Triton's interpreter (TRITON_INTERPRET=1) only.
+
+out_i = sum_j f(s_ij) v_j / D_i streamed over key blocks (flash attention, Dao et al. 2022), with
+s_ij = cap tanh(q_i . k_j scale / cap) + bias_ij. The variant is picked by tl.constexpr codes from the
+one description the CPU kernel reads (csrc/include/forge/scores.h): ElemKind and the ElemSpec constant
+layout (forge_dist.ops.scores), RowTransform and ShiftMode; every formula below is the functor of the
+same name there, returning the value and its derivatives so forward and backward share it.
+- elementwise: f = F(s) with its constant or learned (beta, gamma) denominator; no running state.
+- row-normalised: t = T(s), e = exp(c (t - m)), D = obo + sum e (+ the flash-LOBO sink's e). The
+  forward keeps a running max with the usual rescale and converts at the end to the variant's shift m
+  (max, 0, a guess, or the max past an overflow threshold); stats [m, D, ties of the max] let the
+  backward recompute e per tile, as flash attention keeps its log-sum-exp.
+Backward (the CPU kernel's formulas): dP = dO v^T, delta = dO . out; elementwise ds = F'(s) dP;
+row-normalised da = (post dP - delta) e / D, ds = c (da - [t = m] sum(da) / ties) T'(s).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from forge_dist.ops import attention as _family
+from forge_dist.ops import scores as _codes
+
+# the codes of csrc/include/forge/scores.h, from their Python tables (forge_dist.ops.scores, .attention)
+ELEMENTWISE = tl.constexpr(_family.ELEMENTWISE)
+ROWNORM = tl.constexpr(_family.ROWNORM)
+CONSMAX = tl.constexpr(_codes.ELEM_KINDS["consmax"])
+SATURATING_CONSMAX = tl.constexpr(_codes.ELEM_KINDS["saturatingconsmax"])
+POLYMAX = tl.constexpr(_codes.ELEM_KINDS["polymax"])
+EXPPOLYMAX = tl.constexpr(_codes.ELEM_KINDS["exppolymax"])
+RELUMAX = tl.constexpr(_codes.ELEM_KINDS["relumax"])
+RELU2MAX = tl.constexpr(_codes.ELEM_KINDS["relu2max"])
+SIGMOIDMAX = tl.constexpr(_codes.ELEM_KINDS["sigmoidmax"])
+SOFTPLUS = tl.constexpr(_codes.ELEM_KINDS["softplus"])
+SQUAREPLUS = tl.constexpr(_codes.ELEM_KINDS["squareplus"])
+CLAMP = tl.constexpr(_codes.CLAMP)
+SIGSOFT = tl.constexpr(_codes.SIGSOFT)
+SHIFT_NONE = tl.constexpr(_codes.SHIFT_NONE)
+SHIFT_MAX = tl.constexpr(_codes.SHIFT_MAX)
+SHIFT_GUESS_OR_MAX = tl.constexpr(_codes.SHIFT_GUESS_OR_MAX)
+# float arguments, one tensor in the accumulation type (float64 runs keep float64 constants):
+# [scale, softcap, consts[0..7], tparam, guess, overflow, post]
+F_SCALE, F_CAP, F_CONST, F_TPARAM, F_GUESS, F_OVERFLOW, F_POST = 0, 1, 2, 10, 11, 12, 13
+N_FARGS = 14
+NO_WINDOW = 1 << 30  # the window argument without a window: every earlier key is in it
+ROW_PARTS = 4  # per query row, summed by the launcher: [dbeta or dc, dgamma, dobo, dsink]
+
+
+@triton.jit
+def _pow(x, p, SQUARE: tl.constexpr):  # x^p and d/dx for x > 0 (scores.h power / dpower)
+    if SQUARE:
+        return x * x, 2.0 * x
+    return tl.exp(p * tl.log(x)), p * tl.exp((p - 1.0) * tl.log(x))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def elem_formula(x, F, beta, gamma, KIND: tl.constexpr, SQUARE: tl.constexpr):
+    """(f(x), df/dx, df/dbeta, df/dgamma) of the elementwise variant KIND (scores.h functors; constants
+    F + F_CONST in the ElemSpec layout)."""
+    zero = x * 0.0
+    c0 = tl.load(F + F_CONST)
+    if KIND == CONSMAX:  # b^{min(x - beta, clamp)} / gamma; consts [ln b, clamp]
+        clampv = tl.load(F + F_CONST + 1)
+        y = tl.exp(tl.minimum(x - beta, clampv) * c0) / gamma
+        d = tl.where(x - beta <= clampv, c0 * y, zero)
+        return y, d, -d, -y / gamma
+    elif KIND == SATURATING_CONSMAX:  # (b^{x - beta} below x_sat, else x_sat) / gamma / L; [ln b, x_sat, 1/L]
+        xs = tl.load(F + F_CONST + 1)
+        inv_l = tl.load(F + F_CONST + 2)
+        v = tl.where(x < xs, tl.exp((x - beta) * c0), zero + xs)
+        y = v / gamma * inv_l
+        d = tl.where(x < xs, c0 * y, zero)
+        return y, d, -d, -y / gamma
+    elif KIND == POLYMAX:  # 0 below x0, slope x + y0 on [x0, 0], x^p + y0 above; [x0, y0, p, slope, scale]
+        y0 = tl.load(F + F_CONST + 1)
+        p = tl.load(F + F_CONST + 2)
+        slope = tl.load(F + F_CONST + 3)
+        sc = tl.load(F + F_CONST + 4)
+        pw, dpw = _pow(tl.where(x > 0.0, x, zero + 1.0), p, SQUARE)
+        y = tl.where(x < c0, zero, tl.where(x > 0.0, pw + y0, slope * x + y0)) * sc
+        d = tl.where(x < c0, zero, tl.where(x > 0.0, dpw, zero + slope)) * sc
+        return y, d, zero, zero
+    elif KIND == EXPPOLYMAX:  # b^x below 0, (x + s)^p + y0 from 0; [ln b, p, y0, s, scale]
+        p = tl.load(F + F_CONST + 1)
+        y0 = tl.load(F + F_CONST + 2)
+        s = tl.load(F + F_CONST + 3)
+        sc = tl.load(F + F_CONST + 4)
+        neg = x < 0.0
+        expo = tl.exp(tl.where(neg, x, zero) * c0)
+        pw, dpw = _pow(tl.where(neg, zero + 1.0, x) + s, p, SQUARE)
+        return tl.where(neg, expo, pw + y0) * sc, tl.where(neg, c0 * expo, dpw) * sc, zero, zero
+    elif KIND == RELUMAX:  # consts [scale]
+        return tl.maximum(x, zero) * c0, tl.where(x > 0.0, zero + c0, zero), zero, zero
+    elif KIND == RELU2MAX:
+        r = tl.maximum(x, zero)
+        return r * r * c0, 2.0 * r * c0, zero, zero
+    elif KIND == SIGMOIDMAX:
+        sg = _sigmoid(x)
+        return sg * c0, c0 * sg * (1.0 - sg), zero, zero
+    elif KIND == SOFTPLUS:  # torch's threshold 20: x itself above it
+        y = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, zero + 20.0))))
+        return y * c0, tl.where(x > 20.0, zero + 1.0, _sigmoid(x)) * c0, zero, zero
+    else:  # SQUAREPLUS (Barron 2021): (x + sqrt(x^2 + b)) / 2; consts [scale, b]
+        r = tl.sqrt(x * x + tl.load(F + F_CONST + 1))
+        return 0.5 * (x + r) * c0, 0.5 * (1.0 + x / r) * c0, zero, zero
+
+
+@triton.jit
+def row_transform(x, p, TRANSFORM: tl.constexpr):
+    """(t(x), dt/dx) of the row-normalised family (scores.h RowT): x, min(x, clamp), or sigsoftmax's
+    u + ln sigma(u), u = x ln b (Kanai et al. 2018)."""
+    if TRANSFORM == CLAMP:
+        return tl.minimum(x, p), tl.where(x <= p, x * 0.0 + 1.0, x * 0.0)
+    elif TRANSFORM == SIGSOFT:
+        u = x * p
+        return u + tl.minimum(u, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(u))), p * (2.0 - _sigmoid(u))
+    return x, x * 0.0 + 1.0
+
+
+@triton.jit
+def tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    """The scores of query rows offs_m (q) against keys offs_n (k): (s, tanh of the capped argument,
+    visible) with the mask of forge_dist/ops/mask.py (csrc visible_cols) applied in the tile."""
+    x = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.load(F + F_SCALE).dtype) * tl.load(F + F_SCALE)
+    th = x
+    if SOFTCAP:  # Gemma 2: cap tanh(x / cap); tanh(y) = 1 - 2 / (e^{2y} + 1)
+        cap = tl.load(F + F_CAP)
+        th = 1.0 - 2.0 / (tl.exp(2.0 * x / cap) + 1.0)
+        x = cap * th
+    key = offs_n[None, :] - n_sink
+    pos = offs_m[:, None] + q_offset
+    vis = (offs_m[:, None] < T) & (offs_n[None, :] < S)
+    keep = key >= pos - window  # no window: window = NO_WINDOW
+    if CAUSAL:
+        keep = keep & (key <= pos)
+    vis = vis & (keep | (key < 0))
+    if HAS_BIAS:
+        x += tl.load(Bias + bias_base + offs_m[:, None] * S + offs_n[None, :], mask=vis, other=0.0)
+    return tl.where(vis, x, 0.0), th, vis
+
+
+@triton.jit
+def key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """Key blocks query rows m0..m0+BLOCK_M see: the sink blocks, then [window start, causal end).
+    Returns (n sink blocks, first block after them, number of blocks)."""
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, n_sink + q_offset + m0 + BLOCK_M)
+    lo = tl.maximum(n_sink + q_offset + m0 - window, 0)
+    n_a = tl.cdiv(tl.minimum(n_sink, S), BLOCK_N)
+    start = tl.maximum((lo // BLOCK_N) * BLOCK_N, n_a * BLOCK_N)
+    return n_a, start, n_a + tl.maximum(tl.cdiv(hi - start, BLOCK_N), 0)
+
+
+@triton.jit
+def query_range(j0, T, q_offset, n_sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
+    """[lo, hi) of the query rows that see any key of the block j0..j0+BLOCK_N (lo block-aligned)."""
+    lo = 0
+    hi = T
+    if j0 >= n_sink:  # no sink column in the block: causal and the window bound the rows
+        if CAUSAL:
+            lo = tl.maximum(j0 - n_sink - q_offset, 0)
+        hi = tl.minimum(j0 + BLOCK_N - n_sink - q_offset + window, T)
+    return (lo // BLOCK_M) * BLOCK_M, hi
+
+
+@triton.jit
+def _scalar_of(P, n, h):  # a per-head (n = H) or shared (n = 1) parameter
+    return tl.load(P + tl.where(n == 1, 0, h))
+
+
+@triton.jit
+def _row_shift(mx, F, SHIFT: tl.constexpr):
+    """(m, uses the max) from the visible max mx (csrc row_shift; -inf: nothing visible)."""
+    guess = tl.load(F + F_GUESS)
+    if SHIFT == SHIFT_NONE:
+        guess = guess * 0.0
+    use = mx < -float("inf")  # False
+    if SHIFT == SHIFT_MAX:
+        use = mx > -float("inf")
+    elif SHIFT == SHIFT_GUESS_OR_MAX:
+        use = (mx > -float("inf")) & (mx - guess > tl.load(F + F_OVERFLOW))
+    return tl.where(use, mx, guess), use
+
+
+@triton.jit
+def load_rows(P, base, offs, n, DIM: tl.constexpr, BLOCK_DIM: tl.constexpr):
+    """(len(offs), BLOCK_DIM) rows of a contiguous (n, DIM) matrix at P + base, zero-padded."""
+    cols = tl.arange(0, BLOCK_DIM)
+    return tl.load(P + base + offs[:, None] * DIM + cols[None, :], mask=(offs[:, None] < n) & (cols[None, :] < DIM),
+                   other=0.0)
+
+
+@triton.jit
+def head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY: tl.constexpr):
+    """(beta, gamma) of an elementwise variant, (c, obo) of a row-normalised one, for head h."""
+    if FAMILY == ELEMENTWISE:
+        i = tl.where(n_params == 1, 0, h)
+        return tl.load(Params + 2 * i), tl.load(Params + 2 * i + 1)
+    return tl.load(C), tl.load(Obo + tl.where(n_obo == 1, 0, h))
+
+
+@triton.jit
+def row_consts(Stats, Delta, bh, offs_m, T, obo, DIVIDE: tl.constexpr):
+    """Per query row of the row-normalised backward: (m, 1/D or 1, delta or 0 (the division's term),
+    sum(da) over keys and sink / ties: the share of the max's gradient, delta)."""
+    ok = offs_m < T
+    row = (bh * T + offs_m) * 3
+    m = tl.load(Stats + row, mask=ok, other=0.0)
+    den = tl.load(Stats + row + 1, mask=ok, other=1.0)
+    ties = tl.load(Stats + row + 2, mask=ok, other=0.0)
+    delta = tl.load(Delta + bh * T + offs_m, mask=ok, other=0.0)
+    if DIVIDE:
+        inv = 1.0 / den
+        dl = delta
+        sum_da = delta * obo * inv
+    else:
+        inv = den * 0.0 + 1.0
+        dl = delta * 0.0
+        sum_da = delta
+    return m, inv, dl, tl.where(ties > 0.0, sum_da / tl.where(ties > 0.0, ties, 1.0), 0.0), delta
+
+
+@triton.jit
+def tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY: tl.constexpr, KIND: tl.constexpr,
+              SQUARE: tl.constexpr, TRANSFORM: tl.constexpr):
+    """(weights of v, dL/ds, and two per-element terms of the small gradients) of one tile: elementwise
+    (dbeta, dgamma); row-normalised (dc, 0). p0, p1: head_params."""
+    zero = s * 0.0
+    if FAMILY == ELEMENTWISE:
+        y, d, db, dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
+        return tl.where(vis, y, zero), tl.where(vis, d * dp, zero), tl.where(vis, db * dp, zero), \
+            tl.where(vis, dg * dp, zero)
+    t, dt = row_transform(s, tl.load(F + F_TPARAM), TRANSFORM)
+    q = tl.where(vis, tl.exp((tl.where(vis, t, m[:, None]) - m[:, None]) * p0) * inv[:, None], zero)
+    da = (tl.load(F + F_POST) * dp - dl[:, None]) * q
+    ds = p0 * (da - tl.where(vis & (t == m[:, None]), share[:, None], zero)) * dt
+    return q * tl.load(F + F_POST), tl.where(vis, ds, zero), tl.where(vis, da * (t - m[:, None]), zero), zero
+
+
+@triton.jit
+def unfinish(ds, th, F, SOFTCAP: tl.constexpr):
+    """dL/ds -> dL/d(q.k): back through cap tanh(. / cap) and the scale."""
+    if SOFTCAP:
+        ds = ds * (1.0 - th * th)
+    return ds * tl.load(F + F_SCALE)
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, n_params, n_obo, n_sinkp,
+             q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
+             KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr, SHIFT: tl.constexpr,
+             DIVIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, query head) over the key blocks they see."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    kv = (b * Hkv + h // (Hq // Hkv)) * S
+    bias_base = tl.where(bias_heads == 1, 0, h) * T * S
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
+    p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=F.dtype.element_ty)
+    zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
+    mr, l_sum, ties = zeros - float("inf"), zeros, zeros  # running max, sum of e^{c (t - mr)}, ties of mr
+    tparam = tl.load(F + F_TPARAM)
+    if FAMILY == ROWNORM:
+        if n_sinkp > 0:  # flash-LOBO: a virtual key of logit ln C and zero value, counted in D and the max
+            ts, _ = row_transform(tl.load(Sink + tl.where(n_sinkp == 1, 0, h)), tparam, TRANSFORM)
+            mr, l_sum, ties = zeros + ts, zeros + 1.0, zeros + 1.0
+    n_a, start, n_blocks = key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M, BLOCK_N, CAUSAL)
+    for blk in range(0, n_blocks):
+        offs_n = tl.where(blk < n_a, blk * BLOCK_N, start + (blk - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = load_rows(K, kv * D, offs_n, S, D, BLOCK_D)
+        v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
+        s, _th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
+                                  HAS_BIAS, SOFTCAP, PREC)
+        if FAMILY == ELEMENTWISE:
+            y, _d, _db, _dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
+            acc += tl.dot(tl.where(vis, y, 0.0).to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+        else:
+            t, _dt = row_transform(s, tparam, TRANSFORM)
+            t = tl.where(vis, t, -float("inf"))
+            m_new = tl.maximum(mr, tl.max(t, 1))
+            m_safe = tl.where(m_new > -float("inf"), m_new, 0.0)
+            alpha = tl.exp((mr - m_safe) * p0)
+            e = tl.where(vis, tl.exp((t - m_safe[:, None]) * p0), 0.0)
+            l_sum = l_sum * alpha + tl.sum(e, 1)
+            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+            ties = tl.where(m_new == mr, ties, 0.0) + tl.sum(tl.where(vis & (t == m_new[:, None]), 1.0, 0.0), 1)
+            mr = m_new
+    ok = offs_m < T
+    if FAMILY == ROWNORM:  # from the running max to the variant's shift m
+        m, use = _row_shift(mr, F, SHIFT)
+        g = tl.where(mr > -float("inf"), tl.exp((mr - m) * p0), 0.0)
+        den = zeros + 1.0
+        if DIVIDE:
+            den = l_sum * g + p1
+            den = tl.where(den == 0.0, 1.0, den)
+        acc = acc * (g * tl.load(F + F_POST) / den)[:, None]
+        row = (bh * T + offs_m) * 3
+        tl.store(Stats + row, m, mask=ok)
+        tl.store(Stats + row + 1, den, mask=ok)
+        tl.store(Stats + row + 2, tl.where(use, ties, 0.0), mask=ok)
+    cols = tl.arange(0, BLOCK_DV)
+    tl.store(Out + bh * T * DV + offs_m[:, None] * DV + cols[None, :], acc.to(Out.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < DV))
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DBias, Parts, Hq, Hkv, T, S,
+                n_params, n_obo, n_sinkp, q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr,
+                FAMILY: tl.constexpr, KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr,
+                DIVIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr,
+                SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dq of BLOCK_M query rows, dbias of their tiles (atomic: summed over batch and shared heads), and
+    the rows' terms of the small gradients (Parts (B, Hq, T, ROW_PARTS))."""
+    m0 = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    kv = (b * Hkv + h // (Hq // Hkv)) * S
+    bias_base = tl.where(bias_heads == 1, 0, h) * T * S
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    ok = offs_m < T
+    q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
+    do = load_rows(DO, bh * T * DV, offs_m, T, DV, BLOCK_DV)
+    p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+    zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
+    m, inv, dl, share, delta = zeros, zeros, zeros, zeros, zeros
+    if FAMILY == ROWNORM:
+        m, inv, dl, share, delta = row_consts(Stats, Delta, bh, offs_m, T, p1, DIVIDE)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=F.dtype.element_ty)
+    part0, part1 = zeros, zeros
+    n_a, start, n_blocks = key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M, BLOCK_N, CAUSAL)
+    for blk in range(0, n_blocks):
+        offs_n = tl.where(blk < n_a, blk * BLOCK_N, start + (blk - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
+        k = load_rows(K, kv * D, offs_n, S, D, BLOCK_D)
+        v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
+        s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
+                                 HAS_BIAS, SOFTCAP, PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dq.dtype)
+        _w, ds, r0, r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
+        part0 += tl.sum(r0, 1)
+        part1 += tl.sum(r1, 1)
+        if NEED_DBIAS:
+            tl.atomic_add(DBias + bias_base + offs_m[:, None] * S + offs_n[None, :], ds, mask=vis)
+        ds = unfinish(ds, th, F, SOFTCAP)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(dq.dtype)
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(DQ + bh * T * D + offs_m[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < D))
+    part2, part3 = zeros, zeros
+    if FAMILY == ROWNORM:
+        if DIVIDE:
+            part2 = -delta * inv  # dobo
+        if n_sinkp > 0:  # the sink's own terms: da = -delta e_sink / D (it has no value)
+            xs = tl.load(Sink + tl.where(n_sinkp == 1, 0, h))
+            ts, dts = row_transform(xs, tl.load(F + F_TPARAM), TRANSFORM)
+            da = -dl * tl.exp((ts - m) * p0) * inv
+            part0 += da * (ts - m)
+            part3 = p0 * (da - tl.where(ts == m, share, 0.0)) * dts
+    row = (bh * T + offs_m) * ROW_PARTS
+    tl.store(Parts + row, part0, mask=ok)
+    tl.store(Parts + row + 1, part1, mask=ok)
+    tl.store(Parts + row + 2, part2, mask=ok)
+    tl.store(Parts + row + 3, part3, mask=ok)
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, Hq, Hkv, T, S, n_params, n_obo,
+                  q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
+                  KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr, DIVIDE: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dk, dv of BLOCK_N keys of one (batch, KV head), summed over the query heads of its group (GQA
+    without repeating K/V) and the query blocks that see the keys."""
+    j0 = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    b, kvh = bkv // Hkv, bkv % Hkv
+    rep = Hq // Hkv
+    offs_n = j0 + tl.arange(0, BLOCK_N)
+    k = load_rows(K, bkv * S * D, offs_n, S, D, BLOCK_D)
+    v = load_rows(V, bkv * S * DV, offs_n, S, DV, BLOCK_DV)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=F.dtype.element_ty)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=F.dtype.element_ty)
+    lo, hi = query_range(j0, T, q_offset, n_sink, window, BLOCK_M, BLOCK_N, CAUSAL)
+    for hh in range(0, rep):
+        h = kvh * rep + hh
+        bh = b * Hq + h
+        bias_base = tl.where(bias_heads == 1, 0, h) * T * S
+        p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+        for m0 in range(lo, hi, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
+            do = load_rows(DO, bh * T * DV, offs_m, T, DV, BLOCK_DV)
+            zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
+            m, inv, dl, share = zeros, zeros, zeros, zeros
+            if FAMILY == ROWNORM:
+                m, inv, dl, share, _delta = row_consts(Stats, Delta, bh, offs_m, T, p1, DIVIDE)
+            s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window,
+                                     CAUSAL, HAS_BIAS, SOFTCAP, PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dk.dtype)
+            w, ds, _r0, _r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
+            ds = unfinish(ds, th, F, SOFTCAP)
+            dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PREC).to(dv.dtype)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC).to(dk.dtype)
+    ok = offs_n < S
+    cols = tl.arange(0, BLOCK_D)
+    tl.store(DK + bkv * S * D + offs_n[:, None] * D + cols[None, :], dk.to(DK.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < D))
+    cols = tl.arange(0, BLOCK_DV)
+    tl.store(DV_ + bkv * S * DV + offs_n[:, None] * DV + cols[None, :], dv.to(DV_.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < DV))

@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Without a GPU, Triton kernels (forge_dist/ops/triton_kernels.py) run through Triton's CPU interpreter;
+# it must be on before anything imports triton (torch._dynamo does), so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

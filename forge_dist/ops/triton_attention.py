@@ -12,7 +12,6 @@ route answers None.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import List, Optional, Tuple
@@ -26,9 +25,11 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRANSFORM, _SHIFT, _DIVIDE, _TPARAM, _GUESS, _OVERFLOW, _POST = range(7)  # the op's ``row`` list
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # found, not imported (seconds)
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:

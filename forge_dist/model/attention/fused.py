@@ -1,7 +1,8 @@
 """The fused attention route for score normalisers: the normaliser's spec handed to a kernel that never
-holds the (B, H, T, S) scores. CPU: the C++ kernel (forge_dist.ops.attention); CUDA: FlexAttention
-(attention/flex.py, unverified on GPU). None where neither takes the call: attention/core.py then
-runs the blocked PyTorch path (attention/blocked.py), or the materialised one.
+holds the (B, H, T, S) scores. CPU: the C++ kernel (forge_dist.ops.attention); CUDA: the Triton
+kernel (forge_dist.ops.triton_attention, where triton is installed), else FlexAttention
+(attention/flex.py); both unverified on GPU. None where none takes the call: attention/core.py then
+runs the blocked PyTorch path (attention/blocked.py), or the materialised one (FORGE_OPS=reference).
 """
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ import torch
 import torch.nn as nn
 
 from forge_dist.ops import attention as fused_op
+from forge_dist.ops import triton_attention
 from forge_dist.ops.mask import MaskSpec
+
+
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
 
 
 def spec_of(normalizer: nn.Module, n_keys: int):
@@ -29,7 +35,11 @@ def fused_attend(q, k, v, *, normalizer: nn.Module, mask: MaskSpec, scale: float
     spec = spec_of(normalizer, k.shape[-2] - mask.n_sink)
     if spec is None:
         return None
-    if q.device.type == "cuda":
+    if _on_cuda(q):  # Triton kernel, else FlexAttention (both unverified on GPU)
+        y = triton_attention.attention(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
+                                       sink_logit=sink_logit)
+        if y is not None:
+            return y
         from forge_dist.model.attention import flex
 
         return flex.flex_attend(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,

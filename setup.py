@@ -37,6 +37,9 @@ setup(
         "logging": ["tensorboard", "matplotlib"],
         "hf": ["transformers>=5.23,<6"],  # only for loading exports in transformers; import/export need none
         "test": ["pytest", "pytest-timeout"],
+        # the fused attention's GPU kernels (forge_dist/ops/triton_kernels.py); CUDA torch wheels bring
+        # their own matching triton; on CPU its interpreter runs the kernels' tests
+        "triton": ["triton>=3.9,<3.10"],
     },
     entry_points={
         "console_scripts": [

@@ -1,10 +1,11 @@
-"""GPU: the fused score-normaliser attention (FlexAttention route, attention/flex.py) against the
-materialised path, and GPT-2 124M bf16 training throughput per variant. UNVERIFIED ON GPU until a
-run of bench/gpu_check.sh is recorded in docs/BENCHMARKS.md.
+"""GPU: the fused score-normaliser attention (the Triton kernel, forge_dist/ops/triton_attention.py, and
+FlexAttention, attention/flex.py) against the materialised path, and GPT-2 124M bf16 training
+throughput per variant (the model's default route: Triton where installed). UNVERIFIED ON GPU until
+a run of bench/gpu_check.sh is recorded in docs/BENCHMARKS.md.
 
 Rows 1: one attention call at (B, H, T, D) = (16, 12, 1024, 64), bf16, forward + backward: materialised
-(disable the fused route: FORGE_OPS=reference semantics through core._materialised), fused, SDPA for
-reference; max |fused - materialised| of the output and of dq.
+(FORGE_OPS=reference semantics through core._materialised), Triton, FlexAttention, SDPA for reference;
+max |route - materialised| of the output and of dq.
 Rows 2: GPT-2 124M (12 x 768, 12 heads, block 1024, vocab 50304), bf16 autocast, AdamW, torch.compile,
 batch --batch: tokens/s and MFU (6 N + 12 L T d flops per token; peak --peak_tflops, 989 for an H100/H200
 SXM dense bf16).
@@ -21,10 +22,11 @@ import torch.nn.functional as F
 
 import forge_dist.model  # noqa: F401  (registers the variants)
 from forge_dist import ModelConfig
-from forge_dist.model.attention import fused
+from forge_dist.model.attention import flex, fused
 from forge_dist.model.attention.core import _NO_POINTS, _materialised
 from forge_dist.model.gpt import GPT
 from forge_dist.model.softmax import build_softmax
+from forge_dist.ops import triton_attention
 from forge_dist.ops.mask import MaskSpec
 
 
@@ -39,31 +41,34 @@ def timed(fn, steps: int) -> float:
 
 
 def attention_rows(variants, B=16, H=12, T=1024, D=64):
-    print(f"# attention fwd+bwd (B, H, T, D) = ({B}, {H}, {T}, {D}) bf16 causal")
+    print(f"# attention fwd+bwd (B, H, T, D) = ({B}, {H}, {T}, {D}) bf16 causal; errors against the materialised path")
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     mask = MaskSpec(causal=True)
     for name in variants:
         norm = build_softmax(name, ModelConfig(n_head=H, softmax_variant_attn=name), n_head=H).cuda()
-
-        def mat():
-            return _materialised(q, k, v, 1, norm, mask, D ** -0.5, None, None, None, 0.0, _NO_POINTS)
-
-        def fus():
-            return fused.fused_attend(q, k, v, normalizer=norm, mask=mask, scale=D ** -0.5)
-
-        def sdpa():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-        ya, yb = mat(), fus()
-        if yb is None:
-            print(f"{name:<14} (no fused route)")
-            continue
+        spec = fused.spec_of(norm, T)
+        routes = {
+            "materialised": lambda: _materialised(q, k, v, 1, norm, mask, D ** -0.5, None, None, None, 0.0,
+                                                  _NO_POINTS),
+            "triton": lambda: triton_attention.attention(q, k, v, spec, mask=mask, scale=D ** -0.5),
+            "flex": lambda: flex.flex_attend(q, k, v, spec, mask=mask, scale=D ** -0.5),
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        }
+        ya = routes["materialised"]()
         ga = torch.autograd.grad(ya.float().sum(), q)[0]
-        gb = torch.autograd.grad(yb.float().sum(), q)[0]
-        t = {key: timed(lambda fn=fn: fn().float().sum().backward(), 10) * 1e3
-             for key, fn in (("mat", mat), ("fus", fus), ("sdpa", sdpa))}
-        print(f"{name:<14} materialised {t['mat']:.2f} ms  fused {t['fus']:.2f} ms  SDPA {t['sdpa']:.2f} ms  "
-              f"max err out {(ya - yb).abs().max().item():.2e} dq {(ga - gb).abs().max().item():.2e}", flush=True)
+        cells = []
+        for key, fn in routes.items():
+            y = fn()
+            if y is None:
+                cells.append(f"{key} (none)")
+                continue
+            err = ""
+            if key in ("triton", "flex"):
+                g = torch.autograd.grad(y.float().sum(), q)[0]
+                err = f" (err out {(y - ya).abs().max().item():.1e} dq {(g - ga).abs().max().item():.1e})"
+            ms = timed(lambda fn=fn: fn().float().sum().backward(), 10) * 1e3
+            cells.append(f"{key} {ms:.2f} ms{err}")
+        print(f"{name:<14} " + "  ".join(cells), flush=True)
 
 
 def gpt2_rows(variants, batch: int, steps: int, peak_tflops: float):

@@ -6,8 +6,9 @@
 #   3. bench/ops.py on the GPU: every op, forward and forward+backward, bf16, against the eager
 #      reference, with the copy bandwidth and F.rms_norm / torch.softmax on the same shapes; then
 #      torch.compile of the references for the ops of docs/BENCHMARKS.md's anchors;
-#   4. the fused score-normaliser attention (FlexAttention route) against the materialised path, and
-#      GPT-2 124M bf16 training tokens/s and MFU with softmax, polymax and consmax (bench/gpu_attention.py).
+#   4. the fused score-normaliser attention (Triton kernel and FlexAttention routes) against the
+#      materialised path, and GPT-2 124M bf16 training tokens/s and MFU with softmax, polymax and
+#      consmax (bench/gpu_attention.py).
 # Everything printed goes into docs/BENCHMARKS.md (with the date and device); once it passes, set
 # forge_dist/ops/registry.py GPU_VERIFIED so the op report stops saying "unverified on GPU".
 #
@@ -38,6 +39,8 @@ step "2. parity tests on the GPU"
 timeout 240 $PY -m pytest -q -p no:cacheprovider -k "cuda" \
   tests/ops/test_norm_kernels.py tests/ops/test_score_kernels.py tests/ops/test_quant_kernels.py \
   tests/ops/test_dispatch.py || status=1
+# the Triton attention kernels compiled on the GPU (on CPU they run through the interpreter)
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/ops/test_triton_attention.py || status=1
 
 step "3a. bench: every op, bf16, kernel vs eager reference (no compile)"
 timeout 180 $PY bench/ops.py --device cuda --dtype bfloat16 --no-compile || status=1
@@ -46,7 +49,7 @@ step "3b. bench: the anchor ops against torch.compile of their reference, forwar
 timeout 150 $PY bench/ops.py --device cuda --dtype bfloat16 --quick --pass fwd --groups norms,scores \
   --variants softmax,softermax,strongermax,polymax,consmax --norms rms_norm,layer_norm || status=1
 
-step "4. fused attention (FlexAttention) and GPT-2 124M bf16 tokens/s: softmax, polymax, consmax"
+step "4. fused attention (Triton, FlexAttention) and GPT-2 124M bf16 tokens/s: softmax, polymax, consmax"
 timeout 240 $PY bench/gpu_attention.py --variants softmax polymax consmax || status=1
 
 step "done: status $status (0 = every step passed)"

@@ -74,7 +74,10 @@ def _launch_config(q, k, v, bias, params, obo, sink, family, kind, consts, row, 
     window = NO_WINDOW if window < 0 else window
     square = (kind == scores.ELEM_KINDS["polymax"] and consts[2] == 2.0) or (
         kind == scores.ELEM_KINDS["exppolymax"] and consts[1] == 2.0)  # scores.h dispatch_elem
-    block = 16 if q.device.type == "cpu" else 64  # interpreter: small tiles run faster
+    block_d = max(16, 1 << (max(D, DV) - 1).bit_length())
+    # interpreter: small tiles run faster; GPU: 64 x 64 tiles, 32 where the rows are wide enough to
+    # pass the shared memory of one block (python -m forge_dist.ops.triton_compile prints it)
+    block = 16 if q.device.type == "cpu" else 64 if q.element_size() * block_d <= 256 else 32
     runtime = dict(Hq=Hq, Hkv=Hkv, T=T, S=S, n_params=max(params.shape[0], 1) if params.dim() else 1,
                    n_obo=max(obo.numel(), 1), q_offset=q_offset, n_sink=n_sink, window=window,
                    bias_heads=0 if bias is None else bias.shape[0])
@@ -84,7 +87,7 @@ def _launch_config(q, k, v, bias, params, obo, sink, family, kind, consts, row, 
                 HAS_BIAS=bias is not None, SOFTCAP=softcap != 0.0,
                 PREC="ieee",  # fp32 parity over tf32 speed; bf16 / fp16 dots are native either way
                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
-                BLOCK_DV=max(16, 1 << (DV - 1).bit_length()))
+                BLOCK_DV=max(16, 1 << (DV - 1).bit_length()), num_warps=4, num_stages=2)
     return B, runtime, meta
 
 
@@ -137,7 +140,7 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dbias = (torch.zeros(bias.shape, dtype=acc, device=q.device) if need_dbias and bias is not None
              else q.new_zeros((0,), dtype=acc))
-    parts = q.new_zeros((B, Hq, T, tk.ROW_PARTS), dtype=acc)
+    parts = q.new_zeros((B, Hq, T, tk.N_ROW_PARTS), dtype=acc)
     if q.numel() and k.numel():
         f = _fargs(q, consts, row, scale, softcap)
         common = dict(Bias=_or(bias, f), Params=_or(params, f), C=_or(c, f), Obo=_or(obo, f), F=f,

@@ -41,17 +41,19 @@ SHIFT_MAX = tl.constexpr(_codes.SHIFT_MAX)
 SHIFT_GUESS_OR_MAX = tl.constexpr(_codes.SHIFT_GUESS_OR_MAX)
 # float arguments, one tensor in the accumulation type (float64 runs keep float64 constants):
 # [scale, softcap, consts[0..7], tparam, guess, overflow, post]
-F_SCALE, F_CAP, F_CONST, F_TPARAM, F_GUESS, F_OVERFLOW, F_POST = 0, 1, 2, 10, 11, 12, 13
-N_FARGS = 14
+F_SCALE, F_CAP, F_CONST, F_TPARAM, F_GUESS, F_OVERFLOW, F_POST = (tl.constexpr(i) for i in (0, 1, 2, 10, 11, 12, 13))
 NO_WINDOW = 1 << 30  # the window argument without a window: every earlier key is in it
-ROW_PARTS = 4  # per query row, summed by the launcher: [dbeta or dc, dgamma, dobo, dsink]
+N_ROW_PARTS = 4
+ROW_PARTS = tl.constexpr(N_ROW_PARTS)  # per query row, summed by the launcher: [dbeta or dc, dgamma, dobo, dsink]
 
 
 @triton.jit
 def _pow(x, p, SQUARE: tl.constexpr):  # x^p and d/dx for x > 0 (scores.h power / dpower)
     if SQUARE:
-        return x * x, 2.0 * x
-    return tl.exp(p * tl.log(x)), p * tl.exp((p - 1.0) * tl.log(x))
+        y, d = x * x, 2.0 * x
+    else:
+        y, d = tl.exp(p * tl.log(x)), p * tl.exp((p - 1.0) * tl.log(x))
+    return y, d
 
 
 @triton.jit
@@ -69,14 +71,14 @@ def elem_formula(x, F, beta, gamma, KIND: tl.constexpr, SQUARE: tl.constexpr):
         clampv = tl.load(F + F_CONST + 1)
         y = tl.exp(tl.minimum(x - beta, clampv) * c0) / gamma
         d = tl.where(x - beta <= clampv, c0 * y, zero)
-        return y, d, -d, -y / gamma
+        y, d, db, dg = y, d, -d, -y / gamma
     elif KIND == SATURATING_CONSMAX:  # (b^{x - beta} below x_sat, else x_sat) / gamma / L; [ln b, x_sat, 1/L]
         xs = tl.load(F + F_CONST + 1)
         inv_l = tl.load(F + F_CONST + 2)
         v = tl.where(x < xs, tl.exp((x - beta) * c0), zero + xs)
         y = v / gamma * inv_l
         d = tl.where(x < xs, c0 * y, zero)
-        return y, d, -d, -y / gamma
+        y, d, db, dg = y, d, -d, -y / gamma
     elif KIND == POLYMAX:  # 0 below x0, slope x + y0 on [x0, 0], x^p + y0 above; [x0, y0, p, slope, scale]
         y0 = tl.load(F + F_CONST + 1)
         p = tl.load(F + F_CONST + 2)
@@ -85,7 +87,7 @@ def elem_formula(x, F, beta, gamma, KIND: tl.constexpr, SQUARE: tl.constexpr):
         pw, dpw = _pow(tl.where(x > 0.0, x, zero + 1.0), p, SQUARE)
         y = tl.where(x < c0, zero, tl.where(x > 0.0, pw + y0, slope * x + y0)) * sc
         d = tl.where(x < c0, zero, tl.where(x > 0.0, dpw, zero + slope)) * sc
-        return y, d, zero, zero
+        y, d, db, dg = y, d, zero, zero
     elif KIND == EXPPOLYMAX:  # b^x below 0, (x + s)^p + y0 from 0; [ln b, p, y0, s, scale]
         p = tl.load(F + F_CONST + 1)
         y0 = tl.load(F + F_CONST + 2)
@@ -94,21 +96,22 @@ def elem_formula(x, F, beta, gamma, KIND: tl.constexpr, SQUARE: tl.constexpr):
         neg = x < 0.0
         expo = tl.exp(tl.where(neg, x, zero) * c0)
         pw, dpw = _pow(tl.where(neg, zero + 1.0, x) + s, p, SQUARE)
-        return tl.where(neg, expo, pw + y0) * sc, tl.where(neg, c0 * expo, dpw) * sc, zero, zero
+        y, d, db, dg = tl.where(neg, expo, pw + y0) * sc, tl.where(neg, c0 * expo, dpw) * sc, zero, zero
     elif KIND == RELUMAX:  # consts [scale]
-        return tl.maximum(x, zero) * c0, tl.where(x > 0.0, zero + c0, zero), zero, zero
+        y, d, db, dg = tl.maximum(x, zero) * c0, tl.where(x > 0.0, zero + c0, zero), zero, zero
     elif KIND == RELU2MAX:
         r = tl.maximum(x, zero)
-        return r * r * c0, 2.0 * r * c0, zero, zero
+        y, d, db, dg = r * r * c0, 2.0 * r * c0, zero, zero
     elif KIND == SIGMOIDMAX:
         sg = _sigmoid(x)
-        return sg * c0, c0 * sg * (1.0 - sg), zero, zero
+        y, d, db, dg = sg * c0, c0 * sg * (1.0 - sg), zero, zero
     elif KIND == SOFTPLUS:  # torch's threshold 20: x itself above it
         y = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, zero + 20.0))))
-        return y * c0, tl.where(x > 20.0, zero + 1.0, _sigmoid(x)) * c0, zero, zero
+        y, d, db, dg = y * c0, tl.where(x > 20.0, zero + 1.0, _sigmoid(x)) * c0, zero, zero
     else:  # SQUAREPLUS (Barron 2021): (x + sqrt(x^2 + b)) / 2; consts [scale, b]
         r = tl.sqrt(x * x + tl.load(F + F_CONST + 1))
-        return 0.5 * (x + r) * c0, 0.5 * (1.0 + x / r) * c0, zero, zero
+        y, d, db, dg = 0.5 * (x + r) * c0, 0.5 * (1.0 + x / r) * c0, zero, zero
+    return y, d, db, dg
 
 
 @triton.jit
@@ -116,11 +119,13 @@ def row_transform(x, p, TRANSFORM: tl.constexpr):
     """(t(x), dt/dx) of the row-normalised family (scores.h RowT): x, min(x, clamp), or sigsoftmax's
     u + ln sigma(u), u = x ln b (Kanai et al. 2018)."""
     if TRANSFORM == CLAMP:
-        return tl.minimum(x, p), tl.where(x <= p, x * 0.0 + 1.0, x * 0.0)
+        t, dt = tl.minimum(x, p), tl.where(x <= p, x * 0.0 + 1.0, x * 0.0)
     elif TRANSFORM == SIGSOFT:
         u = x * p
-        return u + tl.minimum(u, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(u))), p * (2.0 - _sigmoid(u))
-    return x, x * 0.0 + 1.0
+        t, dt = u + tl.minimum(u, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(u))), p * (2.0 - _sigmoid(u))
+    else:
+        t, dt = x, x * 0.0 + 1.0
+    return t, dt
 
 
 @triton.jit
@@ -164,18 +169,13 @@ def key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M: tl.constexpr, BLOCK_N: 
 def query_range(j0, T, q_offset, n_sink, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr):
     """[lo, hi) of the query rows that see any key of the block j0..j0+BLOCK_N (lo block-aligned)."""
-    lo = 0
-    hi = T
+    lo = j0 * 0  # tensors from the start: a runtime if needs one type per variable
+    hi = j0 * 0 + T
     if j0 >= n_sink:  # no sink column in the block: causal and the window bound the rows
         if CAUSAL:
             lo = tl.maximum(j0 - n_sink - q_offset, 0)
         hi = tl.minimum(j0 + BLOCK_N - n_sink - q_offset + window, T)
     return (lo // BLOCK_M) * BLOCK_M, hi
-
-
-@triton.jit
-def _scalar_of(P, n, h):  # a per-head (n = H) or shared (n = 1) parameter
-    return tl.load(P + tl.where(n == 1, 0, h))
 
 
 @triton.jit
@@ -205,8 +205,10 @@ def head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY: tl.constexpr):
     """(beta, gamma) of an elementwise variant, (c, obo) of a row-normalised one, for head h."""
     if FAMILY == ELEMENTWISE:
         i = tl.where(n_params == 1, 0, h)
-        return tl.load(Params + 2 * i), tl.load(Params + 2 * i + 1)
-    return tl.load(C), tl.load(Obo + tl.where(n_obo == 1, 0, h))
+        p0, p1 = tl.load(Params + 2 * i), tl.load(Params + 2 * i + 1)
+    else:
+        p0, p1 = tl.load(C), tl.load(Obo + tl.where(n_obo == 1, 0, h))
+    return p0, p1
 
 
 @triton.jit
@@ -238,13 +240,15 @@ def tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY: tl.constexpr, KI
     zero = s * 0.0
     if FAMILY == ELEMENTWISE:
         y, d, db, dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
-        return tl.where(vis, y, zero), tl.where(vis, d * dp, zero), tl.where(vis, db * dp, zero), \
-            tl.where(vis, dg * dp, zero)
-    t, dt = row_transform(s, tl.load(F + F_TPARAM), TRANSFORM)
-    q = tl.where(vis, tl.exp((tl.where(vis, t, m[:, None]) - m[:, None]) * p0) * inv[:, None], zero)
-    da = (tl.load(F + F_POST) * dp - dl[:, None]) * q
-    ds = p0 * (da - tl.where(vis & (t == m[:, None]), share[:, None], zero)) * dt
-    return q * tl.load(F + F_POST), tl.where(vis, ds, zero), tl.where(vis, da * (t - m[:, None]), zero), zero
+        w, ds, r0, r1 = y, d * dp, db * dp, dg * dp
+    else:
+        t, dt = row_transform(s, tl.load(F + F_TPARAM), TRANSFORM)
+        q = tl.where(vis, tl.exp((tl.where(vis, t, m[:, None]) - m[:, None]) * p0) * inv[:, None], zero)
+        da = (tl.load(F + F_POST) * dp - dl[:, None]) * q
+        w = q * tl.load(F + F_POST)
+        ds = p0 * (da - tl.where(vis & (t == m[:, None]), share[:, None], zero)) * dt
+        r0, r1 = da * (t - m[:, None]), zero
+    return tl.where(vis, w, zero), tl.where(vis, ds, zero), tl.where(vis, r0, zero), tl.where(vis, r1, zero)
 
 
 @triton.jit

@@ -7,8 +7,9 @@ Every elementwise kind and every row-normalised option (transforms, shifts, off-
 learned temperature, per-head parameters) in float64 on one of the three mask setups each (the
 setups rotate: causal + soft-cap + bias + flash-LOBO sink + GQA; window + KV offset + sink columns;
 full), a few variants on all three, float32 loosely; opcheck of the custom ops (fake tensors,
-autograd registration); torch.compile traces the route as one op without a graph break; the CUDA
-route order (Triton, then FlexAttention) and FORGE_OPS=reference keeping the materialised path.
+autograd registration); torch.compile traces the route as one op without a graph break; Triton's
+compiler takes the kernels to an sm_90 cubin without a GPU; the CUDA route order (Triton, then
+FlexAttention) and FORGE_OPS=reference keeping the materialised path.
 """
 import sys
 from pathlib import Path
@@ -168,6 +169,23 @@ def test_torch_compile_traces_the_route_without_graph_breaks():
     gb = torch.autograd.grad(yb.sum(), x["q"])[0]
     torch.testing.assert_close(yb, ya)
     torch.testing.assert_close(gb, ga)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton's compiler (not the interpreter) takes every kernel to an sm_90 cubin, bf16, head dim 64,
+    64 x 64 tiles, every option of the row-normalised family on (the interpreter runs the kernels'
+    Python and misses what only compilation checks); shared memory within an H100's 227 KiB. In a
+    subprocess: this process's kernels are the interpreter's."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from forge_dist.ops.triton_compile import compile_kernels; "
+            "print('SHARED', max(s for *_, s in compile_kernels(90, 'bf16', 64, 64, ('rownorm',))))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shared = int(r.stdout.split("SHARED")[-1])
+    assert 0 < shared <= 227 * 1024, r.stdout
 
 
 def test_cuda_route_order(monkeypatch):

@@ -119,7 +119,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     if out.numel() == 0:
         return out, stats
     f = _fargs(q, consts, row, scale, softcap)
-    grid = (triton_cdiv(rt["T"], meta["BLOCK_M"]), B * rt["Hq"])
+    grid = (B * rt["Hq"], triton_cdiv(rt["T"], meta["BLOCK_M"]))
     tk.attn_fwd[grid](q, k, v, _or(bias, f), _or(params, f), _or(c, f), _or(obo, f), _or(sink, f), f, out,
                       _or(stats, f), n_sinkp=sink.numel(), SHIFT=int(row[_SHIFT]) if rownorm else 0, **rt, **meta)
     return out, stats
@@ -145,10 +145,10 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         f = _fargs(q, consts, row, scale, softcap)
         common = dict(Bias=_or(bias, f), Params=_or(params, f), C=_or(c, f), Obo=_or(obo, f), F=f,
                       Stats=_or(stats, f), Delta=delta, DO=grad)
-        tk.attn_bwd_dq[(triton_cdiv(T, meta["BLOCK_M"]), B * Hq)](
+        tk.attn_bwd_dq[(B * Hq, triton_cdiv(T, meta["BLOCK_M"]))](
             Q=q, K=k, V=v, Sink=_or(sink, f), DQ=dq, DBias=_or(dbias, f), Parts=parts, n_sinkp=sink.numel(),
             NEED_DBIAS=dbias.numel() > 0, **common, **rt, **meta)
-        tk.attn_bwd_dkdv[(triton_cdiv(rt["S"], meta["BLOCK_N"]), B * rt["Hkv"])](
+        tk.attn_bwd_dkdv[(B * rt["Hkv"], triton_cdiv(rt["S"], meta["BLOCK_N"]))](
             Q=q, K=k, V=v, DK=dk, DV_=dv, **common, **rt, **meta)
     per_head = parts.sum((0, 2))  # (Hq, ROW_PARTS)
 

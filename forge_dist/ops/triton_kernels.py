@@ -267,8 +267,8 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head) over the key blocks they see."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0 = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
     b, h = bh // Hq, bh % Hq
     kv = (b * Hkv + h // (Hq // Hkv)) * S
     bias_base = tl.where(bias_heads == 1, 0, h) * T * S
@@ -331,8 +331,8 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq of BLOCK_M query rows, dbias of their tiles (atomic: summed over batch and shared heads), and
     the rows' terms of the small gradients (Parts (B, Hq, T, ROW_PARTS))."""
-    m0 = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m0 = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
     b, h = bh // Hq, bh % Hq
     kv = (b * Hkv + h // (Hq // Hkv)) * S
     bias_base = tl.where(bias_heads == 1, 0, h) * T * S
@@ -390,8 +390,8 @@ def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, H
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dk, dv of BLOCK_N keys of one (batch, KV head), summed over the query heads of its group (GQA
     without repeating K/V) and the query blocks that see the keys."""
-    j0 = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    j0 = tl.program_id(1) * BLOCK_N
+    bkv = tl.program_id(0).to(tl.int64)
     b, kvh = bkv // Hkv, bkv % Hkv
     rep = Hq // Hkv
     offs_n = j0 + tl.arange(0, BLOCK_N)

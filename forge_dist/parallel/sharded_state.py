@@ -31,10 +31,11 @@ from forge_dist.parallel.tensor.metadata import ShardInfo
 Piece = Tuple[torch.Tensor, Tuple[int, ...]]  # (view of the local tensor, offsets in the logical one)
 
 
-def shard_pieces(local: torch.Tensor, info: Optional[ShardInfo], groups: ProcessGroups) -> List[Piece]:
-    """The pieces of the logical tensor that ``local`` holds (see the module doc)."""
+def _tp_segments(info: Optional[ShardInfo], groups: ProcessGroups) -> Optional[Tuple[int, List[Tuple[int, int, int]]]]:
+    """(split dim, [(local start, logical start, size)]) of a tensor-parallel tensor: where each of
+    its ``segments`` blocks lies in the local tensor and in the logical one; None if not split."""
     if info is None or info.dim is None:
-        return [(local, (0,) * local.dim())]
+        return None
     group = groups.get(info.group)
     d, n, s = info.dim, info.num_shards, info.segments
     length = info.full_shape[d]
@@ -47,11 +48,73 @@ def shard_pieces(local: torch.Tensor, info: Optional[ShardInfo], groups: Process
     for j in range(s):
         start = j * block + index * piece
         size = min(piece, length - start)  # padding rows are not part of the logical tensor
-        if size <= 0:
-            continue
-        offsets = [0] * local.dim()
-        offsets[d] = start
-        out.append((local.narrow(d, j * piece, size), tuple(offsets)))
+        if size > 0:
+            out.append((j * piece, start, size))
+    return d, out
+
+
+def box_pieces(box: torch.Tensor, offsets: Tuple[int, ...], info: Optional[ShardInfo],
+               groups: ProcessGroups) -> List[Piece]:
+    """The pieces of the logical tensor that ``box`` (a view of the local tensor at ``offsets``)
+    holds: split at the tensor-parallel segment boundaries, offsets mapped to logical ones."""
+    split = _tp_segments(info, groups)
+    if split is None:
+        return [(box, tuple(offsets))]
+    d, segments = split
+    lo_box, hi_box = offsets[d], offsets[d] + box.shape[d]
+    out = []
+    for local_start, logical_start, size in segments:
+        lo, hi = max(lo_box, local_start), min(hi_box, local_start + size)
+        if lo < hi:
+            moved = list(offsets)
+            moved[d] = logical_start + lo - local_start
+            out.append((box.narrow(d, lo - lo_box, hi - lo), tuple(moved)))
+    return out
+
+
+def shard_pieces(local: torch.Tensor, info: Optional[ShardInfo], groups: ProcessGroups) -> List[Piece]:
+    """The pieces of the logical tensor that ``local`` holds (see the module doc)."""
+    return box_pieces(local, (0,) * local.dim(), info, groups)
+
+
+def flat_boxes(shape: Tuple[int, ...], start: int, end: int) -> List[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """[start, end) of a row-major tensor of ``shape`` as (offsets, sizes) boxes, in order: a
+    partial row, whole rows, a partial row (recursively in the inner dims). Each box is one
+    contiguous run of the flat range, so box k is the next ``prod(sizes)`` elements."""
+    if start >= end:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (end - start,))] if shape else [((), ())]
+    inner = 1
+    for n in shape[1:]:
+        inner *= n
+    out: List[Tuple[Tuple[int, ...], Tuple[int, ...]]] = []
+    if start % inner:  # the partial first row
+        row, stop = start // inner, min(end, (start // inner + 1) * inner)
+        out += [((row, *o), (1, *s)) for o, s in flat_boxes(shape[1:], start - row * inner, stop - row * inner)]
+        start = stop
+    rows = (end - start) // inner
+    if rows:
+        out.append(((start // inner,) + (0,) * (len(shape) - 1), (rows, *shape[1:])))
+        start += rows * inner
+    if start < end:  # the partial last row
+        row = start // inner
+        out += [((row, *o), (1, *s)) for o, s in flat_boxes(shape[1:], 0, end - row * inner)]
+    return out
+
+
+def fragment_pieces(fragment: torch.Tensor, start: int, shape: Tuple[int, ...], info: Optional[ShardInfo],
+                    groups: ProcessGroups) -> List[Piece]:
+    """The pieces of the logical tensor that ``fragment`` holds: the flat range [start, start +
+    numel) of a local tensor of ``shape`` (a ZeRO partition's part of one parameter), as views of
+    the fragment (a load writes into it)."""
+    out, at = [], 0
+    for offsets, sizes in flat_boxes(tuple(shape), start, start + fragment.numel()):
+        n = 1
+        for s in sizes:
+            n *= s
+        out += box_pieces(fragment.narrow(0, at, n).view(sizes), offsets, info, groups)
+        at += n
     return out
 
 

@@ -17,7 +17,9 @@ Expert parallelism (deepspeed_moe.py): placed experts declared as DeepSpeed MoE 
 expert groups registered as DeepSpeed's and the optimizer groups split its way, so ZeRO-1/2 reduce
 expert gradients over ``expert_dp``; such a run checkpoints through the logical copy only.
 
-Checkpoints (``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_checkpoint`` into
+Checkpoints: a launched run writes forge-train's sharded format (train/deepspeed_sharded.py: each rank
+its ZeRO partitions, any engine and layout resumes it). The gathered format
+(``save_state(tmp_dir, ctx)``, all ranks): DeepSpeed's own ``save_checkpoint`` into
 ``tmp_dir/deepspeed/`` (any ZeRO stage, exact resume at the same layout; read back through
 forge_dist.io.deepspeed_safe, which refuses any pickled object beyond a short allow-list), its layout in
 ``deepspeed/forge_layout.json`` (forge_dist.io.deepspeed_ckpt), and a logical copy of the optimizer
@@ -38,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from forge_dist.config.deepspeed import ResolvedDeepSpeed, load_deepspeed_config, resolve_deepspeed_config
-from forge_dist.errors import ConfigError
+from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine
 from forge_dist.parallel.groups import ProcessGroups
@@ -47,7 +49,8 @@ from forge_dist.parallel.tensor.metadata import tp_grad_norm
 from forge_dist.train.deepspeed_init import (has_meta_parameters, partitioned_materialize,
                                              wants_meta_model)
 from forge_dist.train.deepspeed_internals import check_deepspeed
-from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState  # noqa: F401 (old path)
+from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState, logical_from_native  # noqa: F401
+from forge_dist.train.deepspeed_sharded import DeepSpeedShardedState
 from forge_dist.train.deepspeed_moe import declared_moe, has_placed_experts, moe_param_groups, register_expert_groups
 from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
                                           sum_partial_grads, tp_sum_mode)
@@ -68,14 +71,14 @@ def skip_shm_build() -> None:
             module.build_shm_op = lambda: None
 
 
-class DeepSpeedEngine(DeepSpeedLogicalState):
+class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
     """forge-train's engine seam over a DeepSpeed engine (see forge_dist.train.engine)."""
 
     name = "deepspeed"
     tp_sums: Optional[str] = None  # None | coalesce | no_sync | hooks: see deepspeed_tp.tp_sum_mode
 
     def __init__(self, ds_engine, model, groups: ProcessGroups, resolved: ResolvedDeepSpeed, device: str,
-                 buffer_dtypes: Dict[str, torch.dtype]):
+                 buffer_dtypes: Dict[str, torch.dtype], group_params: Optional[list] = None):
         self.ds = ds_engine
         self.model = model  # the module DeepSpeed wraps (TP-sharded, ZeRO-3 partitioned, bf16 cast)
         self.groups = groups
@@ -92,6 +95,8 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
         self.layout = {"dp_size": groups.topology.dp, "tp_size": groups.topology.tp, "pp_size": groups.topology.pp,
                        "zero_stage": resolved.zero_stage, "precision": resolved.precision}
         self.ep = groups.ep.size
+        self.writes_sharded = self.ep == 1  # sharded_save.checkpointer_for: experts keep the gathered format
+        self._optim_group_params = group_params or []  # the optimizer's parameters by group: sharded checkpoints
         self._fragments_linked = False
         if self.ep > 1:
             self.layout["ep_size"] = self.ep
@@ -163,7 +168,20 @@ class DeepSpeedEngine(DeepSpeedLogicalState):
         ctx.barrier()
 
     def load_state(self, directory: str) -> None:
+        from forge_dist.train.sharded_save import is_sharded_checkpoint, load_engine_state
+
+        if is_sharded_checkpoint(directory):  # any engine's, any layout: this rank's partitions
+            load_engine_state(self, directory, self.groups)
+            return
         ds_dir = os.path.join(directory, dsc.DS_DIR)
+        if not os.path.isfile(os.path.join(directory, f"{dsc.LOGICAL_NAME}.json")) and os.path.isfile(
+                os.path.join(directory, "optimizer.json")):  # forge_dist's own engines, gathered
+            if self.ep > 1:
+                raise CheckpointError(f"{directory} is a gathered checkpoint of forge_dist's own engine, which "
+                                      f"--deepspeed_config with expert_parallel_size > 1 cannot resume yet; resume "
+                                      f"it without --deepspeed_config, or from a sharded checkpoint")
+            self.load_logical_optimizer_state(logical_from_native(directory, self.optimizer_layout()[0]))
+            return
         if self.ep > 1 or not os.path.isdir(ds_dir):  # expert parallelism, or saved by one: the logical copy
             self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
             return
@@ -273,6 +291,7 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     if experts:  # DeepSpeed's expert groups are ours; its optimizer groups split dense/expert (deepspeed_moe.py)
         register_expert_groups(groups, {k: mpu.handle(k) for k in ("ep", "expert_dp")})
         optim_groups = moe_param_groups(optim_groups)
+    group_params = [list(g["params"]) for g in optim_groups]  # before DeepSpeed swaps in its flat partitions
     if resolved.ds_optimizer:
         optimizer = None
         params = [dict(g, lr=0.0) for g in optim_groups]
@@ -286,7 +305,7 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                   config=resolved.config, mpu=mpu)
     install_safe_checkpoint_engine(ds_engine)  # DeepSpeed's own loads unpickle anything
-    engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes)
+    engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes, group_params)
     engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
     if engine.tp_sums == "hooks":
         register_tp_grad_hooks(model, groups)

@@ -53,6 +53,21 @@ INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
           "safe_set_full_fp32_param", "safe_set_full_optimizer_state")),
     ("deepspeed.utils.tensor_fragment.tensor_fragment.set_optim_state_fragment (Adam state on a new layout)",
      _class_has("deepspeed.utils.tensor_fragment", "tensor_fragment", "set_optim_state_fragment")),
+    ("deepspeed.utils.safe_{get,set}_local_{fp32_param,optimizer_state}, tensor_fragment's lp_fragment_address / "
+     "hp_fragment / optim_fragment (sharded checkpoints: each rank's ZeRO partition, train/deepspeed_sharded.py)",
+     lambda: _has("deepspeed.utils", "safe_get_local_fp32_param", "safe_get_local_optimizer_state",
+                  "safe_set_local_fp32_param", "safe_set_local_optimizer_state")()
+     and all(f in getattr(importlib.import_module("deepspeed.utils.tensor_fragment").tensor_fragment,
+                          "__dataclass_fields__", {})
+             for f in ("lp_fragment_address", "hp_fragment", "optim_fragment"))),
+    ("DeepSpeedZeroOptimizer / BF16_Optimizer.update_lp_params, ZeRO-3's _reassign_or_swap_out_partitioned_parameters "
+     "/ persistent_parameters / invalidate_secondary_tensor (the forward's parameters after a sharded load)",
+     lambda: _class_has("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "update_lp_params")()
+     and _class_has("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "update_lp_params")()
+     and _class_has("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
+                    "_reassign_or_swap_out_partitioned_parameters", "invalidate_secondary_tensor")()
+     and _source_mentions("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
+                          "persistent_parameters", "fp16_groups")()),
     ("FP16_Optimizer.fp16_groups / fp32_groups_flat (stage-0 fp16/bf16 master weights)",
      _source_mentions("deepspeed.runtime.fp16.fused_optimizer", "FP16_Optimizer", "fp16_groups", "fp32_groups_flat")),
     ("FP16_UnfusedOptimizer.fp16_groups / fp32_groups (stage-0 fp16/bf16 master weights)",

@@ -232,6 +232,33 @@ class DeepSpeedLogicalState:
                     mapping.set_optim_state_fragment(hp, inner.state[hp])
 
 
+def logical_from_native(directory: str, names) -> dict:
+    """The gathered checkpoint of forge_dist's own engines (weights in model/, one process's AdamW
+    state dict in optimizer.*, parameters numbered in ``names``' order) as a logical optimizer copy,
+    which load_logical_optimizer_state re-partitions at any ZeRO stage. Full tensors on every rank:
+    what the gathered format costs."""
+    from forge_dist.io.checkpoint_read import MODEL_DIR
+    from forge_dist.io.forge_format import read_weights
+    from forge_dist.io.statefile import load_state
+
+    saved = load_state(directory, "optimizer", map_location="cpu")
+    sd = saved.get("optimizer") or {}
+    count = sum(len(g["params"]) for g in sd.get("param_groups", ()))
+    if count != len(names):
+        raise CheckpointError(f"the optimizer state in {directory} has {count} parameters, this model {len(names)}: "
+                              f"it is from another model (or another weight_decay_split)")
+    weights = read_weights(os.path.join(directory, MODEL_DIR))
+    step = next((int(float(e["step"])) for e in sd["state"].values() if "step" in e), 0)
+    params = {}
+    for i, name in enumerate(names):
+        fp32 = weights[name].float()
+        entry = sd["state"].get(i) or {}
+        params[name] = {"fp32": fp32, **{k: entry[k].float() if k in entry else torch.zeros_like(fp32)
+                                         for k in ADAM_KEYS}}
+    return {"format": dsc.LOGICAL_FORMAT, "layout": saved.get("layout"), "step": step, "global_steps": step,
+            "skipped_steps": 0, "params": params}
+
+
 def one_process_adamw_state(logical: dict, order, hyper) -> dict:
     """The one-process torch AdamW state dict of a logical optimizer copy: what forge_dist's own
     engines keep in a checkpoint's optimizer.* (so they resume it). Parameters are numbered in

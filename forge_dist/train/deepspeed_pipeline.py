@@ -21,7 +21,9 @@ DeepSpeed broadcasts the table at start and all-reduces its gradient over the tw
 micro-batches, with DeepSpeed's OptimizerStep instruction held back until ``step(lr)``, so the
 trainer's bad-step check and learning-rate schedule still sit between the backward and the update.
 
-Checkpoints: DeepSpeed's own (``layer_XX-model_states.pt`` per layer, under the GPT's names, and its
+Checkpoints: forge-train's sharded format on a launch (train/deepspeed_sharded.py: each stage rank
+writes its stages' ZeRO partitions under one-process names, the tied table by the first stage), or
+the gathered one: DeepSpeed's own (``layer_XX-model_states.pt`` per layer, under the GPT's names, and its
 ZeRO optimizer files), ``forge_layout.json``, the logical optimizer copy of the DeepSpeed engine
 (deepspeed_logical.*, gathered over the stages) and, when torch AdamW steps, the one-process AdamW
 state (optimizer.*): a pipeline run resumes at another layout under DeepSpeed (PP=1, other DP) or
@@ -55,6 +57,7 @@ from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engi
 from forge_dist.parallel.pipeline.stage import GPTChunk, merge_stage_parts
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
 from forge_dist.train.deepspeed_pipe_module import pipeline_module
+from forge_dist.train.deepspeed_sharded import DeepSpeedShardedState, plain_option
 from forge_dist.train.statefile import save_state
 
 
@@ -96,10 +99,11 @@ def check_deepspeed_pipeline(parallel_config, model_config) -> None:
 
 
 # --- the engine ------------------------------------------------------------------------------------
-class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
+class DeepSpeedPipelineEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
     """forge-train's engine seam over DeepSpeed's PipelineEngine (see forge_dist.train.engine)."""
 
     name = "deepspeed"  # DeepSpeed's step bookkeeping: a bad step stops the run (train/bad_steps.py)
+    writes_sharded = True  # sharded_save.checkpointer_for (train/deepspeed_sharded.py)
 
     def __init__(self, ds_engine, pipe, chunks: List[GPTChunk], canonical: Dict[str, str], groups, resolved,
                  device: str):
@@ -115,6 +119,7 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
             for name, p in chunk.named_parameters(remove_duplicate=False):
                 named.setdefault(id(p), (canonical[name], p))
         self._named = list(named.values())
+        self._tied = _tied_names(pipe.config)
         self._buffer_dtypes = {}
         self._plain = self.ds.optimizer is self.inner_optimizer
         self._masters = self._per_parameter_masters()
@@ -257,7 +262,43 @@ class DeepSpeedPipelineEngine(DeepSpeedLogicalState):
         ctx.barrier()
 
     def load_state(self, directory: str) -> None:
+        from forge_dist.train.sharded_save import is_sharded_checkpoint, load_engine_state
+
+        if is_sharded_checkpoint(directory):  # any engine's, any layout: this rank's stages and partitions
+            load_engine_state(self, directory, self.groups)
+            return
         self.load_own_or_logical_state(directory)
+
+    # --- the sharded checkpoint (train/deepspeed_sharded.py) ---------------------------------------
+    def _writes(self, name: str) -> bool:
+        """The tied table (and tied adapters), which both end stages hold: written by the first."""
+        return name not in self._tied or self.groups.pp.rank == 0
+
+    def _persistent_buffers(self) -> List[tuple]:
+        """Each stage piece's persistent buffers under the GPT's names (GPTChunk keeps them)."""
+        out, seen = [], set()
+        for chunk in self.chunks:
+            params = {id(p) for p in chunk.parameters()}
+            for name, t in chunk.state_dict(keep_vars=True).items():
+                if id(t) not in params and name not in seen:
+                    seen.add(name)
+                    out.append((name, t))
+        return out
+
+    def optimizer_layout(self):
+        """One process's parameter order and groups (pipeline_engine.one_process_order), as the
+        native engines record them."""
+        from forge_dist.train.pipeline_engine import one_process_order
+
+        order = one_process_order(self.model.config, *self.optimizer_grouping)
+        groups, start = [], 0
+        options = self.ds.optimizer.param_groups
+        for i, names in enumerate(order):
+            hyper = options[min(i, len(options) - 1)]
+            groups.append({**{k: v for k, v in hyper.items() if k != "params" and plain_option(v)},
+                           "params": list(range(start, start + len(names)))})
+            start += len(names)
+        return [n for names in order for n in names], groups
 
 
 def _pipeline_section(resolved, groups, parallel_config) -> dict:

@@ -111,14 +111,16 @@ def _fill_copies(model: nn.Module, optimizer) -> None:
 
 
 def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
-                 process_group=None) -> List[str]:
+                 process_group=None, state: Optional[Dict[str, object]] = None) -> List[str]:
     """Write this rank's pieces into ``directory`` (collective over ``process_group``, default the
     world; one process without torch.distributed writes alone); returns the data files this rank
-    wrote (relative to ``directory``), for its checksums."""
+    wrote (relative to ``directory``), for its checksums. ``state``: the pieces to write instead of
+    ``sharded_state(model, optimizer, groups)`` (an engine that lays out its own: DeepSpeed's)."""
     os.makedirs(directory, exist_ok=True)
     writer = JsonMetadataWriter(directory)
     with single_process_quiet():
-        dcp.save(sharded_state(model, optimizer, groups, writing=True), storage_writer=writer,
+        dcp.save(state if state is not None else sharded_state(model, optimizer, groups, writing=True),
+                 storage_writer=writer,
                  planner=ShardSavePlanner(), process_group=process_group, no_dist=not dist.is_initialized())
     return writer.files_written
 
@@ -142,7 +144,8 @@ class ShardStager(AsyncStager):
 
 
 def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
-                       process_group=None) -> Tuple[Future, JsonMetadataWriter]:
+                       process_group=None, state: Optional[Dict[str, object]] = None
+                       ) -> Tuple[Future, JsonMetadataWriter]:
     """DCP's async save: the state is copied to CPU memory now and written by a background thread
     (its collectives on ``process_group``, which must not be the group training uses: gloo runs
     one collective at a time per group) while training goes on. Returns (future, writer): the
@@ -154,7 +157,8 @@ def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Opti
     if not dist.is_initialized():  # the background thread's warning too (catch_warnings is per thread)
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     with single_process_quiet():
-        future = dcp.async_save(sharded_state(model, optimizer, groups, writing=True), storage_writer=writer,
+        future = dcp.async_save(state if state is not None else sharded_state(model, optimizer, groups, writing=True),
+                                storage_writer=writer,
                                 planner=ShardSavePlanner(), process_group=process_group,
                                 async_stager=ShardStager(), no_dist=not dist.is_initialized())
     return future, writer
@@ -182,6 +186,19 @@ def pieces_of(state: Dict[str, object]) -> Dict[str, list]:
     return out
 
 
+def load_pieces(directory: str, state: Dict[str, object], metadata,
+                verify: Optional[Callable[[List[str]], None]] = None) -> None:
+    """DCP's load of ``state`` (LocalShards pieces written in place, plain tensors replaced in the
+    dict), after ``verify(files)`` of the data files its pieces are read from."""
+    if verify is not None:
+        from forge_dist.io.sharded_read import files_to_read
+
+        verify(files_to_read(metadata, pieces_of(state)))
+    with single_process_quiet():
+        dcp.load(state, storage_reader=JsonMetadataReader(directory), planner=ShardLoadPlanner(),
+                 no_dist=not dist.is_initialized())
+
+
 def load_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],
                  verify: Optional[Callable[[List[str]], None]] = None) -> None:
     """Fill ``model`` (and ``optimizer``) from a sharded checkpoint written at any layout (collective
@@ -199,14 +216,8 @@ def load_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[P
     state = sharded_state(model, optimizer if has_optim else None, groups)
     # parameters that had no optimizer state when saved (never a gradient) keep the fresh zeros
     state = {k: v for k, v in state.items() if k in index or not k.startswith("optim/")}
-    if verify is not None:
-        from forge_dist.io.sharded_read import files_to_read
-
-        verify(files_to_read(metadata, pieces_of(state)))
     steps = {k: v for k, v in state.items() if k.endswith("/step")}
-    with single_process_quiet():
-        dcp.load(state, storage_reader=JsonMetadataReader(directory), planner=ShardLoadPlanner(),
-                 no_dist=not dist.is_initialized())
+    load_pieces(directory, state, metadata, verify)
     if has_optim:  # plain tensors are replaced in the dict, not written in place
         for name, p in _unique_named(model):
             key = f"optim/{name}/step"

@@ -18,6 +18,9 @@ prunes to ``keep_checkpoints``. A crash before that leaves the previous checkpoi
 publishing run in a background thread (their collectives on a process group of their own) while
 training goes on; the next save, and the end of the run, wait for it (a failure surfaces there).
 
+DeepSpeed's engines write the same entries from their ZeRO partitions (engine.sharded_state:
+train/deepspeed_sharded.py), so either engine resumes the other's checkpoint.
+
 Resume (load_engine_state): each rank asks DCP for the pieces of its current layout, which
 reshards across tensor-, data- and pipeline-parallel sizes (pipeline stages name their tensors by
 the one-process GPT: parallel/pipeline/stage.py LocalStages.logical_tensors); before reading, it
@@ -38,7 +41,7 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-SHARDED_ENGINES = ("local", "parallel", "pipeline")  # DeepSpeed's layouts: gathered for now
+SHARDED_ENGINES = ("local", "parallel", "pipeline")  # and DeepSpeed's engines without experts (writes_sharded)
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -63,8 +66,10 @@ def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
 
 
 def _unsupported(values: dict) -> str:
-    if values.get("deepspeed_config"):
-        return "--deepspeed_config"
+    """The layout whose checkpoints are still gathered: DeepSpeed with expert parallelism (its MoE
+    groups keep the logical copy: train/deepspeed_moe.py)."""
+    if values.get("deepspeed_config") and int(values.get("expert_parallel_size") or 1) > 1:
+        return "--deepspeed_config with expert_parallel_size > 1"
     return ""
 
 
@@ -74,7 +79,7 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     (one file set that any tool reads as is), unless --async_checkpoint asks for the sharded one."""
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
-    supported = getattr(engine, "name", None) in SHARDED_ENGINES
+    supported = getattr(engine, "name", None) in SHARDED_ENGINES or getattr(engine, "writes_sharded", False)
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 
@@ -104,21 +109,24 @@ class ShardedCheckpointer:
             save_config(model.config, model_dir, weights_training_info(iteration, trainer_state))
             save_state(trainer_state, tmp, "trainer_state")
             names, param_groups = optimizer_layout(engine)
-            save_state({"format": "sharded", "scaler": engine.scaler.state_dict(), "engine": engine.name,
-                        "layout": ctx.layout(), "param_names": names, "param_groups": param_groups}, tmp, "optimizer")
+            meta = engine.sharded_meta() if hasattr(engine, "sharded_meta") else {"scaler": engine.scaler.state_dict()}
+            save_state({"format": "sharded", **meta, "engine": engine.name, "layout": ctx.layout(),
+                        "param_names": names, "param_groups": param_groups}, tmp, "optimizer")
         ctx.barrier()
         groups = getattr(engine, "groups", None)
+        own = engine.sharded_state(writing=True) if hasattr(engine, "sharded_state") else None  # DeepSpeed's
+        optimizer = getattr(engine, "optimizer", None)
         publish = dict(root=root, tmp=tmp, final=final, name=name, iteration=iteration, is_best=is_best, keep=keep)
         if not self.asynchronous:
-            files = save_sharded(dcp_directory(model_dir), engine.model, engine.optimizer, groups,
-                                 process_group=ctx.group)
+            files = save_sharded(dcp_directory(model_dir), engine.model, optimizer, groups, process_group=ctx.group,
+                                 state=own)
             self._publish(files, ctx.group, publish)
             ctx.barrier()
             return final
         if ctx.distributed and self._group is None:
             self._group = dist.new_group(backend="gloo")
-        future, writer = async_save_sharded(dcp_directory(model_dir), engine.model, engine.optimizer, groups,
-                                            process_group=self._group)
+        future, writer = async_save_sharded(dcp_directory(model_dir), engine.model, optimizer, groups,
+                                            process_group=self._group, state=own)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forge-async-ckpt")
 
@@ -207,6 +215,10 @@ def load_engine_state(engine, path: str, groups) -> None:
     or data-parallel layout), and the scaler and optimizer hyperparameters from optimizer.json."""
     from forge_dist.train.sharded_checkpoint import load_sharded
 
+    verify = lambda files: _verify_agreed(path, [os.path.join(MODEL_DIR, DCP_DIR, f) for f in files])  # noqa: E731
+    if hasattr(engine, "load_sharded_state"):  # DeepSpeed: its partitions (train/deepspeed_sharded.py)
+        engine.load_sharded_state(path, verify)
+        return
     if engine.name not in SHARDED_ENGINES:
         raise CheckpointError(f"{path} is a sharded checkpoint; the {engine.name} engine cannot resume one yet")
     extra = load_state(path, "optimizer", map_location="cpu")
@@ -216,8 +228,7 @@ def load_engine_state(engine, path: str, groups) -> None:
                               f"or parameter groups); keep the model options and weight_decay_split as they were, "
                               f"or start from the weights with --init_from prev_run")
     model_dir = os.path.join(path, MODEL_DIR)
-    load_sharded(dcp_directory(model_dir), engine.model, engine.optimizer, groups,
-                 verify=lambda files: _verify_agreed(path, [os.path.join(MODEL_DIR, DCP_DIR, f) for f in files]))
+    load_sharded(dcp_directory(model_dir), engine.model, engine.optimizer, groups, verify=verify)
     for group, saved in zip(engine.optimizer.param_groups, extra["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
     if extra.get("scaler"):

@@ -8,14 +8,16 @@ Few spawned worlds, many checks each (a DeepSpeed world costs ~8 s of imports pe
   world 1  resume of the DP=2 checkpoints (2 -> 1), logical optimizer state round trips
   world 4  TP=2 x DP=2 with sequence parallelism and a replicated KV head (partial gradients):
            ZeRO 0-3 against the single-process run, and the same without the TP gradient hooks
-           (which must then fail: the test can tell)
+           (which must then fail: the test can tell); the sharded ZeRO-1 checkpoint resumed at
+           ZeRO-3 and at TP=1 x DP=4 ZeRO-2 (train/deepspeed_sharded.py)
 
 The reference is forge_dist's LocalEngine (run in the DP=1 world), at the same global batch
 (8 sequences: 4 per micro-batch, 2 micro-batches) and the same learning rate at every iteration.
 ZeRO-1/2 must equal stage 0 bit for bit where DeepSpeed adds in the same order (see the test),
 ZeRO-3 to 1e-6, everything the reference to 1e-5. Checkpoints are then consolidated with
-zero_to_fp32 and forge-convert in this process. Last, forge-train itself under DeepSpeed's launcher,
-torchrun (resume, bit for bit), one process (resume on one replica) and mpirun (no MPI discovery).
+zero_to_fp32 and forge-convert in this process. Last, forge-train itself under DeepSpeed's launcher
+(the sharded checkpoint, each rank its partitions), torchrun (its resume, bit for bit, writing the
+gathered format on), one process (resume on one replica) and mpirun (no MPI discovery).
 """
 import glob
 import json
@@ -111,13 +113,16 @@ def make_engine(stage, precision="fp32", groups=None, model_kwargs=TINY, paralle
     return deepspeed_engine_factory(model, cfg, values, ctx), ctx
 
 
-def run_iters(engine, ctx, iters, save_to=None, fixed_batch=False):
-    """Train over ``iters``; checkpoint before iteration SAVE_AT into ``save_to``; rank 0 gets
+def run_iters(engine, ctx, iters, save_to=None, fixed_batch=False, sharded_to=None, sharded_at=SAVE_AT):
+    """Train over ``iters``; checkpoint before iteration SAVE_AT into ``save_to`` (and a sharded
+    checkpoint before ``sharded_at`` under ``sharded_to``: its path in out["sharded"]); rank 0 gets
     the losses, grad norms and final logical weights."""
     out = {"loss": [], "grad_norm": []}
     for it in iters:
         if save_to is not None and it == SAVE_AT:
             save(engine, ctx, save_to)
+        if sharded_to is not None and it == sharded_at:
+            out["sharded"] = sharded_save(engine, ctx, sharded_to, it)
         batches = [micro_batch(0 if fixed_batch else it, m, ctx.dp_rank, ctx.dp_size) for m in range(engine.gas)]
         loss = engine.forward_backward(batches)
         stats = engine.step(lr(it))
@@ -133,6 +138,31 @@ def save(engine, ctx, directory):
         os.makedirs(directory, exist_ok=True)
     ctx.barrier()
     engine.save_state(directory, ctx)
+
+
+def sharded_save(engine, ctx, root, iteration):
+    """forge-train's sharded checkpoint (train/sharded_save.py) of ``engine`` under ``root``: its path."""
+    from forge_dist.train.sharded_save import ShardedCheckpointer
+
+    return ShardedCheckpointer(ctx).save(root, iteration, engine.model, engine, {"iteration": iteration})
+
+
+def written_per_rank(checkpoint):
+    """{rank: elements of the weights and moments it wrote}, and their total, from DCP's index."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from forge_dist.io.dcp_storage import read_index
+
+    index = read_index(os.path.join(checkpoint, "model", "dcp"))
+    per_rank, total = {}, 0
+    for fqn, entry in index.state_dict_metadata.items():
+        if fqn.endswith("/step"):
+            continue
+        for chunk in entry.chunks:
+            rank = int(index.storage_data[MetadataIndex(fqn, chunk.offsets)].relative_path.split("_")[2])
+            per_rank[rank] = per_rank.get(rank, 0) + chunk.sizes.numel()
+        total += entry.size.numel()
+    return per_rank, total
 
 
 def world1_save(rank, world, workdir):
@@ -204,12 +234,23 @@ def world4_tp(rank, world, workdir):
     out = {}
     for stage in STAGES:
         engine, ctx = make_engine(stage, groups=groups, model_kwargs=TP_MODEL, parallel=pc, clip=CLIP_TP)
-        out[stage] = run_iters(engine, ctx, range(ITERS))
+        sharded_to = os.path.join(workdir, "tp2_s") if stage == 1 else None
+        out[stage] = run_iters(engine, ctx, range(ITERS), sharded_to=sharded_to)
+        if stage == 1:  # a ZeRO-1 partition (weights and 2 moments): this TP rank's parameters over 2 DP ranks
+            out["s_partition"] = 3 * sum(p.numel() for _, p in engine._named) / 2
         out[stage]["ds_sizes"] = (engine.ds.dp_world_size, engine.ds.mp_world_size)
         if stage == 2:
             save(engine, ctx, os.path.join(workdir, "tp2_dp2_z2"))
             out["tp2_z2_saved"] = engine.full_state_dict()
         out[stage]["tp_sums"] = engine.tp_sums
+    sharded = out[1]["sharded"]  # the sharded ZeRO-1 checkpoint at TP=2 x DP=2 (train/deepspeed_sharded.py)
+    engine, ctx = make_engine(3, groups=groups, model_kwargs=TP_MODEL, parallel=pc, clip=CLIP_TP)
+    engine.load_state(sharded)
+    out["s_zero3"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    engine, ctx = make_engine(2, model_kwargs=TP_MODEL, clip=CLIP_TP)  # TP 2 -> 1, DP 2 -> 4, ZeRO-1 -> 2
+    engine.load_state(sharded)
+    out["s_tp1_dp4"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    out["s_written"] = written_per_rank(sharded)
     ctx = RunContext(rank=rank, world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
     ctx.groups = groups  # ZeRO-3 from the meta device: TP shards drawn into partitions (deepspeed_init.py)
     torch.manual_seed(0)
@@ -394,6 +435,20 @@ def test_tp2_dp2_zero3_drawn_into_partitions_equals_a_full_build(tp_dp):
         assert torch.equal(tp_dp["zero3_meta"]["weights"][k], v), k
 
 
+def test_tp2_dp2_sharded_checkpoint_resumes_at_zero3_and_at_tp1_dp4(tp_dp):
+    """The sharded ZeRO-1 checkpoint of TP=2 x DP=2 (each rank its ZeRO partition of its TP shard,
+    cut at the TP boundaries into logical boxes) resumed at ZeRO-3 on the same layout and at ZeRO-2
+    on TP=1 x DP=4 continues the uninterrupted run; every value was written once, each rank at most
+    its ZeRO partition (half of its TP shard)."""
+    for name, bound in (("s_zero3", 1e-6), ("s_tp1_dp4", 1e-5)):
+        e = errors(f"TP=2 x DP=2 ZeRO-1 sharded -> {name} vs uninterrupted", tp_dp[name], tp_dp[1], offset=SAVE_AT)
+        assert e["loss"] <= bound and e["weights"] <= 1e-5, (name, e)
+    per_rank, total = tp_dp["s_written"]
+    print(f"\nTP=2 x DP=2 sharded: elements written per rank {per_rank} of {total}", end="")
+    assert sum(per_rank.values()) == total and sorted(per_rank) == [0, 1, 2, 3], (per_rank, total)
+    assert max(per_rank.values()) <= tp_dp["s_partition"] + 64, (per_rank, tp_dp["s_partition"])  # + alignment
+
+
 def test_tp_partial_gradient_sums_do_not_grow_with_the_parameters(tp_dp):
     """One bucketed all-reduce per step (2 micro-batches) for the partial gradients of 1 or 3 layers,
     where a hook per parameter would issue one per parameter and micro-batch."""
@@ -485,7 +540,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ds_launch(corpus, tmp_path_factory):
-    """DeepSpeed's launcher, 2 ranks, ZeRO-2 fp32, 6 iterations, checkpoints at 3 and 6."""
+    """DeepSpeed's launcher, 2 ranks, ZeRO-2 fp32, 6 iterations, checkpoints at 3 and 6: the sharded
+    format (``auto`` for a launched run: each rank writes its ZeRO partitions)."""
     from forge_dist.testing.spawn import free_port
 
     out = tmp_path_factory.mktemp("dslaunch") / "out"
@@ -499,22 +555,36 @@ def test_deepspeed_launcher_trains_and_checkpoints(ds_launch):
     losses = _losses(ds_launch)
     assert sorted(losses) == list(range(6)) and losses[5] < losses[0]
     ckpt_dir = os.path.join(ds_launch, "checkpoints", "iter_0000003")
-    assert {"deepspeed", "model", "manifest.json", "deepspeed_logical.json"} <= set(os.listdir(ckpt_dir))
-    with open(os.path.join(ckpt_dir, "deepspeed", "forge_layout.json")) as fh:
-        assert json.load(fh)["layout"]["dp_size"] == 2
+    assert {"model", "manifest.json", "optimizer.json", "trainer_state.json"} <= set(os.listdir(ckpt_dir))
+    assert not {"deepspeed", "deepspeed_logical.json"} & set(os.listdir(ckpt_dir))  # nothing gathered
+    files = sorted(os.listdir(os.path.join(ckpt_dir, "model", "dcp")))
+    assert files == [".metadata.json", "__0_0.distcp", "__1_0.distcp"], files  # each rank its partitions
+    with open(os.path.join(ckpt_dir, "optimizer.json")) as fh:
+        assert json.load(fh)["engine"] == "deepspeed"
 
 
-def test_resume_under_torchrun_continues_exactly(ds_launch, tmp_path):
+@pytest.fixture(scope="module")
+def ds_resumed(ds_launch, tmp_path_factory):
+    """torchrun resuming ds_launch's sharded iteration 3 at the same layout, writing the gathered
+    format from there (DeepSpeed's own files at iteration 6, which the hostile tests poison)."""
     from forge_dist.testing.spawn import free_port
 
-    out = tmp_path / "out"
+    out = tmp_path_factory.mktemp("dsresumed") / "out"
     shutil.copytree(ds_launch, out)
     _launch([_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
              "-m", "forge_dist.train", "--deepspeed_config", os.path.join(CONFIGS, "zero2_fp32.json"), *CLI,
-             "--out_dir", str(out), "--init_from", "resume", "--init_from_ckpt", "iter_0000003"])
-    full, resumed = _losses(ds_launch), _losses(out)
+             "--out_dir", str(out), "--init_from", "resume", "--init_from_ckpt", "iter_0000003",
+             "--checkpoint_format", "gathered"])
+    return out
+
+
+def test_resume_under_torchrun_continues_exactly(ds_launch, ds_resumed):
+    full, resumed = _losses(ds_launch), _losses(ds_resumed)
     assert [resumed[i] for i in range(3, 6)] == [full[i] for i in range(3, 6)]  # bit for bit
-    assert _losses(out, "val_loss")[6] == _losses(ds_launch, "val_loss")[6]
+    assert _losses(ds_resumed, "val_loss")[6] == _losses(ds_launch, "val_loss")[6]
+    ckpt_dir = os.path.join(ds_resumed, "checkpoints", "iter_0000006")
+    with open(os.path.join(ckpt_dir, "deepspeed", "forge_layout.json")) as fh:
+        assert json.load(fh)["layout"]["dp_size"] == 2
 
 
 def test_resume_on_one_process_from_two(ds_launch, tmp_path):
@@ -554,15 +624,15 @@ def test_mpirun_keeps_rendezvous_on_loopback(ds_launch, corpus, tmp_path):
 
 
 # --- hostile checkpoints: nothing in DeepSpeed's files is unpickled ----------------------------------
-def _poisoned_copy(ds_launch, tmp_path, pattern):
-    """A copy of the run whose iteration-3 DeepSpeed files matching ``pattern`` each carry a
+def _poisoned_copy(ds_resumed, tmp_path, pattern):
+    """A copy of the run whose iteration-6 DeepSpeed files matching ``pattern`` each carry a
     code-running payload, the manifest re-sealed around them (as an attacker would); returns
     (out_dir, checkpoint, marker files the payloads would create)."""
     from forge_dist.testing.hostile import plant_payload, reseal
 
     out = tmp_path / "out"
-    shutil.copytree(ds_launch, out)
-    ckpt = out / "checkpoints" / "iter_0000003"
+    shutil.copytree(ds_resumed, out)
+    ckpt = out / "checkpoints" / "iter_0000006"
     files = sorted(glob.glob(str(ckpt / "deepspeed" / "*" / pattern)))
     assert files, pattern
     control = tmp_path / "control_ran"  # the payload is live: DeepSpeed's torch.load would run it
@@ -576,22 +646,23 @@ def _poisoned_copy(ds_launch, tmp_path, pattern):
     return out, ckpt, markers
 
 
-def test_code_in_a_deepspeed_checkpoint_never_runs_on_resume(ds_launch, tmp_path):
+def test_code_in_a_deepspeed_checkpoint_never_runs_on_resume(ds_resumed, tmp_path):
     """torchrun resume at the saved layout (DeepSpeed reads its own ZeRO-2 files) of a checkpoint
     whose optimizer partitions carry a payload: refused with the file named, the payload never runs."""
     from forge_dist.testing.spawn import free_port
 
-    out, _, markers = _poisoned_copy(ds_launch, tmp_path, "*_optim_states.pt")
+    out, _, markers = _poisoned_copy(ds_resumed, tmp_path, "*_optim_states.pt")
     proc = _launch([_bin("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
                     "-m", "forge_dist.train", "--deepspeed_config", os.path.join(CONFIGS, "zero2_fp32.json"), *CLI,
-                    "--out_dir", str(out), "--init_from", "resume", "--init_from_ckpt", "iter_0000003"], check=False)
+                    "--max_iters", "8", "--out_dir", str(out), "--init_from", "resume", "--init_from_ckpt",
+                    "iter_0000006"], check=False)
     assert proc.returncode != 0
     assert "refused DeepSpeed checkpoint file" in proc.stderr, proc.stderr[-3000:]
     assert "io.open" in proc.stderr
     assert not any(m.exists() for m in markers)
 
 
-def test_code_in_a_deepspeed_checkpoint_never_runs_in_forge_convert(ds_launch, tmp_path, capsys):
+def test_code_in_a_deepspeed_checkpoint_never_runs_in_forge_convert(ds_resumed, tmp_path, capsys):
     """forge-convert consolidating through zero_to_fp32 (which passes weights_only=False) refuses a
     payload in the model states and in the optimizer partitions."""
     from forge_dist.io.convert import main as convert_main
@@ -599,7 +670,7 @@ def test_code_in_a_deepspeed_checkpoint_never_runs_in_forge_convert(ds_launch, t
     for pattern in ("*_model_states.pt", "*_optim_states.pt"):
         sub = tmp_path / pattern.strip("*_.pt")
         sub.mkdir()
-        _, ckpt, markers = _poisoned_copy(ds_launch, sub, pattern)
+        _, ckpt, markers = _poisoned_copy(ds_resumed, sub, pattern)
         assert convert_main([str(ckpt), str(sub / "model"), "--to", "forge"]) == 2
         err = capsys.readouterr().err
         assert "refused DeepSpeed checkpoint file" in err and "io.open" in err, err

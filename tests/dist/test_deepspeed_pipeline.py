@@ -10,7 +10,8 @@ several configurations:
                              LocalEngine (one process, the same global batch and learning rates)
   resume                     the ZeRO-1 run's checkpoint at iteration 2 resumed by the pipeline
                              engine (DeepSpeed's own files) and by the DeepSpeed engine at PP=1,
-                             DP=4 (the logical optimizer copy): both finish as the run did
+                             DP=4 (the logical optimizer copy): both finish as the run did; the
+                             same from its sharded checkpoint (each stage rank its partitions)
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
   --use_gradient_checkpointing  ZeRO-0: the same numbers as without
   MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
@@ -100,7 +101,9 @@ def grads(engine):
     return None if parts is None else {k: v for part in parts for k, v in part.items()}
 
 
-def run_iters(engine, ctx, iters, save_to=None):
+def run_iters(engine, ctx, iters, save_to=None, sharded_to=None):
+    from forge_dist.train.sharded_save import ShardedCheckpointer
+
     out = {"loss": [], "grad_norm": []}
     for it in iters:
         if save_to is not None and it == SAVE_AT:
@@ -109,6 +112,8 @@ def run_iters(engine, ctx, iters, save_to=None):
             ctx.barrier()
             engine.save_state(save_to, ctx)
             out["saved"] = engine.full_state_dict()
+        if sharded_to is not None and it == SAVE_AT:  # forge-train's sharded format (train/deepspeed_sharded.py)
+            out["sharded"] = ShardedCheckpointer(ctx).save(sharded_to, it, engine.model, engine, {"iteration": it})
         loss = engine.forward_backward([micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(engine.gas)])
         if it == 0 and engine.layout["pp_size"] > 1:
             out["grads"] = grads(engine)
@@ -123,8 +128,9 @@ def world4(rank, world, workdir):
     out = {"ref": reference(), "ref_moe": reference(MOE, accum=4)} if rank == 0 else {}
     for stage in (0, 1):  # ZeRO-0 with --pipeline_layers 2,1; ZeRO-1 with the balanced split
         save_to = os.path.join(workdir, "z1") if stage == 1 else None
+        sharded_to = os.path.join(workdir, "s_z1") if stage == 1 else None
         engine, ctx = make_engine(stage, layers="2,1" if stage == 0 else None)
-        out[stage] = run_iters(engine, ctx, range(ITERS), save_to=save_to)
+        out[stage] = run_iters(engine, ctx, range(ITERS), save_to=save_to, sharded_to=sharded_to)
         out[stage]["parts"] = list(engine.model.parts)  # DeepSpeed's partition of the n_layer + 2 pieces
     engine, ctx = make_engine(1)
     engine.load_state(os.path.join(workdir, "z1"))  # the same layout: DeepSpeed's own files
@@ -132,6 +138,11 @@ def world4(rank, world, workdir):
     engine, ctx = make_engine(1, pp=1)
     engine.load_state(os.path.join(workdir, "z1"))  # PP=2 x DP=2 -> PP=1 x DP=4: the logical copy
     out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    for key, pp in (("s_resume", 2), ("s_resume_pp1", 1)):  # the sharded checkpoint: PP=2 -> PP=2 and -> PP=1
+        engine, ctx = make_engine(1, pp=pp)
+        engine.load_state(out[1]["sharded"])
+        out[key] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
+    out["s_writers"] = writers(out[1]["sharded"])
     out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
     out["recompute"] = run_iters(*make_engine(0, model_kwargs=dict(MODEL, use_gradient_checkpointing=True)),
                                  range(ITERS))  # each block recomputed in DeepSpeed's backward
@@ -139,6 +150,17 @@ def world4(rank, world, workdir):
     for stage in (0, 1):  # ZeRO-0 with sequence parallelism, ZeRO-1 with DeepSpeed's partitioned sends
         save_to = os.path.join(workdir, "tp_z1") if stage == 1 else None
         out[f"tp_z{stage}"] = run_iters(*make_engine(stage, tp=2, sp=stage == 0), range(ITERS), save_to=save_to)
+    return out
+
+
+def writers(checkpoint):
+    """{DCP entry: the ranks that wrote a chunk of it} of a sharded checkpoint."""
+    from forge_dist.io.dcp_storage import read_index
+
+    index = read_index(os.path.join(checkpoint, "model", "dcp"))
+    out = {}
+    for idx, info in index.storage_data.items():
+        out.setdefault(idx.fqn, set()).add(int(info.relative_path.split("_")[2]))
     return out
 
 
@@ -231,6 +253,24 @@ def test_pipeline_checkpoint_resumes_here_and_at_pp1(runs):
         assert max(rel(a, b) for a, b in zip(resumed["loss"], full["loss"][SAVE_AT:])) <= 1e-6, key
         assert worst(resumed["weights"], full["weights"]) <= 1e-6, key
     assert out["resume"]["loss"] == full["loss"][SAVE_AT:]  # DeepSpeed's own files: exact
+
+
+def test_pipeline_sharded_checkpoint_resumes_here_and_at_pp1(runs):
+    """forge-train's sharded format from DeepSpeed's pipeline engine (ZeRO-1, PP=2 x DP=2): each stage
+    rank writes only its stages' ZeRO partitions under one-process names (the tied table by stage 0),
+    and the pipeline engine at PP=2 and the DeepSpeed engine at PP=1 x DP=4 finish as the run did."""
+    out, _, _ = runs
+    full = out[1]
+    for key in ("s_resume", "s_resume_pp1"):
+        resumed = out[key]
+        assert max(rel(a, b) for a, b in zip(resumed["loss"], full["loss"][SAVE_AT:])) <= 1e-6, key
+        assert worst(resumed["weights"], full["weights"]) <= 1e-6, key
+    written = out["s_writers"]
+    assert "model/lm_head.weight" not in written and "optim/transformer.wte.weight/exp_avg" in written
+    for fqn, ranks in written.items():  # ranks 0, 1: stage 0 (embeddings, block 0); 2, 3: stage 1
+        if not fqn.endswith("/step"):
+            stage1 = ".h.1." in fqn or ".h.2." in fqn or "ln_f" in fqn
+            assert ranks <= ({2, 3} if stage1 else {0, 1}), (fqn, ranks)
 
 
 def test_pipeline_checkpoint_converts(runs):

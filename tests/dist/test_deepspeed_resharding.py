@@ -8,7 +8,11 @@ checkpoint at SAVE_AT + 2, the rest; the native engine resumed from the ZeRO-3 c
 consolidated from DeepSpeed's files without pickle, the AdamW moments from the logical copy:
 forge_dist.train.optimizer_state). The ZeRO-3 checkpoint with a pickle payload in every rank's
 optimizer partition is refused there too (DeepSpeed's own files at the same layout). Then one
-process resumes the ZeRO-3 checkpoint with forge_dist's LocalEngine. The same DP=2 world checks
+process resumes the ZeRO-3 checkpoint with forge_dist's LocalEngine. forge-train's sharded format
+(train/deepspeed_sharded.py) takes the same road: saved by ZeRO-1 at SAVE_AT, resumed at ZeRO-3
+(saving at SAVE_3), from there at ZeRO-2, by the native engine (saving both formats at SAVE_3 + 1,
+resumed by DeepSpeed ZeRO-0 and ZeRO-3), and at ZeRO-1 in one process (DP 2 -> 1), with what each
+rank wrote read from DCP's index. The same DP=2 world checks
 that ZeRO-3 from a meta-device model (deepspeed_init.py: no rank builds it whole) trains exactly as
 from a full build, for the shipped ZeRO-3 configs that run on a CPU."""
 import os
@@ -37,12 +41,14 @@ def native_engine(checkpoint, groups=None):
     from forge_dist.model.gpt import GPT
     from forge_dist.train.context import RunContext
     from forge_dist.train.parallel_engine import parallel_engine_factory
+    from forge_dist.train.sharded_save import is_sharded_checkpoint
 
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = RunContext(rank=rank, world_size=world, dp_rank=rank, dp_size=world)
     model = GPT(ModelConfig(**T.TINY))
-    state, _, _ = consolidate(os.path.join(checkpoint, "deepspeed"))
-    load_state(model, state, "the consolidated DeepSpeed checkpoint")
+    if not is_sharded_checkpoint(checkpoint):  # a sharded one: the engine reads the weights with the moments
+        state, _, _ = consolidate(os.path.join(checkpoint, "deepspeed"))
+        load_state(model, state, "the consolidated DeepSpeed checkpoint")
     if groups is not None:
         from forge_dist.config.parallel import ParallelConfig
 
@@ -52,10 +58,17 @@ def native_engine(checkpoint, groups=None):
     return engine, ctx
 
 
-def run_native(engine, ctx, iters):
-    """test_deepspeed.run_iters for forge_dist's engines: losses and the final logical weights."""
+def run_native(engine, ctx, iters, sharded_to=None, sharded_at=None, gathered_to=None):
+    """test_deepspeed.run_iters for forge_dist's engines: losses and the final logical weights (and
+    checkpoints before ``sharded_at``: the sharded format, and the gathered one under ``gathered_to``)."""
+    from forge_dist.train.checkpoint import save_checkpoint
+
     out = {"loss": []}
     for it in iters:
+        if sharded_to is not None and it == sharded_at:
+            out["sharded"] = T.sharded_save(engine, ctx, sharded_to, it)
+            if gathered_to is not None:
+                out["gathered"] = save_checkpoint(gathered_to, it, engine.model, engine, {"iteration": it}, ctx)
         loss = engine.forward_backward([T.micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(T.ACCUM)])
         engine.step(T.lr(it))
         out["loss"].append(ctx.mean(loss.item()))
@@ -72,7 +85,7 @@ def world2(rank, world, workdir):
 
     T.quiet()
     z1, z3 = os.path.join(workdir, "z1"), os.path.join(workdir, "z3")
-    out = {"z1": T.run_iters(*T.make_engine(1), range(T.ITERS), save_to=z1)}
+    out = {"z1": T.run_iters(*T.make_engine(1), range(T.ITERS), save_to=z1, sharded_to=os.path.join(workdir, "s_z1"))}
     engine, ctx = T.make_engine(3)
     engine.load_state(z1)  # ZeRO-1 -> ZeRO-3: re-partitioned from the logical copy
     first = T.run_iters(engine, ctx, range(T.SAVE_AT, SAVE_3))
@@ -81,6 +94,7 @@ def world2(rank, world, workdir):
     out["z3"]["loss"] = first["loss"] + out["z3"]["loss"]
     engine, ctx = native_engine(z3, ProcessGroups.build(Topology(world)))  # ZeRO-3 -> no ZeRO
     out["native"] = run_native(engine, ctx, range(SAVE_3, T.ITERS))
+    out.update(sharded_chain(workdir, out["z1"]["sharded"], world))
     poisoned = os.path.join(workdir, "z3_poisoned")
     if rank == 0:
         shutil.copytree(z3, poisoned)
@@ -97,6 +111,53 @@ def world2(rank, world, workdir):
         out["refused"] = str(e)
     out["meta"] = {name: (T.run_iters(*T.make_engine(None, precision(name), config=config(name)), range(3))["loss"],
                           T.run_iters(*meta_engine(name), range(3))["loss"]) for name in ZERO3_CONFIGS}
+    return out
+
+
+def sharded_chain(workdir, s1, world):
+    """The sharded format (train/deepspeed_sharded.py) through ZeRO stages and engines at DP=2:
+    ZeRO-1 -> ZeRO-3 (saves at SAVE_3) -> ZeRO-2, and -> the native engine (saves at SAVE_3 + 1)
+    -> DeepSpeed ZeRO-0 (and its gathered checkpoint -> ZeRO-3); with what each rank wrote of the
+    ZeRO-1 and ZeRO-3 checkpoints."""
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.parallel.topology import Topology
+
+    out = {}
+    engine, ctx = T.make_engine(3)
+    engine.load_state(s1)
+    out["s_z3"] = T.run_iters(engine, ctx, range(T.SAVE_AT, T.ITERS), sharded_to=os.path.join(workdir, "s_z3"),
+                              sharded_at=SAVE_3)
+    s3 = out["s_z3"]["sharded"]
+    engine, ctx = T.make_engine(2)
+    engine.load_state(s3)
+    out["s_z2"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
+    engine, ctx = native_engine(s3, ProcessGroups.build(Topology(world)))
+    out["s_native"] = run_native(engine, ctx, range(SAVE_3, T.ITERS), sharded_to=os.path.join(workdir, "s_native"),
+                                 sharded_at=SAVE_3 + 1, gathered_to=os.path.join(workdir, "g_native"))
+    engine, ctx = T.make_engine(0)
+    engine.load_state(out["s_native"]["sharded"])
+    out["s_z0"] = T.run_iters(engine, ctx, range(SAVE_3 + 1, T.ITERS))
+    engine, ctx = T.make_engine(3)  # the native engine's gathered format (optimizer.*) -> ZeRO-3
+    engine.load_state(out["s_native"]["gathered"])
+    out["g_z3"] = T.run_iters(engine, ctx, range(SAVE_3 + 1, T.ITERS))
+    out["s_written"] = {name: T.written_per_rank(path) for name, path in (("z1", s1), ("z3", s3))}
+    out["s_bf16"] = bf16_round_trip(workdir)
+    return out
+
+
+def bf16_round_trip(workdir):
+    """bf16 (fp32 masters in DeepSpeed's optimizer wrappers, bf16 parameters): the sharded checkpoint of
+    stage 0 read back at ZeRO-3 and ZeRO-1 holds the saved masters, moments and step exactly, and the
+    bf16 parameters the forward uses are refreshed from them (the same evaluation loss)."""
+    engine, ctx = T.make_engine(0, "bf16")
+    T.run_iters(engine, ctx, range(3))
+    x, y = T.micro_batch(7, 0, ctx.dp_rank, ctx.dp_size)
+    path = T.sharded_save(engine, ctx, os.path.join(workdir, "s_bf16"), 3)
+    out = {"saved": engine.logical_optimizer_state(), "saved_loss": engine.eval_loss(x, y).item()}
+    for stage in (3, 1):
+        engine, ctx = T.make_engine(stage, "bf16")
+        engine.load_state(path)
+        out[stage] = {"state": engine.logical_optimizer_state(), "loss": engine.eval_loss(x, y).item()}
     return out
 
 
@@ -129,16 +190,23 @@ def meta_engine(name):
 
 
 def world1(rank, world, workdir):
+    from forge_dist.io.checkpoint_read import checkpoint_name
+
     T.quiet()
     engine, ctx = native_engine(os.path.join(workdir, "z3"))  # DP 2 -> 1, ZeRO-3 -> one process
-    return run_native(engine, ctx, range(SAVE_3, T.ITERS))
+    out = {"native": run_native(engine, ctx, range(SAVE_3, T.ITERS))}
+    engine, ctx = T.make_engine(1)  # the sharded ZeRO-3 checkpoint at DP 2 -> ZeRO-1 at DP 1
+    engine.load_state(os.path.join(workdir, "s_z3", checkpoint_name(SAVE_3)))
+    out["s_one"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
+    return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("resharding"))
     out = spawn(world2, 2, workdir, timeout=300)
-    out["one"] = spawn(world1, 1, workdir, timeout=120)
+    one = spawn(world1, 1, workdir, timeout=120)
+    out["one"], out["s_one"] = one["native"], one["s_one"]
     out["workdir"] = workdir
     return out
 
@@ -165,3 +233,37 @@ def test_zero3_drawn_into_partitions_equals_a_full_build(runs):
     parameters offloaded to the CPU) trains exactly as the same config on a fully built model."""
     for name, (full, meta) in runs["meta"].items():
         assert meta == full, name
+
+
+def test_sharded_checkpoint_across_zero_stages_engines_and_dp(runs):
+    """forge-train's sharded format under DeepSpeed: ZeRO-1 -> ZeRO-3 -> ZeRO-2, ZeRO-3 -> the native
+    engine -> DeepSpeed ZeRO-0, and ZeRO-3 at DP=2 -> ZeRO-1 at DP=1, each continuing the
+    uninterrupted ZeRO-1 run (the bounds of the logical copy's resumes above); and the native
+    engine's gathered checkpoint -> ZeRO-3 (g_z3)."""
+    for name, offset in (("s_z3", T.SAVE_AT), ("s_z2", SAVE_3), ("s_native", SAVE_3), ("s_z0", SAVE_3 + 1),
+                         ("s_one", SAVE_3), ("g_z3", SAVE_3 + 1)):
+        e = T.errors(f"sharded {name} vs uninterrupted ZeRO-1", runs[name], runs["z1"], offset=offset)
+        assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, (name, e)
+
+
+def test_sharded_deepspeed_ranks_write_only_their_partitions(runs):
+    """Every weight and moment value is written once, and each of the 2 ranks wrote about half:
+    its ZeRO partition (ZeRO-1's flat partitions, ZeRO-3's per-parameter ones), nothing gathered."""
+    for name, (per_rank, total) in runs["s_written"].items():
+        print(f"\nsharded {name}: elements written per rank {per_rank} of {total}", end="")
+        assert sum(per_rank.values()) == total, (name, per_rank, total)
+        assert sorted(per_rank) == [0, 1] and max(per_rank.values()) <= 0.51 * total, (name, per_rank, total)
+
+
+def test_sharded_bf16_state_reads_back_exactly(runs):
+    out = runs["s_bf16"]
+    saved = out["saved"]
+    assert saved["step"] == 3
+    for stage in (3, 1):
+        loaded = out[stage]["state"]
+        assert loaded["step"] == 3 and loaded["params"].keys() == saved["params"].keys(), stage
+        for name, tensors in saved["params"].items():
+            assert tensors.keys() == {"fp32", "exp_avg", "exp_avg_sq"}
+            for key, t in tensors.items():
+                assert torch.equal(loaded["params"][name][key], t), (stage, name, key)
+        assert out[stage]["loss"] == out["saved_loss"], stage

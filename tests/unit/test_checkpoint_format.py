@@ -9,10 +9,10 @@ from forge_dist.train.sharded_save import check_checkpoint_options, checkpointer
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"checkpoint_format": "sharded", "deepspeed_config": "ds.json"}, "checkpoint_format=sharded is not supported "
-                                                                       "with --deepspeed_config"),
-    ({"async_checkpoint": True, "deepspeed_config": "ds.json"}, "--async_checkpoint is not supported with "
-                                                                  "--deepspeed_config"),
+    ({"checkpoint_format": "sharded", "deepspeed_config": "ds.json", "expert_parallel_size": 4},
+     "checkpoint_format=sharded is not supported with --deepspeed_config with expert_parallel_size > 1"),
+    ({"async_checkpoint": True, "deepspeed_config": "ds.json", "expert_parallel_size": 2},
+     "--async_checkpoint is not supported with --deepspeed_config with expert_parallel_size > 1"),
     ({"checkpoint_format": "gathered", "async_checkpoint": True}, "needs checkpoint_format=sharded"),
 ])
 def test_refusals_name_the_option(values, match):
@@ -23,15 +23,22 @@ def test_refusals_name_the_option(values, match):
 def test_a_sharded_checkpoint_is_not_resumed_by_an_engine_that_cannot_read_it(tmp_path):
     (tmp_path / "model" / "dcp").mkdir(parents=True)
     (tmp_path / "model" / "dcp" / ".metadata.json").write_text("{}")
-    with pytest.raises(ConfigError, match="is a sharded checkpoint, which --deepspeed_config cannot resume"):
-        check_checkpoint_options({"deepspeed_config": "ds.json"}, str(tmp_path))
-    check_checkpoint_options({"deepspeed_config": "ds.json"}, str(tmp_path / "elsewhere"))  # gathered: fine
+    with pytest.raises(ConfigError, match="is a sharded checkpoint, which --deepspeed_config with "
+                                          "expert_parallel_size > 1 cannot resume"):
+        check_checkpoint_options({"deepspeed_config": "ds.json", "expert_parallel_size": 2}, str(tmp_path))
+    check_checkpoint_options({"deepspeed_config": "ds.json", "expert_parallel_size": 2},
+                             str(tmp_path / "elsewhere"))  # gathered: fine
+    for pp in (1, 2):  # DeepSpeed's engines without experts write and read the sharded format
+        check_checkpoint_options({"deepspeed_config": "ds.json", "checkpoint_format": "sharded",
+                                  "async_checkpoint": True, "pipeline_parallel_size": pp}, str(tmp_path))
     check_checkpoint_options({"pipeline_parallel_size": 2, "checkpoint_format": "sharded"}, str(tmp_path))
 
 
 class _Engine:
-    def __init__(self, name, ep=1):
+    def __init__(self, name, ep=1, writes_sharded=None):
         self.name, self.ep = name, ep
+        if writes_sharded is not None:  # DeepSpeed's engines say whether they write the sharded format
+            self.writes_sharded = writes_sharded
 
 
 @pytest.mark.parametrize("fmt, world, engine, asynchronous, sharded", [
@@ -41,6 +48,9 @@ class _Engine:
     ("auto", 4, _Engine("parallel", ep=2), False, True),  # experts under their global names
     ("auto", 4, _Engine("pipeline"), False, True),     # each stage rank its stages' shards (the V shape's
     # tied copies too: tests/dist/test_sharded_resume.py's LV run)
+    ("auto", 4, _Engine("deepspeed", writes_sharded=True), False, True),   # DeepSpeed: its ZeRO partitions
+    ("auto", 4, _Engine("deepspeed", writes_sharded=False), False, False),  # DeepSpeed with experts: gathered
+    ("auto", 1, _Engine("deepspeed", writes_sharded=True), False, False),  # one process: gathered
     ("sharded", 1, _Engine("local"), False, True),
     ("gathered", 4, _Engine("parallel"), False, False),
 ])

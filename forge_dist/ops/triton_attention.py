@@ -85,7 +85,8 @@ def _launch_config(q, k, v, bias, params, obo, sink, family, kind, consts, row, 
                 TRANSFORM=int(row[_TRANSFORM]) if family == fused_op.ROWNORM else 0,
                 DIVIDE=bool(row[_DIVIDE]) if family == fused_op.ROWNORM else False, CAUSAL=bool(causal),
                 HAS_BIAS=bias is not None, SOFTCAP=softcap != 0.0,
-                PREC="ieee",  # fp32 parity over tf32 speed; bf16 / fp16 dots are native either way
+                # fp32 parity over tf32 speed; bf16 / fp16 dots native (upcast in the interpreter: tk.mm)
+                PREC="upcast" if q.device.type == "cpu" and q.element_size() == 2 else "ieee",
                 BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, 1 << (D - 1).bit_length()),
                 BLOCK_DV=max(16, 1 << (DV - 1).bit_length()), num_warps=4, num_stages=2)
     return B, runtime, meta

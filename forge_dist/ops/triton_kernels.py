@@ -129,11 +129,23 @@ def row_transform(x, p, TRANSFORM: tl.constexpr):
 
 
 @triton.jit
+def mm(a, b, PREC: tl.constexpr):
+    """tl.dot; PREC "upcast": both operands in float32 first (Triton's CPU interpreter multiplies
+    bfloat16, which numpy lacks, as the integers it stores them in: the launcher asks for this there
+    only; exact, as the products of bf16 values are in float32)."""
+    if PREC == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
 def tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL: tl.constexpr,
                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     """The scores of query rows offs_m (q) against keys offs_n (k): (s, tanh of the capped argument,
     visible) with the mask of forge_dist/ops/mask.py (csrc visible_cols) applied in the tile."""
-    x = tl.dot(q, tl.trans(k), input_precision=PREC).to(tl.load(F + F_SCALE).dtype) * tl.load(F + F_SCALE)
+    x = mm(q, tl.trans(k), PREC).to(tl.load(F + F_SCALE).dtype) * tl.load(F + F_SCALE)
     th = x
     if SOFTCAP:  # Gemma 2: cap tanh(x / cap); tanh(y) = 1 - 2 / (e^{2y} + 1)
         cap = tl.load(F + F_CAP)
@@ -292,7 +304,7 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
                                   HAS_BIAS, SOFTCAP, PREC)
         if FAMILY == ELEMENTWISE:
             y, _d, _db, _dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
-            acc += tl.dot(tl.where(vis, y, 0.0).to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+            acc += mm(tl.where(vis, y, 0.0).to(v.dtype), v, PREC).to(acc.dtype)
         else:
             t, _dt = row_transform(s, tparam, TRANSFORM)
             t = tl.where(vis, t, -float("inf"))
@@ -301,7 +313,7 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
             alpha = tl.exp((mr - m_safe) * p0)
             e = tl.where(vis, tl.exp((t - m_safe[:, None]) * p0), 0.0)
             l_sum = l_sum * alpha + tl.sum(e, 1)
-            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+            acc = acc * alpha[:, None] + mm(e.to(v.dtype), v, PREC).to(acc.dtype)
             ties = tl.where(m_new == mr, ties, 0.0) + tl.sum(tl.where(vis & (t == m_new[:, None]), 1.0, 0.0), 1)
             mr = m_new
     ok = offs_m < T
@@ -354,14 +366,14 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
         v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
         s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
                                  HAS_BIAS, SOFTCAP, PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dq.dtype)
+        dp = mm(do, tl.trans(v), PREC).to(dq.dtype)
         _w, ds, r0, r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
         part0 += tl.sum(r0, 1)
         part1 += tl.sum(r1, 1)
         if NEED_DBIAS:
             tl.atomic_add(DBias + bias_base + offs_m[:, None] * S + offs_n[None, :], ds, mask=vis)
         ds = unfinish(ds, th, F, SOFTCAP)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(dq.dtype)
+        dq += mm(ds.to(k.dtype), k, PREC).to(dq.dtype)
     cols = tl.arange(0, BLOCK_D)
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < D))
@@ -415,11 +427,11 @@ def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, H
                 m, inv, dl, share, _delta = row_consts(Stats, Delta, bh, offs_m, T, p1, DIVIDE)
             s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window,
                                      CAUSAL, HAS_BIAS, SOFTCAP, PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(dk.dtype)
+            dp = mm(do, tl.trans(v), PREC).to(dk.dtype)
             w, ds, _r0, _r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
             ds = unfinish(ds, th, F, SOFTCAP)
-            dv += tl.dot(tl.trans(w).to(do.dtype), do, input_precision=PREC).to(dv.dtype)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC).to(dk.dtype)
+            dv += mm(tl.trans(w).to(do.dtype), do, PREC).to(dv.dtype)
+            dk += mm(tl.trans(ds).to(q.dtype), q, PREC).to(dk.dtype)
     ok = offs_n < S
     cols = tl.arange(0, BLOCK_D)
     tl.store(DK + bkv * S * D + offs_n[:, None] * D + cols[None, :], dk.to(DK.dtype.element_ty),

@@ -6,7 +6,8 @@ learned parameters). Without a GPU the kernels run on CPU tensors through Triton
 Every elementwise kind and every row-normalised option (transforms, shifts, off-by-one, no division,
 learned temperature, per-head parameters) in float64 on one of the three mask setups each (the
 setups rotate: causal + soft-cap + bias + flash-LOBO sink + GQA; window + KV offset + sink columns;
-full), a few variants on all three, float32 loosely; opcheck of the custom ops (fake tensors,
+full), a few variants on all three, float32 and bfloat16 loosely; a GPT training step through
+the route against FORGE_OPS=reference; opcheck of the custom ops (fake tensors,
 autograd registration); torch.compile traces the route as one op without a graph break; Triton's
 compiler takes the kernels to an sm_90 cubin without a GPU; the CUDA route order (Triton, then
 FlexAttention) and FORGE_OPS=reference keeping the materialised path.
@@ -96,6 +97,54 @@ def test_triton_every_mask_setup_float64(name):
 @pytest.mark.parametrize("name", ["polymax", "softmax"])
 def test_triton_float32(name):
     check(name, {}, [0], torch.float32, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["polymax", "strongermax"])
+def test_triton_bfloat16_close_to_float64(name):
+    """bf16 in, bf16 out, float32 accumulation; loosely against the float64 materialised path."""
+    torch.manual_seed(0)
+    m64, m16 = normaliser(name, {}, torch.float64).to(DEVICE), normaliser(name, {}, torch.bfloat16).to(DEVICE)
+    m16.load_state_dict(m64.state_dict())
+    x64, x16 = to_device(inputs(MASKS[0], torch.float64)), to_device(inputs(MASKS[0], torch.bfloat16))
+    y64, g64 = outputs_and_grads(m64, x64, "materialised")
+    y16, g16 = outputs_and_grads(m16, x16, "triton")
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), y64, rtol=0, atol=0.03 * float(y64.detach().abs().max()))
+    for a, b in zip(g64[:3], g16[:3]):
+        torch.testing.assert_close(b.double(), a, rtol=0, atol=0.03 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["polymax", "strongermax"])
+def test_model_training_step_through_the_triton_route(monkeypatch, name):
+    """A GPT forward + backward whose attention takes the CUDA route (the device test monkeypatched
+    on CPU): the Triton kernel is called and loss and every parameter gradient equal the
+    FORGE_OPS=reference (materialised) run's, float64."""
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from forge_dist.ops import registry
+
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=32, softmax_variant_attn=name,
+                      dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(cfg).double().to(DEVICE)
+    idx = torch.randint(0, 32, (2, 16), device=DEVICE)
+    monkeypatch.setattr(fused, "_on_cuda", lambda t: True)
+    calls = []
+    real = triton_attention.attention
+    monkeypatch.setattr(triton_attention, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = []
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("FORGE_OPS", mode)
+        registry.refresh()
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert calls, "the model did not call the Triton route"
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
 def test_op_matches_cpu_library_op_outputs_and_stats():

@@ -8,7 +8,8 @@ setting), so each rank's busy time is known exactly and CPU noise from other pro
 less (a sleep yields the core). Per schedule, one step of ``--micro`` (m) micro-batches is timed
 on every rank after a warm-up step (median of ``--repeats``):
 
-    busy   = the sleeps of this rank's chunks (m x (t_f + t_b + t_w) x layers x chunks)
+    busy   = the sleeps of this rank's chunks as timed (m x (t_f + t_b + t_w) x layers x chunks,
+             plus however late each sleep woke up: on a loaded machine that is work, not bubble)
     bubble = (wall - busy) / busy, the idle time per unit of work, the worst rank's
 
 against theory: (P - 1) / m for GPipe and 1F1B (Megatron's bubble ratio); for the schedules with
@@ -41,20 +42,26 @@ SCHEDULES = (("gpipe", "ScheduleGPipe", 1), ("1f1b", "Schedule1F1B", 1),
              ("zbv", "ScheduleZBVZeroBubble", 2), ("dualpipev", "ScheduleDualPipeV", 2))
 
 
+def _work(seconds: float, clock: list) -> None:
+    """Sleep as a layer's compute and count the time it took (a sleep that wakes late on a busy
+    machine is work done, not bubble)."""
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    clock[0] += time.perf_counter() - t0
+
+
 class _InputPath(torch.autograd.Function):
     """h = x; forward sleeps t_f, backward (the input gradient, the schedules' B or I) sleeps t_b."""
 
     @staticmethod
     def forward(ctx, x, t, clock):
         ctx.t, ctx.clock = t, clock
-        time.sleep(t[0])
-        clock[0] += t[0]
+        _work(t[0], clock)
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.t[1])
-        ctx.clock[0] += ctx.t[1]
+        _work(ctx.t[1], ctx.clock)
         return g, None, None
 
 
@@ -68,8 +75,7 @@ class _WeightPath(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        time.sleep(ctx.t[2])
-        ctx.clock[0] += ctx.t[2]
+        _work(ctx.t[2], ctx.clock)
         return g, None, None
 
 
@@ -96,47 +102,58 @@ def simulate(order, n_stages: int, t) -> dict:
     """The ideal makespan and busy time per rank of a schedule's action lists (``pipeline_order``:
     rank -> [F/I/W/B/OVERLAP_F_B actions or None]) with per-chunk costs t = (F, I, W) and free
     communication: each rank runs its list in order, an action waiting for its inputs (F after the
-    previous stage's F, I/B after the next stage's I/B and its own F, W after its I). The first
-    stage's split backward is torch's: its I does nothing (no input gradient to send) and its W
-    runs the full backward, B + W (PipelineStage.backward_one_chunk / backward_weight_one_chunk)."""
+    previous stage's F, I/B after the next stage's I/B and its own F, W after its I). As torch 2.13
+    runs them: the first stage's split backward does nothing in its I (no input gradient to send)
+    and the full backward, B + W, in its W (PipelineStage.backward_one_chunk); an OVERLAP_F_B runs
+    its forward and backward one after the other, and its sends are issued once both are done
+    (schedules._add_send_recv), so another rank sees its results at the end of the pair."""
     f, b, w = t
     cost = {"F": f, "I": b, "W": w, "B": b + w}
     first = {"I": 0.0, "W": b + w}
     done, clock, busy = {}, {}, {}
-    lists = {r: [a for a in acts if a is not None] for r, acts in order.items()}
-    flat = {r: [x for a in acts for x in (a.sub_actions if a.sub_actions else (a,))] for r, acts in lists.items()}
-    pos = {r: 0 for r in flat}
-    for r in flat:
+    lists = {r: [tuple(a.sub_actions) if a.sub_actions else (a,) for a in acts if a is not None]
+             for r, acts in order.items()}
+    pos = {r: 0 for r in lists}
+    for r in lists:
         clock[r], busy[r] = 0.0, 0.0
+
+    def deps_of(a):
+        kind, s, i = str(a.computation_type.value), a.stage_index, a.microbatch_index
+        deps = []
+        if kind == "F" and s > 0:
+            deps.append(("F", s - 1, i))
+        if kind in ("I", "B"):
+            deps.append(("F", s, i))
+            if s < n_stages - 1:
+                deps.append(("I", s + 1, i))
+        if kind == "W":
+            deps.append(("I", s, i))
+        return kind, s, i, deps
+
     progress = True
     while progress:
         progress = False
-        for r, acts in flat.items():
-            while pos[r] < len(acts):
-                a = acts[pos[r]]
-                kind, s, i = str(a.computation_type.value), a.stage_index, a.microbatch_index
-                deps = []
-                if kind == "F" and s > 0:
-                    deps.append(("F", s - 1, i))
-                if kind in ("I", "B"):
-                    deps.append(("F", s, i))
-                    if s < n_stages - 1:
-                        deps.append(("I", s + 1, i))
-                if kind == "W":
-                    deps.append(("I", s, i))
-                if any(d not in done for d in deps):
+        for r, groups in lists.items():
+            while pos[r] < len(groups):
+                group = groups[pos[r]]
+                if any(d not in done for a in group for d in deps_of(a)[3]):
                     break
-                start = max([clock[r]] + [done[d] for d in deps])
-                c = first.get(kind, cost[kind]) if s == 0 else cost[kind]
-                clock[r] = start + c
-                busy[r] += c
-                done[("I" if kind == "B" else kind, s, i)] = clock[r]
+                end = clock[r]
+                for a in group:
+                    kind, s, i, deps = deps_of(a)
+                    c = first.get(kind, cost[kind]) if s == 0 else cost[kind]
+                    end = max([end] + [done[d] for d in deps]) + c
+                    busy[r] += c
+                clock[r] = end
+                for a in group:
+                    kind, s, i, _ = deps_of(a)
+                    done[("I" if kind == "B" else kind, s, i)] = end
                 pos[r] += 1
                 progress = True
-    if any(pos[r] < len(flat[r]) for r in flat):
+    if any(pos[r] < len(lists[r]) for r in lists):
         raise RuntimeError("the schedule's action lists deadlock in the simulation")
     span = max(clock.values())
-    return {r: (span - busy[r]) / busy[r] for r in flat}
+    return {r: (span - busy[r]) / busy[r] for r in lists}
 
 
 def theory(name: str, sched, world: int, v: int, a, t_chunk) -> float:

@@ -3,7 +3,7 @@
     model = GPT(config, defer_init=True)           # drawn weights on the meta device
     parallelize(model, groups, parallel_config)    # the plan applied to shapes only
     materialize_shards(model, groups)              # one full parameter at a time, this rank's shard kept
-    # or, on resume: forge_dist.io.weights_reader.load_shards(model, checkpoint_model_dir, groups)
+    # or, on resume: forge_dist.io.slice_read.load_shards(model, checkpoint_model_dir, groups)
 
 Each parameter's full value is drawn from its own seeded stream (forge_dist.model.init) or read
 from the checkpoint tensor by tensor, sliced with the parameter's ShardInfo (the same

@@ -88,8 +88,7 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
     train_cfg = _rank_train_config(r.train_cfg, ctx)
     wants_meta = getattr(engine_factory, "wants_meta_model", None)  # ZeRO-3 draws it into partitions
     on_meta = bool(wants_meta and r.prev_state is None and wants_meta(r.values))
-    model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes,
-                               stages_only=not r.values.get("deepspeed_config"), on_meta=on_meta)
+    model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes, on_meta=on_meta)
     engine = engine_factory(model, train_cfg, r.values, ctx)
     loader = open_loader(r.data_dirs or [r.data_dir], r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)
     run = Run(r.model_cfg, train_cfg, r.values, ctx, r.data_dir, loader.tokenizer(), loader,

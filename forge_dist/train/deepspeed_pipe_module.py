@@ -5,7 +5,9 @@
 n_layer + 2 layers, each a GPTChunk (parallel/pipeline/stage.py) under the GPT's own names: the
 embeddings (TiedLayerSpec "wte"), one per block, the final norm and head (HeadChunk, TiedLayerSpec
 "wte"); our split's stage bounds replace DeepSpeed's partition methods; under TP the pieces are
-sharded by our rules; ``_mark_norm_params`` says which copies DeepSpeed's gradient norm counts.
+sharded by our rules; from a GPT on the meta device only this stage's pieces get values (drawn,
+or read from a checkpoint: ``_shard_and_fill``); ``_mark_norm_params`` says which copies
+DeepSpeed's gradient norm counts.
 """
 from __future__ import annotations
 
@@ -74,20 +76,32 @@ class _Pieces(nn.Module):
         self.pieces = nn.ModuleDict({str(i): c for i, c in enumerate(pieces)})
 
 
-def pipeline_module(model, plan, groups, parallel_config):
+def pipeline_module(model, plan, groups, parallel_config, weights=None):
     """The PipelineModule of this rank's stage (collective: DeepSpeed builds its grid and tied
     groups over the world), checked against our ProcessGroups' coordinates; under TP its pieces
-    are sharded by forge_dist's rules (parallelize) and their partial gradients summed over TP."""
+    are sharded by forge_dist's rules (parallelize) and their partial gradients summed over TP.
+    ``model`` may be on the meta device (train/model_build.py builds it so): DeepSpeed builds only
+    this stage's layers from it, and only their parameters get values, drawn from the streams a
+    one-process build draws, or their pieces read by ``weights`` (SliceReader, fresh_ok) from a
+    gathered resume or --init_from prev_run, before DeepSpeed moves them or broadcasts the tied ones."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology, PipeModelDataParallelTopology
 
+    canonical = canonical_names(model)
+
     class ForgePipelineModule(PipelineModule):
-        """DeepSpeed's module with forge_dist's stage split (explicit bounds, not a method)."""
+        """DeepSpeed's module with forge_dist's stage split (explicit bounds, not a method), whose
+        layers are sharded and materialised as soon as DeepSpeed has built them."""
 
         def _partition_layers(self, method="uniform"):
             self.parts = list(bounds)
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+        def _build(self):
+            super()._build()
+            _shard_and_fill(model, [f for f in self.forward_funcs if isinstance(f, GPTChunk)], canonical, groups,
+                            parallel_config, weights)
 
     specs, bounds = layer_specs(model, plan)
     t = groups.topology  # Megatron's rank order, DeepSpeed's too: TP innermost, then DP, PP outermost
@@ -101,10 +115,8 @@ def pipeline_module(model, plan, groups, parallel_config):
                            f"forge_dist's topology at {groups.coord}")
     local = [f for f in pipe.forward_funcs if isinstance(f, GPTChunk)]
     if t.tp > 1:
-        from forge_dist.parallel.parallelize import parallelize
         from forge_dist.train.deepspeed_tp import register_tp_grad_hooks, set_model_parallel_attributes
 
-        parallelize(_Pieces(model.config, local), groups, parallel_config)
         set_model_parallel_attributes(pipe, groups)
         register_tp_grad_hooks(pipe, groups)  # partial gradients summed over TP as they are produced
     head = next((f for f in local if isinstance(f, HeadChunk)), None)
@@ -113,6 +125,34 @@ def pipeline_module(model, plan, groups, parallel_config):
     _mark_norm_params(pipe, groups.tp.rank)
     pipe.config = model.config
     return pipe, local
+
+
+def canonical_names(model) -> dict:
+    """A GPT parameter name -> the first name of its tensor (a tied head draws the table's stream)."""
+    first: dict = {}
+    for name, p in model.named_parameters():
+        first.setdefault(id(p), name)
+    return {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _shard_and_fill(model, local, canonical, groups, parallel_config, weights) -> None:
+    """This stage's pieces sharded over TP (shapes only, if on meta), then their meta parameters
+    given values (parallel/pipeline/materialize.py): no other stage's layer is ever materialised."""
+    from forge_dist.parallel.pipeline.materialize import materialize_chunks
+
+    if groups.tp.size > 1:
+        from forge_dist.parallel.parallelize import parallelize
+
+        parallelize(_Pieces(model.config, local), groups, parallel_config)
+    if not any(p.is_meta for c in local for p in c.parameters()):
+        return  # a full model was handed over
+    load = None
+    if weights is not None:
+        from forge_dist.io.slice_read import load_slices
+
+        def load(chunk):
+            load_slices(chunk, weights[0], groups, partial=True, fresh_ok=weights[1])
+    materialize_chunks(model, local, canonical, groups, load)
 
 
 def _mark_norm_params(pipe, tp_rank: int) -> None:

@@ -12,6 +12,10 @@ own parameter names):
     layer n + 1      final norm and head (HeadChunk: the loss runs in     TiedLayerSpec "wte"
                      the pipeline's loss_fn, which alone receives labels)
 
+forge-train hands over the GPT on the meta device (train/model_build.py): DeepSpeed builds only this
+stage's layers from it, and only their parameters get values (drawn from the one-process streams, or
+only their pieces read from a checkpoint), so no rank materialises another stage's layers.
+
 The stage boundaries are forge_dist's split (split.py: balanced with the embedding and head counted,
 or ``--pipeline_layers``), passed to DeepSpeed as explicit partition bounds. The tied token table and
 LM head are DeepSpeed's tied module: each end stage builds its own piece under the key "wte", and
@@ -56,7 +60,7 @@ from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine
 from forge_dist.parallel.pipeline.stage import GPTChunk, merge_stage_parts
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
-from forge_dist.train.deepspeed_pipe_module import pipeline_module
+from forge_dist.train.deepspeed_pipe_module import canonical_names, pipeline_module
 from forge_dist.train.deepspeed_sharded import DeepSpeedShardedState, plain_option
 from forge_dist.train.statefile import save_state
 
@@ -327,12 +331,10 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
 
     check_deepspeed_pipeline(ctx.parallel_config, model.config)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # wraps our world
-    first: Dict[int, str] = {}
-    for name, p in model.named_parameters():
-        first.setdefault(id(p), name)
-    canonical = {name: first[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    canonical = canonical_names(model)
     plan = pipeline_plan(ctx.parallel_config, model.config, train_cfg.gradient_accumulation_steps)
-    pipe, chunks = pipeline_module(model, plan, groups, ctx.parallel_config)
+    weights = getattr(model, "pipeline_weights", None)  # train/model_build.py: (SliceReader, fresh_ok)
+    pipe, chunks = pipeline_module(model, plan, groups, ctx.parallel_config, weights)  # this stage's only
     for chunk in chunks:  # see the module doc (MoE)
         chunk.aux_grad_scale = 1.0 / train_cfg.gradient_accumulation_steps
     device = train_cfg.resolved_device

@@ -1,7 +1,7 @@
 """The model of a run: built with the run's seed (the same initial weights on every rank), weights
 copied from --prev_run_ckpt or loaded on resume, sharded over the tensor-parallel group; on a
 tensor-parallel launch only this rank's shards are ever materialised, on a pipelined one only this
-rank's stages (build_model)."""
+rank's stages (build_model), and only their pieces are read from the checkpoint (io/slice_read.py)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from forge_dist.config.model_config import ModelConfig
-from forge_dist.errors import CheckpointError
 from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.context import RunContext
 from forge_dist.train.options import TrainConfig
@@ -24,28 +23,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@torch.no_grad()
-def _copy_matching(model, state: dict, source: str, notes: list) -> None:
-    """prev_run: copy tensors present in both by name; a shape clash means an incompatible model."""
-    own = model.state_dict()
-    shared = [k for k in own if k in state]
-    if not shared:
-        raise CheckpointError(f"{source} shares no parameter names with this model; it is from an "
-                              f"incompatible model family")
-    for k in shared:
-        if tuple(own[k].shape) != tuple(state[k].shape):
-            raise CheckpointError(f"{source} is from an incompatible model: {k} has shape "
-                                  f"{tuple(state[k].shape)}, this model needs {tuple(own[k].shape)}; "
-                                  f"keep the size options (n_layer, n_embd, n_head, ...) of that run")
-        own[k].copy_(state[k])
-    fresh = len(own) - len(shared)
-    if fresh:
-        notes.append(f"{fresh} tensors not in {source} keep their fresh initialisation")
+def _prev_run_reader(prev_state):
+    """--init_from prev_run's weights as a SliceReader (resolve.py opens one; a state dict is wrapped)."""
+    from forge_dist.io.slice_read import SliceReader, StateDictSlices
+
+    if prev_state is None or isinstance(prev_state, SliceReader):
+        return prev_state
+    return StateDictSlices(prev_state, "the --prev_run_ckpt weights")
 
 
 def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_state=None,
-                resume_path=None, notes: Optional[list] = None, stages_only: bool = True,
-                on_meta: bool = False):
+                resume_path=None, notes: Optional[list] = None, on_meta: bool = False):
     """(this rank's model, FLOPs per token of the full model). Tensor-parallel ranks build on the
     meta device, apply the plan, then materialise only their shards (drawn, or read from the
     resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
@@ -67,36 +55,42 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
 
         if is_sharded_checkpoint(resume_path):  # the engine loads this rank's shards with the optimizer's
             resume_path = None
+    reader = _prev_run_reader(prev_state)
     pc = ctx.parallel_config if ctx.groups is not None else None
-    # expert placement still starts from the full model (it regroups parameters)
-    # stages_only: the native pipeline engine materialises this rank's stages itself; DeepSpeed's
-    # pipeline engine (--deepspeed_config) starts from the whole model
-    pipelined = (stages_only and pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1
-                 and prev_state is None)
+    # expert placement still starts from the full model (it regroups parameters); both pipeline
+    # engines (native, and DeepSpeed's under --deepspeed_config) materialise this rank's stages only
+    pipelined = pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1
     deferred = pipelined or (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
-                             and getattr(pc, "pipeline_parallel_size", 1) == 1 and prev_state is None)
+                             and getattr(pc, "pipeline_parallel_size", 1) == 1)
     model = GPT(cfg, defer_init=deferred or on_meta)
     flops = flops_per_token(model)  # the full model's, before it is sharded
     if on_meta:  # ZeRO-3: the DeepSpeed engine draws it into partitions (train/deepspeed_init.py)
         if ctx.groups is not None:
             shard_model(model, ctx, train_cfg.seed)
         return model, flops
+    if resume_path is not None:  # a gathered checkpoint: its weights, strictly
+        from forge_dist.io.slice_read import SafetensorsSlices
+
+        weights = (SafetensorsSlices(os.path.join(resume_path, ckpt.MODEL_DIR)), False)
+    else:  # prev_run: what the checkpoint lacks keeps its fresh value
+        weights = (reader, True) if reader is not None else None
     if pipelined:  # the pipeline engine materialises this rank's stages only (parallel/pipeline/materialize.py)
         shard_model(model, ctx, train_cfg.seed)
-        model.pipeline_weights_dir = os.path.join(resume_path, ckpt.MODEL_DIR) if resume_path is not None else None
+        model.pipeline_weights = weights  # (SliceReader, fresh_ok) or None: pipeline_engine.py, deepspeed_pipeline.py
         return model, flops
-    if deferred:
-        from forge_dist.io.weights_reader import load_shards
+    if deferred:  # only this rank's pieces are read (io/slice_read.py), the rest drawn
+        from forge_dist.io.slice_read import load_slices
         from forge_dist.parallel.materialize import materialize_shards
 
         shard_model(model, ctx, train_cfg.seed)
-        if resume_path is not None:
-            load_shards(model, os.path.join(resume_path, ckpt.MODEL_DIR), ctx.groups)
-        else:
-            materialize_shards(model, ctx.groups)
+        if weights is not None:
+            load_slices(model, weights[0], ctx.groups, partial=weights[1], fresh_ok=weights[1])
+        materialize_shards(model, ctx.groups)  # what no checkpoint gave
         return model.to(device), flops
-    if prev_state is not None:
-        _copy_matching(model, prev_state, train_cfg.prev_run_ckpt, notes if notes is not None else [])
+    if reader is not None:  # a full model (one process, DP, EP, DeepSpeed): every tensor whole
+        from forge_dist.io.slice_read import load_slices
+
+        load_slices(model, reader, None, partial=True, fresh_ok=True)
     if resume_path is not None:
         ckpt.load_weights(model, resume_path)
     model = model.to(device)

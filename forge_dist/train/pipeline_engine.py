@@ -195,12 +195,12 @@ def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
 
     device = train_cfg.resolved_device
     load = None
-    weights_dir = getattr(model, "pipeline_weights_dir", None)  # set by build_model on resume
-    if weights_dir is not None:
-        from forge_dist.io.weights_reader import load_shards
+    weights = getattr(model, "pipeline_weights", None)  # set by build_model: (SliceReader, fresh_ok)
+    if weights is not None:  # a gathered resume or prev_run: only this rank's stages' pieces are read
+        from forge_dist.io.slice_read import load_slices
 
         def load(chunk):
-            load_shards(chunk, weights_dir, ctx.groups, partial=True)
+            load_slices(chunk, weights[0], ctx.groups, partial=True, fresh_ok=weights[1])
     layout, runner = build_pipeline(model, ctx.groups, ctx.parallel_config, train_cfg.gradient_accumulation_steps,
                                     device, train_cfg.batch_size, load=load)
     local = LocalStages(model.config, layout)

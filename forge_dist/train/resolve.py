@@ -40,7 +40,7 @@ class Resolved:
     meta: Any
     resume_path: Optional[str]
     saved: Optional[dict]
-    prev_state: Optional[dict]
+    prev_state: Any  # --init_from prev_run: the weights' SliceReader (io/slice_read.py)
     notes: list
     data_dirs: list = field(default_factory=list)  # [data_dir], or the --dataset_list folders
 
@@ -75,17 +75,60 @@ def _check_vocab(model_vocab: int, data_vocab: int, data_dir: str, source: str) 
 
 
 def _prev_run_model(path: str, explicit_model: dict, notes: list):
-    """(model config, state dict) of --prev_run_ckpt with the explicit model options applied."""
+    """(model config, SliceReader of the weights) of --prev_run_ckpt with the explicit model options
+    applied. Our model directories (gathered safetensors, or a sharded checkpoint's dcp/) are opened,
+    not read: each rank reads only its pieces when the model is built (train/model_build.py); a
+    ReaLLM-Forge ckpt.pt or a transformers directory is converted in memory first. The names and
+    shapes are checked here, against the model built on the meta device."""
     from forge_dist.io import load_any
+    from forge_dist.io.checkpoint_read import verify_files
+    from forge_dist.io.forge_format import is_forge_checkpoint, read_config
+    from forge_dist.io.sharded_read import DCP_DIR
+    from forge_dist.io.slice_read import StateDictSlices, open_slices
 
     found = ckpt.find_training_checkpoint(path)
     if found is not None:
-        ckpt.verify_checkpoint(found)
+        ckpt.verify_checkpoint(found, shards=False)  # each rank hashes the shards it reads (below)
     src_path = path if found is None else os.path.join(found, ckpt.MODEL_DIR)
-    src, _ = load_any(src_path)
-    cfg = src.config.replace(**explicit_model) if explicit_model else src.config
+    if is_forge_checkpoint(src_path):
+        src_cfg, _ = read_config(src_path)
+        verify = None
+        if found is not None:
+            def verify(files):
+                verify_files(found, [os.path.join(ckpt.MODEL_DIR, DCP_DIR, f) for f in files])
+        reader = open_slices(src_path, verify)
+    else:
+        src, _ = load_any(src_path)
+        src_cfg, reader = src.config, StateDictSlices(src.state_dict(), f"checkpoint {path}")
+    cfg = src_cfg.replace(**explicit_model) if explicit_model else src_cfg
+    _check_prev_run(cfg, reader, path, notes)
     notes.append(f"initialised from {path} (iteration reset to 0)")
-    return cfg, src.state_dict()
+    return cfg, reader
+
+
+def _check_prev_run(cfg: ModelConfig, reader, source: str, notes: list) -> None:
+    """Tensors present in both are copied by name (tied ones by their first name); none shared, or a
+    shape clash, means an incompatible model."""
+    import torch
+
+    from forge_dist.io.slice_read import tied_aliases
+    from forge_dist.model.gpt import GPT
+
+    with torch.device("meta"):
+        own = GPT(cfg).state_dict(keep_vars=True)
+    reader.aliases.update({a: n for a, n in tied_aliases(own).items() if reader.stored(a) is None})
+    shared = [k for k in own if reader.stored(k) is not None]
+    if not shared:
+        raise CheckpointError(f"{source} shares no parameter names with this model; it is from an "
+                              f"incompatible model family")
+    for k in shared:
+        if reader.shape(k) != tuple(own[k].shape):
+            raise CheckpointError(f"{source} is from an incompatible model: {k} has shape "
+                                  f"{reader.shape(k)}, this model needs {tuple(own[k].shape)}; "
+                                  f"keep the size options (n_layer, n_embd, n_head, ...) of that run")
+    fresh = len(own) - len(shared)
+    if fresh:
+        notes.append(f"{fresh} tensors not in {source} keep their fresh initialisation")
 
 
 def _resolve_values(parsed: ParsedOptions, groups: Sequence[OptionGroup], notes: list):

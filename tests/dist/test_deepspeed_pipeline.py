@@ -2,7 +2,8 @@
 against one process.
 
 One spawned world of 4 ranks (DP=2 x PP=2 unless said, 3 layers, tied token table and head),
-several configurations:
+several configurations, each from a GPT on the meta device (as forge-train builds it: a stage
+draws only its own parameters):
 
   ZeRO-0 fp32, ZeRO-1 fp32   split 2 + 1 (--pipeline_layers) and 1 + 2 (balanced, the embedding and
                              head counted); 4 iterations, clipping active: losses, grad norms, every gradient of
@@ -13,7 +14,7 @@ several configurations:
                              DP=4 (the logical optimizer copy): both finish as the run did; the
                              same from its sharded checkpoint (each stage rank its partitions)
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
-  --use_gradient_checkpointing  ZeRO-0: the same numbers as without
+  --use_gradient_checkpointing  ZeRO-0: the same numbers as without (a model built whole, not on meta)
   MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
   TP=2 x PP=2, ZeRO-0 and 1  with and without sequence parallelism: loss, grad norms, gradients, weights
 
@@ -62,7 +63,8 @@ def ds_config(stage: int, precision: str = "fp32") -> dict:
 
 
 # --- inside the world -------------------------------------------------------------------------------
-def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM, tp=1, sp=False, layers=None):
+def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM, tp=1, sp=False, layers=None,
+                full=False):
     import logging
 
     from forge_dist import ModelConfig
@@ -72,6 +74,7 @@ def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM, 
     from forge_dist.parallel.topology import Topology
     from forge_dist.train.context import RunContext
     from forge_dist.train.deepspeed_engine import deepspeed_engine_factory
+    from forge_dist.train.deepspeed_pipe_module import canonical_names
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     world = dist.get_world_size()
@@ -80,10 +83,18 @@ def make_engine(stage, pp=2, precision="fp32", model_kwargs=MODEL, accum=ACCUM, 
     ctx.groups = groups
     ctx.parallel_config = ParallelConfig(pipeline_parallel_size=pp, tensor_parallel_size=tp, sequence_parallel=sp,
                                          pipeline_layers=layers)
-    torch.manual_seed(0)  # the same full model on every rank
-    model = GPT(ModelConfig(**model_kwargs))
+    torch.manual_seed(0)  # the same model on every rank: on meta, as forge-train builds it, unless ``full``
+    model = GPT(ModelConfig(**model_kwargs), defer_init=not full)
+    drawn = {n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta}
     cfg = train_config(ctx.dp_size, "bfloat16" if precision == "bf16" else "float32", accum)
-    return deepspeed_engine_factory(model, cfg, {"deepspeed_config": ds_config(stage, precision)}, ctx), ctx
+    engine = deepspeed_engine_factory(model, cfg, {"deepspeed_config": ds_config(stage, precision)}, ctx)
+    held = {name for name, _ in engine._named}  # this stage's parameters, by their first GPT name
+    canonical = canonical_names(model)
+    engine.materialised_elsewhere = sorted(n for n, p in model.named_parameters(remove_duplicate=False)
+                                           if n in drawn and not p.is_meta and canonical[n] not in held)
+    engine.left_on_meta = sum(p.is_meta for n, p in model.named_parameters(remove_duplicate=False) if n in drawn)
+    assert not engine.materialised_elsewhere, (dist.get_rank(), engine.materialised_elsewhere[:4])  # every rank
+    return engine, ctx
 
 
 def grads(engine):
@@ -104,7 +115,7 @@ def grads(engine):
 def run_iters(engine, ctx, iters, save_to=None, sharded_to=None):
     from forge_dist.train.sharded_save import ShardedCheckpointer
 
-    out = {"loss": [], "grad_norm": []}
+    out = {"loss": [], "grad_norm": [], "elsewhere": engine.materialised_elsewhere, "on_meta": engine.left_on_meta}
     for it in iters:
         if save_to is not None and it == SAVE_AT:
             if ctx.is_main:
@@ -135,17 +146,18 @@ def world4(rank, world, workdir):
     engine, ctx = make_engine(1)
     engine.load_state(os.path.join(workdir, "z1"))  # the same layout: DeepSpeed's own files
     out["resume"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
-    engine, ctx = make_engine(1, pp=1)
+    engine, ctx = make_engine(1, pp=1, full=True)  # PP=1: the DeepSpeed engine takes a model built whole
     engine.load_state(os.path.join(workdir, "z1"))  # PP=2 x DP=2 -> PP=1 x DP=4: the logical copy
     out["resume_pp1"] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     for key, pp in (("s_resume", 2), ("s_resume_pp1", 1)):  # the sharded checkpoint: PP=2 -> PP=2 and -> PP=1
-        engine, ctx = make_engine(1, pp=pp)
+        engine, ctx = make_engine(1, pp=pp, full=pp == 1)  # PP=1: a model built whole
         engine.load_state(out[1]["sharded"])
         out[key] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     out["s_writers"] = writers(out[1]["sharded"])
     out["bf16"] = run_iters(*make_engine(1, precision="bf16"), range(ITERS))
-    out["recompute"] = run_iters(*make_engine(0, model_kwargs=dict(MODEL, use_gradient_checkpointing=True)),
-                                 range(ITERS))  # each block recomputed in DeepSpeed's backward
+    out["recompute"] = run_iters(*make_engine(0, model_kwargs=dict(MODEL, use_gradient_checkpointing=True),
+                                              full=True), range(ITERS))  # each block recomputed in DeepSpeed's
+    # backward; and a model handed over whole (built before DeepSpeed cuts it) trains the same
     out["moe"] = run_iters(*make_engine(0, pp=4, model_kwargs=MOE, accum=4), range(ITERS))  # 1f1b: >= P
     for stage in (0, 1):  # ZeRO-0 with sequence parallelism, ZeRO-1 with DeepSpeed's partitioned sends
         save_to = os.path.join(workdir, "tp_z1") if stage == 1 else None
@@ -316,3 +328,14 @@ def test_pipeline_with_tensor_parallel_stages(runs):
         assert max(rel(a, b) for a, b in zip(run["grad_norm"], ref["grad_norm"])) <= 1e-5, (stage, run["grad_norm"])
         assert worst(run["grads"], ref["grads"]) <= 1e-5, stage
         assert worst(run["weights"], ref["weights"]) <= 1e-5, stage
+
+
+def test_a_stage_never_materialises_other_stages(runs):
+    """From the GPT on the meta device (as forge-train builds it), each rank draws only the
+    parameters its stage holds (and they equal one process's: the parity tests above); every other
+    drawn parameter stays on meta, under TP and at PP=4 too."""
+    out = runs[0]
+    for key in (0, 1, "resume", "bf16", "moe", "tp_z0", "tp_z1"):
+        assert out[key]["elsewhere"] == [], (key, out[key]["elsewhere"][:4])
+        assert out[key]["on_meta"] > 0, key  # rank 0 (stage 0) holds no later block
+    assert out["recompute"]["on_meta"] == 0  # the control: a model handed over whole

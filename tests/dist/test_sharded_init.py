@@ -1,7 +1,12 @@
 """Sharded initialisation (forge_dist.parallel.materialize): a tensor-parallel rank that builds on
 the meta device, applies the plan and materialises only its shards holds exactly the slices of a
 full single-process build, for every tensor-parallel test case; a rank resumed from a checkpoint
-reads its slices tensor by tensor. Exact equality: the values come from the same streams."""
+reads its slices tensor by tensor. Exact equality: the values come from the same streams.
+
+The same world also starts forge-train runs from a one-process checkpoint's weights (--init_from
+prev_run) at TP=2 (the gathered safetensors) and PP=2 (the sharded DCP checkpoint): each rank's
+initial tensors are exactly the checkpoint's (a stage never materialises another stage's layers),
+its losses are the one-process prev_run's, and its reader was asked only for this rank's pieces."""
 import os
 
 import pytest
@@ -27,7 +32,7 @@ def compare_cases(rank, world_size, tp, selection, workdir):
     from forge_dist.io import save_pretrained
     from forge_dist.model.gpt import GPT
     from forge_dist.parallel.groups import ProcessGroups
-    from forge_dist.io.weights_reader import load_shards
+    from forge_dist.io.slice_read import load_shards
     from forge_dist.parallel.materialize import materialize_shards
     from forge_dist.parallel.parallelize import parallelize
     from forge_dist.parallel.topology import Topology
@@ -67,10 +72,114 @@ def compare_cases(rank, world_size, tp, selection, workdir):
     return out
 
 
-@pytest.mark.timeout(200)
+ARGS = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
+        "--eval_iters", "1", "--eval_interval", "100", "--log_interval", "1", "--device", "cpu", "--dtype", "float32",
+        "--max_sample_tokens", "none", "--no-tensorboard_log", "--no-progress", "--dropout", "0.0",
+        "--learning_rate", "1e-2", "--gradient_accumulation_steps", "2", "--max_iters", "2"]
+
+
+def _initial_state(box, gather):
+    """A fit hook: the run's initial tensors (TP shards gathered into logical tensors when ``gather``;
+    a pipeline rank's other stages left as meta tensors), before the first step."""
+    def hook(run):
+        from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
+
+        for name, t in run.model.state_dict(keep_vars=True).items():
+            box[name] = (full_tensor(t, shard_info(t), run.ctx.groups) if gather else t.detach()).clone()
+    return hook
+
+
+def prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded):
+    """forge-train --init_from prev_run at TP=2 from ``gathered`` (a model directory) and at PP=2
+    from ``sharded`` (a one-process sharded training checkpoint); then both readers asked directly
+    for a TP=2 rank's pieces."""
+    from forge_dist.io import from_pretrained
+    from forge_dist.io.forge_format import read_config
+    from forge_dist.io.slice_read import DcpSlices, SafetensorsSlices
+    from forge_dist.io.slice_read import load_slices
+    from forge_dist.model.gpt import GPT
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.metadata import shard_info, shard_tensor
+    from forge_dist.testing.runs import fit, logged_losses, parallel_context
+
+    out = {}
+    for name, source, tp, pp in (("tp2", gathered, 2, 1), ("pp2", sharded, 1, 2)):
+        state = {}
+        fit([*ARGS, "--dataset", dataset, "--out_dir", os.path.join(workdir, name), "--init_from", "prev_run",
+             "--prev_run_ckpt", source], parallel_context(rank, world_size, tp=tp, pp=pp),
+            _initial_state(state, gather=tp > 1))
+        out[name] = (state, logged_losses(os.path.join(workdir, name)))
+    ctx = parallel_context(rank, world_size, tp=2)
+    cfg, _ = read_config(gathered)
+    full = from_pretrained(gathered).state_dict()
+    for fmt, reader in (("safetensors", SafetensorsSlices(gathered)),
+                        ("dcp", DcpSlices(os.path.join(sharded, "checkpoints", "iter_0000002", "model")))):
+        model = parallelize(GPT(cfg, defer_init=True), ctx.groups, ctx.parallel_config)
+        own = model.state_dict(keep_vars=True)
+        split = sorted(n for n, t in own.items() if getattr(shard_info(t), "dim", None) is not None)
+        local = sum(t.numel() * t.element_size() for t in {id(t): t for t in own.values()}.values())
+        load_slices(model, reader, ctx.groups)
+        wrong = [n for n, t in model.state_dict(keep_vars=True).items()
+                 if not torch.equal(t.detach(), shard_tensor(full[n], shard_info(t), rank, 2)
+                                    if shard_info(t) is not None else full[n])]
+        out[fmt] = dict(requests=reader.requests, read=reader.bytes_read, local=local, split=split, wrong=wrong)
+    return out
+
+
+def _world(rank, world_size, workdir, dataset, gathered, sharded):
+    return compare_cases(rank, world_size, 2, "all", workdir), \
+        prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded)
+
+
+@pytest.mark.timeout(300)
 def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
-    per_rank = spawn(compare_cases, 2, 2, "all", str(tmp_path), timeout=180, return_all=True)
-    for rank, result in enumerate(per_rank):
+    from forge_dist.io import from_pretrained
+    from forge_dist.io.convert import convert
+    from forge_dist.testing.data import corpus_dataset
+    from forge_dist.testing.runs import fit, logged_losses
+    from forge_dist.train.context import RunContext
+
+    # a one-process sharded checkpoint, its weights consolidated, and the one-process prev_run from them
+    dataset = corpus_dataset(tmp_path, 20_000)
+    sharded, gathered = str(tmp_path / "src"), str(tmp_path / "gathered")
+    fit([*ARGS, "--dataset", dataset, "--out_dir", sharded, "--checkpoint_format", "sharded",
+         "--always_save_checkpoint", "--eval_interval", "2"], RunContext())
+    convert(sharded, gathered, "forge")
+    fit([*ARGS, "--dataset", dataset, "--out_dir", str(tmp_path / "one"), "--init_from", "prev_run",
+         "--prev_run_ckpt", gathered], RunContext())
+    want_losses, want = logged_losses(tmp_path / "one"), from_pretrained(gathered).state_dict()
+    full_bytes = sum(t.numel() * t.element_size() for t in want.values())
+
+    per_rank = spawn(_world, 2, str(tmp_path), dataset, gathered, sharded, timeout=280, return_all=True)
+    for rank, (result, prev) in enumerate(per_rank):
         wrong = {k: v for k, v in result.items() if v not in ("same", "refused")}
         assert not wrong, f"rank {rank}: {wrong}"
         assert sum(v == "same" for v in result.values()) > len(result) // 2
+        # prev_run at TP=2 and PP=2: exactly the checkpoint's weights, the one-process losses
+        for name in ("tp2", "pp2"):
+            state, losses = prev[name]
+            other = () if name == "tp2" else ((".h.1.", "ln_f") if rank == 0 else (".h.0.",))  # the other stage's
+            held = {k: v for k, v in state.items() if not v.is_meta and not any(o in k for o in other)}
+            differ = [k for k, v in held.items() if not torch.equal(v, want[k])]
+            assert held and not differ, (rank, name, differ[:4])
+            assert sorted(losses) == sorted(want_losses) == [0, 1], (name, losses)
+            for i in want_losses:
+                assert losses[i] == pytest.approx(want_losses[i], rel=2e-5), (rank, name, i)
+        # stage 0 holds layer 0, stage 1 layer 1: the other's drawn (Linear) weights were never materialised
+        layers = [k for k in prev["pp2"][0] if ".h." in k and k.endswith(".weight")]
+        assert layers and all(prev["pp2"][0][k].is_meta != (f".h.{rank}." in k) for k in layers), rank
+        # the readers filled this rank's shards of the checkpoint's tensors, reading no more than it holds
+        for fmt in ("safetensors", "dcp"):
+            asked = prev[fmt]
+            assert asked["split"] and not asked["wrong"], (rank, fmt, asked["wrong"])
+            assert asked["read"] <= asked["local"] < 0.8 * full_bytes, (rank, fmt, asked["read"], full_bytes)
+    # ... and each element of a TP-split tensor was asked for by exactly one of the two ranks
+    for fmt in ("safetensors", "dcp"):
+        per_name = {}
+        for _, prev in per_rank:
+            for name, _, sizes in prev[fmt]["requests"]:
+                per_name[name] = per_name.get(name, 0) + torch.Size(sizes).numel()
+        for name in per_rank[0][1][fmt]["split"]:
+            if name == "lm_head.weight" and name not in per_name:  # tied: read as transformer.wte.weight
+                continue
+            assert per_name[name] == want[name].numel(), (fmt, name, per_name[name], want[name].shape)

@@ -1,0 +1,245 @@
+"""Reading only the pieces of a checkpoint's logical tensors that this rank holds.
+
+A rank of a tensor-parallel or pipelined run starting from a checkpoint's weights (resume of a
+gathered checkpoint, ``--init_from prev_run``) needs, per tensor, the pieces its shards hold
+(parallel/sharded_state.py ``shard_pieces``: views of the local tensor with their offsets in the
+logical one). A ``SliceReader`` fills such views from the checkpoint without reading the rest:
+
+    reader = open_slices(model_dir)   # model.safetensors: safetensors' lazy get_slice per piece
+                                      # model/dcp (sharded): DCP reads the saved chunks overlapping a piece
+    reader.read({name: [(view, offsets), ...], ...})
+    load_slices(model, reader, groups)  # a deferred, parallelized model (or a pipeline stage) filled
+    load_shards(model, model_dir, groups)   # the same from a model.safetensors, strictly
+
+``StateDictSlices`` gives the same interface to an in-memory state dict (a converted ReaLLM-Forge
+ckpt.pt or transformers directory, which are read whole). Every reader records what it was asked
+for (``requests``, ``bytes_read``) so a test can prove a rank never read what it does not own.
+A DCP checkpoint written by fewer ranks stores bigger chunks; DCP reads a whole stored chunk and
+keeps the overlap, so there the peak is one stored chunk (at most one full tensor).
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from forge_dist.errors import CheckpointError
+from forge_dist.model.deferred import logical_shape, replace_value
+from forge_dist.parallel.groups import ProcessGroups
+
+Piece = Tuple[torch.Tensor, Tuple[int, ...]]  # (view to fill, offsets in the logical tensor)
+
+
+class SliceReader(ABC):
+    """names(), shape(name), read({name: pieces}); ``aliases`` maps a tied name to the stored one."""
+
+    source: str = ""
+
+    def __init__(self) -> None:
+        self.aliases: Dict[str, str] = {}
+        self.requests: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = []  # (name, offsets, sizes)
+        self.bytes_read = 0
+
+    @abstractmethod
+    def stored_names(self) -> List[str]:
+        """The names the checkpoint stores (tied aliases not included)."""
+
+    @abstractmethod
+    def _shape(self, stored: str) -> Tuple[int, ...]:
+        """The logical shape of a stored tensor, from the index (nothing read)."""
+
+    @abstractmethod
+    def _read(self, wanted: Dict[str, List[Piece]]) -> None:
+        """Fill the views of ``wanted`` (stored name -> pieces)."""
+
+    def stored(self, name: str) -> Optional[str]:
+        name = self.aliases.get(name, name)
+        return name if name in self._names() else None
+
+    def _names(self) -> set:
+        if not hasattr(self, "_name_set"):
+            self._name_set = set(self.stored_names())
+        return self._name_set
+
+    def names(self) -> List[str]:
+        return sorted(self._names() | {a for a, n in self.aliases.items() if n in self._names()})
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        stored = self.stored(name)
+        if stored is None:
+            raise CheckpointError(f"{self.source} has no tensor {name!r}")
+        return self._shape(stored)
+
+    @torch.no_grad()
+    def read(self, wanted: Dict[str, List[Piece]]) -> None:
+        """Fill every view of ``wanted`` (logical name -> pieces) from the checkpoint."""
+        by_stored: Dict[str, List[Piece]] = {}
+        for name, pieces in wanted.items():
+            stored = self.stored(name)
+            if stored is None:
+                raise CheckpointError(f"{self.source} has no tensor {name!r}")
+            by_stored.setdefault(stored, []).extend(pieces)
+            for view, offsets in pieces:
+                self.requests.append((name, tuple(offsets), tuple(view.shape)))
+                self.bytes_read += view.numel() * view.element_size()
+        if by_stored:
+            self._read(by_stored)
+
+
+def _index(view: torch.Tensor, offsets) -> tuple:
+    return tuple(slice(o, o + s) for o, s in zip(offsets, view.shape))
+
+
+class SafetensorsSlices(SliceReader):
+    """A forge_dist ``model.safetensors`` (io/weights_reader.py), each piece through get_slice."""
+
+    def __init__(self, directory: str):
+        from forge_dist.io.weights_reader import WeightsReader
+
+        super().__init__()
+        self._weights = WeightsReader(directory)
+        self.source = self._weights.file
+        self.aliases.update(self._weights._aliases)
+
+    def stored_names(self) -> List[str]:
+        return sorted(self._weights._stored)
+
+    def _shape(self, stored: str) -> Tuple[int, ...]:
+        return self._weights.shape(stored)
+
+    def _read(self, wanted: Dict[str, List[Piece]]) -> None:
+        f = self._weights._f
+        for name, pieces in wanted.items():
+            part = f.get_slice(name)
+            for view, offsets in pieces:
+                value = part[_index(view, offsets)] if view.dim() else f.get_tensor(name)
+                view.copy_(value.reshape(view.shape))
+
+
+class DcpSlices(SliceReader):
+    """A sharded training checkpoint's ``model/dcp`` (io/sharded_read.py): one DCP load of every
+    piece, which reads only the saved chunks that overlap them. ``verify(files)`` checks the data
+    files those pieces come from before they are read (their sha256)."""
+
+    def __init__(self, model_dir: str, verify: Optional[Callable[[List[str]], None]] = None):
+        from forge_dist.io.sharded_read import MODEL_PREFIX, ShardedWeights
+
+        super().__init__()
+        self._weights = ShardedWeights(model_dir)
+        self.source, self.verify, self._prefix = self._weights.directory, verify, MODEL_PREFIX
+
+    def stored_names(self) -> List[str]:
+        return self._weights.names()
+
+    def _shape(self, stored: str) -> Tuple[int, ...]:
+        return self._weights.shape(stored)
+
+    def _read(self, wanted: Dict[str, List[Piece]]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from forge_dist.io.dcp_storage import single_process_quiet
+        from forge_dist.io.sharded_read import _CachedReader, files_to_read
+        from forge_dist.parallel.sharded_state import LocalShards, ShardLoadPlanner
+
+        state = {self._prefix + n: LocalShards(pieces, self._shape(n)) for n, pieces in wanted.items()}
+        if self.verify is not None:
+            self.verify(files_to_read(self._weights.metadata, {
+                k: [(tuple(o), tuple(v.shape)) for v, o in s.pieces] for k, s in state.items()}))
+        with single_process_quiet():
+            dcp.load(state, storage_reader=_CachedReader(self._weights.directory, self._weights.metadata),
+                     planner=ShardLoadPlanner(), no_dist=True)
+
+
+class StateDictSlices(SliceReader):
+    """A state dict already in memory (a converted ckpt.pt or transformers directory)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], source: str):
+        super().__init__()
+        self._state, self.source = state, source
+
+    def stored_names(self) -> List[str]:
+        return sorted(self._state)
+
+    def _shape(self, stored: str) -> Tuple[int, ...]:
+        return tuple(self._state[stored].shape)
+
+    def _read(self, wanted: Dict[str, List[Piece]]) -> None:
+        for name, pieces in wanted.items():
+            full = self._state[name]
+            for view, offsets in pieces:
+                view.copy_(full[_index(view, offsets)] if view.dim() else full.reshape(()))
+
+
+def tied_aliases(state: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """{later name: first name} of the tensors a state dict (keep_vars) holds under several names."""
+    first: Dict[int, str] = {}
+    out = {}
+    for name, t in state.items():
+        if first.setdefault(id(t), name) != name:
+            out[name] = first[id(t)]
+    return out
+
+
+def open_slices(model_dir: str, verify: Optional[Callable[[List[str]], None]] = None) -> SliceReader:
+    """The reader of a forge_dist model directory: model.safetensors, or a sharded checkpoint's dcp/."""
+    from forge_dist.io.forge_format import WEIGHTS_NAME
+    from forge_dist.io.sharded_read import is_sharded_model_dir
+
+    if not os.path.isfile(os.path.join(model_dir, WEIGHTS_NAME)) and is_sharded_model_dir(model_dir):
+        return DcpSlices(model_dir, verify)
+    return SafetensorsSlices(model_dir)
+
+
+@torch.no_grad()
+def load_slices(model: nn.Module, reader, groups: Optional[ProcessGroups], partial: bool = False,
+                fresh_ok: bool = False) -> List[str]:
+    """Fill ``model`` (logical names; a deferred, parallelized model, a pipeline stage under the
+    GPT's names, or a plain one with ``groups`` None) from ``reader`` (io/slice_read.py), reading
+    only the pieces this rank's tensors hold (parallel/sharded_state.py shard_pieces): meta
+    parameters get a new local tensor, the others are written in place. Strict like io.state,
+    unless ``partial`` (the checkpoint may hold tensors the model lacks) or ``fresh_ok`` (tensors
+    the checkpoint lacks keep their value, or stay on meta to be drawn: prev_run). Returns the
+    names the checkpoint lacked."""
+    from forge_dist.parallel.sharded_state import shard_pieces
+    from forge_dist.parallel.tensor.metadata import shard_info
+
+    own = model.state_dict(keep_vars=True)
+    reader.aliases.update({a: n for a, n in tied_aliases(own).items() if reader.stored(a) is None})
+    stored = set(reader.names())
+    missing = sorted(set(own) - stored)
+    unexpected = [] if partial else sorted(stored - set(own))
+    if (missing and not fresh_ok) or unexpected:
+        raise CheckpointError(f"{reader.source} does not fit the model built from its config: missing "
+                              f"{missing[:8] or 'none'}; unexpected {unexpected[:8] or 'none'}")
+    wanted, fills, seen = {}, [], set()
+    for name, t in own.items():
+        if id(t) in seen or name not in stored:  # a tied tensor is read under its first name
+            continue
+        seen.add(id(t))
+        if reader.shape(name) != logical_shape(t):
+            raise CheckpointError(f"{reader.source}: {name} has shape {reader.shape(name)}, the model "
+                                  f"expects {logical_shape(t)}")
+        local = torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t  # zeros: a padded shard's tail
+        info = shard_info(t)
+        pieces = shard_pieces(local, info, groups) if groups is not None else [(local, (0,) * local.dim())]
+        wanted[name] = pieces
+        if t.is_meta:
+            fills.append((t, local))
+    reader.read(wanted)
+    for t, local in fills:
+        replace_value(t, local)
+    return missing
+
+
+def load_shards(model: nn.Module, directory: str, groups: ProcessGroups, partial: bool = False) -> None:
+    """Load a forge_dist model directory (logical, unsharded names and shapes) into a deferred,
+    parallelized model, reading only this rank's pieces of each tensor (load_slices). Strict like
+    io.state; ``partial``: ``model`` holds part of the checkpoint's model (a pipeline stage under
+    the GPT's names), so tensors it does not hold are not an error."""
+    load_slices(model, SafetensorsSlices(directory), groups, partial=partial)
+    left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise RuntimeError(f"{left[:4]} are still on the meta device after loading {directory}")

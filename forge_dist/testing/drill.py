@@ -1,11 +1,15 @@
 """forge-train with a fault injected, for the failure drills (tests only; never used by forge-train).
 
     python -m forge_dist.testing.drill --signal KILL --rank 3 --call 7 -- <forge-train options>
+    python -m forge_dist.testing.drill --signal KILL --rank 3 --in_save 4 -- <forge-train options>
 
 runs forge-train (forge_dist.train.cli.main) in this process, and on rank ``--rank`` sends itself
 ``SIG<signal>`` inside the engine's forward-backward call number ``--call`` (1-based: the middle of
-iteration ``call - 1`` of a fresh run, or of ``start + call - 1`` of a resumed one). KILL is a
-crashed rank, STOP a frozen one (a hang: its sockets stay open), TERM a preemption.
+iteration ``call - 1`` of a fresh run, or of ``start + call - 1`` of a resumed one), or, with
+``--in_save N``, inside the sharded save of iteration N once this rank's shards are written and
+before they are hashed and published (with --async_checkpoint: in the background thread, while the
+main thread trains on). KILL is a crashed rank, STOP a frozen one (a hang: its sockets stay open),
+TERM a preemption.
 """
 from __future__ import annotations
 
@@ -29,18 +33,39 @@ def inject(engine_cls, call: int, signum: int) -> None:
     engine_cls.forward_backward = forward_backward
 
 
+def inject_in_save(iteration: int, signum: int) -> None:
+    from forge_dist.train.sharded_save import ShardedCheckpointer
+
+    original = ShardedCheckpointer._publish
+
+    def publish(self, files, group, info):
+        if info["iteration"] == iteration:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signum)
+        return original(self, files, group, info)
+
+    ShardedCheckpointer._publish = publish
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="forge_dist.testing.drill")
     parser.add_argument("--signal", default="KILL")
     parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--call", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--call", type=int)
+    where.add_argument("--in_save", type=int, help="the iteration whose sharded save is interrupted")
     parser.add_argument("train", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     from forge_dist.train.cli import main as train_main
     from forge_dist.train.engine import LocalEngine
 
     if int(os.environ.get("RANK", "0")) == args.rank:
-        inject(LocalEngine, args.call, getattr(signal, "SIG" + args.signal))  # ParallelEngine inherits it
+        signum = getattr(signal, "SIG" + args.signal)
+        if args.in_save is not None:
+            inject_in_save(args.in_save, signum)
+        else:
+            inject(LocalEngine, args.call, signum)  # ParallelEngine inherits it
     train = args.train[1:] if args.train[:1] == ["--"] else args.train
     return train_main(train)
 

@@ -17,6 +17,7 @@ average, clip). Compared (relative errors, TOLERANCES of forge_dist.testing.pari
   step         the weights after one AdamW step (this rank's optimizer on its shards) against the
                full model stepped with the gathered gradients: exact, AdamW is elementwise
   ref step     the same weights against the reference stepped with its own gradients
+  ddp          at DP > 1, every chunk of this rank runs in torch's DDP (split-backward schedules too)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from forge_dist.testing.parity import ParityReport, rel_error
 # ref step: AdamW's 1/(|g| + eps) magnifies the gradients' rounding gap on elements whose gradient
 # is near eps (TP's other summation order: up to ~2e-4 in fp32); "step" is the exact check
 TOL = {"init": 0.0, "opt state": 0.0, "resume": 0.0, "loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "step": 0.0,
-       "ref step": 1e-3}
+       "ref step": 1e-3, "ddp": 0.0}
 B = 2  # rows per micro-batch
 
 
@@ -94,6 +95,8 @@ def compare_pipeline(name: str, config_kwargs: dict, groups, schedule: str, virt
 
     errors: Dict[str, float] = {"loss": abs(float(loss) - ref_loss) / abs(ref_loss),
                                 "grad norm": rel_error(norm, ref_norm), **init}
+    if groups.dp.size > 1:  # every schedule's chunks average over DP in torch's DDP (these models: none all-shared)
+        errors["ddp"] = float(not all(runner.ddp.values()))
     grads, full_before = {}, {}
     for chunk in layout.chunks.values():
         grads.update(gather_full_state_dict(chunk, groups, grads=True))

@@ -76,7 +76,7 @@ losses = logged_losses
 @pytest.mark.timeout(400)
 def test_killed_rank_is_named_and_resume_is_exact(dataset, tmp_path):
     out = tmp_path / "out"
-    args = TINY + ["--dataset", dataset, "--out_dir", str(out), "--tensor_parallel_size", "2", "--max_iters", "8",
+    args = TINY + ["--dataset", dataset, "--out_dir", str(out), "--tensor_parallel_size", "2", "--max_iters", "6",
                    "--collective_timeout_s", "10", "--async_checkpoint", "--eval_interval", "2"]
     start = time.monotonic()
     results = finish(launch(4, args, ("KILL", 3, "save:4")))  # rank 3 dies in its async save of iteration 4
@@ -102,9 +102,9 @@ def test_killed_rank_is_named_and_resume_is_exact(dataset, tmp_path):
     results = finish(launch(4, args + ["--init_from", "resume"]))
     assert [r[0] for r in results] == [0] * 4, results[0][2][-3000:]
     after = losses(out)
-    assert sorted(after) == list(range(8))
+    assert sorted(after) == list(range(6))
     assert [after[i] for i in before if i >= 2] == [before[i] for i in before if i >= 2]  # replayed, bit for bit
-    assert ckpt.resolve_checkpoint(str(out)).endswith("iter_0000008")
+    assert ckpt.resolve_checkpoint(str(out)).endswith("iter_0000006")
     stepped = [r for r in read_metrics(str(out)) if "loss" in r]
     assert all({"straggler_rank", "straggler_compute_s", "compute_s_median"} <= set(r) for r in stepped[-4:])
 

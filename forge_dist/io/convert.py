@@ -11,7 +11,8 @@
 
 The source format is detected; a forge-train checkpoint is verified against its checksums first.
 Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
-ReaLLM-Forge's run ``config`` travel along; optimizer state does not.
+ReaLLM-Forge's run ``config`` travel along; optimizer state does not. A DeepSpeed checkpoint goes
+to --to forge one tensor at a time (io/deepspeed_stream.py), never whole in memory.
 """
 from __future__ import annotations
 
@@ -22,29 +23,35 @@ from typing import List, Optional
 
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import checkpoint_read, deepspeed_ckpt, forge_format, reallm_forge
+from forge_dist.io.deepspeed_stream import save_forge
 from forge_dist.io.pretrained import load_any
 
 TARGETS = ("forge", "reallm-forge", "hf")
 
 
-def load_source(src: str):
-    """(model, training info) of ``src``. A forge-train out_dir, its checkpoints/ folder or one
-    checkpoints/iter_N is verified against its manifest first (a flipped byte is refused, never
-    converted); its tokenizer and iteration travel along."""
+def find_source(src: str):
+    """(path to load, is it a DeepSpeed checkpoint, training info found beside it). A forge-train
+    out_dir, its checkpoints/ folder or one checkpoints/iter_N is verified against its manifest
+    first (a flipped byte is refused, never converted); its tokenizer and data_dir travel along."""
     found = checkpoint_read.find_training_checkpoint(src, retry=checkpoint_read.CONVERT_RETRY)
     if found is None:
-        load = deepspeed_ckpt.load_deepspeed if deepspeed_ckpt.is_deepspeed_checkpoint(src) else load_any
-        return load(src)
+        return src, deepspeed_ckpt.is_deepspeed_checkpoint(src), {}
     checkpoint_read.verify_checkpoint(found, retry=checkpoint_read.CONVERT_RETRY)
-    if deepspeed_ckpt.is_deepspeed_checkpoint(found):  # ZeRO shards: model/ may hold a partition only
-        model, training = deepspeed_ckpt.load_deepspeed(found)
-    else:
-        model, training = load_any(os.path.join(found, checkpoint_read.MODEL_DIR))
     state = checkpoint_read.load_trainer_state(found)
+    extra = {key: state[key] for key in ("tokenizer", "data_dir") if state.get(key)}  # older model/ lacks them
+    if deepspeed_ckpt.is_deepspeed_checkpoint(found):  # ZeRO shards: model/ may hold a partition only
+        return found, True, extra
+    return os.path.join(found, checkpoint_read.MODEL_DIR), False, extra
+
+
+def load_source(src: str):
+    """(model, training info) of ``src`` (see find_source)."""
+    path, is_deepspeed, extra = find_source(src)
+    model, training = (deepspeed_ckpt.load_deepspeed if is_deepspeed else load_any)(path)
     training = dict(training)
-    for key in ("tokenizer", "data_dir"):  # checkpoints written before model/ carried them
-        if state.get(key) and not training.get(key):
-            training[key] = state[key]
+    for key, value in extra.items():
+        if not training.get(key):
+            training[key] = value
     return model, training
 
 
@@ -54,8 +61,12 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
     ``tokenizer`` (a forge_dist Tokenizer) goes along with --to hf."""
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r} is not a checkpoint format; valid values: {', '.join(TARGETS)}")
-    model, training = load_source(os.fspath(src))
     dst = os.fspath(dst)
+    if to == "forge":
+        path, is_deepspeed, extra = find_source(os.fspath(src))
+        if is_deepspeed:  # tensor by tensor from the mapped partitions: never the whole model
+            return save_forge(path, dst, extra)
+    model, training = load_source(os.fspath(src))
     if to == "forge":
         forge_format.save_pretrained(model, dst, training=training)
         return dst

@@ -84,7 +84,7 @@ def read_layout(ds_dir: str) -> dict:
     return meta
 
 
-def _shard(d: Optional[dict]):
+def shard_info(d: Optional[dict]):
     from forge_dist.parallel.tensor.metadata import ShardInfo
 
     if d is None:
@@ -132,19 +132,19 @@ def _mp_rank_view(tag_dir: str, mp_rank: int, view_root: str, tag: str) -> str:
     return os.path.dirname(view)
 
 
-def _module_states(tag_dir: str, n_ranks: int) -> list:
+def module_states(tag_dir: str, n_ranks: int, mmap: bool = False) -> list:
     """The ``module`` saved in each model-parallel rank's model-states file (stage 0: no ZeRO)."""
     out = []
     for t in range(n_ranks):
         file = os.path.join(tag_dir, f"mp_rank_{t:02d}_model_states.pt")
         try:
-            out.append(safe_load(file)["module"])
+            out.append(safe_load(file, mmap=mmap)["module"])
         except (OSError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
     return out
 
 
-def _pipeline_states(tag_dir: str, tp: int) -> dict:
+def pipeline_states(tag_dir: str, tp: int, mmap: bool = False) -> dict:
     """A pipeline checkpoint's weights: DeepSpeed writes one ``layer_XX-model_states.pt`` per layer
     of the PipelineModule (``layer_XX-model_YY-...`` per TP rank), and forge-train's layers keep the
     GPT's names (train/deepspeed_pipeline.py). Under TP, TP rank 0's files: the logical copy then
@@ -156,7 +156,7 @@ def _pipeline_states(tag_dir: str, tp: int) -> dict:
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for file in files:
         try:
-            state.update(safe_load(file))
+            state.update(safe_load(file, mmap=mmap))
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
     return state
@@ -181,7 +181,7 @@ def _zero_states(tag_dir: str, tag: str, n_ranks: int) -> list:
     return out
 
 
-def _logical_masters(ds_dir: str, precision: str) -> Dict[str, torch.Tensor]:
+def logical_masters(ds_dir: str, precision: str) -> Dict[str, torch.Tensor]:
     """Stage 0 in bf16/fp16 keeps its fp32 master weights in DeepSpeed's fp16/bf16 optimizer wrapper,
     which zero_to_fp32 does not read, and a pipeline's layer files hold TP shards without their
     layout: take them from forge-train's logical copy beside deepspeed/."""
@@ -197,11 +197,8 @@ def _logical_masters(ds_dir: str, precision: str) -> Dict[str, torch.Tensor]:
     return {name: t["fp32"] for name, t in logical["params"].items()}
 
 
-def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str, torch.Tensor]", object, dict]:
-    """(logical fp32 state dict, ModelConfig, meta) of the DeepSpeed checkpoint at ``path``."""
-    from forge_dist.config.loading import model_config_from_dict
-    from forge_dist.parallel.tensor.metadata import unshard
-
+def resolve(path: str, tag: Optional[str] = None) -> Tuple[str, str, dict]:
+    """(DeepSpeed save directory, tag directory, layout meta) of the checkpoint at ``path``."""
     found = locate(path)
     if found is None:
         raise CheckpointError(f"{path} is not a DeepSpeed checkpoint directory (no 'latest', {LAYOUT_NAME} or "
@@ -212,27 +209,42 @@ def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str,
     tag_dir = os.path.join(ds_dir, tag)
     if not os.path.isdir(tag_dir):
         raise CheckpointError(f"{ds_dir} has no checkpoint tag {tag!r}")
+    return ds_dir, tag_dir, meta
+
+
+def model_config(meta: dict, ds_dir: str):
+    from forge_dist.config.loading import model_config_from_dict
+
+    return model_config_from_dict(meta["model_config"], source=os.path.join(ds_dir, LAYOUT_NAME))
+
+
+def consolidate(path: str, tag: Optional[str] = None) -> Tuple["OrderedDict[str, torch.Tensor]", object, dict]:
+    """(logical fp32 state dict, ModelConfig, meta) of the DeepSpeed checkpoint at ``path``, whole
+    in memory (zero_to_fp32); forge-convert streams instead (deepspeed_stream.py)."""
+    from forge_dist.parallel.tensor.metadata import unshard
+
+    ds_dir, tag_dir, meta = resolve(path, tag)
+    tag = os.path.basename(tag_dir)
     layout = meta["layout"]
     n_ranks = layout["tp_size"] * layout["pp_size"]
     zero = layout["zero_stage"] > 0
     pipeline = layout.get("pp_size", 1) > 1  # the layer files hold every weight (fp32 masters: the logical copy)
-    ranks = ([_pipeline_states(tag_dir, layout["tp_size"])] if pipeline else _zero_states(tag_dir, tag, n_ranks) if zero
-             else _module_states(tag_dir, n_ranks))
+    ranks = ([pipeline_states(tag_dir, layout["tp_size"])] if pipeline else _zero_states(tag_dir, tag, n_ranks) if zero
+             else module_states(tag_dir, n_ranks))
     aliases = meta.get("aliases", {})  # tied names: joined once, under the first name
     state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for name, t in ranks[0].items():
         if name in aliases:
             continue
-        info = _shard(meta["shards"].get(name))
+        info = shard_info(meta["shards"].get(name))
         missing = [i for i, r in enumerate(ranks) if name not in r]
         if missing:
             raise CheckpointError(f"{tag_dir}: model-parallel rank {missing[0]} has no {name}")
         state[name] = t if info is None or info.dim is None or pipeline else unshard([r[name] for r in ranks], info)
     if (pipeline or not zero) and (layout["precision"] != "fp32" or (pipeline and layout["tp_size"] > 1)):
-        state.update(_logical_masters(ds_dir, layout["precision"]))
+        state.update(logical_masters(ds_dir, layout["precision"]))
     state.update({alias: state[first] for alias, first in aliases.items()})
-    cfg = model_config_from_dict(meta["model_config"], source=os.path.join(ds_dir, LAYOUT_NAME))
-    return state, cfg, meta
+    return state, model_config(meta, ds_dir), meta
 
 
 def load_deepspeed(path: str, tag: Optional[str] = None):

@@ -480,6 +480,57 @@ def test_zero_checkpoints_consolidate_to_the_saved_weights(dp2, workdir, tmp_pat
             assert torch.equal(bf16_state[name], tensors["fp32"]), ("bf16", stage, name)
 
 
+def _safetensors_parts(file):
+    """(parsed header, data bytes): safetensors orders its __metadata__ keys at random."""
+    with open(file, "rb") as fh:
+        raw = fh.read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def test_forge_convert_streams_zero_checkpoints_one_tensor_at_a_time(dp2, workdir, tmp_path, monkeypatch):
+    """forge-convert --to forge reads ZeRO 0-3 checkpoints (fp32, and bf16's fp32 masters) from
+    memory-mapped partitions one logical tensor at a time: no tensor it made is alive when it makes
+    the next, every value equals consolidate's (zero_to_fp32), and the files are those the whole-model
+    path (load_deepspeed + save_pretrained) writes, byte for byte."""
+    import weakref
+
+    from forge_dist.io import deepspeed_stream
+    from forge_dist.io.convert import convert
+    from forge_dist.io.deepspeed_ckpt import consolidate, load_deepspeed
+    from forge_dist.io.forge_format import WEIGHTS_NAME, save_pretrained
+
+    made = []
+    assembled = deepspeed_stream.DeepSpeedReader.tensor
+
+    def one_at_a_time(reader, name):
+        assert all(ref() is None for ref in made), f"a logical tensor is still alive when {name} is read"
+        t = assembled(reader, name)
+        made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(deepspeed_stream.DeepSpeedReader, "tensor", one_at_a_time)
+    for stage in STAGES:
+        for src in (os.path.join(workdir, f"dp2_z{stage}", "deepspeed"), os.path.join(workdir, f"dp2_bf16_z{stage}")):
+            made.clear()
+            out = tmp_path / f"stream_{len(os.listdir(tmp_path))}"
+            assert convert(src, str(out / "streamed"), "forge") == str(out / "streamed")
+            model, training = load_deepspeed(src)
+            save_pretrained(model, str(out / "whole"), training=training)
+            state, _, meta = consolidate(src)
+            header, data = _safetensors_parts(out / "streamed" / WEIGHTS_NAME)
+            assert (header, data) == _safetensors_parts(out / "whole" / WEIGHTS_NAME), src
+            assert len(made) == len(header) - 1 == len(state) - len(meta.get("aliases", {}))
+            with open(out / "streamed" / "config.json") as a, open(out / "whole" / "config.json") as b:
+                assert a.read() == b.read()
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    begin, end = entry["data_offsets"]
+                    dtype = {v: k for k, v in deepspeed_stream._ST_DTYPES.items()}[entry["dtype"]]
+                    value = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).view(entry["shape"])
+                    assert torch.equal(value, state[name].to(dtype)), (src, name)
+
+
 def _logical_fp32(checkpoint):
     from forge_dist.io.deepspeed_ckpt import LOGICAL_NAME
     from forge_dist.io.statefile import load_state

@@ -511,7 +511,7 @@ def test_forge_convert_streams_zero_checkpoints_one_tensor_at_a_time(dp2, workdi
 
     monkeypatch.setattr(deepspeed_stream.DeepSpeedReader, "tensor", one_at_a_time)
     for stage in STAGES:
-        for src in (os.path.join(workdir, f"dp2_z{stage}", "deepspeed"), os.path.join(workdir, f"dp2_bf16_z{stage}")):
+        for src in (os.path.join(workdir, f"dp2_z{stage}"), os.path.join(workdir, f"dp2_bf16_z{stage}")):
             made.clear()
             out = tmp_path / f"stream_{len(os.listdir(tmp_path))}"
             assert convert(src, str(out / "streamed"), "forge") == str(out / "streamed")

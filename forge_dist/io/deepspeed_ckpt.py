@@ -15,8 +15,9 @@ TP rank's files are shown to it alone (symbolic links renamed to model-parallel 
 shards are then joined with ``unshard`` and the result loads strictly into the plain GPT. Stage 0
 in fp32 has no ZeRO partitions: its ``mp_rank_XX_model_states.pt`` holds the full fp32 module.
 
-``forge-convert <ckpt>/deepspeed out --to forge`` (or the training checkpoint or a tag directory)
-writes our model directory.
+``forge-convert <ckpt> out --to forge`` (the training checkpoint, its deepspeed/ or a tag directory)
+writes our model directory without consolidating: deepspeed_stream.py reads the same files
+memory-mapped, one logical tensor at a time, and writes the same bytes.
 """
 from __future__ import annotations
 

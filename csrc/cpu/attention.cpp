@@ -1,7 +1,8 @@
 // Fused attention for the score normalisers: out_i = sum_j f(s_ij) v_j / D_i without the (T, S)
 // score matrix. One task per (batch, KV head) over the ATen thread pool; every query head of the
-// KV head's group runs over tiles of 64 query rows x the keys those rows see (causal: up to the last
-// row's key), so memory is O(threads x 64 x S), never O(T x S), and GQA never repeats K/V.
+// KV head's group runs over tiles of 64 query rows x the keys those rows see (Tile: causal stops at
+// the last row's key, a sliding window starts at the first row's), so memory is O(threads x 64 x S),
+// never O(T x S), fully masked keys cost nothing, and GQA never repeats K/V.
 //
 // s_ij = cap tanh((q_i . k_j) scale / cap) + bias_ij  (soft-capping: Gemma 2; additive bias: FIRE)
 // Two families, their formulas the functors of forge/scores.h (shared with the normaliser kernels):
@@ -24,9 +25,12 @@ namespace cpu {
 namespace {
 
 struct Geo {
-  int64_t B, Hq, Hkv, T, S, D, Dv, Hb;  // Hb: bias heads (0: no bias, 1: broadcast, or Hq)
-  double scale, softcap;                 // softcap 0: none
+  int64_t B, Hq, Hkv, T, S, D, Dv, Bb, Hb;  // bias (Bb, Hb, T, S): Bb 1 or B, Hb 1 or Hq; Hb 0: no bias
+  double scale, softcap;                     // softcap 0: none
   MaskArgs mask;
+  int64_t bias_row(int64_t b, int64_t h, int64_t i) const {
+    return (((Bb == 1 ? 0 : b) * Hb + (Hb == 1 ? 0 : h)) * T + i) * S;
+  }
 };
 
 struct Segment {
@@ -34,39 +38,121 @@ struct Segment {
 };
 inline std::array<Segment, 2> segments(const ColRange& c) { return {Segment{0, c.sink_end}, Segment{c.lo, c.hi}}; }
 
-constexpr int64_t QBLOCK = 64;  // query rows per tile: the tile is QBLOCK x (keys the block sees)
+constexpr int64_t QBLOCK = 64;  // query rows per tile
 
-// A tile row from raw q.k to the score: cap tanh(x scale / cap) (th keeps the tanh) + bias, visible
-// columns only.
+// The keys a tile of query rows [i0, i0 + n) computes: the sink columns [0, ka) and the keys
+// [kb0, kb1) from the first row's lowest to the last row's highest visible key, packed side by side
+// (tile column ka + j is key kb0 + j). So a causal tile stops at its last row's key and a sliding
+// window's tile starts at its first row's, skipping every key no row of the tile sees.
+struct Tile {
+  int64_t i0, n, ka, kb0, kb1, w, shift;  // w = ka + kb1 - kb0 columns; tile column c >= ka is key c + shift
+  Tile(const Geo& g, int64_t i0_) : i0(i0_), n(std::min(QBLOCK, g.T - i0_)) {
+    const ColRange first = visible_cols(g.mask, i0, g.S), last = visible_cols(g.mask, i0 + n - 1, g.S);
+    const int64_t ns = first.sink_end;
+    kb1 = std::max(last.hi, first.lo);
+    ka = first.lo > ns ? ns : 0;  // the sinks adjoin the keys: one range from 0
+    kb0 = ka ? first.lo : 0;
+    w = ka + kb1 - kb0;
+    shift = kb0 - ka;
+  }
+  ColRange row(const Geo& g, int64_t r) const {  // the row's visible columns, in tile columns
+    const ColRange c = visible_cols(g.mask, i0 + r, g.S);
+    return {c.sink_end, c.lo - shift, c.hi - shift};
+  }
+};
+
+// ---- BLAS on raw tile pointers ---------------------------------------------------------------------
+// The BLAS torch links (MKL in the official CPU wheels) called directly: a tile is a handful of small
+// products, where at::mm's per-call tensor plumbing costs as much as the arithmetic at T = 256. Weak
+// references: a torch without these symbols takes at::mm on views of the same memory instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+// Row-major C (m x n, ldc) = alpha op(A) op(B) + beta C, beta 0 or 1; op(X) = X^T where tX.
 template <class A>
-void finish_scores(A* s, A* th, const A* bias_row, const ColRange& c, const Geo& g) {
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, A alpha, const A* a, int64_t lda, const A* b,
+          int64_t ldb, A beta, A* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (beta == A(0))
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, A(0));
+    return;
+  }
+  auto blas = [] {
+    if constexpr (std::is_same_v<A, float>) return sgemm_;
+    else return dgemm_;
+  }();
+  if (blas) {  // column-major: C^T = op(B)^T op(A)^T, the same flags with the operands swapped
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    const int M = int(n), N = int(m), K = int(k), LA = int(ldb), LB = int(lda), LC = int(ldc);
+    blas(&cb, &ca, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value);
+  auto view = [&](const A* p, int64_t r, int64_t cols, int64_t ld, bool t) {
+    at::Tensor x = at::from_blob(const_cast<A*>(p), {t ? cols : r, t ? r : cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  const at::Tensor prod = at::mm(view(a, m, k, lda, ta), view(b, k, n, ldb, tb)).mul_(alpha);
+  beta == A(0) ? cv.copy_(prod) : cv.add_(prod);
+}
+
+// A tile's product with the keys on its inner side: C = alpha op(X) [K seg 1 | K seg 2] pieces.
+// keys_nt: C (n x w) = alpha X (n x d) [K[0:ka] ; K[kb0:kb1]]^T, K rows of ld d (scores, dP);
+template <class A>
+void keys_nt(const Tile& t, int64_t d, A alpha, const A* x, int64_t ldx, const A* kk, A* c) {
+  gemm<A>(false, true, t.n, t.ka, d, alpha, x, ldx, kk, d, A(0), c, t.w);
+  gemm<A>(false, true, t.n, t.kb1 - t.kb0, d, alpha, x, ldx, kk + t.kb0 * d, d, A(0), c + t.ka, t.w);
+}
+// keys_nn: C (n x d) (+)= alpha P (n x w) [K pieces] (P V, dS K); beta: accumulate into C
+template <class A>
+void keys_nn(const Tile& t, int64_t d, A alpha, const A* p, const A* kk, A beta, A* c, int64_t ldc) {
+  if (t.ka) gemm<A>(false, false, t.n, d, t.ka, alpha, p, t.w, kk, d, beta, c, ldc);
+  gemm<A>(false, false, t.n, d, t.kb1 - t.kb0, alpha, p + t.ka, t.w, kk + t.kb0 * d, d, t.ka ? A(1) : beta, c, ldc);
+}
+// keys_tn: the key rows' gradients, G[keys] += alpha P^T (w x n) X (n x d) (dV, dK)
+template <class A>
+void keys_tn(const Tile& t, int64_t d, A alpha, const A* p, const A* x, A* gk) {
+  gemm<A>(true, false, t.ka, d, t.n, alpha, p, t.w, x, d, A(1), gk, d);
+  gemm<A>(true, false, t.kb1 - t.kb0, d, t.n, alpha, p + t.ka, t.w, x, d, A(1), gk + t.kb0 * d, d);
+}
+
+// A tile row from q.k (times the scale, folded into the product without soft-capping) to the
+// score: cap tanh(x scale / cap) (th keeps the tanh) + bias, visible columns only; the bias row is
+// indexed by key (tile column c of the second segment is key c + shift).
+template <class A>
+void finish_scores(A* s, A* th, const A* bias_row, int64_t shift, const ColRange& c, const Geo& g) {
   const A sc = A(g.scale), cap = A(g.softcap);
+  int64_t off = 0;
   for (const Segment sg : segments(c)) {
-    if (g.softcap != 0.0) {
+    if (g.softcap != 0.0)
       for (int64_t j = sg.lo; j < sg.hi; ++j) {
         A tt = std::tanh(s[j] * sc / cap);
         th[j] = tt;
         s[j] = cap * tt;
       }
-    } else {
-      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] *= sc;
-    }
     if (bias_row)
-      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] += bias_row[j];
+      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] += bias_row[j + off];
+    off = shift;
   }
 }
 
-// ds w.r.t. the final score -> dbias, then back through tanh and the scale to raw q.k
+// ds w.r.t. the final score -> dbias, then back through tanh (the scale: in the products after)
 template <class A>
-void unfinish_grad(A* ds, const A* th, A* dbias_row, const ColRange& c, const Geo& g) {
+void unfinish_grad(A* ds, const A* th, A* dbias_row, int64_t shift, const ColRange& c, const Geo& g) {
   const A sc = A(g.scale);
+  int64_t off = 0;
   for (const Segment sg : segments(c)) {
     if (dbias_row)
-      for (int64_t j = sg.lo; j < sg.hi; ++j) dbias_row[j] += ds[j];
+      for (int64_t j = sg.lo; j < sg.hi; ++j) dbias_row[j + off] += ds[j];
     if (g.softcap != 0.0)
       for (int64_t j = sg.lo; j < sg.hi; ++j) ds[j] *= (A(1) - th[j] * th[j]) * sc;
-    else
-      for (int64_t j = sg.lo; j < sg.hi; ++j) ds[j] *= sc;
+    off = shift;
   }
 }
 
@@ -75,6 +161,18 @@ template <class A>
 void zero_hidden(A* row, const ColRange& c, int64_t w) {
   std::fill(row + c.sink_end, row + c.lo, A(0));
   std::fill(row + c.hi, row + w, A(0));
+}
+
+// x (n elements of T) in the accumulation type: the tensor's own memory when T is A, else a copy
+template <class A, class T>
+const A* as_acc(const T* x, int64_t n, std::vector<A>& buf) {
+  if constexpr (std::is_same_v<A, T>) {
+    return x;
+  } else {
+    buf.resize(size_t(n));
+    for (int64_t i = 0; i < n; ++i) buf[i] = load(x[i]);
+    return buf.data();
+  }
 }
 
 // ---- the two normaliser families -----------------------------------------------------------------
@@ -189,95 +287,113 @@ struct RowNorm {
   }
 };
 
-// The products are BLAS calls on one tile (at::mm; single-threaded inside the parallel loop), the
-// normaliser runs on the tile's rows in between; K, V in the accumulation type once per task.
+// One task per (batch, KV head): K and V in the accumulation type once, then every query head of
+// the group tile by tile; the products are BLAS calls on the tile, the normaliser runs on its rows.
 template <class T, class Fam>
-void attn_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t<T>* bias, at::Tensor& out,
-              acc_t<T>* stats, const Fam& fam, const Geo& g) {
+void attn_fwd(const T* q, const T* k, const T* v, const acc_t<T>* bias, T* out, acc_t<T>* stats, const Fam& fam,
+              const Geo& g) {
   using A = acc_t<T>;
-  const auto acc = c10::CppTypeToScalarType<A>::value;
   const int64_t rep = g.Hq / g.Hkv;
+  const A alpha = g.softcap != 0.0 ? A(1) : A(g.scale);
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> kbuf, vbuf, qbuf, s(size_t(QBLOCK * g.S)), th(g.softcap != 0.0 ? s.size() : 0),
+        o(size_t(QBLOCK * g.Dv));
+    A f[QBLOCK];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / g.Hkv, kvh = bg % g.Hkv;
-      const at::Tensor kf = k[b][kvh].to(acc), vf = v[b][kvh].to(acc);
+      const A* kf = as_acc<A>(k + bg * g.S * g.D, g.S * g.D, kbuf);
+      const A* vf = as_acc<A>(v + bg * g.S * g.Dv, g.S * g.Dv, vbuf);
       for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
-        const int64_t bh = b * g.Hq + h, hb = g.Hb == 1 ? 0 : h;
-        const at::Tensor qf = q[b][h].to(acc);
+        const int64_t bh = b * g.Hq + h;
+        const A* qf = as_acc<A>(q + bh * g.T * g.D, g.T * g.D, qbuf);
         for (int64_t i0 = 0; i0 < g.T; i0 += QBLOCK) {
-          const int64_t n = std::min(QBLOCK, g.T - i0), w = visible_cols(g.mask, i0 + n - 1, g.S).hi;
-          at::Tensor s = at::mm(qf.narrow(0, i0, n), kf.narrow(0, 0, w).t()).contiguous();
-          at::Tensor th = g.softcap != 0.0 ? at::empty_like(s) : s;
-          at::Tensor f = at::empty({n, 1}, s.options());
-          A *sp = s.data_ptr<A>(), *tp = th.data_ptr<A>(), *fp = f.data_ptr<A>();
-          for (int64_t r = 0; r < n; ++r) {
+          const Tile t(g, i0);
+          keys_nt<A>(t, g.D, alpha, qf + i0 * g.D, g.D, kf, s.data());
+          for (int64_t r = 0; r < t.n; ++r) {
             const int64_t i = i0 + r;
-            const ColRange c = visible_cols(g.mask, i, g.S);
-            finish_scores(sp + r * w, tp + r * w, g.Hb ? bias + (hb * g.T + i) * g.S : nullptr, c, g);
-            fp[r] = fam.forward(h, sp + r * w, c, stats ? stats + (bh * g.T + i) * 3 : nullptr);
-            zero_hidden(sp + r * w, c, w);
+            const ColRange c = t.row(g, r);
+            A* sr = s.data() + r * t.w;
+            finish_scores(sr, th.data() + r * t.w, g.Hb ? bias + g.bias_row(b, h, i) : nullptr, t.shift, c, g);
+            f[r] = fam.forward(h, sr, c, stats ? stats + (bh * g.T + i) * 3 : nullptr);
+            zero_hidden(sr, c, t.w);
           }
-          out[b][h].narrow(0, i0, n).copy_(at::mm(s, vf.narrow(0, 0, w)).mul_(f));
+          keys_nn<A>(t, g.Dv, A(1), s.data(), vf, A(0), o.data(), g.Dv);
+          T* dst = out + (bh * g.T + i0) * g.Dv;
+          for (int64_t r = 0; r < t.n; ++r)
+            for (int64_t d = 0; d < g.Dv; ++d) dst[r * g.Dv + d] = store<T>(o[r * g.Dv + d] * f[r]);
         }
       }
     }
   });
 }
 
-// grads: dq, dk, dv in T; dbias (Hb, T, S), and the small ones [dparams | dc | dobo | dsink] in A,
-// summed over threads in thread order (deterministic for a thread count).
+// dq, dk, dv in T; dbias (Bb, Hb, T, S) and the small ones [dparams | dc | dobo | dsink] in A. Each
+// task owns the dbias slices it writes (a bias broadcast over the batch or the heads keeps those
+// inside one task), so dbias needs no per-thread copy; the small gradients are summed over threads
+// in thread order (deterministic for a thread count).
 template <class T, class Fam>
-void attn_bwd(const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const acc_t<T>* bias, const at::Tensor& out, const acc_t<T>* stats, at::Tensor& dq, at::Tensor& dk,
-              at::Tensor& dv, acc_t<T>* dbias, acc_t<T>* small, int64_t n_small, std::array<int64_t, 4> offsets,
-              const Fam& fam, const Geo& g) {
+void attn_bwd(const T* grad, const T* q, const T* k, const T* v, const acc_t<T>* bias, const T* out,
+              const acc_t<T>* stats, T* dq, T* dk, T* dv, acc_t<T>* dbias, acc_t<T>* small, int64_t n_small,
+              std::array<int64_t, 4> offsets, const Fam& fam, const Geo& g) {
   using A = acc_t<T>;
-  const auto acc = c10::CppTypeToScalarType<A>::value;
-  const int64_t rep = g.Hq / g.Hkv, nb = dbias ? g.Hb * g.T * g.S : 0;
-  PerThread<A> acc_bias(nb), acc_small(n_small);
-  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    A* my_bias = nb ? acc_bias.mine() : nullptr;
+  const int64_t rep = g.Hq / g.Hkv;
+  const A alpha = g.softcap != 0.0 ? A(1) : A(g.scale);
+  // tasks over the batch unless dbias is shared across it, over KV heads unless shared across them
+  const int64_t nb = !dbias || g.Bb == g.B ? g.B : 1, nh = !dbias || g.Hb == g.Hq || g.Hkv == 1 ? g.Hkv : 1;
+  PerThread<A> acc_small(n_small);
+  at::parallel_for(0, nb * nh, 1, [&](int64_t begin, int64_t end) {
     A* my = acc_small.mine();
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / g.Hkv, kvh = bg % g.Hkv;
-      const at::Tensor kf = k[b][kvh].to(acc), vf = v[b][kvh].to(acc);
-      at::Tensor dkf = at::zeros_like(kf), dvf = at::zeros_like(vf);
-      for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
-        const int64_t bh = b * g.Hq + h, hb = g.Hb == 1 ? 0 : h;
-        const at::Tensor qf = q[b][h].to(acc), gf = grad[b][h].to(acc);
-        const at::Tensor delta = (gf * out[b][h].to(acc)).sum(-1).contiguous();  // dO . out per row
-        const A* dl = delta.const_data_ptr<A>();
-        for (int64_t i0 = 0; i0 < g.T; i0 += QBLOCK) {
-          const int64_t n = std::min(QBLOCK, g.T - i0), w = visible_cols(g.mask, i0 + n - 1, g.S).hi;
-          const at::Tensor qb = qf.narrow(0, i0, n), gb = gf.narrow(0, i0, n);
-          at::Tensor s = at::mm(qb, kf.narrow(0, 0, w).t()).contiguous();
-          at::Tensor dp = at::mm(gb, vf.narrow(0, 0, w).t()).contiguous();
-          at::Tensor th = g.softcap != 0.0 ? at::empty_like(s) : s;
-          A *sp = s.data_ptr<A>(), *tp = th.data_ptr<A>(), *dpp = dp.data_ptr<A>();
-          for (int64_t r = 0; r < n; ++r) {
-            const int64_t i = i0 + r;
-            const ColRange c = visible_cols(g.mask, i, g.S);
-            A *sr = sp + r * w, *dr = dpp + r * w;
-            finish_scores(sr, tp + r * w, g.Hb ? bias + (hb * g.T + i) * g.S : nullptr, c, g);
-            fam.backward(h, sr, dr, c, stats ? stats + (bh * g.T + i) * 3 : nullptr, dl[i], my + offsets[0],
-                         my + offsets[1], my + offsets[2], my + offsets[3]);
-            unfinish_grad(dr, tp + r * w, my_bias ? my_bias + (hb * g.T + i) * g.S : nullptr, c, g);
-            zero_hidden(sr, c, w);
-            zero_hidden(dr, c, w);
+    std::vector<A> kbuf, vbuf, qbuf, gbuf, s(size_t(QBLOCK * g.S)), dp(s.size()), th(g.softcap != 0.0 ? s.size() : 0),
+        dkf(size_t(g.S * g.D)), dvf(size_t(g.S * g.Dv)), dqt(size_t(QBLOCK * g.D));
+    A delta[QBLOCK];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b_lo = nb == 1 ? 0 : task / nh, b_hi = nb == 1 ? g.B : b_lo + 1;
+      const int64_t h_lo = nh == 1 ? 0 : task % nh, h_hi = nh == 1 ? g.Hkv : h_lo + 1;
+      for (int64_t b = b_lo; b < b_hi; ++b)
+        for (int64_t kvh = h_lo; kvh < h_hi; ++kvh) {
+          const int64_t bg = b * g.Hkv + kvh;
+          const A* kf = as_acc<A>(k + bg * g.S * g.D, g.S * g.D, kbuf);
+          const A* vf = as_acc<A>(v + bg * g.S * g.Dv, g.S * g.Dv, vbuf);
+          std::fill(dkf.begin(), dkf.end(), A(0));
+          std::fill(dvf.begin(), dvf.end(), A(0));
+          for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
+            const int64_t bh = b * g.Hq + h;
+            const A* qf = as_acc<A>(q + bh * g.T * g.D, g.T * g.D, qbuf);
+            const A* gf = as_acc<A>(grad + bh * g.T * g.Dv, g.T * g.Dv, gbuf);
+            for (int64_t i0 = 0; i0 < g.T; i0 += QBLOCK) {
+              const Tile t(g, i0);
+              const A *qb = qf + i0 * g.D, *gb = gf + i0 * g.Dv;
+              for (int64_t r = 0; r < t.n; ++r) {  // dO . out per row
+                const T* o = out + (bh * g.T + i0 + r) * g.Dv;
+                A acc = A(0);
+                for (int64_t d = 0; d < g.Dv; ++d) acc += gb[r * g.Dv + d] * load(o[d]);
+                delta[r] = acc;
+              }
+              keys_nt<A>(t, g.D, alpha, qb, g.D, kf, s.data());
+              keys_nt<A>(t, g.Dv, A(1), gb, g.Dv, vf, dp.data());
+              for (int64_t r = 0; r < t.n; ++r) {
+                const int64_t i = i0 + r;
+                const ColRange c = t.row(g, r);
+                A *sr = s.data() + r * t.w, *dr = dp.data() + r * t.w, *tr = th.data() + r * t.w;
+                finish_scores(sr, tr, g.Hb ? bias + g.bias_row(b, h, i) : nullptr, t.shift, c, g);
+                fam.backward(h, sr, dr, c, stats ? stats + (bh * g.T + i) * 3 : nullptr, delta[r], my + offsets[0],
+                             my + offsets[1], my + offsets[2], my + offsets[3]);
+                unfinish_grad(dr, tr, dbias ? dbias + g.bias_row(b, h, i) : nullptr, t.shift, c, g);
+                zero_hidden(sr, c, t.w);
+                zero_hidden(dr, c, t.w);
+              }
+              keys_tn<A>(t, g.Dv, A(1), s.data(), gb, dvf.data());
+              keys_tn<A>(t, g.D, alpha, dp.data(), qb, dkf.data());
+              keys_nn<A>(t, g.D, alpha, dp.data(), kf, A(0), dqt.data(), g.D);
+              T* dst = dq + (bh * g.T + i0) * g.D;
+              for (int64_t j = 0; j < t.n * g.D; ++j) dst[j] = store<T>(dqt[j]);
+            }
           }
-          dvf.narrow(0, 0, w).addmm_(s.t(), gb);
-          dkf.narrow(0, 0, w).addmm_(dp.t(), qb);
-          dq[b][h].narrow(0, i0, n).copy_(at::mm(dp, kf.narrow(0, 0, w)));
+          for (int64_t j = 0; j < g.S * g.D; ++j) dk[bg * g.S * g.D + j] = store<T>(dkf[j]);
+          for (int64_t j = 0; j < g.S * g.Dv; ++j) dv[bg * g.S * g.Dv + j] = store<T>(dvf[j]);
         }
-      }
-      dk[b][kvh].copy_(dkf);
-      dv[b][kvh].copy_(dvf);
     }
   });
-  if (nb) {
-    auto sum = acc_bias.sum();
-    std::copy(sum.begin(), sum.end(), dbias);
-  }
   auto sum = acc_small.sum();
   std::copy(sum.begin(), sum.end(), small);
 }
@@ -297,14 +413,17 @@ Geo geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
                   v.size(2) == k.size(2) && k.size(3) == q.size(3),
               "attention: shapes q ", q.sizes(), " k ", k.sizes(), " v ", v.sizes(), " do not fit");
   TORCH_CHECK(m.size() == 5, "mask must be [enabled, causal, window, q_offset, n_sink]");
-  int64_t Hb = 0;
-  if (bias.defined()) {
-    TORCH_CHECK(bias.dim() == 3 && (bias.size(0) == 1 || bias.size(0) == Hq) && bias.size(1) == q.size(2) &&
-                    bias.size(2) == k.size(2),
-                "attention: bias must be (1 or H, T, S), got ", bias.sizes());
-    Hb = bias.size(0);
+  int64_t Bb = 1, Hb = 0;
+  if (bias.defined()) {  // (1 or H, T, S), or (1 or B, 1 or H, T, S)
+    const int64_t d = bias.dim();
+    TORCH_CHECK((d == 3 || d == 4) && (d == 3 || bias.size(0) == 1 || bias.size(0) == q.size(0)) &&
+                    (bias.size(d - 3) == 1 || bias.size(d - 3) == Hq) && bias.size(d - 2) == q.size(2) &&
+                    bias.size(d - 1) == k.size(2),
+                "attention: bias must be (1 or H, T, S) or (1 or B, 1 or H, T, S), got ", bias.sizes());
+    Bb = d == 4 ? bias.size(0) : 1;
+    Hb = bias.size(d - 3);
   }
-  return {q.size(0), Hq, Hkv, q.size(2), k.size(2), q.size(3), v.size(3), Hb, scale, softcap,
+  return {q.size(0), Hq, Hkv, q.size(2), k.size(2), q.size(3), v.size(3), Bb, Hb, scale, softcap,
           MaskArgs{int32_t(m[0]), int32_t(m[1]), int32_t(m[2]), int32_t(m[3]), int32_t(m[4])}};
 }
 
@@ -364,7 +483,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   dispatch(p.q, family, kind, p.consts, p.params, p.c, p.obo, p.sink, p.ra, [&](auto t, const auto& fam) {
     using T = decltype(t);
     using A = acc_t<T>;
-    attn_fwd<T>(p.q, p.k, p.v, g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out,
+    attn_fwd<T>(p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
+                g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.data_ptr<T>(),
                 family == ROWNORM ? stats.data_ptr<A>() : nullptr, fam, g);
   });
   return {out, stats.reshape({family == ROWNORM ? g.B : 0, g.Hq, g.T, 3})};
@@ -382,15 +502,17 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_, const at::Tensor&
   at::Tensor grad = grad_.to(p.q.scalar_type()).contiguous(), out = out_.contiguous(), stats = stats_.contiguous();
   at::Tensor dq = at::empty_like(p.q), dk = at::empty_like(p.k), dv = at::empty_like(p.v);
   const auto acc = p.q.options().dtype(acc_of(p.q));
-  at::Tensor dbias = need_dbias && g.Hb ? at::empty({g.Hb, g.T, g.S}, acc) : at::zeros({0}, acc);
+  at::Tensor dbias = need_dbias && g.Hb ? at::zeros(p.bias.sizes(), acc) : at::zeros({0}, acc);
   // one buffer for the small gradients: [dparams | dc | dobo | dsink]
   const int64_t np = p.params.numel(), no = p.obo.numel(), ns = p.sink.numel();
   at::Tensor small = at::zeros({np + 1 + no + ns}, acc);
   dispatch(p.q, family, kind, p.consts, p.params, p.c, p.obo, p.sink, p.ra, [&](auto t, const auto& fam) {
     using T = decltype(t);
     using A = acc_t<T>;
-    attn_bwd<T>(grad, p.q, p.k, p.v, g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out,
-                family == ROWNORM ? stats.const_data_ptr<A>() : nullptr, dq, dk, dv,
+    attn_bwd<T>(grad.const_data_ptr<T>(), p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
+                g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.const_data_ptr<T>(),
+                family == ROWNORM ? stats.const_data_ptr<A>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(),
+                dv.data_ptr<T>(),
                 dbias.numel() ? dbias.data_ptr<A>() : nullptr, small.data_ptr<A>(), small.numel(),
                 {0, np, np + 1, np + 1 + no}, fam, g);
   });

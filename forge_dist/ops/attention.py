@@ -4,10 +4,11 @@ scores (csrc/cpu/attention.cpp); its autograd and fake-tensor rules are in forge
 ``attention(q, k, v, spec, ...)`` takes the normaliser as a spec: an elementwise one
 (forge_dist.ops.scores.ElemSpec: kind, constants, learned beta and gamma) or a row-normalised one
 (forge_dist.model.softmax.RowSpec: exponent scale, transform, shift, obo, divisor). It returns None
-where no kernel takes the call (device, dtype, a learned divisor, a transform without a kernel
-code, a bias of another shape); the caller then runs the blocked PyTorch path. Every learned
-parameter (beta, gamma, per-head factors, temperature, obo, the flash-LOBO sink, the FIRE bias)
-gets its gradient through the op's backward.
+where no kernel takes the call (device, dtype, a transform without a kernel code, a bias of
+another shape); the caller then runs the blocked PyTorch path. Every learned parameter (beta,
+gamma, per-head factors, temperature, obo, the flash-LOBO sink, the FIRE bias) gets its gradient
+through the op's backward; a learned divisor (scalar or per head) of a row-normalised variant
+divides the CPU kernel's output, its gradient by autograd.
 """
 from __future__ import annotations
 
@@ -47,12 +48,16 @@ def _vector(p, acc: torch.dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=acc).reshape(-1)
 
 
-def _bias(bias: Optional[torch.Tensor], Hq: int, T: int, S: int, acc) -> Optional[torch.Tensor]:
-    """(1 or Hq, T, S) in the accumulation type, or False when the bias has another layout."""
+def _bias(bias: Optional[torch.Tensor], B: int, Hq: int, T: int, S: int, acc,
+          batch: bool) -> Optional[torch.Tensor]:
+    """(1 or Hq, T, S) in the accumulation type; with ``batch`` (the CPU op) a bias with a batch
+    dimension as (B, 1 or Hq, T, S); False when the bias has another layout."""
     if bias is None:
         return None
     while bias.dim() > 3 and bias.shape[0] == 1:
         bias = bias.squeeze(0)
+    if bias.dim() == 4 and batch and bias.shape[0] == B and bias.shape[1] in (1, Hq):
+        return bias.expand(B, bias.shape[1], T, S).to(acc)
     if bias.dim() > 3:
         return False
     bias = bias.reshape((1,) * (3 - bias.dim()) + tuple(bias.shape))
@@ -62,14 +67,17 @@ def _bias(bias: Optional[torch.Tensor], Hq: int, T: int, S: int, acc) -> Optiona
 
 
 def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
-                bias: Optional[torch.Tensor] = None, sink_logit=None):
+                bias: Optional[torch.Tensor] = None, sink_logit=None, batch_bias: bool = False,
+                divide_after: bool = False):
     """The attention_fwd op's arguments for ``spec`` (the one layout every fused attention kernel reads:
     this library's CPU op and the Triton kernels of forge_dist.ops.triton_attention), or None where
-    no kernel covers the call (a learned divisor, a transform without a kernel code, another bias layout)."""
+    no kernel covers the call (a learned divisor, a transform without a kernel code, another bias layout).
+    ``batch_bias``: a (B, 1 or H, T, S) bias is passed as such (the CPU op reads it); ``divide_after``:
+    a learned divisor is left out of the op's constant factor, for the caller to divide by."""
     acc, dev = _acc(q), q.device
     B, Hq, T, _ = q.shape
     S = k.shape[-2]
-    b = _bias(bias, Hq, T, S, acc)
+    b = _bias(bias, B, Hq, T, S, acc, batch_bias)
     if b is False:
         return None
     empty = q.new_zeros((0,), dtype=acc)
@@ -82,14 +90,15 @@ def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optiona
         params = torch.stack([beta.expand(n), gamma.expand(n)], dim=1)
         args = (params, one, empty, empty, ELEMENTWISE, spec.kind, [float(c) for c in spec.consts], [0.0] * 7)
     else:
-        if spec.kernel_transform is None and spec.transform is not None or torch.is_tensor(spec.divisor):
+        learned = torch.is_tensor(spec.divisor)
+        if spec.kernel_transform is None and spec.transform is not None or learned and not divide_after:
             return None
         code, tparam = spec.kernel_transform if spec.transform is not None else (0, 0.0)
         obo = _vector(spec.obo, acc, dev)
         sink = empty if sink_logit is None else _vector(sink_logit, acc, dev)
         if obo.numel() not in (1, Hq) or sink.numel() not in (0, 1, Hq):
             return None
-        post = 1.0 / float(spec.divisor) / (spec.seq_len or 1)
+        post = (1.0 if learned else 1.0 / float(spec.divisor)) / (spec.seq_len or 1)
         row = [float(code), float(SHIFTS[spec.shift]), float(spec.divide), float(tparam), float(spec.guess),
                float(spec.overflow), post]
         c = _vector(spec.log_scale, acc, dev)
@@ -105,8 +114,13 @@ def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[
     if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
             or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
         return None
-    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit)
+    divisor = None if isinstance(spec, ElemSpec) else spec.divisor  # a learned one divides the output
+    divisor = divisor.to(q.dtype).reshape(-1, 1, 1) if torch.is_tensor(divisor) else None
+    if divisor is not None and divisor.shape[0] not in (1, q.shape[1]):
+        return None
+    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit,
+                       batch_bias=True, divide_after=True)
     if args is None:
         return None
     out, _stats = torch.ops.forge_ops.attention_fwd(*args)
-    return out
+    return out if divisor is None else out / divisor

@@ -15,6 +15,7 @@ from forge_dist import ModelConfig
 from forge_dist.model.attention import fused
 from forge_dist.model.attention.core import _NO_POINTS, _materialised, attend
 from forge_dist.ops import attention as fused_op
+from forge_dist.ops.mask import MaskSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_blocked_attention import CASES, MASKS, WRT, inputs, normaliser  # noqa: E402
@@ -71,6 +72,40 @@ def test_gradcheck_float64(name, opts):
                                     fast_mode=True)
 
 
+@pytest.mark.parametrize("name,opts", [("polymax", {}), ("consmax", {}),
+                                       ("strongermax", dict(strongermax_use_learned_obo=True, strongermax_obo=0.5))])
+def test_fused_skips_masked_key_tiles_float64(name, opts):
+    """Several query tiles (64 rows each) under a sliding window with sink columns: each tile computes
+    only the keys from its first row's window start to its last row's key (Tile in attention.cpp),
+    so tile edges and the skipped key ranges are checked; with soft-capping, GQA and a bias per batch
+    entry and head (dbias written by the task that owns it)."""
+    torch.manual_seed(0)
+    module = normaliser(name, opts, torch.float64)
+    T, n_sink, g = 150, 2, torch.Generator().manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    x = dict(q=rnd(2, 4, T, 3), k=rnd(2, 2, T + n_sink, 3), v=rnd(2, 2, T + n_sink, 3), softcap=2.0,
+             mask=MaskSpec(causal=True, window=40, n_sink=n_sink), bias=rnd(2, 4, T, T + n_sink), sink=None)
+    (ya, ga), (yb, gb) = (outputs_and_grads(module, x, p) for p in ("materialised", "fused"))
+    torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_learned_divisor_float64():
+    """A row-normalised variant with a learned per-head divisor runs fused (the kernel's output / divisor)."""
+    torch.manual_seed(0)
+    module = normaliser("strongermax", {}, torch.float64)
+    module.divisor = torch.nn.Parameter(torch.tensor([1.5, 2.0, 0.5, 1.0], dtype=torch.float64).reshape(4, 1, 1))
+    x = inputs(MASKS[0], torch.float64)
+    (ya, ga), (yb, gb) = (outputs_and_grads(module, x, p) for p in ("materialised", "fused"))
+    torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
 def _op_args(family: int, dtype):
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, S, D = 2, 4, 2, 5, 7, 3
@@ -80,7 +115,8 @@ def _op_args(family: int, dtype):
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     q, k, v = rnd(B, Hq, T, D), rnd(B, Hkv, S, D), rnd(B, Hkv, S, D)
-    bias = rnd(Hq, T, S).detach().to(acc).requires_grad_()
+    # a bias per batch and head for one family, shared by all for the other (both dbias reductions)
+    bias = rnd(*((B, Hq) if family == fused_op.ELEMENTWISE else (1, 1)), T, S).detach().to(acc).requires_grad_()
     empty = torch.zeros(0, dtype=acc)
     mask = [1, 1, -1, 2, 0]
     if family == fused_op.ELEMENTWISE:  # consmax, per-head beta and gamma

@@ -7,18 +7,22 @@ interleaved rounds: other processes on a shared machine only add time) and peak 
 memory (RSS sampled every millisecond by a thread while the call runs, minus RSS before it; with glibc's
 mmap threshold pinned at 64 KiB every tensor goes back to the OS when freed, so the peak is the call's own).
 Rows 2: one training step (forward, backward, SGD) of the default model config (6 layers, 384 wide,
-6 heads, block 256) per variant, the default route (the fused kernel) against the materialised path
-(disable_flash_attention=True, which keeps the fused normaliser kernels), and the ratio.
+6 heads, block 256; --train_seq for longer blocks) per variant, the default route (the fused kernel)
+against the materialised path (disable_flash_attention=True, which keeps the fused normaliser
+kernels), and the ratio; with attention's share of the materialised step and the bound it puts on
+the ratio (Amdahl: the step ratio if attention cost nothing).
 Row 3 (--long): one training step of the default config at block_size 4096, batch 1, with the fused
 kernel: time and peak extra RSS, against the size of the materialised path's score tensors.
 
     python bench/attention.py                                   # T 512..4096, 3 variants (~1 min)
     python bench/attention.py --seq 512 1024 --variants all --rounds 3
+    python bench/attention.py --seq --train_variants polymax --train_seq 1024 2048 --batch 1 --clock cpu
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import os
 import platform
@@ -112,32 +116,58 @@ def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
               flush=True)
 
 
-def training_rows(variants, rounds, batch):
-    print(f"\n# training step (fwd+bwd+SGD), default config (6x384, 6 heads, T=256), batch {batch}, float32")
-    print(f"{'variant':<14}{'mat ms':>10}{'fus ms':>10}{'speed-up':>10}")
-    for name in variants:
-        idx = torch.randint(0, 50304, (batch, 256), generator=torch.Generator().manual_seed(0))
-        steps = {}
-        for key, disable in (("mat", True), ("fus", False)):
-            torch.manual_seed(0)
-            model = GPT(ModelConfig(softmax_variant_attn=name, disable_flash_attention=disable))
-            opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+def attention_call_ms(norm, B: int, H: int, T: int, D: int, rounds: int, clock) -> tuple:
+    """(materialised, fused) ms of one causal attention forward+backward at the model's shape."""
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    mask = MaskSpec(causal=True)
+    fns = {"mat": lambda: _materialised(q, k, v, 1, norm, mask, D ** -0.5, None, None, None, 0.0, _NO_POINTS),
+           "fus": lambda: fused.fused_attend(q, k, v, normalizer=norm, mask=mask, scale=D ** -0.5)}
+    best = {}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = clock()
+            fn().sum().backward()
+            best[key] = min(best.get(key, float("inf")), clock() - t0)
+    return best["mat"] * 1e3, best["fus"] * 1e3
 
-            def step(model=model, opt=opt):
-                _, loss = model(idx, idx)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
 
-            steps[key] = step
-        times = {"mat": [], "fus": []}
-        for _ in range(rounds):
-            for key in ("mat", "fus"):
-                t0 = time.perf_counter()
-                steps[key]()
-                times[key].append(time.perf_counter() - t0)
-        tm, tb = min(times["mat"]) * 1e3, min(times["fus"]) * 1e3
-        print(f"{name:<14}{tm:>10.0f}{tb:>10.0f}{tm / tb:>9.2f}x", flush=True)
+def training_rows(variants, rounds, batch, seqs, clock):
+    """One training step per variant and block size: the materialised path against the fused kernel,
+    with attention's share of the materialised step (one attention call at the step's shape, times
+    the layers) and the Amdahl bound it sets: the step ratio if attention cost nothing."""
+    print(f"\n# training step (fwd+bwd+SGD), default config (6x384, 6 heads), float32; attn: one layer's "
+          f"attention fwd+bwd at the step's shape x n_layer; bound: mat step / (mat step - mat attn)")
+    print(f"{'variant':<14}{'T':>6}{'batch':>6}{'mat ms':>10}{'fus ms':>10}{'speed-up':>10}{'mat attn':>10}"
+          f"{'fus attn':>10}{'attn %':>8}{'bound':>8}")
+    for T, B in zip(seqs, batch):
+        for name in variants:
+            cfg = ModelConfig(softmax_variant_attn=name, block_size=T)
+            idx = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+            steps = {}
+            for key, disable in (("mat", True), ("fus", False)):
+                torch.manual_seed(0)
+                model = GPT(dataclasses.replace(cfg, disable_flash_attention=disable))
+                opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+                def step(model=model, opt=opt):
+                    _, loss = model(idx, idx)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                steps[key] = step
+            times = {"mat": [], "fus": []}
+            for _ in range(rounds):
+                for key in ("mat", "fus"):
+                    t0 = clock()
+                    steps[key]()
+                    times[key].append(clock() - t0)
+            tm, tf = min(times["mat"]) * 1e3, min(times["fus"]) * 1e3
+            norm = build_softmax(name, cfg, n_head=cfg.n_head)
+            am, af = (x * cfg.n_layer for x in attention_call_ms(norm, B, cfg.n_head, T, cfg.n_embd // cfg.n_head,
+                                                                 rounds + 1, clock))
+            print(f"{name:<14}{T:>6}{B:>6}{tm:>10.0f}{tf:>10.0f}{tm / tf:>9.2f}x{am:>10.0f}{af:>10.0f}"
+                  f"{100 * am / tm:>7.0f}%{tm / max(tm - am, 1e-9):>7.2f}x", flush=True)
 
 
 def long_row(name: str, T: int = 4096):
@@ -173,14 +203,20 @@ def main():
                    help="variant names, or 'all'")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train_variants", nargs="*", default=["polymax", "consmax", "strongermax"])
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--train_seq", type=int, nargs="*", default=[256],
+                   help="block sizes of the training-step rows (256: the default config)")
+    p.add_argument("--batch", type=int, nargs="*", default=[2], help="batch per --train_seq entry (one: all)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, steadier on a shared machine with OMP_NUM_THREADS=1")
     p.add_argument("--long", default="", help="a variant: also one training step at block_size 4096")
     a = p.parse_args()
     variants = sorted(n for n in SOFTMAX.names() if n != "softmax") if a.variants == ["all"] else a.variants
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     if a.train_variants:
-        training_rows(a.train_variants, a.rounds, a.batch)
+        batch = a.batch * len(a.train_seq) if len(a.batch) == 1 else a.batch
+        clock = time.process_time if a.clock == "cpu" else time.perf_counter
+        training_rows(a.train_variants, a.rounds, batch, a.train_seq, clock)
     if a.seq:
         attention_rows(variants, a.seq, a.rounds)
     if a.long:

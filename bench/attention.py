@@ -75,8 +75,8 @@ def peak_extra_rss(fn) -> int:
     return max(peak[0], rss()) - start
 
 
-def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
-    print(f"\n# attention forward+backward, B={B} H={H} head_dim={D} float32, causal")
+def attention_rows(variants, seqs, rounds, clock, window=None, B=1, H=4, D=64):
+    print(f"\n# attention forward+backward, B={B} H={H} head_dim={D} float32, causal, window {window}")
     rows = []
     print(f"{'variant':<14}{'T':>6}{'mat ms':>10}{'blk ms':>10}{'fus ms':>10}{'fus/mat':>10}{'mat MiB':>10}"
           f"{'blk MiB':>10}{'fus MiB':>10}")
@@ -85,7 +85,7 @@ def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
         for name in variants:
             cfg = ModelConfig(n_head=H, softmax_variant_attn=name)
             norm = build_softmax(name, cfg, n_head=H)
-            mask = MaskSpec(causal=True)
+            mask = MaskSpec(causal=True, window=window)
 
             def mat(q=q, k=k, v=v, norm=norm, mask=mask):  # bound now: the memory pass runs them later
                 y = _materialised(q, k, v, 1, norm, mask, D ** -0.5, None, None, None, 0.0, _NO_POINTS)
@@ -105,9 +105,9 @@ def attention_rows(variants, seqs, rounds, B=1, H=4, D=64):
             times = {"mat": [], "blk": [], "fus": []}
             for _ in range(rounds):
                 for key, fn in (("mat", mat), ("blk", blk), ("fus", fus)):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     fn()
-                    times[key].append(time.perf_counter() - t0)
+                    times[key].append(clock() - t0)
             rows.append((name, T, *(min(times[key]) * 1e3 for key in ("mat", "blk", "fus")), mat, blk, fus))
     exact_rss()  # after the timings: one mapping per allocation slows small allocations down
     for name, T, tm, tb, tf, *fns in rows:
@@ -208,17 +208,18 @@ def main():
     p.add_argument("--batch", type=int, nargs="*", default=[2], help="batch per --train_seq entry (one: all)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: process CPU time, steadier on a shared machine with OMP_NUM_THREADS=1")
+    p.add_argument("--window", type=int, default=None, help="sliding window of the attention rows")
     p.add_argument("--long", default="", help="a variant: also one training step at block_size 4096")
     a = p.parse_args()
     variants = sorted(n for n in SOFTMAX.names() if n != "softmax") if a.variants == ["all"] else a.variants
     print(f"# {datetime.date.today()} {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     if a.train_variants:
         batch = a.batch * len(a.train_seq) if len(a.batch) == 1 else a.batch
-        clock = time.process_time if a.clock == "cpu" else time.perf_counter
         training_rows(a.train_variants, a.rounds, batch, a.train_seq, clock)
     if a.seq:
-        attention_rows(variants, a.seq, a.rounds)
+        attention_rows(variants, a.seq, a.rounds, clock, a.window)
     if a.long:
         long_row(a.long)
 

@@ -41,8 +41,9 @@ struct Tile {
     const ColRange first = visible_cols(g.mask, i0, g.S), last = visible_cols(g.mask, i0 + n - 1, g.S);
     const int64_t ns = first.sink_end;
     kb1 = std::max(last.hi, first.lo);
-    ka = first.lo > ns ? ns : 0;  // the sinks adjoin the keys: one range from 0
-    kb0 = ka ? first.lo : 0;
+    const bool split = first.lo > ns;  // else the sinks adjoin the keys: one range from 0
+    ka = split ? ns : 0;
+    kb0 = split ? first.lo : 0;
     w = ka + kb1 - kb0;
     shift = kb0 - ka;
   }

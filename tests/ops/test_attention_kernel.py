@@ -72,16 +72,17 @@ def test_gradcheck_float64(name, opts):
                                     fast_mode=True)
 
 
-@pytest.mark.parametrize("name,opts", [("polymax", {}), ("consmax", {}),
-                                       ("strongermax", dict(strongermax_use_learned_obo=True, strongermax_obo=0.5))])
-def test_fused_skips_masked_key_tiles_float64(name, opts):
-    """Several query tiles (64 rows each) under a sliding window with sink columns: each tile computes
-    only the keys from its first row's window start to its last row's key (Tile in attention.cpp),
-    so tile edges and the skipped key ranges are checked; with soft-capping, GQA and a bias per batch
-    entry and head (dbias written by the task that owns it)."""
+@pytest.mark.parametrize("name,opts,n_sink", [
+    ("polymax", {}, 2), ("consmax", {}, 0),
+    ("strongermax", dict(strongermax_use_learned_obo=True, strongermax_obo=0.5), 2)])
+def test_fused_skips_masked_key_tiles_float64(name, opts, n_sink):
+    """Several query tiles (64 rows each) under a sliding window, with and without sink columns: each
+    tile computes only the sinks and the keys from its first row's window start to its last row's key
+    (Tile in attention_tiles.h), so tile edges and the skipped key ranges are checked; with
+    soft-capping, GQA and a bias per batch entry and head (dbias written by the task that owns it)."""
     torch.manual_seed(0)
     module = normaliser(name, opts, torch.float64)
-    T, n_sink, g = 150, 2, torch.Generator().manual_seed(1)
+    T, g = 150, torch.Generator().manual_seed(1)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()

@@ -20,13 +20,19 @@ dominates, as the issue's proof asks.
 ZeRO-3 rows (forge_dist.testing.measure_zero3) add ``built`` (the model drawn into this rank's
 partitions, before deepspeed.initialize; ratio to the TP=1 init) and ``backward``; their init
 includes the fp32 partitions, gradient partitions and AdamW moments DeepSpeed allocates there
-(ratio to the TP=1 step, which holds the same kinds of state).
+(ratio to the TP=1 step, which holds the same kinds of state); ``first step`` is the peak through
+the first step, ``step`` through all of them (from the second on, AdamW's moments are held during
+the forward and backward too), ``save`` through ``save_state`` (DeepSpeed's files and the logical
+copy). A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
+pages), which does not grow with the model. Every layout pins glibc's mmap threshold as
+train/launch.py does (forge_dist.dist.malloc).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import platform
+import tempfile
 
 
 def main() -> None:
@@ -56,11 +62,19 @@ def main() -> None:
         for rank, r in enumerate(spawn(measure, tp, cfg, args.steps, args.block, timeout=600, return_all=True)):
             print(f"{'TP=%d' % tp:>8} {rank:>4} {r['init']:>9.0f} {r['init'] / single['init']:>6.2f} "
                   f"{r['step']:>9.0f} {r['step'] / single['step']:>6.2f} {1 / tp + 0.15:>7.2f}")
+    tiny = dict(cfg, n_layer=1, n_embd=48, n_head=4, vocab_size=256)
     for dp in args.zero3:
-        for rank, r in enumerate(spawn(measure_zero3, dp, cfg, args.steps, args.block, timeout=600, return_all=True)):
+        runtime = spawn(measure_zero3, dp, tiny, args.steps, args.block, timeout=600)
+        print(f"ZeRO-3 runtime (a 1 x 48 GPT, the memory that does not grow with the model): step "
+              f"{runtime['step']:.0f} MB ({runtime['step'] / single['step']:.2f} of the TP=1 step)")
+        with tempfile.TemporaryDirectory() as tmp:
+            per_rank = spawn(measure_zero3, dp, cfg, args.steps, args.block, tmp, timeout=600, return_all=True)
+        for rank, r in enumerate(per_rank):
             print(f"{'ZeRO3x%d' % dp:>8} {rank:>4} built {r['built']:.0f} MB ({r['built'] / single['init']:.2f}); "
                   f"init {r['init']:.0f} MB ({r['init'] / single['step']:.2f}); backward {r['backward']:.0f} MB; "
-                  f"step {r['step']:>.0f} MB ({r['step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+                  f"first step {r['first_step']:.0f} MB ({r['first_step'] / single['step']:.2f}); "
+                  f"step {r['step']:>.0f} MB ({r['step'] / single['step']:.2f}); "
+                  f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
 
 
 if __name__ == "__main__":

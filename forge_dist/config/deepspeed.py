@@ -17,6 +17,9 @@ way, so a config never silently disagrees with the command line:
   zero_optimization.reduce_bucket_size            n_embd^2 (as HF Trainer: hidden size squared)
   zero_optimization.stage3_prefetch_bucket_size   0.9 n_embd^2
   zero_optimization.stage3_param_persistence_threshold   10 n_embd
+  zero_optimization.sub_group_size, stage3_max_live_parameters   2 n_embd^2 (stage 3)
+  zero_optimization.stage3_max_reuse_distance     n_embd^2 (stage 3; DeepSpeed's 1e9 defaults for
+                                   these three keep a rank's memory near the whole model's)
 
 A value given in the JSON that contradicts our option is refused with both named. Everything
 this DeepSpeed or this device cannot do is refused here, before any process group exists, with
@@ -54,6 +57,13 @@ KNOWN_KEYS = (
     "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
 )
 ADAM_TYPES = ("adam", "adamw")
+# ZeRO-3 keys whose DeepSpeed default (1e9 elements) lets one rank hold about the whole model: the
+# fp32 sub-group the optimizer steps at once (its flattened gradient copy and AdamW's temporaries
+# are that size), the parameters gathered at once, and how far ahead a gathered parameter is kept
+# for its next use (with 1e9 every parameter stays gathered from the forward to the backward).
+# Bounded to about one weight matrix, n_embd^2 (docs/BENCHMARKS.md, "ZeRO-3 under DeepSpeed").
+ZERO3_BOUNDS = {"sub_group_size": lambda h: 2 * h * h, "stage3_max_live_parameters": lambda h: 2 * h * h,
+                "stage3_max_reuse_distance": lambda h: h * h}
 
 
 @dataclass
@@ -182,6 +192,10 @@ def _zero(cfg: dict, model_config, pipeline_size: int, source: str) -> dict:
                 _fail(source, f"zero_optimization.{key}=\"auto\" needs the model's n_embd; give a number")
             zero[key] = rule(hidden)
     stage = zero.get("stage", 0)
+    if stage == 3 and hidden is not None:  # missing or "auto": bounded by the model, not DeepSpeed's 1e9
+        for key, rule in ZERO3_BOUNDS.items():
+            if zero.get(key, AUTO) == AUTO:
+                zero[key] = rule(hidden)
     if stage not in (0, 1, 2, 3):
         _fail(source, f"zero_optimization.stage={json.dumps(stage)}; valid stages: 0, 1, 2, 3")
     _validate_with_deepspeed(zero, source)

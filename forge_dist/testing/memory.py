@@ -7,6 +7,8 @@ import resource
 
 import torch
 
+from forge_dist.dist.malloc import pin_mmap_threshold
+
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
@@ -22,6 +24,7 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
     from forge_dist.parallel.tensor.metadata import tp_grad_sync
     from forge_dist.parallel.topology import Topology
 
+    pin_mmap_threshold()  # as train/launch.py does in every run
     cfg = ModelConfig(**cfg_kwargs)
     groups = ProcessGroups.build(Topology(world_size, tp=world_size)) if world_size > 1 else None
     torch.empty(2, device="meta").normal_()  # meta ops import torch._dynamo once: library, not model, memory
@@ -64,6 +67,7 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
     import deepspeed  # noqa: F401  (library memory belongs to the baseline)
 
     dse.skip_shm_build()
+    pin_mmap_threshold()
     cfg = ModelConfig(**cfg_kwargs)
     torch.empty(2, device="meta").normal_()
     base = _peak_mb()
@@ -98,6 +102,7 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
         engine.forward_backward([(x, x)])
         out.setdefault("backward", _peak_mb() - base)
         engine.step(1e-4)
+        out.setdefault("first_step", _peak_mb() - base)  # later steps: AdamW's moments are held throughout
     out["step"] = _peak_mb() - base
     if save_dir is not None:
         engine.save_state(save_dir, ctx)

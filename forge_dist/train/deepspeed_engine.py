@@ -52,6 +52,7 @@ from forge_dist.train.deepspeed_internals import check_deepspeed
 from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState, logical_from_native  # noqa: F401
 from forge_dist.train.deepspeed_sharded import DeepSpeedShardedState
 from forge_dist.train.deepspeed_moe import declared_moe, has_placed_experts, moe_param_groups, register_expert_groups
+from forge_dist.train.deepspeed_zero3 import memory_efficient_linear, share_fp32_master
 from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
                                           sum_partial_grads, tp_sum_mode)
 from forge_dist.train.optim import build_optimizer, param_groups
@@ -98,6 +99,8 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
         self.writes_sharded = self.ep == 1  # sharded_save.checkpointer_for: experts keep the gathered format
         self._optim_group_params = group_params or []  # the optimizer's parameters by group: sharded checkpoints
         self._fragments_linked = False
+        zero = resolved.config.get("zero_optimization", {})
+        self._zero3_linear = resolved.zero_stage == 3 and zero.get("memory_efficient_linear", True) is not False
         if self.ep > 1:
             self.layout["ep_size"] = self.ep
 
@@ -111,6 +114,10 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
         if len(micro_batches) != self.gas:
             raise ValueError(f"{len(micro_batches)} micro-batches, but the DeepSpeed config accumulates "
                              f"gradient_accumulation_steps={self.gas}")
+        with memory_efficient_linear(self._zero3_linear):  # ZeRO-3: see deepspeed_zero3.py
+            return self._forward_backward(micro_batches)
+
+    def _forward_backward(self, micro_batches: Sequence[Batch]) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
         if self.tp_sums in ("coalesce", "no_sync"):  # partial gradients: one TP bucket, then DeepSpeed's DP pass
             with one_reduction_per_step(self.ds, self.tp_sums):
@@ -146,7 +153,8 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
 
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, loss = self.ds(x.to(self.device), y.to(self.device))
+        with memory_efficient_linear(self._zero3_linear):
+            _, loss = self.ds(x.to(self.device), y.to(self.device))
         return loss.float()
 
     def train(self) -> None:
@@ -305,6 +313,8 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
         ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                                   config=resolved.config, mpu=mpu)
     install_safe_checkpoint_engine(ds_engine)  # DeepSpeed's own loads unpickle anything
+    if resolved.zero_stage == 3:
+        share_fp32_master(ds_engine.optimizer)  # fp32: the partition is its own master (deepspeed_zero3.py)
     engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes, group_params)
     engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
     if engine.tp_sums == "hooks":

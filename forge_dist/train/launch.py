@@ -56,7 +56,11 @@ class Launch:
     def start(self) -> Iterator[RunContext]:
         """The RunContext of this process; for a world of several, torch.distributed is initialised
         here and torn down at exit (with a barrier after success, without one after an error, since
-        the other ranks may never reach it)."""
+        the other ranks may never reach it). glibc's mmap threshold is pinned first, so that freed
+        large tensors leave the process (forge_dist.dist.malloc)."""
+        from forge_dist.dist.malloc import pin_mmap_threshold
+
+        pin_mmap_threshold()
         if self.world_size == 1:
             yield RunContext(launcher=self.env.launcher)
             return

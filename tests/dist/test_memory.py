@@ -32,17 +32,20 @@ def test_tp2_rank_peak_memory_is_half_of_one_process_plus_15_percent(single):
 
 
 @pytest.mark.timeout(240)
-def test_zero3_ranks_never_build_the_whole_model(single, monkeypatch):
+def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percent(single):
     """ZeRO-3 at DP=2 (forge_dist.train.deepspeed_init): a rank's peak after the model is drawn into
     its partitions is its half plus one full parameter (the 25 MB embedding), far below the full
     model a one-process build holds; a rank building the model whole would be above 1.0 + 0.5.
-    glibc's mmap threshold is pinned: its dynamic threshold otherwise keeps the freed full
-    parameters in the heap, so RSS would count allocator retention, not live tensors. The step
-    under DeepSpeed's ZeRO-3 on CPU is measured by bench/memory.py --zero3 (docs/BENCHMARKS.md)."""
+    Its first step stays within 1/2 + 15% of the one-process step (was 1.0 before
+    train/deepspeed_zero3.py and the ZeRO-3 bounds of config/deepspeed.py, 1.7 with glibc's dynamic
+    mmap threshold). From the second step on, AdamW's moments are held through the backward too
+    and the peak is 0.71 of it, of which about 0.15 is DeepSpeed's runtime, which does not grow
+    with the model (bench/memory.py, docs/BENCHMARKS.md): guarded at 0.8."""
     from forge_dist.testing.memory import measure_zero3
 
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    per_rank = spawn(measure_zero3, 2, CFG, 1, 32, timeout=200, return_all=True)
+    per_rank = spawn(measure_zero3, 2, CFG, 2, 32, timeout=200, return_all=True)
     for rank, r in enumerate(per_rank):
         assert r["local_params"] == single["local_params"] // 2, (rank, r)
         assert r["built"] <= 0.75 * single["init"], (rank, r, single)
+        assert r["first_step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
+        assert r["step"] <= 0.8 * single["step"], (rank, r, single)

@@ -192,10 +192,11 @@ def _zero(cfg: dict, model_config, pipeline_size: int, source: str) -> dict:
                 _fail(source, f"zero_optimization.{key}=\"auto\" needs the model's n_embd; give a number")
             zero[key] = rule(hidden)
     stage = zero.get("stage", 0)
-    if stage == 3 and hidden is not None:  # missing or "auto": bounded by the model, not DeepSpeed's 1e9
-        for key, rule in ZERO3_BOUNDS.items():
-            if zero.get(key, AUTO) == AUTO:
-                zero[key] = rule(hidden)
+    for key, rule in ZERO3_BOUNDS.items() if stage == 3 else ():  # missing or "auto": bounded by the model
+        if zero.get(key) == AUTO and hidden is None:
+            _fail(source, f"zero_optimization.{key}=\"auto\" needs the model's n_embd; give a number")
+        if zero.get(key, AUTO) == AUTO and hidden is not None:
+            zero[key] = rule(hidden)
     if stage not in (0, 1, 2, 3):
         _fail(source, f"zero_optimization.stage={json.dumps(stage)}; valid stages: 0, 1, 2, 3")
     _validate_with_deepspeed(zero, source)

@@ -56,6 +56,23 @@ def test_auto_values_come_from_our_options():
     assert (ds.zero_stage, ds.precision, ds.ds_optimizer) == (3, "fp32", True)
 
 
+def test_zero3_buffers_are_bounded_by_the_model_not_deepspeeds_1e9():
+    """sub_group_size, stage3_max_live_parameters and stage3_max_reuse_distance, missing or "auto",
+    are about one weight matrix (docs/BENCHMARKS.md: with DeepSpeed's 1e9 a ZeRO-3 rank's step
+    peak is the whole model's); a given value is kept; other stages get none of them."""
+    cfg = ModelConfig(n_embd=64, n_head=4)
+    z = resolve({"zero_optimization": {"stage": 3, "stage3_max_reuse_distance": "auto"}},
+                model_config=cfg).config["zero_optimization"]
+    assert (z["sub_group_size"], z["stage3_max_live_parameters"], z["stage3_max_reuse_distance"]) == \
+        (2 * 64 * 64, 2 * 64 * 64, 64 * 64)
+    z = resolve({"zero_optimization": {"stage": 3, "sub_group_size": 10 ** 9}}, model_config=cfg).config
+    assert z["zero_optimization"]["sub_group_size"] == 10 ** 9
+    z = resolve({"zero_optimization": {"stage": 2}}, model_config=cfg).config["zero_optimization"]
+    assert "sub_group_size" not in z and "stage3_max_reuse_distance" not in z
+    with pytest.raises(ConfigError, match="stage3_max_live_parameters.*n_embd"):
+        resolve({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "auto"}})
+
+
 def test_missing_keys_are_filled_and_equal_values_accepted():
     ds = resolve({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16})
     assert ds.config["gradient_clipping"] == 1.0 and ds.zero_stage == 0 and not ds.ds_optimizer

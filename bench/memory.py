@@ -22,8 +22,8 @@ partitions, before deepspeed.initialize; ratio to the TP=1 init) and ``backward`
 includes the fp32 partitions, gradient partitions and AdamW moments DeepSpeed allocates there
 (ratio to the TP=1 step, which holds the same kinds of state); ``first step`` is the peak through
 the first step, ``step`` through all of them (from the second on, AdamW's moments are held during
-the forward and backward too), ``save`` through ``save_state`` (DeepSpeed's files and the logical
-copy). A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
+the forward and backward too), ``save`` through forge-train's sharded checkpoint save, ``resume`` through a
+fresh world building the engine, loading that checkpoint and taking one more step. A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
 pages), which does not grow with the model. Every layout pins glibc's mmap threshold as
 train/launch.py does (forge_dist.dist.malloc).
 """
@@ -69,12 +69,17 @@ def main() -> None:
               f"{runtime['step']:.0f} MB ({runtime['step'] / single['step']:.2f} of the TP=1 step)")
         with tempfile.TemporaryDirectory() as tmp:
             per_rank = spawn(measure_zero3, dp, cfg, args.steps, args.block, tmp, timeout=600, return_all=True)
+            resumed = spawn(measure_zero3, dp, cfg, 1, args.block, None, None, per_rank[0]["path"], timeout=600,
+                            return_all=True)  # a fresh world: the model built into partitions, then loaded
+        for r, again in zip(per_rank, resumed):
+            r["resume"] = max(again["resume"], again["step"])
         for rank, r in enumerate(per_rank):
             print(f"{'ZeRO3x%d' % dp:>8} {rank:>4} built {r['built']:.0f} MB ({r['built'] / single['init']:.2f}); "
                   f"init {r['init']:.0f} MB ({r['init'] / single['step']:.2f}); backward {r['backward']:.0f} MB; "
                   f"first step {r['first_step']:.0f} MB ({r['first_step'] / single['step']:.2f}); "
                   f"step {r['step']:>.0f} MB ({r['step'] / single['step']:.2f}); "
-                  f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+                  f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); "
+                  f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,11 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
 
 
 def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int, save_dir=None,
-                  zero: dict = None) -> dict:
+                  zero: dict = None, resume_from: str = None) -> dict:
     """``measure`` for forge-train's DeepSpeed engine at ZeRO-3 over ``world_size`` data-parallel
     ranks (fp32, torch AdamW), the model drawn into partitions (train/deepspeed_init.py); with
-    ``save_dir`` also the peak after a checkpoint save (DeepSpeed's files and the logical copy);
+    ``save_dir`` also the peak through forge-train's sharded checkpoint save into it (its path in
+    ``path``); with ``resume_from`` (such a path) the peak after loading it (``resume``), before the steps;
     ``zero``: entries of zero_optimization to override."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
@@ -90,12 +91,17 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
 
     dse.partitioned_materialize = recorded
     try:
-        engine = dse.deepspeed_engine_factory(GPT(cfg, defer_init=True), train_cfg, {"deepspeed_config": ds_config},
-                                              ctx)
+        engine = _engine(dse, cfg, train_cfg, ds_config, ctx)
     finally:
         dse.partitioned_materialize = real
     unique = {id(p): p for p in engine.model.parameters()}.values()
     out.update({"init": _peak_mb() - base, "local_params": sum(p.ds_tensor.numel() for p in unique)})
+    del unique
+    if resume_from is not None:  # a fresh world resuming a sharded checkpoint: this rank's pieces only
+        from forge_dist.train.sharded_save import load_engine_state
+
+        load_engine_state(engine, resume_from, engine.groups)
+        out["resume"] = _peak_mb() - base
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x = torch.randint(0, cfg.vocab_size, (1, block), generator=g)
@@ -104,7 +110,15 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
         engine.step(1e-4)
         out.setdefault("first_step", _peak_mb() - base)  # later steps: AdamW's moments are held throughout
     out["step"] = _peak_mb() - base
-    if save_dir is not None:
-        engine.save_state(save_dir, ctx)
+    if save_dir is not None:  # forge-train's sharded checkpoint (train/sharded_save.py)
+        from forge_dist.train.sharded_save import ShardedCheckpointer
+
+        out["path"] = ShardedCheckpointer(ctx).save(save_dir, steps, engine.model, engine, {"iter_num": steps})
         out["save"] = _peak_mb() - base
     return out
+
+
+def _engine(dse, cfg, train_cfg, ds_config, ctx):
+    from forge_dist.model.gpt import GPT
+
+    return dse.deepspeed_engine_factory(GPT(cfg, defer_init=True), train_cfg, {"deepspeed_config": ds_config}, ctx)

@@ -111,7 +111,9 @@ class DeepSpeedShardedState:
                 live = self._fragment(p, key)
                 if live is None:
                     continue
-                value = live if writing else live.detach().clone()
+                # ZeRO-3's local fragments are views of its flat partitions: DCP reads into them in
+                # place, with no second copy of this rank's state (docs/BENCHMARKS.md, resume)
+                value = live if writing or hasattr(p, "ds_id") else live.detach().clone()
                 state[f"model/{name}" if key is None else f"optim/{name}/{key}"] = self._pieces(p, value)
                 if not writing:
                     self._targets.append((name, p, key, value))

@@ -32,20 +32,23 @@ def test_tp2_rank_peak_memory_is_half_of_one_process_plus_15_percent(single):
 
 
 @pytest.mark.timeout(240)
-def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percent(single):
+def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percent(single, tmp_path):
     """ZeRO-3 at DP=2 (forge_dist.train.deepspeed_init): a rank's peak after the model is drawn into
     its partitions is its half plus one full parameter (the 25 MB embedding), far below the full
     model a one-process build holds; a rank building the model whole would be above 1.0 + 0.5.
     Its first step stays within 1/2 + 15% of the one-process step (was 1.0 before
     train/deepspeed_zero3.py and the ZeRO-3 bounds of config/deepspeed.py, 1.7 with glibc's dynamic
     mmap threshold). From the second step on, AdamW's moments are held through the backward too
-    and the peak is 0.71 of it, of which about 0.15 is DeepSpeed's runtime, which does not grow
-    with the model (bench/memory.py, docs/BENCHMARKS.md): guarded at 0.8."""
+    and the peak is 0.70 of it, of which about 0.11 is DeepSpeed's runtime, which does not grow
+    with the model (bench/memory.py, docs/BENCHMARKS.md): guarded at 0.8, as is the sharded
+    checkpoint save (0.75; the gathered logical copy it replaced was 1.25 on rank 0). Resume needs a
+    fresh world (bench/memory.py measures it: 0.57)."""
     from forge_dist.testing.memory import measure_zero3
 
-    per_rank = spawn(measure_zero3, 2, CFG, 2, 32, timeout=200, return_all=True)
+    per_rank = spawn(measure_zero3, 2, CFG, 2, 32, str(tmp_path), timeout=200, return_all=True)
     for rank, r in enumerate(per_rank):
         assert r["local_params"] == single["local_params"] // 2, (rank, r)
         assert r["built"] <= 0.75 * single["init"], (rank, r, single)
         assert r["first_step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
         assert r["step"] <= 0.8 * single["step"], (rank, r, single)
+        assert r["save"] <= 0.8 * single["step"], (rank, r, single)

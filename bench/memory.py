@@ -72,14 +72,15 @@ def main() -> None:
             resumed = spawn(measure_zero3, dp, cfg, 1, args.block, None, None, per_rank[0]["path"], timeout=600,
                             return_all=True)  # a fresh world: the model built into partitions, then loaded
         for r, again in zip(per_rank, resumed):
-            r["resume"] = max(again["resume"], again["step"])
+            r["resume"], r["resume_step"] = again["resume"], again["step"]
         for rank, r in enumerate(per_rank):
             print(f"{'ZeRO3x%d' % dp:>8} {rank:>4} built {r['built']:.0f} MB ({r['built'] / single['init']:.2f}); "
                   f"init {r['init']:.0f} MB ({r['init'] / single['step']:.2f}); backward {r['backward']:.0f} MB; "
                   f"first step {r['first_step']:.0f} MB ({r['first_step'] / single['step']:.2f}); "
                   f"step {r['step']:>.0f} MB ({r['step'] / single['step']:.2f}); "
                   f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); "
-                  f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+                  f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}), its next step "
+                  f"{r['resume_step']:.0f} MB ({r['resume_step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
 
 
 if __name__ == "__main__":

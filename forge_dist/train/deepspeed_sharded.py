@@ -139,7 +139,8 @@ class DeepSpeedShardedState:
     def sharded_meta(self) -> dict:
         """What optimizer.json records beyond the layout (rank 0 writes it)."""
         return {"scaler": {}, "deepspeed": {"global_steps": int(self.ds.global_steps),
-                                            "skipped_steps": int(self.ds.skipped_steps)}}
+                                            "skipped_steps": int(self.ds.skipped_steps),
+                                            "zero_stage": int(self.ds.zero_optimization_stage())}}
 
     def optimizer_layout(self) -> Tuple[List[str], List[dict]]:
         """(parameter names in one process's optimizer order, its groups with indices and options):

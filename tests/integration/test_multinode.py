@@ -131,5 +131,7 @@ def test_deepspeed_hostfile_openmpi_zero1(nodes, reference, launch_dataset, tmp_
         "--deepspeed_config", str(ROOT / "configs/deepspeed/zero1_fp32.json")]
     run(cmd, env=launch_env(nodes.mpi_env()), timeout=240)
     assert_same_run(out, reference, 1e-4)
-    layout = json.loads(next((out / "checkpoints").glob("*/deepspeed/forge_layout.json")).read_text())["layout"]
-    assert (layout["zero_stage"], layout["dp_size"], layout["tp_size"]) == (1, 2, 2), layout
+    # the sharded checkpoint (launched DeepSpeed runs' default), written by both hosts' ranks
+    meta = json.loads(next((out / "checkpoints").glob("iter_*/optimizer.json")).read_text())
+    layout = meta["layout"]
+    assert (meta["deepspeed"]["zero_stage"], layout["dp_size"], layout["tensor_parallel_size"]) == (1, 2, 2), meta

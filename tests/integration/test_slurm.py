@@ -76,10 +76,12 @@ def test_deepspeed_zero2_under_srun(slurm, torchrun_tp2, launch_dataset, tmp_pat
                     "--out_dir", str(out), "--deepspeed_config", str(ROOT / "configs/deepspeed/zero2_fp32.json"))
     assert slurm.job_state(job) == "COMPLETED", log.read_text()[-3000:]
     assert_series_close(series(out, "loss"), series(torchrun_tp2, "loss"), 1e-4)
-    layouts = list((out / "checkpoints").glob("*/deepspeed/forge_layout.json"))
-    assert layouts, sorted(p.name for p in (out / "checkpoints").iterdir())
-    layout = json.loads(layouts[0].read_text())
-    assert layout["layout"]["zero_stage"] == 2 and layout["layout"]["dp_size"] == 2, layout
+    # a launched DeepSpeed run writes the sharded checkpoint: each task its own ZeRO-2 partition
+    ckpt = out / "checkpoints" / "iter_0000010"
+    assert sorted(p.name for p in (ckpt / "model" / "dcp").iterdir()) == [".metadata.json", "__0_0.distcp",
+                                                                          "__1_0.distcp"]
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    assert (meta["engine"], meta["deepspeed"]["zero_stage"], meta["layout"]["dp_size"]) == ("deepspeed", 2, 2), meta
 
 
 def logged_iters(out_dir) -> int:

@@ -45,6 +45,22 @@ def load_any(path: str):
     return reallm_forge.load_ckpt(path)
 
 
+def open_slices_any(path: str):
+    """(model config, SliceReader) of a ReaLLM-Forge ckpt.pt or a transformers directory, for a
+    rank that reads only its pieces (``--init_from prev_run``); nothing is converted whole.
+    Our own directories: io/slice_read.py ``open_slices``."""
+    path = os.fspath(path)
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        from forge_dist.io.hf.slices import HfSlices
+
+        reader = HfSlices(path)
+        return reader.config, reader
+    if kind == "reallm-forge":
+        return reallm_forge.open_slices(path)
+    raise CheckpointError(f"{path} is a forge_dist directory: open it with io.slice_read.open_slices")
+
+
 def from_pretrained(path: str, dtype: Optional[torch.dtype] = None, device=None):
     """The GPT stored at ``path`` in eval mode (float32 unless ``dtype``), on ``device`` (CPU)."""
     model, _ = load_any(path)

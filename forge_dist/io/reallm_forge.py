@@ -283,13 +283,14 @@ def ckpt_path(path: str) -> str:
     return os.path.join(path, CKPT_NAME) if os.path.isdir(path) else path
 
 
-def read_ckpt(path: str) -> dict:
-    """torch.load(weights_only=True) of a ckpt.pt; a file that needs pickle is refused."""
+def read_ckpt(path: str, mmap: bool = False) -> dict:
+    """torch.load(weights_only=True) of a ckpt.pt; a file that needs pickle is refused. ``mmap``:
+    the tensors stay in the file, mapped (a page is read when touched; open_slices)."""
     path = ckpt_path(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist (expected a ReaLLM-Forge ckpt.pt or the out_dir holding it)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -334,6 +335,27 @@ def load_ckpt(path: str):
     if isinstance(ckpt.get(DATA_DIR_KEY), str):
         training["data_dir"] = ckpt[DATA_DIR_KEY]
     return model, training
+
+
+def open_slices(path: str):
+    """(model config, SliceReader of our tensors) of a ckpt.pt, for ``--init_from prev_run``: the
+    file is memory-mapped (torch.load(mmap=True, weights_only=True)), the import rules run on the
+    mapped tensors against a meta-device GPT (renames and reshapes touch no data; a rule that
+    computes reads only its own tensors), and each rank's ``read`` copies its pieces, so the pages
+    of what it does not hold are never read. No GPT is built."""
+    from forge_dist.io.slice_read import StateDictSlices
+    from forge_dist.model.gpt import GPT
+
+    ckpt = read_ckpt(path, mmap=True)
+    try:
+        cfg = model_config_from_model_args(ckpt["model_args"])
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt_path(path)}: {e}") from None
+    with torch.device("meta"):
+        model = GPT(cfg)
+    iter_num = ckpt.get("iter_num") if isinstance(ckpt.get("iter_num"), int) else 0
+    conv = Conversion(model, iter_num=iter_num, extra=_extra_tensors(ckpt, path))
+    return cfg, StateDictSlices(from_upstream_state_dict(dict(ckpt["model"]), conv), ckpt_path(path))
 
 
 def _extra_tensors(ckpt: dict, path: str) -> StateDict:

@@ -11,8 +11,9 @@ logical one). A ``SliceReader`` fills such views from the checkpoint without rea
     load_slices(model, reader, groups)  # a deferred, parallelized model (or a pipeline stage) filled
     load_shards(model, model_dir, groups)   # the same from a model.safetensors, strictly
 
-``StateDictSlices`` gives the same interface to an in-memory state dict (a converted ReaLLM-Forge
-ckpt.pt or transformers directory, which are read whole). Every reader records what it was asked
+``StateDictSlices`` gives the same interface to a state dict (a ReaLLM-Forge ckpt.pt memory-mapped
+and mapped to our names: io/reallm_forge.py ``open_slices``); a transformers directory is read
+block by block through its architecture's transforms (io/hf/slices.py). Every reader records what it was asked
 for (``requests``, ``bytes_read``) so a test can prove a rank never read what it does not own.
 A DCP checkpoint written by fewer ranks stores bigger chunks; DCP reads a whole stored chunk and
 keeps the overlap, so there the peak is one stored chunk (at most one full tensor).
@@ -154,7 +155,7 @@ class DcpSlices(SliceReader):
 
 
 class StateDictSlices(SliceReader):
-    """A state dict already in memory (a converted ckpt.pt or transformers directory)."""
+    """A state dict (a memory-mapped ckpt.pt mapped to our names: only the pieces read are paged in)."""
 
     def __init__(self, state: Dict[str, torch.Tensor], source: str):
         super().__init__()

@@ -78,13 +78,14 @@ def _prev_run_model(path: str, explicit_model: dict, notes: list):
     """(model config, SliceReader of the weights) of --prev_run_ckpt with the explicit model options
     applied. Our model directories (gathered safetensors, or a sharded checkpoint's dcp/) are opened,
     not read: each rank reads only its pieces when the model is built (train/model_build.py); a
-    ReaLLM-Forge ckpt.pt or a transformers directory is converted in memory first. The names and
-    shapes are checked here, against the model built on the meta device."""
-    from forge_dist.io import load_any
+    ReaLLM-Forge ckpt.pt (memory-mapped) or a transformers directory (safetensors' lazy slices) is
+    mapped to our names tensor by tensor, never converted whole (io/pretrained.py open_slices_any).
+    The names and shapes are checked here, against the model built on the meta device."""
+    from forge_dist.io.pretrained import open_slices_any
     from forge_dist.io.checkpoint_read import verify_files
     from forge_dist.io.forge_format import is_forge_checkpoint, read_config
     from forge_dist.io.sharded_read import DCP_DIR
-    from forge_dist.io.slice_read import StateDictSlices, open_slices
+    from forge_dist.io.slice_read import open_slices
 
     found = ckpt.find_training_checkpoint(path)
     if found is not None:
@@ -98,8 +99,7 @@ def _prev_run_model(path: str, explicit_model: dict, notes: list):
                 verify_files(found, [os.path.join(ckpt.MODEL_DIR, DCP_DIR, f) for f in files])
         reader = open_slices(src_path, verify)
     else:
-        src, _ = load_any(src_path)
-        src_cfg, reader = src.config, StateDictSlices(src.state_dict(), f"checkpoint {path}")
+        src_cfg, reader = open_slices_any(src_path)
     cfg = src_cfg.replace(**explicit_model) if explicit_model else src_cfg
     _check_prev_run(cfg, reader, path, notes)
     notes.append(f"initialised from {path} (iteration reset to 0)")

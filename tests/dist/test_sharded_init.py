@@ -6,7 +6,11 @@ reads its slices tensor by tensor. Exact equality: the values come from the same
 The same world also starts forge-train runs from a one-process checkpoint's weights (--init_from
 prev_run) at TP=2 (the gathered safetensors) and PP=2 (the sharded DCP checkpoint): each rank's
 initial tensors are exactly the checkpoint's (a stage never materialises another stage's layers),
-its losses are the one-process prev_run's, and its reader was asked only for this rank's pieces."""
+its losses are the one-process prev_run's, and its reader was asked only for this rank's pieces.
+A ReaLLM-Forge ckpt.pt (memory-mapped) and a transformers directory (safetensors slices, mapped
+through the architecture's transforms block by block) start PP=2 runs and fill TP=2 shards the same
+way, with every whole-model conversion path (load_any, load_ckpt, load_hf, read_tensors) made to
+raise while they run."""
 import os
 
 import pytest
@@ -89,12 +93,35 @@ def _initial_state(box, gather):
     return hook
 
 
-def prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded):
-    """forge-train --init_from prev_run at TP=2 from ``gathered`` (a model directory) and at PP=2
-    from ``sharded`` (a one-process sharded training checkpoint); then both readers asked directly
-    for a TP=2 rank's pieces."""
+class _NoWholeModel:
+    """Every whole-model conversion path raises while this is entered."""
+
+    def __enter__(self):
+        import forge_dist.io.hf as hf
+        import forge_dist.io.hf.files as files
+        import forge_dist.io.pretrained as pretrained
+        import forge_dist.io.reallm_forge as reallm_forge
+
+        def refuse(*a, **k):
+            raise AssertionError("a whole-model conversion path was called")
+        self.saved = [(m, n, getattr(m, n)) for m, n in ((pretrained, "load_any"), (reallm_forge, "load_ckpt"),
+                                                         (hf, "load_hf"), (files, "read_tensors"))]
+        for m, n, _ in self.saved:
+            setattr(m, n, refuse)
+
+    def __exit__(self, *exc):
+        for m, n, f in self.saved:
+            setattr(m, n, f)
+
+
+def prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded, upstream, hf):
+    """forge-train --init_from prev_run at TP=2 from ``gathered`` (a model directory), at PP=2 from
+    ``sharded`` (a one-process sharded training checkpoint), from ``upstream`` (its ckpt.pt) and from
+    ``hf`` (a transformers directory); then every reader asked directly for a TP=2 rank's pieces."""
     from forge_dist.io import from_pretrained
     from forge_dist.io.forge_format import read_config
+    from forge_dist.io.hf import DERIVED_SUFFIXES
+    from forge_dist.io.pretrained import open_slices_any
     from forge_dist.io.slice_read import DcpSlices, SafetensorsSlices
     from forge_dist.io.slice_read import load_slices
     from forge_dist.model.gpt import GPT
@@ -103,38 +130,50 @@ def prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded):
     from forge_dist.testing.runs import fit, logged_losses, parallel_context
 
     out = {}
-    for name, source, tp, pp in (("tp2", gathered, 2, 1), ("pp2", sharded, 1, 2)):
+    for name, source, tp, pp in (("tp2", gathered, 2, 1), ("pp2", sharded, 1, 2), ("pp2-ckpt", upstream, 1, 2),
+                                 ("pp2-hf", hf, 1, 2)):
         state = {}
-        fit([*ARGS, "--dataset", dataset, "--out_dir", os.path.join(workdir, name), "--init_from", "prev_run",
-             "--prev_run_ckpt", source], parallel_context(rank, world_size, tp=tp, pp=pp),
-            _initial_state(state, gather=tp > 1))
+        with _NoWholeModel():
+            fit([*ARGS, "--dataset", dataset, "--out_dir", os.path.join(workdir, name), "--init_from", "prev_run",
+                 "--prev_run_ckpt", source], parallel_context(rank, world_size, tp=tp, pp=pp),
+                _initial_state(state, gather=tp > 1))
         out[name] = (state, logged_losses(os.path.join(workdir, name)))
     ctx = parallel_context(rank, world_size, tp=2)
     cfg, _ = read_config(gathered)
     full = from_pretrained(gathered).state_dict()
-    for fmt, reader in (("safetensors", SafetensorsSlices(gathered)),
-                        ("dcp", DcpSlices(os.path.join(sharded, "checkpoints", "iter_0000002", "model")))):
+    hf_full = from_pretrained(hf).state_dict()  # the whole conversion, to compare with
+    with _NoWholeModel():
+        readers = [("safetensors", cfg, full, SafetensorsSlices(gathered)),
+                   ("dcp", cfg, full, DcpSlices(os.path.join(sharded, "checkpoints", "iter_0000002", "model"))),
+                   ("reallm-forge", cfg, full, open_slices_any(upstream)[1]), ("hf", *open_slices_any(hf))]
+    readers[-1] = ("hf", readers[-1][1], hf_full, readers[-1][2])
+    for fmt, cfg, full, reader in readers:
         model = parallelize(GPT(cfg, defer_init=True), ctx.groups, ctx.parallel_config)
         own = model.state_dict(keep_vars=True)
         split = sorted(n for n, t in own.items() if getattr(shard_info(t), "dim", None) is not None)
         local = sum(t.numel() * t.element_size() for t in {id(t): t for t in own.values()}.values())
-        load_slices(model, reader, ctx.groups)
-        wrong = [n for n, t in model.state_dict(keep_vars=True).items()
-                 if not torch.equal(t.detach(), shard_tensor(full[n], shard_info(t), rank, 2)
+        with _NoWholeModel():
+            load_slices(model, reader, ctx.groups, fresh_ok=fmt == "hf")  # hf: derived buffers are drawn
+        wrong = [n for n, t in model.state_dict(keep_vars=True).items() if not n.endswith(DERIVED_SUFFIXES)
+                 and not torch.equal(t.detach(), shard_tensor(full[n], shard_info(t), rank, 2)
                                     if shard_info(t) is not None else full[n])]
-        out[fmt] = dict(requests=reader.requests, read=reader.bytes_read, local=local, split=split, wrong=wrong)
+        out[fmt] = dict(requests=reader.requests, read=reader.bytes_read, local=local, split=split, wrong=wrong,
+                        whole=getattr(reader, "whole_reads", []), full_bytes=sum(
+                            t.numel() * t.element_size() for t in full.values()))
     return out
 
 
-def _world(rank, world_size, workdir, dataset, gathered, sharded):
+def _world(rank, world_size, workdir, dataset, *sources):
     return compare_cases(rank, world_size, 2, "all", workdir), \
-        prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded)
+        prev_run_cases(rank, world_size, workdir, dataset, *sources)
 
 
 @pytest.mark.timeout(300)
 def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
     from forge_dist.io import from_pretrained
     from forge_dist.io.convert import convert
+    from forge_dist.io.hf import save_hf
+    from forge_dist.model.gpt import GPT
     from forge_dist.testing.data import corpus_dataset
     from forge_dist.testing.runs import fit, logged_losses
     from forge_dist.train.context import RunContext
@@ -148,33 +187,41 @@ def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
     fit([*ARGS, "--dataset", dataset, "--out_dir", str(tmp_path / "one"), "--init_from", "prev_run",
          "--prev_run_ckpt", gathered], RunContext())
     want_losses, want = logged_losses(tmp_path / "one"), from_pretrained(gathered).state_dict()
-    full_bytes = sum(t.numel() * t.element_size() for t in want.values())
+    upstream, hf = convert(gathered, str(tmp_path / "ckpt.pt"), "reallm-forge"), str(tmp_path / "hf")
+    llama = from_pretrained(gathered).config.replace(use_rotary_embeddings=True, use_abs_pos_embeddings=False,
+                                                     mlp_variant="swiglu", activation_variant="silu")
+    torch.manual_seed(7)
+    save_hf(GPT(llama), hf)  # a Llama: RoPE rows permuted per head, read per TP shard through the slicer
+    hf_want = from_pretrained(hf).state_dict()
 
-    per_rank = spawn(_world, 2, str(tmp_path), dataset, gathered, sharded, timeout=280, return_all=True)
+    per_rank = spawn(_world, 2, str(tmp_path), dataset, gathered, sharded, upstream, hf, timeout=280,
+                     return_all=True)
     for rank, (result, prev) in enumerate(per_rank):
         wrong = {k: v for k, v in result.items() if v not in ("same", "refused")}
         assert not wrong, f"rank {rank}: {wrong}"
         assert sum(v == "same" for v in result.values()) > len(result) // 2
         # prev_run at TP=2 and PP=2: exactly the checkpoint's weights, the one-process losses
-        for name in ("tp2", "pp2"):
+        for name in ("tp2", "pp2", "pp2-ckpt", "pp2-hf"):
             state, losses = prev[name]
             other = () if name == "tp2" else ((".h.1.", "ln_f") if rank == 0 else (".h.0.",))  # the other stage's
             held = {k: v for k, v in state.items() if not v.is_meta and not any(o in k for o in other)}
-            differ = [k for k, v in held.items() if not torch.equal(v, want[k])]
+            ref = hf_want if name == "pp2-hf" else want
+            derived = ("activation_x_offset", "activation_y_offset")  # drawn from the config, not in a hf file
+            differ = [k for k, v in held.items() if not torch.equal(v, ref[k]) and not k.endswith(derived)]
             assert held and not differ, (rank, name, differ[:4])
-            assert sorted(losses) == sorted(want_losses) == [0, 1], (name, losses)
-            for i in want_losses:
+            assert sorted(losses) == [0, 1], (name, losses)
+            for i in want_losses if name != "pp2-hf" else ():
                 assert losses[i] == pytest.approx(want_losses[i], rel=2e-5), (rank, name, i)
         # stage 0 holds layer 0, stage 1 layer 1: the other's drawn (Linear) weights were never materialised
         layers = [k for k in prev["pp2"][0] if ".h." in k and k.endswith(".weight")]
         assert layers and all(prev["pp2"][0][k].is_meta != (f".h.{rank}." in k) for k in layers), rank
         # the readers filled this rank's shards of the checkpoint's tensors, reading no more than it holds
-        for fmt in ("safetensors", "dcp"):
+        for fmt in ("safetensors", "dcp", "reallm-forge", "hf"):
             asked = prev[fmt]
-            assert asked["split"] and not asked["wrong"], (rank, fmt, asked["wrong"])
-            assert asked["read"] <= asked["local"] < 0.8 * full_bytes, (rank, fmt, asked["read"], full_bytes)
+            assert asked["split"] and not asked["wrong"] and not asked["whole"], (rank, fmt, asked["wrong"])
+            assert asked["read"] <= asked["local"] < 0.8 * asked["full_bytes"], (rank, fmt, asked["read"])
     # ... and each element of a TP-split tensor was asked for by exactly one of the two ranks
-    for fmt in ("safetensors", "dcp"):
+    for fmt in ("safetensors", "dcp", "reallm-forge", "hf"):
         per_name = {}
         for _, prev in per_rank:
             for name, _, sizes in prev[fmt]["requests"]:
@@ -182,4 +229,5 @@ def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
         for name in per_rank[0][1][fmt]["split"]:
             if name == "lm_head.weight" and name not in per_name:  # tied: read as transformer.wte.weight
                 continue
-            assert per_name[name] == want[name].numel(), (fmt, name, per_name[name], want[name].shape)
+            numel = (hf_want if fmt == "hf" else want)[name].numel()
+            assert per_name[name] == numel, (fmt, name, per_name[name], numel)

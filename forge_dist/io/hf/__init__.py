@@ -110,6 +110,27 @@ def read_hf_config(path: str):
                           f"stated (re-save the config with transformers)") from None
 
 
+def placement(family: Family, cfg: ModelConfig, stored, path: str) -> Dict[str, tuple]:
+    """{our name: (its transformers Tensor, index in that tensor's from_hf output)}, every name of
+    ``stored`` (the directory's tensors) checked: a missing one or one without a place is refused."""
+    where, used = {}, set()
+    for t in family.tensors(cfg):
+        if not t.ours:
+            continue  # a slot our model lacks (zeros on export)
+        if t.theirs not in stored:
+            raise CheckpointError(f"{path}: tensor {t.theirs} is missing")
+        used.add(t.theirs)
+        where.update({name: (t, k) for k, name in enumerate(t.ours)})
+    if cfg.wte_weight_tying:
+        used.add("lm_head.weight")  # some writers store the tied head too
+    zero_slots = {t.theirs for t in family.tensors(cfg) if not t.ours}
+    unexpected = sorted(set(stored) - used - zero_slots)
+    if unexpected:
+        raise CheckpointError(f"{path}: tensors {unexpected[:4]} have no place in forge_dist's {family.architecture} "
+                              f"mapping (another variant of the architecture?)")
+    return where
+
+
 def load_hf(path: str):
     """(GPT in train mode, training info) from a transformers directory (safetensors only); the
     info holds the directory's tokenizer (``tokenizer`` spec), when it has one."""
@@ -119,26 +140,15 @@ def load_hf(path: str):
     path = os.fspath(path)
     family, cfg = read_hf_config(path)
     theirs = files.read_tensors(path)
+    where = placement(family, cfg, theirs, path)
     model = GPT(cfg)
     own = model.state_dict()
     state = {k: v for k, v in own.items() if k.endswith(DERIVED_SUFFIXES)}
     state.update(family.implied(cfg))
-    used = set()
-    for t in family.tensors(cfg):
-        if not t.ours:
-            continue  # a slot our model lacks (zeros on export)
-        if t.theirs not in theirs:
-            raise CheckpointError(f"{path}: tensor {t.theirs} is missing")
-        used.add(t.theirs)
+    for t in {id(t): t for t, _ in where.values()}.values():
         state.update(zip(t.ours, t.from_hf(theirs[t.theirs])))
     if cfg.wte_weight_tying:
         state["lm_head.weight"] = state["transformer.wte.weight"]
-        used.add("lm_head.weight")  # some writers store the tied head too
-    zero_slots = {t.theirs for t in family.tensors(cfg) if not t.ours}
-    unexpected = sorted(set(theirs) - used - zero_slots)
-    if unexpected:
-        raise CheckpointError(f"{path}: tensors {unexpected[:4]} have no place in forge_dist's {family.architecture} "
-                              f"mapping (another variant of the architecture?)")
     state = {k: v.to(own[k].dtype) for k, v in state.items()}
     load_state(model, state, path)
     tokenizer = read_tokenizer(path)

@@ -89,10 +89,8 @@ def read_config(path: str) -> dict:
     return hf
 
 
-def read_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors file(s); a pickle-only checkpoint is refused."""
-    from safetensors import SafetensorError, safe_open
-
+def weight_files(path: str) -> List[str]:
+    """The directory's safetensors file(s); a pickle-only checkpoint is refused."""
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
     if os.path.isfile(single):
         files = [single]
@@ -114,14 +112,27 @@ def read_tensors(path: str) -> Dict[str, torch.Tensor]:
                 f"because unpickling can run arbitrary code. In a trusted session convert it to safetensors "
                 f"(transformers: model.save_pretrained(dir, safe_serialization=True)) and import that")
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME} or {INDEX_NAME}")
-    tensors = {}
-    for file in files:
+    return files
+
+
+def open_tensors(path: str) -> Dict[str, object]:
+    """{tensor name: its open safetensors file} (safe_open: the header only; a tensor or a slice
+    of it is read when asked for, io/hf/slices.py)."""
+    from safetensors import SafetensorError, safe_open
+
+    handles = {}
+    for file in weight_files(path):
         try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            f = safe_open(file, framework="pt", device="cpu")
+            handles.update({k: f for k in f.keys()})
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
-    return tensors
+    return handles
+
+
+def read_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors file(s), read whole."""
+    return {k: f.get_tensor(k) for k, f in open_tensors(path).items()}
 
 
 def read_directory(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:

@@ -19,13 +19,13 @@ import torch
 
 from forge_dist.errors import ConfigError
 from forge_dist.io.hf.llama import RotaryDecoder
-from forge_dist.io.hf.mapping import ACTIVATIONS, equals
+from forge_dist.io.hf.mapping import ACTIVATIONS, elementwise, equals
 
 _NO_CAP = lambda v: v is None or (isinstance(v, (int, float)) and v > 0)  # noqa: E731
 
 
 def _gain_offset():
-    return (lambda ts: ts[0] - 1.0), (lambda t: [t + 1.0])
+    return (lambda ts: ts[0] - 1.0), elementwise(lambda t: [t + 1.0])
 
 
 class Gemma2(RotaryDecoder):

@@ -73,6 +73,19 @@ def half_rotation_order(head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
 
 
+def _slices(from_hf: Callable, slicer: Callable) -> Callable:
+    """``from_hf`` that also tells how to read only a block of its output (io/hf/slices.py):
+    ``slicer(k, index)`` -> (index into theirs, function turning that block into our block of
+    output ``k``), or None where the block needs the whole tensor."""
+    from_hf.slicer = slicer
+    return from_hf
+
+
+def elementwise(from_hf: Callable) -> Callable:
+    """A from_hf acting element by element (identity, Gemma 2's gain offset): same index."""
+    return _slices(from_hf, lambda k, index: (index, lambda block: from_hf(block)[k]))
+
+
 def rope_rows(head_dim: int):
     """(to_hf, from_hf) permuting the per-head output rows of a q/k weight (H*D, C) or bias (H*D,)."""
     order = half_rotation_order(head_dim)
@@ -82,12 +95,19 @@ def rope_rows(head_dim: int):
         heads = t.reshape(-1, head_dim, *t.shape[1:])  # (H, D, ...)
         return heads[:, idx].reshape(t.shape).contiguous()
 
-    return (lambda ts: permute(ts[0], order)), (lambda t: [permute(t, inverse)])
+    def slicer(k, index):  # whole heads (a tensor-parallel shard): the same rows, permuted inside each
+        rows = index[0]
+        if rows.start % head_dim or rows.stop % head_dim:
+            return None
+        return index, lambda block: permute(block, inverse)
+
+    return (lambda ts: permute(ts[0], order)), _slices(lambda t: [permute(t, inverse)], slicer)
 
 
 def transposed():
     """GPT-2's Conv1D stores (in, out); nn.Linear stores (out, in)."""
-    return (lambda ts: ts[0].t().contiguous()), (lambda t: [t.t().contiguous()])
+    return (lambda ts: ts[0].t().contiguous()), _slices(
+        lambda t: [t.t().contiguous()], lambda k, index: (index[::-1], lambda block: block.t().contiguous()))
 
 
 def concatenated(sizes: Sequence[int], dim: int, transpose: bool = False):
@@ -98,11 +118,17 @@ def concatenated(sizes: Sequence[int], dim: int, transpose: bool = False):
     def from_hf(t):
         return [p.t().contiguous() if transpose else p.contiguous() for p in torch.split(t, list(sizes), dim=dim)]
 
-    return to_hf, from_hf
+    def slicer(k, index):  # part k is sizes[k] wide at offset sum(sizes[:k]) along dim
+        index = list(index[::-1] if transpose else index)
+        base = sum(sizes[:k])
+        index[dim] = slice(base + index[dim].start, base + index[dim].stop)
+        return tuple(index), (lambda block: block.t().contiguous()) if transpose else (lambda block: block)
+
+    return to_hf, _slices(from_hf, slicer)
 
 
 def identity():
-    return (lambda ts: ts[0]), (lambda t: [t])
+    return (lambda ts: ts[0]), elementwise(lambda t: [t])
 
 
 @dataclass

@@ -25,40 +25,82 @@ namespace {
 using namespace attn;
 
 // ---- the two normaliser families -----------------------------------------------------------------
-// Elementwise: params (H or 1, 2) = per-head (beta, gamma); dparams accumulates their gradients.
+// Elementwise: params (H or 1, width) = per-head [beta, gamma] (width 2), or a functor's table row
+// (Pfla: [beta, gamma, knots...]); dpar accumulates their gradients. With divide (a row sum of the
+// curve, pfla_softmax): D = obo + sum_j f(s_j) (+ f(sink), the flash-LOBO key of zero value), out =
+// sum_j f_j v_j / D, stats [0, D, 0]; backward dL/df_j = (dP_j - delta) / D, dobo = -delta / D.
+template <class F, class = void>
+struct HasTable : std::false_type {};
+template <class F>
+struct HasTable<F, std::void_t<decltype(F::kTable)>> : std::true_type {};
+
 template <class F, class A>
 struct Elementwise {
   const double* consts;
   const A* params;
-  int64_t n_params;
+  int64_t n_params, width;
+  bool divide;
+  const A* obo;
+  int64_t n_obo;
+  const A* sink;
+  int64_t n_sink;
+  int64_t row_of(int64_t h) const { return (n_params == 1 ? 0 : h) * width; }
   F functor(int64_t h) const {
-    const int64_t i = n_params == 1 ? 0 : h;
-    return F(consts, params[2 * i], params[2 * i + 1], A(0));
+    const A* p = params + row_of(h);
+    if constexpr (HasTable<F>::value) return F(consts, p, width);
+    else return F(consts, p[0], p[1], A(0));
   }
-  // p_j = f(s_j); returns the factor of sum_j p_j v_j (1)
-  A forward(int64_t h, A* s, const ColRange& c, A* /*stats*/) const {
+  // the gradient through f at x for dL/df = dy, the parameters' terms into drow (or p0, p1)
+  static A grad_at(const F& f, A x, A dy, A* drow, A& p0, A& p1) {
+    if constexpr (HasTable<F>::value) {
+      return f.grad(x, dy, drow);
+    } else {
+      const ElemGrad<A> e = f.grad(x, dy);
+      p0 += e.dp0;
+      p1 += e.dp1;
+      return e.dx;
+    }
+  }
+  // p_j = f(s_j); returns the factor of sum_j p_j v_j (1, or 1/D with divide)
+  A forward(int64_t h, A* s, const ColRange& c, A* stats) const {
     const F f = functor(h);
+    A sum = A(0);
     for (const Segment sg : segments(c))
-      for (int64_t j = sg.lo; j < sg.hi; ++j) s[j] = f.value(s[j]);
-    return A(1);
+      for (int64_t j = sg.lo; j < sg.hi; ++j) {
+        s[j] = f.value(s[j]);
+        sum += s[j];
+      }
+    if (!divide) return A(1);
+    if (n_sink) sum += f.value(sink[n_sink == 1 ? 0 : h]);
+    A den = sum + obo[n_obo == 1 ? 0 : h];
+    den = den == A(0) ? A(1) : den;
+    stats[0] = A(0);
+    stats[1] = den;
+    stats[2] = A(0);
+    return A(1) / den;
   }
-  // in: s (scores), dp; out: p (weights), ds; dpar (2 per head) += the parameters' gradients
-  void backward(int64_t h, A* s, A* dp, const ColRange& c, const A* /*stats*/, A /*delta*/, A* dpar, A* /*dc*/,
-                A* /*dobo*/, A* /*dsink*/) const {
+  // in: s (scores), dp; out: p (weights), ds; dpar (width per head) += the parameters' gradients
+  void backward(int64_t h, A* s, A* dp, const ColRange& c, const A* stats, A delta, A* dpar, A* /*dc*/,
+                A* dobo, A* dsink) const {
     const F f = functor(h);
+    A* drow = dpar + row_of(h);
+    const A inv = divide ? A(1) / stats[1] : A(1), dl = divide ? delta : A(0);
     A p0 = A(0), p1 = A(0);
     for (const Segment sg : segments(c))
       for (int64_t j = sg.lo; j < sg.hi; ++j) {
         const A x = s[j];
-        ElemGrad<A> e = f.grad(x, dp[j]);
-        s[j] = f.value(x);
-        dp[j] = e.dx;
-        p0 += e.dp0;
-        p1 += e.dp1;
+        dp[j] = grad_at(f, x, (dp[j] - dl) * inv, drow, p0, p1);
+        s[j] = f.value(x) * inv;
       }
-    const int64_t i = n_params == 1 ? 0 : h;
-    dpar[2 * i] += p0;
-    dpar[2 * i + 1] += p1;
+    if (divide) {
+      if (n_sink) {
+        const int64_t i = n_sink == 1 ? 0 : h;
+        dsink[i] += grad_at(f, sink[i], -delta * inv, drow, p0, p1);
+      }
+      dobo[n_obo == 1 ? 0 : h] -= delta * inv;
+    }
+    drow[0] += p0;
+    drow[1] += p1;
   }
 };
 
@@ -285,10 +327,14 @@ void dispatch(const at::Tensor& q, int64_t family, int64_t kind, const std::vect
     using T = decltype(t_in);
     using A = acc_t<T>;
     if (family == ELEMENTWISE) {
-      dispatch_elem<A>(int32_t(kind), consts.data(), [&](auto* tag) {
+      auto run = [&](auto* tag) {
         using F = std::remove_pointer_t<decltype(tag)>;
-        fn(T(), Elementwise<F, A>{consts.data(), params.const_data_ptr<A>(), params.size(0)});
-      });
+        fn(T(), Elementwise<F, A>{consts.data(), params.const_data_ptr<A>(), params.size(0), params.size(1),
+                                  ra.divide != 0, obo.const_data_ptr<A>(), obo.numel(), sink.const_data_ptr<A>(),
+                                  ra.divide != 0 ? sink.numel() : 0});
+      };
+      if (kind == PFLA) run(static_cast<Pfla<A>*>(nullptr));
+      else dispatch_elem<A>(int32_t(kind), consts.data(), run);
     } else {
       dispatch_transform<A>(ra.transform, [&](auto* tag) {
         using Tr = std::remove_pointer_t<decltype(tag)>;
@@ -310,8 +356,10 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
                  c10::ArrayRef<double> consts, c10::ArrayRef<double> row) {
   const auto acc = acc_of(q);
   TORCH_CHECK(row.size() == 7, "row args must be [transform, shift, divide, tparam, guess, overflow, post]");
+  TORCH_CHECK(params.dim() == 2 || params.numel() == 0, "params must be (H or 1, width)");
   Prepared p{q.contiguous(), k.contiguous(), v.contiguous(),
-             bias.has_value() ? bias->to(acc).contiguous() : at::Tensor(), params.to(acc).contiguous(),
+             bias.has_value() ? bias->to(acc).contiguous() : at::Tensor(),
+             (params.dim() == 2 ? params : params.reshape({0, 2})).to(acc).contiguous(),
              c.to(acc).contiguous(), obo.to(acc).contiguous(), sink.to(acc).contiguous(),
              std::vector<double>(consts.begin(), consts.end()),
              RowArgs{int32_t(row[0]), int32_t(row[1]), int32_t(row[2]), row[3], row[4], row[5], row[6]}};
@@ -328,15 +376,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_, const at:
   Prepared p = prepare(q_, k_, v_, bias_, params_, c_, obo_, sink_, consts, row);
   const Geo g = geometry(p.q, p.k, p.v, p.bias, scale, softcap, mask);
   at::Tensor out = at::empty({g.B, g.Hq, g.T, g.Dv}, p.q.options());
-  at::Tensor stats = at::empty({family == ROWNORM ? g.B * g.Hq * g.T : 0, 3}, p.q.options().dtype(acc_of(p.q)));
+  const bool keeps_stats = family == ROWNORM || p.ra.divide;  // [m, D, ties] per row for the backward
+  at::Tensor stats = at::empty({keeps_stats ? g.B * g.Hq * g.T : 0, 3}, p.q.options().dtype(acc_of(p.q)));
   dispatch(p.q, family, kind, p.consts, p.params, p.c, p.obo, p.sink, p.ra, [&](auto t, const auto& fam) {
     using T = decltype(t);
     using A = acc_t<T>;
     attn_fwd<T>(p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
                 g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.data_ptr<T>(),
-                family == ROWNORM ? stats.data_ptr<A>() : nullptr, fam, g);
+                keeps_stats ? stats.data_ptr<A>() : nullptr, fam, g);
   });
-  return {out, stats.reshape({family == ROWNORM ? g.B : 0, g.Hq, g.T, 3})};
+  return {out, stats.reshape({keeps_stats ? g.B : 0, g.Hq, g.T, 3})};
 }
 
 std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_, const at::Tensor& q_, const at::Tensor& k_,
@@ -360,7 +409,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_, const at::Tensor&
     using A = acc_t<T>;
     attn_bwd<T>(grad.const_data_ptr<T>(), p.q.const_data_ptr<T>(), p.k.const_data_ptr<T>(), p.v.const_data_ptr<T>(),
                 g.Hb ? p.bias.const_data_ptr<A>() : nullptr, out.const_data_ptr<T>(),
-                family == ROWNORM ? stats.const_data_ptr<A>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(),
+                family == ROWNORM || p.ra.divide ? stats.const_data_ptr<A>() : nullptr, dq.data_ptr<T>(), dk.data_ptr<T>(),
                 dv.data_ptr<T>(),
                 dbias.numel() ? dbias.data_ptr<A>() : nullptr, small.data_ptr<A>(), small.numel(),
                 {0, np, np + 1, np + 1 + no}, fam, g);

@@ -422,6 +422,15 @@ class PFLASoftmax(ScoreNormalizer):
         return ref.pfla_softmax(scores, self.keep(scores, mask), x_vals, y_vals, self.mode,
                                 gamma_raw=self._gamma_raw, obo_log=self._obo_raw)
 
+    def elem_spec(self, seq_len=None, scores=None):
+        """The fused attention kernels' spec: the curve's knot table / the learned divisor, or divided
+        by its row sum + eps (+ e^obo); pfla_softmax ignores div_by_seq_len (as upstream)."""
+        x_vals, y_vals = self.knots()
+        if self._gamma_raw is not None:
+            return ops_scores.pfla_spec(x_vals, y_vals, self.mode, gamma=torch.relu(self._gamma_raw) + 1e-6)
+        return ops_scores.pfla_spec(x_vals, y_vals, self.mode, divide=True,
+                                    addend=ref.pfla_addend(x_vals, obo_log=self._obo_raw))
+
     def row_sum_spec(self):
         """(curve, addend) of the row-normalised mode, y = curve(s) / (sum_j curve(s_j) + addend), for
         the blocked attention path (attention/blocked.py); None with the learned divisor."""

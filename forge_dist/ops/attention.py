@@ -88,7 +88,16 @@ def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optiona
         if n not in (1, Hq) or beta.numel() not in (1, n) or gamma.numel() not in (1, n):
             return None
         params = torch.stack([beta.expand(n), gamma.expand(n)], dim=1)
-        args = (params, one, empty, empty, ELEMENTWISE, spec.kind, [float(c) for c in spec.consts], [0.0] * 7)
+        if spec.table is not None:  # [beta, gamma, table...] per row
+            params = torch.cat([params, spec.table.to(device=dev, dtype=acc).reshape(1, -1).expand(n, -1)], dim=1)
+        obo, sink = empty, empty
+        if spec.divide:  # a row sum of the curve: the addend, and the flash-LOBO sink it counts
+            obo = _vector(spec.addend, acc, dev)
+            sink = empty if sink_logit is None else _vector(sink_logit, acc, dev)
+            if obo.numel() not in (1, Hq) or sink.numel() not in (0, 1, Hq):
+                return None
+        row = [0.0, 0.0, float(spec.divide), 0.0, 0.0, 0.0, 1.0]
+        args = (params, one, obo, sink, ELEMENTWISE, spec.kind, [float(c) for c in spec.consts], row)
     else:
         learned = torch.is_tensor(spec.divisor)
         if spec.kernel_transform is None and spec.transform is not None or learned and not divide_after:

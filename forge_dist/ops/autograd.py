@@ -113,7 +113,7 @@ ROWNORM = 1  # attention family code of the row-normalised variants (ops/attenti
 def _attn_fwd_fake(q, k, v, bias, params, c, obo, sink, family, kind, consts, row, mask, scale, softcap):
     B, Hq, T, _ = q.shape
     return (q.new_empty((B, Hq, T, v.shape[-1])),
-            q.new_empty((B if family == ROWNORM else 0, Hq, T, 3), dtype=_acc(q)))
+            q.new_empty((B if family == ROWNORM or row[2] else 0, Hq, T, 3), dtype=_acc(q)))  # row[2]: divide
 
 
 def _attn_bwd_fake(grad, q, k, v, bias, params, c, obo, sink, out, stats, family, kind, consts, row, mask, scale,

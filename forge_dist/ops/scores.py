@@ -24,7 +24,7 @@ from forge_dist.ops.reference import softmax_variants as ref
 from forge_dist.ops.reference.softmax_variants import Param
 
 ELEM_KINDS = {"consmax": 0, "saturatingconsmax": 1, "polymax": 2, "exppolymax": 3, "relumax": 4, "relu2max": 5,
-              "sigmoidmax": 6, "softplus": 7, "squareplus": 8}
+              "sigmoidmax": 6, "softplus": 7, "squareplus": 8, "pfla_softmax": 9}  # pfla: attention kernels only
 IDENTITY, CLAMP, SIGSOFT = 0, 1, 2  # RowTransform
 SHIFT_NONE, SHIFT_MAX, SHIFT_GUESS, SHIFT_GUESS_OR_MAX = 0, 1, 2, 3
 
@@ -75,6 +75,12 @@ class ElemSpec:
     reference: Callable[..., torch.Tensor]
     beta: Param = 0.0
     gamma: Param = 1.0
+    # a learned curve's table (pfla_softmax: knot positions then values, (2n,)), appended to the
+    # kernel's parameter row [beta, gamma, table...]; its gradient comes back through that row
+    table: Optional[torch.Tensor] = None
+    # divide by the row sum of the curve plus ``addend`` (pfla_softmax without its learned divisor)
+    divide: bool = False
+    addend: Param = 0.0
 
     @property
     def kind(self) -> int:
@@ -83,6 +89,8 @@ class ElemSpec:
 
 def elementwise(scores, mask, spec: ElemSpec):
     """y = f(scores) by ``spec``: the kernel where usable, else its reference."""
+    if spec.table is not None or spec.divide:  # a table or a row sum: the attention kernels only
+        return spec.reference(scores, _keep(scores, mask), spec.beta, spec.gamma)
     out = _out_dtype(scores, spec.beta, spec.gamma)
     b, g = _per_head(spec.beta, scores), _per_head(spec.gamma, scores)
     if b is None or g is None or not _usable(spec.name, scores, out, b):
@@ -177,6 +185,21 @@ softplus = _fixed_curve("softplus")
 def squareplus(scores, mask, divisor: float, seq_len: Optional[int] = None, b: float = ref.SQUAREPLUS_B):
     """Squareplus (Barron 2021): (x + sqrt(x^2 + b)) / 2, / D (/ L)."""
     return elementwise(scores, mask, curve_spec("squareplus", divisor, seq_len, b))
+
+
+def pfla_spec(x_knots: torch.Tensor, sqrt_y: torch.Tensor, mode: str, gamma: Param = 1.0, divide: bool = False,
+              addend: Param = 0.0):
+    """pfla_softmax's learned curve (knots increasing; values stored as sqrt(y)) / gamma, or / (row sum +
+    addend) with ``divide``; consts [quadratic] (csrc/include/forge/scores.h Pfla)."""
+    if mode not in ("linear", "quadratic"):
+        raise ValueError(f"pfla_softmax_mode={mode!r}; valid values: linear, quadratic")
+
+    def reference(s, keep, _beta, g):
+        y = ref.pfla_curve(s, keep, x_knots, sqrt_y, mode)
+        return y / (y.sum(-1, keepdim=True) + addend) if divide else y / g
+
+    return ElemSpec("pfla_softmax", [float(mode == "quadratic")], reference, 0.0, gamma,
+                    table=torch.cat([x_knots.reshape(-1), sqrt_y.reshape(-1)]), divide=divide, addend=addend)
 
 
 # --- row-normalised --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 
 from forge_dist.ops import attention as fused_op
 from forge_dist.ops import autograd, registry
+from forge_dist.ops.scores import ElemSpec
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRANSFORM, _SHIFT, _DIVIDE, _TPARAM, _GUESS, _OVERFLOW, _POST = range(7)  # the op's ``row`` list
@@ -50,6 +51,8 @@ def attention(q, k, v, spec, *, mask, scale: float, softcap: Optional[float] = N
     """forge_dist.ops.attention.attention's contract on the Triton kernel: (B, Hq, T, Dv), or None."""
     if not usable(q, k, v):
         return None
+    if isinstance(spec, ElemSpec) and (spec.table is not None or spec.divide):
+        return None  # TODO-free note: pfla_softmax's knot table is not in the Triton kernels yet
     args = fused_op.kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
                                 sink_logit=sink_logit)
     return None if args is None else torch.ops.forge_triton.attention_fwd(*args)[0]

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from test_blocked_attention import CASES, MASKS, WRT, inputs, normaliser  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
-KERNEL_CASES = [c for c in CASES if c[0] != "pfla_softmax"]  # pfla: the blocked path (a learned curve)
+KERNEL_CASES = CASES
 IDS = [f"{n}-{i}" for i, (n, _) in enumerate(KERNEL_CASES)]
 
 
@@ -107,6 +107,48 @@ def test_fused_learned_divisor_float64():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("mode,divide", [("linear", True), ("quadratic", False), ("quadratic", True)])
+def test_pfla_knot_table_float64(mode, divide):
+    """pfla_softmax's knot table inside the tile loop: scores past both ends of the knots (the first
+    segment extended, the last value held), learned knots out of order (sorted by the module), parity
+    with the materialised path for every gradient, and finite differences for the knot positions and
+    values, the learned divisor or the addend, through the op itself."""
+    from forge_dist.ops import scores as ops_scores
+
+    torch.manual_seed(0)
+    opts = dict(pfla_softmax_mode=mode, pfla_softmax_learn_x=True, pfla_softmax_num_points=6,
+                pfla_softmax_left_bound=-3.0, pfla_softmax_right_bound=3.0)
+    opts.update(dict(pfla_softmax_use_obo=True, pfla_softmax_use_learned_obo=True) if divide
+                else dict(pfla_softmax_use_learned_divisor=True))
+    module = normaliser("pfla_softmax", opts, torch.float64)
+    with torch.no_grad():
+        module.x_vals[[1, 3]] = module.x_vals[[3, 1]].clone()  # crossed knots
+        module.y_vals.add_(0.3 * torch.rand_like(module.y_vals))
+    x = inputs(MASKS[2], torch.float64)  # no soft-capping: scores well beyond [-3, 3]
+    x["q"] = (x["q"] * 3.0).detach().requires_grad_()
+    s = x["q"] @ x["k"].transpose(-1, -2) * 0.7
+    assert s.min() < -4 and s.max() > 4
+    (ya, ga), (yb, gb) = (outputs_and_grads(module, x, p) for p in ("materialised", "fused"))
+    torch.testing.assert_close(yb, ya, rtol=1e-10, atol=1e-12)
+    for t, a, b in zip(WRT(module, x), ga, gb):
+        a, b = (torch.zeros_like(t) if g is None else g for g in (a, b))  # a learned divisor's sink: 0
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+    xk, yk = (t.detach().clone().requires_grad_() for t in module.knots())
+    extra = torch.tensor(0.7 if divide else 1.3, dtype=torch.float64, requires_grad=True)
+
+    def f(q, xk, yk, extra):
+        spec = (ops_scores.pfla_spec(xk, yk, mode, divide=True, addend=extra) if divide
+                else ops_scores.pfla_spec(xk, yk, mode, gamma=extra))
+        return fused_op.attention(q, x["k"], x["v"], spec, mask=x["mask"], scale=0.7, softcap=None,
+                                  bias=x["bias"], sink_logit=x["sink"])
+
+    assert torch.autograd.gradcheck(f, (x["q"], xk, yk, extra), atol=1e-6, fast_mode=True)
+
+
+PFLA_ROWSUM = 2  # not a family code: the elementwise family with pfla's table and the row-sum division
+
+
 def _op_args(family: int, dtype):
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, T, S, D = 2, 4, 2, 5, 7, 3
@@ -124,19 +166,25 @@ def _op_args(family: int, dtype):
         params = torch.tensor([[0.1, 1.5], [0.2, 2.0], [-0.1, 1.0], [0.0, 3.0]], dtype=acc, requires_grad=True)
         return (q, k, v, bias, params, torch.ones(1, dtype=acc), empty, empty, 0, 0, [1.0, float("inf")], [0.0] * 7,
                 mask, 0.6, 0.0)
+    if family == PFLA_ROWSUM:  # a knot table row [beta, gamma, x_0..x_3, v_0..v_3], / (row sum + addend)
+        params = torch.tensor([[0.0, 1.0, -1.0, -0.2, 0.4, 1.5, 0.3, 0.8, 1.1, 0.9]], dtype=acc, requires_grad=True)
+        addend = torch.tensor([0.5], dtype=acc, requires_grad=True)
+        sink = torch.tensor([0.3, -0.5, 0.2, 2.0], dtype=acc, requires_grad=True)
+        return (q, k, v, bias, params, torch.ones(1, dtype=acc), addend, sink, 0, 9, [1.0],
+                [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], mask, 0.6, 0.0)
     c = torch.tensor([0.9], dtype=acc, requires_grad=True)
     obo = torch.tensor([0.5, 0.1, 0.2, 0.3], dtype=acc, requires_grad=True)
     sink = torch.tensor([0.3], dtype=acc, requires_grad=True)
     return (q, k, v, bias, empty, c, obo, sink, 1, 0, [0.0] * 8, [2.0, 1.0, 1.0, 1.5, 0.0, 0.0, 0.5], mask, 0.6, 2.0)
 
 
-@pytest.mark.parametrize("family", [0, 1], ids=["elementwise", "rownorm"])
+@pytest.mark.parametrize("family", [0, 1, PFLA_ROWSUM], ids=["elementwise", "rownorm", "pfla_rowsum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck(family, dtype):
     torch.library.opcheck(torch.ops.forge_ops.attention_fwd, _op_args(family, dtype))
 
 
-@pytest.mark.parametrize("family", [0, 1], ids=["elementwise", "rownorm"])
+@pytest.mark.parametrize("family", [0, 1, PFLA_ROWSUM], ids=["elementwise", "rownorm", "pfla_rowsum"])
 def test_gradcheck_op_all_inputs_float64(family):
     """gradcheck of the raw op over every differentiable input (the learned parameters included)."""
     args = _op_args(family, torch.float64)
@@ -151,7 +199,8 @@ def test_gradcheck_op_all_inputs_float64(family):
     assert torch.autograd.gradcheck(f, tuple(args[i] for i in diff), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["softmax", "consmax", "polymax", "strongermax", "sigsoftmax", "relu2max"])
+@pytest.mark.parametrize("name", ["softmax", "consmax", "polymax", "strongermax", "sigsoftmax", "relu2max",
+                                  "pfla_softmax"])
 def test_fused_bfloat16_close_to_float64(name):
     torch.manual_seed(0)
     m64, m16 = normaliser(name, {}, torch.float64), normaliser(name, {}, torch.bfloat16)

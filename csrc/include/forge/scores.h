@@ -163,6 +163,88 @@ struct Squareplus {
   }
 };
 
+// pfla_softmax: a learned piecewise-linear curve through knots (x_k, v_k), stored as v = sqrt(y)
+// (forge_dist/ops/reference/softmax_variants.py pfla_curve): "linear" y = lerp(x; x_k, v_k^2),
+// "quadratic" y = x lerp(x; x_k, v_k)^2; the first segment extends left, the last value holds right
+// of x_{n-1}; / gamma (the learned divisor, else 1). Non-finite scores give 0.
+// consts: [quadratic]; its parameter row is a table, [beta (unused), gamma, x_0..x_{n-1}, v_0..v_{n-1}],
+// and grad() adds the gradients of the whole row (gamma, every knot position and value) into drow.
+// Not in dispatch_elem: only the attention kernel reads a table (the normaliser kernels take the
+// reference path for pfla_softmax).
+enum : int32_t { PFLA = 9 };
+
+template <class A>
+struct Pfla {
+  static constexpr bool kTable = true;
+  const A *xk, *vk;
+  int64_t n;
+  bool quad;
+  A gamma;
+  FORGE_HD Pfla(const double* c, const A* row, int64_t width)
+      : xk(row + 2), vk(row + 2 + (width - 2) / 2), n((width - 2) / 2), quad(c[0] != 0.0), gamma(row[1]) {}
+  struct Seg {
+    int64_t k;
+    A t, inv_w;
+    bool held;  // x >= x_{n-1}: the last value, no slope
+  };
+  // the segment [x_k, x_k+1] holding min(x, x_{n-1}) (searchsorted right, clamped to [0, n - 2])
+  FORGE_HD Seg seg(A x) const {
+    const bool held = !(x < xk[n - 1]);
+    const A xi = held ? xk[n - 1] : x;
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (xk[mid] <= xi) lo = mid + 1;
+      else hi = mid;
+    }
+    const int64_t k = lo - 1 < 0 ? 0 : lo - 1 > n - 2 ? n - 2 : lo - 1;
+    const A inv_w = A(1) / (xk[k + 1] - xk[k]);
+    return {k, (xi - xk[k]) * inv_w, inv_w, held};
+  }
+  FORGE_HD A curve(A x, const Seg& g) const {
+    const A v0 = vk[g.k], v1 = vk[g.k + 1];
+    if (quad) {
+      const A l = v0 + (v1 - v0) * g.t;
+      return x * l * l;
+    }
+    return v0 * v0 + (v1 * v1 - v0 * v0) * g.t;
+  }
+  FORGE_HD A value(A x) const {
+    if (!(x - x == A(0))) return A(0);  // inf or nan
+    return curve(x, seg(x)) / gamma;
+  }
+  // dL/dx for dL/dvalue = dy; drow (the row's gradient) += the table's gradients
+  FORGE_HD A grad(A x, A dy, A* drow) const {
+    if (!(x - x == A(0))) return A(0);
+    const Seg g = seg(x);
+    const A v0 = vk[g.k], v1 = vk[g.k + 1], gy = dy / gamma;
+    drow[1] -= gy * curve(x, g) / gamma;
+    A dv0, dv1, dt;  // d curve / d v_k, d v_k+1, d t
+    A dx;
+    if (quad) {
+      const A l = v0 + (v1 - v0) * g.t, two_xl = A(2) * x * l;
+      dv0 = two_xl * (A(1) - g.t);
+      dv1 = two_xl * g.t;
+      dt = two_xl * (v1 - v0);
+      dx = l * l;
+    } else {
+      dv0 = A(2) * v0 * (A(1) - g.t);
+      dv1 = A(2) * v1 * g.t;
+      dt = v1 * v1 - v0 * v0;
+      dx = A(0);
+    }
+    A* dv = drow + 2 + n;
+    dv[g.k] += gy * dv0;
+    dv[g.k + 1] += gy * dv1;
+    if (!g.held) {  // t = (x - x_k) / (x_k+1 - x_k): dt/dx = 1/w, dt/dx_k = -(1 - t)/w, dt/dx_k+1 = -t/w
+      dx += dt * g.inv_w;
+      drow[2 + g.k] -= gy * dt * (A(1) - g.t) * g.inv_w;
+      drow[2 + g.k + 1] -= gy * dt * g.t * g.inv_w;
+    }
+    return gy * dx;
+  }
+};
+
 // Calls fn(Functor<A>-type tag) for a runtime kind; the kernels are templated on the functor.
 template <class A, class Fn>
 inline void dispatch_elem(int32_t kind, const double* consts, Fn&& fn) {

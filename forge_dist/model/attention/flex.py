@@ -34,6 +34,8 @@ def flex_attend(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap=None, bi
     B, Hq, T, _ = q.shape
     S = k.shape[-2]
     row = not isinstance(spec, ElemSpec)
+    if not row and (spec.table is not None or spec.divide):  # a knot table (pfla_softmax): not a score_mod
+        return None
     if row:
         fixed = spec.shift in ("none", "guess")
         has_obo = torch.is_tensor(spec.obo) or spec.obo != 0

@@ -21,10 +21,13 @@ def _on_cuda(t: torch.Tensor) -> bool:
 
 
 def spec_of(normalizer: nn.Module, n_keys: int):
-    """ElemSpec (elementwise variants) or RowSpec (row-normalised ones) over n_keys real keys, or None."""
-    if getattr(normalizer, "elementwise", False):
-        seq_len = n_keys if getattr(normalizer, "div_by_seq_len", False) else None
-        return normalizer.elem_spec(seq_len)
+    """ElemSpec (elementwise variants, and a curve divided by its row sum: pfla_softmax) or RowSpec
+    (row-normalised ones) over n_keys real keys, or None."""
+    elem = getattr(normalizer, "elem_spec", None)
+    if elem is not None:
+        spec = elem(n_keys if getattr(normalizer, "div_by_seq_len", False) else None)
+        if spec is not None:
+            return spec
     spec = getattr(normalizer, "row_spec", None)
     return None if spec is None else spec(n_keys)
 

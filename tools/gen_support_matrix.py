@@ -83,12 +83,12 @@ def _commit() -> str:
 
 def _pipeline_cells() -> dict:
     """The pipeline matrix of tests/dist/test_pp_parity.py: worlds of 4, 2 and 8."""
-    from forge_dist.testing.pp_cases import schedule_runs, variant_runs, world8_runs, zero_runs
+    from forge_dist.testing.pp_cases import checkpointing_runs, schedule_runs, variant_runs, world8_runs, zero_runs
     from forge_dist.testing.pp_parity import run_pp_matrix
 
     cells = {}
-    for world, runs in ((4, schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs()), (2, variant_runs()),
-                        (8, world8_runs())):
+    world4 = schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs() + checkpointing_runs()
+    for world, runs in ((4, world4), (2, variant_runs()), (8, world8_runs())):
         cells.update(statuses(spawn(run_pp_matrix, world, runs, timeout=1200, return_all=True)))
     return cells
 

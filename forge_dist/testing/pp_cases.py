@@ -64,6 +64,19 @@ def zero_runs() -> List[tuple]:
             for s, m in (("1f1b", "default"), ("interleaved_zero_bubble", "variant_mix"), ("zbv", "variant_mix"))]
 
 
+# activation recomputation (torch.utils.checkpoint, non-reentrant, per block) under the schedules that
+# split the backward into input and weight passes, with DDP per stage: the recomputed graph must
+# serve both passes, and DDP's hooks must fire at the last weight pass (schedule.ForgeStage)
+CHECKPOINTED = {**PP_BASE, "use_gradient_checkpointing": True}
+SPLIT_BACKWARD = ("interleaved_zero_bubble", "zbv", "dualpipev")
+
+
+def checkpointing_runs() -> List[tuple]:
+    """--use_gradient_checkpointing with each split-backward schedule at PP=2 x DP=2 (a world of 4),
+    on the default model: case ``checkpointed``."""
+    return [(2, 1, s, None, "checkpointed", CHECKPOINTED, micro_batches(s, 2)) for s in SPLIT_BACKWARD]
+
+
 def world8_runs() -> List[tuple]:
     """PP=2 x TP=2 x DP=2 in one world of 8: all three dimensions at once (a world of 4 holds at
     most two). A plain, an interleaved, a split-backward V-shaped schedule, ZeRO-1 and sequence

@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from forge_dist.testing.pp_cases import schedule_runs, variant_runs, world8_runs, zero_runs
+from forge_dist.testing.pp_cases import (SPLIT_BACKWARD, checkpointing_runs, schedule_runs, variant_runs,
+                                         world8_runs, zero_runs)
 from forge_dist.testing.pp_matrix import read_pp_section, statuses
 from forge_dist.testing.pp_memory import micro_batches_in_flight
 from forge_dist.testing.pp_parity import run_pp_matrix
@@ -50,14 +51,17 @@ def _check(per_rank, expected_runs):
 def test_every_schedule_pp2_tp2_pp2_dp2_pp4_in_a_world_of_4():
     """Also ZeRO-1 over each stage's replicas at PP=2 x DP=2: the weights after the step, each
     replica holding a strict part of the AdamW state, the gathered (checkpoint) state equal to the
-    one-process AdamW state, and loading it back giving each replica its part (pp_parity._zero_errors)."""
-    runs = schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs()
+    one-process AdamW state, and loading it back giving each replica its part (pp_parity._zero_errors).
+    And --use_gradient_checkpointing under each split-backward schedule at PP=2 x DP=2 (DDP per stage:
+    the recomputed blocks serve the input and the weight pass, DDP's hooks fire at the last one)."""
+    runs = schedule_runs([(2, 2), (2, 1), (4, 1)]) + zero_runs() + checkpointing_runs()
     per_rank = spawn(run_pp_matrix, 4, runs, timeout=380, return_all=True)
     seen = _check(per_rank, len(runs))
     _documented(per_rank)
     assert (2, 2, 1, "dualpipev", "variant_mix") in seen and (4, 1, 1, "zbv", "default") in seen
     assert (2, 1, 2, "interleaved_zero_bubble", "variant_mix") in seen
     assert (2, 1, 2, "zbv", "variant_mix+zero1") in seen
+    assert {(2, 1, 2, s, "checkpointed") for s in SPLIT_BACKWARD} <= seen
 
 
 @pytest.mark.timeout(300)

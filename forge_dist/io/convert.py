@@ -12,7 +12,9 @@
 The source format is detected; a forge-train checkpoint is verified against its checksums first.
 Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
 ReaLLM-Forge's run ``config`` travel along; optimizer state does not. A DeepSpeed checkpoint goes
-to --to forge one tensor at a time (io/deepspeed_stream.py), never whole in memory.
+to --to forge one tensor at a time (io/deepspeed_stream.py), and our formats (DeepSpeed, sharded,
+a model directory) go to --to hf and --to reallm-forge one tensor at a time (io/stream_export.py),
+never whole in memory. A ReaLLM-Forge ckpt.pt or transformers source is converted whole.
 """
 from __future__ import annotations
 
@@ -66,6 +68,10 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
         path, is_deepspeed, extra = find_source(os.fspath(src))
         if is_deepspeed:  # tensor by tensor from the mapped partitions: never the whole model
             return save_forge(path, dst, extra)
+    else:
+        written = _convert_streamed(src, dst, to, layout, tokenizer)
+        if written is not None:
+            return written
     model, training = load_source(os.fspath(src))
     if to == "forge":
         forge_format.save_pretrained(model, dst, training=training)
@@ -78,6 +84,26 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
             tokenizer = tokenizer_from_spec(training["tokenizer"])
         return save_hf(model, dst, tokenizer=tokenizer)
     return reallm_forge.save_ckpt(model, dst, training=training, layout=layout)
+
+
+def _convert_streamed(src: str, dst: str, to: str, layout: str, tokenizer) -> Optional[str]:
+    """--to hf / reallm-forge from our own formats, tensor by tensor (io/stream_export.py); None
+    where the source is another format or the export cannot be planned without the values."""
+    from forge_dist.io import stream_export
+
+    source = stream_export.open_source(src)
+    if source is None:
+        return None
+    if to == "hf":
+        from forge_dist.data.tokenizers import tokenizer_from_spec
+
+        if tokenizer is None and source.training.get("tokenizer"):
+            tokenizer = tokenizer_from_spec(source.training["tokenizer"])
+        return stream_export.save_hf_streamed(source, dst, tokenizer)
+    try:
+        return stream_export.save_ckpt_streamed(source, dst, layout)
+    except stream_export.NotStreamable:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -365,18 +365,15 @@ def _extra_tensors(ckpt: dict, path: str) -> StateDict:
     return extra
 
 
-def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "snapshot") -> str:
-    """Write a ckpt.pt upstream's train.py/sample.py load (strict key match with its GPT).
+def ckpt_file(path: str) -> str:
+    """``path`` ending in .pt is the file; anything else is an out_dir that receives ckpt.pt."""
+    return path if path.endswith(".pt") else os.path.join(path, CKPT_NAME)
 
-    ``path`` ending in .pt is the file; anything else is an out_dir that receives ckpt.pt.
-    Returns the file written. Loads with torch.load(weights_only=True): tensors and plain values only.
-    """
-    training, path = training or {}, os.fspath(path)
-    file = path if path.endswith(".pt") else os.path.join(path, CKPT_NAME)
-    cfg = model.config
+
+def ckpt_object(cfg: ModelConfig, sd: StateDict, conv: Conversion, training: dict) -> dict:
+    """What a ckpt.pt holds: upstream's keys around ``sd`` (upstream's names), our extra tensors,
+    tokenizer and data folder (save_ckpt; io/stream_export.py writes the same object streamed)."""
     model_args = model_args_from_config(cfg)
-    conv = Conversion(model, layout, int(training.get("iter_num", 0)))
-    sd = to_upstream_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, conv)
     best = training.get("best_val_loss")
     config = dict(training.get("reallm_forge_config") or {})
     config.update({k: v for k, v in model_args.items() if k not in config})
@@ -396,5 +393,19 @@ def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "
         ckpt[TOKENIZER_KEY] = json.dumps(training["tokenizer"])
     if training.get("data_dir"):
         ckpt[DATA_DIR_KEY] = str(training["data_dir"])
+    return ckpt
+
+
+def save_ckpt(model, path: str, training: Optional[dict] = None, layout: str = "snapshot") -> str:
+    """Write a ckpt.pt upstream's train.py/sample.py load (strict key match with its GPT).
+
+    ``path`` ending in .pt is the file; anything else is an out_dir that receives ckpt.pt.
+    Returns the file written. Loads with torch.load(weights_only=True): tensors and plain values only.
+    """
+    training, path = training or {}, os.fspath(path)
+    file = ckpt_file(path)
+    conv = Conversion(model, layout, int(training.get("iter_num", 0)))
+    sd = to_upstream_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, conv)
+    ckpt = ckpt_object(model.config, sd, conv, training)
     write_file_atomic(file, lambda tmp: torch.save(ckpt, tmp))
     return file

@@ -62,7 +62,12 @@ class _Records:
 
     def write_record_metadata(self, name: str, size: int) -> None:
         planned = self.seen[int(name.rsplit("/", 1)[1])]
-        value = self.fill(planned)
+        tls = torch.serialization._serialization_tls
+        tls.skip_data = False  # skip_data also empties torch.load's tensors (a DCP read inside fill)
+        try:
+            value = self.fill(planned)
+        finally:
+            tls.skip_data = True
         storage = value.untyped_storage()
         if (storage.nbytes() != size or value.dtype != planned.dtype or value.shape != planned.shape
                 or value.stride() != planned.stride() or value.storage_offset() != planned.storage_offset()):
@@ -86,18 +91,29 @@ def save_streamed(obj, file: str, fill: Callable[[torch.Tensor], torch.Tensor]) 
     keys: Dict[int, int] = {}
 
     def plan(x):
+        """x with its meta tensors planned; every object kept once (the pickle's memo sees the
+        same sharing as in ``obj``), a container holding no tensor kept as it is."""
+        if id(x) in memo:
+            return memo[id(x)]
         if isinstance(x, torch.Tensor):
             if not x.is_meta or not plannable(x):
                 raise CheckpointError(f"save_streamed plans meta tensors of torch's v2 dtypes; got {x.dtype} "
                                       f"on {x.device}")
-            return memo.setdefault(id(x), _Planned(x, seen, keys))
-        if isinstance(x, dict):
-            return type(x)((k, plan(v)) for k, v in x.items())
-        if isinstance(x, (list, tuple)):
-            return type(x)(plan(v) for v in x)
-        return x
+            out = _Planned(x, seen, keys)
+        elif isinstance(x, dict):
+            items = [(k, plan(v)) for k, v in x.items()]
+            out = x if all(v is x[k] for k, v in items) else type(x)(items)
+        elif isinstance(x, (list, tuple)):
+            items = [plan(v) for v in x]
+            out = x if all(a is b for a, b in zip(items, x)) else type(x)(items)
+        else:
+            out = x
+        memo[id(x)] = out
+        keep.append(x)  # ids stay unique while the plan is made
+        return out
 
-    memo: Dict[int, _Planned] = {}  # one planned object per tensor object: ties pickle as one, like torch's memo
+    memo: Dict[int, object] = {}
+    keep: list = []
     planned = plan(obj)
     with torch.serialization.skip_data(), torch.serialization._open_zipfile_writer(file) as writer:
         torch.serialization._save(planned, _Records(writer, seen, fill), pickle, torch.serialization.DEFAULT_PROTOCOL,

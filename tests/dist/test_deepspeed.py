@@ -531,6 +531,30 @@ def test_forge_convert_streams_zero_checkpoints_one_tensor_at_a_time(dp2, workdi
                     assert torch.equal(value, state[name].to(dtype)), (src, name)
 
 
+def test_forge_convert_streams_zero_checkpoints_to_reallm_forge(dp2, workdir, tmp_path):
+    """--to reallm-forge from ZeRO 0-3 checkpoints (fp32 and bf16) is planned on the meta device and
+    filled one block at a time (io/stream_export.py): each logical tensor read once, and the ckpt.pt
+    holds the records torch.save writes for the whole-model path (load_deepspeed + save_ckpt)."""
+    import zipfile
+
+    from forge_dist.io import stream_export
+    from forge_dist.io.deepspeed_ckpt import load_deepspeed
+    from forge_dist.io.reallm_forge import save_ckpt
+
+    def records(file):
+        with zipfile.ZipFile(file) as z:
+            return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+    for stage in STAGES:
+        for src in (os.path.join(workdir, f"dp2_z{stage}"), os.path.join(workdir, f"dp2_bf16_z{stage}")):
+            out = tmp_path / os.path.basename(src)
+            source = stream_export.open_source(src)
+            streamed = stream_export.save_ckpt_streamed(source, str(out / "s" / "ckpt.pt"))
+            assert len(source.reads) == len(set(source.reads)) == len(source.names) - 1  # the tied head: once
+            model, training = load_deepspeed(src)
+            assert records(streamed) == records(save_ckpt(model, str(out / "w" / "ckpt.pt"), training=training)), src
+
+
 def _logical_fp32(checkpoint):
     from forge_dist.io.deepspeed_ckpt import LOGICAL_NAME
     from forge_dist.io.statefile import load_state

@@ -21,6 +21,13 @@ from forge_dist.testing.spawn import spawn
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
+def zip_records(file):
+    import zipfile
+
+    with zipfile.ZipFile(file) as z:
+        return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
 def _states_equal(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     if list(sa) != list(sb):
@@ -171,8 +178,9 @@ def _world(rank, world_size, workdir, dataset, *sources):
 @pytest.mark.timeout(300)
 def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
     from forge_dist.io import from_pretrained
-    from forge_dist.io.convert import convert
+    from forge_dist.io.convert import convert, load_source
     from forge_dist.io.hf import save_hf
+    from forge_dist.io.reallm_forge import save_ckpt
     from forge_dist.model.gpt import GPT
     from forge_dist.testing.data import corpus_dataset
     from forge_dist.testing.runs import fit, logged_losses
@@ -193,6 +201,10 @@ def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
     torch.manual_seed(7)
     save_hf(GPT(llama), hf)  # a Llama: RoPE rows permuted per head, read per TP shard through the slicer
     hf_want = from_pretrained(hf).state_dict()
+    # forge-convert of the sharded (DCP) checkpoint to a ckpt.pt streams it: torch.save's records of the whole path
+    streamed = convert(sharded, str(tmp_path / "streamed" / "ckpt.pt"), "reallm-forge")
+    model, training = load_source(sharded)
+    assert zip_records(streamed) == zip_records(save_ckpt(model, str(tmp_path / "whole" / "ckpt.pt"), training=training))
 
     per_rank = spawn(_world, 2, str(tmp_path), dataset, gathered, sharded, upstream, hf, timeout=280,
                      return_all=True)

@@ -50,42 +50,53 @@ def family_for(cfg: ModelConfig) -> Family:
 def hf_state_dict(model, family: Family) -> Dict[str, torch.Tensor]:
     cfg = model.config
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    check_exportable(family, cfg, state, state.__getitem__)
+    return {t.theirs: t.build(state) for t in family.tensors(cfg)}
+
+
+def check_exportable(family: Family, cfg: ModelConfig, names, get) -> None:
+    """Refuse an export that would lose something: a tensor the architecture fixes (``implied``,
+    read with ``get(name)``) at another value, or one of our ``names`` the mapping does not place."""
     for name, value in family.implied(cfg).items():
-        if not torch.equal(state[name], value.to(state[name].dtype)):
+        ours = get(name)
+        if not torch.equal(ours, value.to(ours.dtype)):
             raise ConfigError(f"{name} is not {value.flatten()[:4].tolist()}...: {family.architecture} has no "
                               f"slot for it, so this model has no exact {family.architecture} equivalent")
-    out, used = {}, set(family.implied(cfg))
+    used = set(family.implied(cfg))
     for t in family.tensors(cfg):
-        out[t.theirs] = t.build(state)
         used.update(t.ours)
     if cfg.wte_weight_tying:
         used.add("lm_head.weight")
-    left = [k for k in state if k not in used and not k.endswith(DERIVED_SUFFIXES)]
+    left = [k for k in names if k not in used and not k.endswith(DERIVED_SUFFIXES)]
     if left:  # a mapping that forgot a tensor must fail loudly, never drop weights
         raise CheckpointError(f"the {family.architecture} mapping does not place {left[:4]}; this is a bug")
-    return out
 
 
 def save_hf(model, path: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES,
             dtype: Optional[torch.dtype] = None) -> str:
     """Write ``model`` (a single-device GPT) as a transformers directory at ``path``, atomically."""
-    from forge_dist.io.hf.tokenizer import tokenizer_files
-
     cfg = model.config
     family = family_for(cfg)
     family.check(cfg)  # refuse before any tensor is touched
     tensors = hf_state_dict(model, family)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    tok_files, special = tokenizer_files(tokenizer) if tokenizer is not None else ({}, {})
-    config = {"architectures": [family.architecture], "model_type": family.model_type, "dtype": dtype_name,
-              "bos_token_id": special.get("bos_token_id"), "eos_token_id": special.get("eos_token_id"),
-              "pad_token_id": None, **family.to_hf_config(cfg)}
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
-                  "do_sample": False}
+    config, generation, tok_files = directory_files(family, cfg, next(iter(tensors.values())).dtype, tokenizer)
     files.write_directory(os.fspath(path), config, generation, tensors, tok_files, max_shard_bytes)
     return os.fspath(path)
+
+
+def directory_files(family: Family, cfg: ModelConfig, dtype: torch.dtype, tokenizer=None):
+    """(config.json, generation_config.json, the tokenizer's files) of an export."""
+    from forge_dist.io.hf.tokenizer import tokenizer_files
+
+    tok_files, special = tokenizer_files(tokenizer) if tokenizer is not None else ({}, {})
+    config = {"architectures": [family.architecture], "model_type": family.model_type,
+              "dtype": str(dtype).replace("torch.", ""), "bos_token_id": special.get("bos_token_id"),
+              "eos_token_id": special.get("eos_token_id"), "pad_token_id": None, **family.to_hf_config(cfg)}
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+                  "do_sample": False}
+    return config, generation, tok_files
 
 
 def read_hf_config(path: str):

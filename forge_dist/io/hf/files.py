@@ -7,6 +7,7 @@ so ``from_pretrained`` reads either). Reading accepts only safetensors: a pickle
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List, Tuple, Union
 
@@ -42,17 +43,33 @@ def _json(path: str, obj) -> None:
         f.write("\n")
 
 
-def _shards(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
-    """Tensors in order, a new shard whenever the next one would pass ``max_bytes``."""
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+def _shards(sizes: Dict[str, int], max_bytes: int) -> List[List[str]]:
+    """Names in order, a new shard whenever the next tensor's bytes would pass ``max_bytes``."""
+    shards, size = [[]], 0
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return WEIGHTS_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_rest(tmp: str, config: dict, generation: dict, sizes: Dict[str, int], shards: List[List[str]],
+                extra_files: Dict[str, Union[str, bytes]]) -> None:
+    """Everything but the weights: the shard index (several shards), config, generation, tokenizer."""
+    if len(shards) > 1:
+        weight_map = {k: _shard_name(i, len(shards)) for i, shard in enumerate(shards) for k in shard}
+        _json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    _json(os.path.join(tmp, CONFIG_NAME), config)
+    _json(os.path.join(tmp, GENERATION_NAME), generation)
+    for name, content in extra_files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
 
 
 def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str, torch.Tensor],
@@ -61,23 +78,30 @@ def write_directory(path: str, config: dict, generation: dict, tensors: Dict[str
     anything else is refused). ``extra_files``: name -> text or bytes (the tokenizer's files)."""
     from safetensors.torch import save_file
 
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     with atomic_directory(path, may_replace=is_hf_directory) as tmp:
-        shards = _shards(tensors, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
-        _json(os.path.join(tmp, CONFIG_NAME), config)
-        _json(os.path.join(tmp, GENERATION_NAME), generation)
-        for name, content in extra_files.items():
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+        shards = _shards(sizes, max_shard_bytes)
+        for i, shard in enumerate(shards):
+            save_file({k: tensors[k] for k in shard}, os.path.join(tmp, _shard_name(i, len(shards))),
+                      metadata={"format": "pt"})
+        _write_rest(tmp, config, generation, sizes, shards, extra_files)
+
+
+def write_directory_streamed(path: str, config: dict, generation: dict,
+                             entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]], value,
+                             extra_files: Dict[str, Union[str, bytes]], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """write_directory with the tensors given as ``entries`` ({name: (dtype, shape)}, in order) and
+    ``value(name)``, asked for one at a time while each shard is written header first
+    (io/deepspeed_stream.py write_safetensors): the same files, never the whole model in memory."""
+    from forge_dist.io.deepspeed_stream import write_safetensors
+
+    sizes = {k: math.prod(shape) * torch.empty((), dtype=dtype).element_size() for k, (dtype, shape) in entries.items()}
+    with atomic_directory(path, may_replace=is_hf_directory) as tmp:
+        shards = _shards(sizes, max_shard_bytes)
+        for i, shard in enumerate(shards):
+            write_safetensors(os.path.join(tmp, _shard_name(i, len(shards))), {k: entries[k] for k in shard},
+                              value, {"format": "pt"})
+        _write_rest(tmp, config, generation, sizes, shards, extra_files)
 
 
 def read_config(path: str) -> dict:

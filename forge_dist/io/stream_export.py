@@ -1,0 +1,177 @@
+"""forge-convert from our own checkpoints to other formats, one tensor at a time.
+
+A DeepSpeed checkpoint (io/deepspeed_stream.py ``DeepSpeedReader``), a sharded training checkpoint
+(io/sharded_read.py ``ShardedWeights``) or a forge_dist model directory (io/weights_reader.py) is a
+``TensorSource``: the model config, the training info, and ``tensor(name)``, one logical tensor
+read when asked for. The writers plan the output on a meta-device GPT (names, dtypes, shapes,
+which storages are shared) and fill it tensor by tensor, in the bytes the whole-model path writes:
+
+    save_hf_streamed      --to hf: each transformers tensor built from its few tensors of ours
+                          (mapping.py ``build``), each shard written header first
+    save_ckpt_streamed    --to reallm-forge: the export rules (reallm_forge.RULES) run once on the
+                          meta state dict to plan the file, then on one transformer block (or one
+                          tensor outside the blocks) at a time for the values; torch.save's own
+                          writer asks for each storage record in turn (io/torch_zip_stream.py)
+
+The peak is one output tensor and the tensors of ours it is made of (a block's, for ckpt.pt),
+plus what the export rules derive from the config alone (upstream's causal-mask buffers).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from forge_dist.errors import CheckpointError
+
+
+class NotStreamable(CheckpointError):
+    """The export cannot be planned on the meta device (a rule computes from values): forge-convert
+    takes the whole-model path instead."""
+
+
+class TensorSource:
+    """Our logical tensors of a checkpoint, one at a time; ``names``: the plain GPT's state-dict
+    names (tied ones included, read under their first name)."""
+
+    def __init__(self, config, training: dict, get: Callable[[str], torch.Tensor], description: str):
+        from forge_dist.io.slice_read import tied_aliases
+        from forge_dist.model.gpt import GPT
+
+        self.config, self.training, self._get, self.description = config, training, get, description
+        with torch.device("meta"):
+            self.meta = GPT(config)
+        own = self.meta.state_dict(keep_vars=True)
+        self.names, self._first, self._dtypes = list(own), tied_aliases(own), {n: t.dtype for n, t in own.items()}
+        self.reads: List[str] = []  # every tensor read, in order (tests: nothing is read twice)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A fresh tensor in the plain GPT's dtype (load_state's copy would convert the same way)."""
+        stored = self._first.get(name, name)
+        self.reads.append(stored)
+        value = self._get(stored)
+        return value if value.dtype == self._dtypes[name] else value.to(self._dtypes[name])
+
+
+def open_source(src: str) -> Optional[TensorSource]:
+    """The TensorSource of a forge-convert ``src`` in one of our formats (DeepSpeed, sharded, a
+    model directory), or None (a ReaLLM-Forge ckpt.pt or transformers directory: converted whole)."""
+    from forge_dist.io.convert import find_source
+    from forge_dist.io.forge_format import WEIGHTS_NAME, is_forge_checkpoint, read_config
+
+    path, is_deepspeed, extra = find_source(os.fspath(src))
+    if is_deepspeed:
+        from forge_dist.io.deepspeed_stream import DeepSpeedReader
+
+        reader = DeepSpeedReader(path)
+        steps = re.fullmatch(r"global_step(\d+)", reader.meta["tag"])  # as deepspeed_ckpt.load_deepspeed
+        training = {"iter_num": int(steps.group(1)) if steps else reader.meta.get("global_steps")}
+        source = TensorSource(reader.config, training, reader.tensor, f"DeepSpeed checkpoint {path}")
+    elif is_forge_checkpoint(path):
+        cfg, training = read_config(path)
+        if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+            from forge_dist.io.weights_reader import WeightsReader
+
+            get = WeightsReader(path).get
+        else:
+            from forge_dist.io.sharded_read import ShardedWeights
+
+            get = ShardedWeights(path).get
+        source = TensorSource(cfg, dict(training), get, path)
+    else:
+        return None
+    for key, value in extra.items():  # as convert.load_source
+        if not source.training.get(key):
+            source.training[key] = value
+    return source
+
+
+def save_hf_streamed(source: TensorSource, dst: str, tokenizer=None, max_shard_bytes: Optional[int] = None) -> str:
+    """``save_hf`` of the source's model, tensor by tensor (same files)."""
+    from forge_dist.io.hf import check_exportable, directory_files, family_for, files
+
+    cfg = source.config
+    family = family_for(cfg)
+    family.check(cfg)
+    check_exportable(family, cfg, source.names, source.tensor)
+    meta_state = {k: v.detach() for k, v in source.meta.state_dict().items()}
+    tensors = {t.theirs: t for t in family.tensors(cfg)}
+    with torch.device("meta"):
+        planned = {name: t.build(meta_state) for name, t in tensors.items()}
+    entries = {name: (p.dtype, tuple(p.shape)) for name, p in planned.items()}
+    config, generation, tok_files = directory_files(family, cfg, next(iter(planned.values())).dtype, tokenizer)
+
+    def value(name: str) -> torch.Tensor:
+        t = tensors[name]
+        return t.build({n: source.tensor(n) for n in t.ours})
+
+    files.write_directory_streamed(os.fspath(dst), config, generation, entries, value, tok_files,
+                                   max_shard_bytes or files.MAX_SHARD_BYTES)
+    return os.fspath(dst)
+
+
+def _group(name: str) -> str:
+    """The unit the export rules map together: a transformer block, or one tensor outside them."""
+    m = re.match(r"(transformer\.h\.\d+\.)", name)
+    return m.group(1) if m else name
+
+
+def save_ckpt_streamed(source: TensorSource, dst: str, layout: str = "snapshot") -> str:
+    """``save_ckpt`` of the source's model, tensor by tensor (same file, io/torch_zip_stream.py)."""
+    from forge_dist.atomic import write_file_atomic
+    from forge_dist.io import reallm_forge as rf
+    from forge_dist.io.torch_zip_stream import plannable, save_streamed
+
+    training, model = source.training, source.meta
+    iter_num = int(training.get("iter_num", 0))
+    meta_sd = {k: v.detach() for k, v in model.state_dict().items()}
+
+    def export(sd: Dict[str, torch.Tensor]):
+        conv = rf.Conversion(model, layout, iter_num)
+        out = rf.to_upstream_state_dict(sd, conv)
+        return {**out, **{("extra", k): v for k, v in conv.extra.items()}}, conv
+
+    try:
+        with torch.device("meta"):  # the plan: names, shapes, shared storages; what each block makes
+            plan, conv = export(dict(meta_sd))
+            free = set(export({})[0])  # made from the config alone (upstream's causal-mask buffers)
+            owner = {}
+            for g in dict.fromkeys(_group(n) for n in meta_sd):
+                for out in export({n: t for n, t in meta_sd.items() if _group(n) == g})[0]:
+                    if out not in free:
+                        owner.setdefault(out, g)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:  # a rule that needs values
+        raise NotStreamable(f"an export rule does not run on the meta device ({type(e).__name__}: {e})") from None
+    unknown = [k for k in plan if k not in owner and k not in free]
+    odd = [k for k, t in plan.items() if not t.is_meta or not plannable(t)]
+    if unknown or odd:
+        raise NotStreamable(f"{(unknown or odd)[:4]} cannot be planned tensor by tensor")
+    ckpt = rf.ckpt_object(model.config, {k: v for k, v in plan.items() if not isinstance(k, tuple)}, conv, training)
+    best = ckpt["best_val_loss"]
+    ckpt["best_val_loss"] = torch.empty((), dtype=best.dtype, device="meta")
+    by_id = {id(t): k for k, t in plan.items()}
+    providers, seen = set(), set()  # the first tensor of each storage, in the order torch writes them
+    for k, t in [*ckpt["model"].items(), *((("extra", n), v) for n, v in conv.extra.items())]:
+        if t.untyped_storage()._cdata not in seen:
+            seen.add(t.untyped_storage()._cdata)
+            providers.add(k)
+    ready: Dict[object, torch.Tensor] = {}
+
+    def fill(planned: torch.Tensor) -> torch.Tensor:
+        if planned is ckpt["best_val_loss"]:
+            return best
+        key = by_id[id(planned)]
+        if key not in ready:
+            g = owner.get(key)
+            if g is None:  # derived from the config
+                ready[key] = export({})[0][key]
+            else:  # one block's (or one outer tensor's) outputs, kept until torch writes them
+                made = export({n: source.tensor(n) for n in source.names if _group(n) == g})[0]
+                ready.update({k: v for k, v in made.items() if owner.get(k) == g and k in providers})
+        return ready.pop(key)
+
+    file = rf.ckpt_file(os.fspath(dst))
+    write_file_atomic(file, lambda tmp: save_streamed(ckpt, tmp, fill))
+    return file

@@ -1,0 +1,96 @@
+"""forge-convert --to reallm-forge and --to hf from our formats stream tensor by tensor
+(io/stream_export.py, io/torch_zip_stream.py) and write what the whole-model path writes: the
+same zip records of the ckpt.pt (torch.save's), the same transformers files, byte for byte.
+DeepSpeed and sharded (DCP) sources: tests/dist/test_deepspeed.py and tests/dist/test_sharded_init.py."""
+import os
+import zipfile
+
+import pytest
+import torch
+
+from forge_dist import ModelConfig
+from forge_dist.io import save_pretrained
+from forge_dist.io.convert import convert, load_source
+from forge_dist.io.reallm_forge import save_ckpt
+from forge_dist.model.gpt import GPT
+
+TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
+LLAMA = dict(use_rotary_embeddings=True, use_abs_pos_embeddings=False, mlp_variant="swiglu", activation_variant="silu")
+REALLM = {  # the export rules at work: qk-norm rescale, peri-LN rename, scalar reshape, causal-mask buffers
+    "qk_scale_peri_ln": dict(use_qk_norm=True, use_qk_norm_scale=True, use_peri_ln=True, use_embedding_scale=True),
+    "manual_attention_untied": dict(softmax_variant_attn="consmax", wte_weight_tying=False),
+}
+
+
+def zip_records(file):
+    """{record name without torch's archive folder (the file's stem): bytes}."""
+    with zipfile.ZipFile(file) as z:
+        return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
+def whole_path(src, dst, to, **kw):
+    from forge_dist.io.hf import save_hf
+
+    model, training = load_source(src)
+    return save_ckpt(model, dst, training=training, **kw) if to == "reallm-forge" else save_hf(model, dst, **kw)
+
+
+@pytest.fixture
+def streamed_only(monkeypatch):
+    """The whole-model path raises; every tensor the source reads is recorded."""
+    import sys
+
+    from forge_dist.io import stream_export
+
+    convert_module = sys.modules["forge_dist.io.convert"]  # forge_dist.io.convert is also the function
+
+    def refuse(*a, **k):
+        raise AssertionError("forge-convert built the whole model")
+    monkeypatch.setattr(convert_module, "load_source", refuse)
+    sources = []
+    opened = stream_export.open_source
+    monkeypatch.setattr(stream_export, "open_source", lambda src: sources.append(opened(src)) or sources[-1])
+    return sources
+
+
+@pytest.mark.parametrize("variant", sorted(REALLM))
+@pytest.mark.parametrize("layout", ["snapshot", "latest"])
+def test_reallm_forge_export_streams_the_whole_path_bytes(tmp_path, variant, layout, streamed_only):
+    torch.manual_seed(0)
+    src = str(tmp_path / "m")
+    save_pretrained(GPT(ModelConfig(**TINY, **REALLM[variant])), src, training={"iter_num": 7})
+    streamed = convert(src, str(tmp_path / "s" / "ckpt.pt"), "reallm-forge", layout=layout)
+    (source,) = streamed_only
+    assert sorted(source.reads) == sorted(set(source.reads))  # each tensor read once
+    whole = whole_path(src, str(tmp_path / "w" / "ckpt.pt"), "reallm-forge", layout=layout)
+    got, want = zip_records(streamed), zip_records(whole)
+    assert list(got) == list(want) and all(got[k] == want[k] for k in want), [k for k in want if got.get(k) != want[k]]
+    assert os.path.getsize(streamed) == os.path.getsize(whole)
+    assert torch.load(streamed, weights_only=True)["iter_num"] == 7
+
+
+@pytest.mark.parametrize("shard_bytes", [None, 20_000])
+def test_hf_export_streams_the_whole_path_bytes(tmp_path, shard_bytes, streamed_only):
+    from forge_dist.io import stream_export
+
+    torch.manual_seed(1)
+    src = str(tmp_path / "m")
+    save_pretrained(GPT(ModelConfig(**TINY, **LLAMA)), src)
+    if shard_bytes is None:
+        convert(src, str(tmp_path / "s"), "hf")
+    else:  # several shards and their index
+        stream_export.save_hf_streamed(stream_export.open_source(src), str(tmp_path / "s"), max_shard_bytes=shard_bytes)
+    whole_path(src, str(tmp_path / "w"), "hf", **({"max_shard_bytes": shard_bytes} if shard_bytes else {}))
+    names = sorted(os.listdir(tmp_path / "w"))
+    assert names == sorted(os.listdir(tmp_path / "s")) and (shard_bytes is None) == ("model.safetensors" in names)
+    for name in names:
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "w" / name).read_bytes(), name
+
+
+def test_a_planned_record_that_comes_back_different_is_refused(tmp_path):
+    from forge_dist.errors import CheckpointError
+    from forge_dist.io.torch_zip_stream import save_streamed
+
+    obj = {"a": torch.empty(3, device="meta")}
+    with pytest.raises(CheckpointError, match="not the tensor planned"):
+        save_streamed(obj, str(tmp_path / "x.pt"), lambda t: torch.zeros(4))

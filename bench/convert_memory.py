@@ -45,6 +45,10 @@ import deepspeed.utils.zero_to_fp32  # both paths import DeepSpeed (allow-list)
 from forge_dist.io.deepspeed_safe import allowed_globals
 allowed_globals()
 from forge_dist.model.gpt import GPT  # imported by both paths
+from forge_dist import ModelConfig
+with torch.device("meta"):  # a model's first build imports its modules (~75 MB): in the baseline of both paths
+    GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=16, use_rotary_embeddings=True,
+                    use_abs_pos_embeddings=False, mlp_variant="swiglu", activation_variant="silu"))
 mode, to, src, dst = sys.argv[1:5]
 if mode == "stream" and to == "reallm-forge":
     dst = os.path.join(dst, "ckpt.pt")

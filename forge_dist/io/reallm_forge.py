@@ -33,6 +33,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -290,6 +291,7 @@ def read_ckpt(path: str, mmap: bool = False) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist (expected a ReaLLM-Forge ckpt.pt or the out_dir holding it)")
     try:
+        mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (pre-zip) format cannot be mapped
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from forge_dist.errors import CheckpointError
+from forge_dist.io.reallm_forge import Conversion
 
 
 class NotStreamable(CheckpointError):
@@ -112,6 +113,20 @@ def save_hf_streamed(source: TensorSource, dst: str, tokenizer=None, max_shard_b
     return os.fspath(dst)
 
 
+class _PartConversion(Conversion):
+    """A Conversion of part of the state dict: rules that walk the model's modules see only those
+    whose tensors are in the part."""
+
+    def __init__(self, *args, names=(), **kw):
+        super().__init__(*args, **kw)
+        self.names = names
+
+    def modules(self, cls):
+        for prefix, module in super().modules(cls):
+            if any(n.startswith(prefix) for n in self.names):
+                yield prefix, module
+
+
 def _group(name: str) -> str:
     """The unit the export rules map together: a transformer block, or one tensor outside them."""
     m = re.match(r"(transformer\.h\.\d+\.)", name)
@@ -128,14 +143,14 @@ def save_ckpt_streamed(source: TensorSource, dst: str, layout: str = "snapshot")
     iter_num = int(training.get("iter_num", 0))
     meta_sd = {k: v.detach() for k, v in model.state_dict().items()}
 
-    def export(sd: Dict[str, torch.Tensor]):
-        conv = rf.Conversion(model, layout, iter_num)
+    def export(sd: Dict[str, torch.Tensor], whole: bool = False):
+        conv = Conversion(model, layout, iter_num) if whole else _PartConversion(model, layout, iter_num, names=set(sd))
         out = rf.to_upstream_state_dict(sd, conv)
         return {**out, **{("extra", k): v for k, v in conv.extra.items()}}, conv
 
     try:
         with torch.device("meta"):  # the plan: names, shapes, shared storages; what each block makes
-            plan, conv = export(dict(meta_sd))
+            plan, conv = export(dict(meta_sd), whole=True)
             free = set(export({})[0])  # made from the config alone (upstream's causal-mask buffers)
             owner = {}
             for g in dict.fromkeys(_group(n) for n in meta_sd):

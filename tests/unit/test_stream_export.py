@@ -13,12 +13,15 @@ from forge_dist.io import save_pretrained
 from forge_dist.io.convert import convert, load_source
 from forge_dist.io.reallm_forge import save_ckpt
 from forge_dist.model.gpt import GPT
+from test_convert_variants import CASES as VARIANTS  # noqa: E402  (quantized, bitlinear, MoE, LSV, shared layers)
 
 TINY = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=50)
 LLAMA = dict(use_rotary_embeddings=True, use_abs_pos_embeddings=False, mlp_variant="swiglu", activation_variant="silu")
-REALLM = {  # the export rules at work: qk-norm rescale, peri-LN rename, scalar reshape, causal-mask buffers
+REALLM = {  # the export rules at work: qk-norm rescale, peri-LN rename, scalar reshape, causal-mask buffers,
+    # and every variant family's rule (quantized linears fall back to the whole path: their zero points need values)
     "qk_scale_peri_ln": dict(use_qk_norm=True, use_qk_norm_scale=True, use_peri_ln=True, use_embedding_scale=True),
     "manual_attention_untied": dict(softmax_variant_attn="consmax", wte_weight_tying=False),
+    **VARIANTS,
 }
 
 
@@ -36,31 +39,32 @@ def whole_path(src, dst, to, **kw):
 
 
 @pytest.fixture
-def streamed_only(monkeypatch):
-    """The whole-model path raises; every tensor the source reads is recorded."""
+def watched(monkeypatch):
+    """Records the sources forge-convert streams from and every call of the whole-model path."""
     import sys
 
     from forge_dist.io import stream_export
 
     convert_module = sys.modules["forge_dist.io.convert"]  # forge_dist.io.convert is also the function
-
-    def refuse(*a, **k):
-        raise AssertionError("forge-convert built the whole model")
-    monkeypatch.setattr(convert_module, "load_source", refuse)
-    sources = []
+    seen = {"sources": [], "whole": []}
+    load = convert_module.load_source
+    monkeypatch.setattr(convert_module, "load_source", lambda src: seen["whole"].append(src) or load(src))
     opened = stream_export.open_source
-    monkeypatch.setattr(stream_export, "open_source", lambda src: sources.append(opened(src)) or sources[-1])
-    return sources
+    monkeypatch.setattr(stream_export, "open_source", lambda src: seen["sources"].append(opened(src)) or
+                        seen["sources"][-1])
+    return seen
 
 
 @pytest.mark.parametrize("variant", sorted(REALLM))
 @pytest.mark.parametrize("layout", ["snapshot", "latest"])
-def test_reallm_forge_export_streams_the_whole_path_bytes(tmp_path, variant, layout, streamed_only):
+def test_reallm_forge_export_streams_the_whole_path_bytes(tmp_path, variant, layout, watched):
     torch.manual_seed(0)
     src = str(tmp_path / "m")
-    save_pretrained(GPT(ModelConfig(**TINY, **REALLM[variant])), src, training={"iter_num": 7})
+    save_pretrained(GPT(ModelConfig(**{**TINY, **REALLM[variant]})), src, training={"iter_num": 7})
     streamed = convert(src, str(tmp_path / "s" / "ckpt.pt"), "reallm-forge", layout=layout)
-    (source,) = streamed_only
+    (source,) = watched["sources"]
+    falls_back = "quantized" in variant or variant == "shared"  # their zero points need values
+    assert bool(watched["whole"]) == falls_back, variant
     assert sorted(source.reads) == sorted(set(source.reads))  # each tensor read once
     whole = whole_path(src, str(tmp_path / "w" / "ckpt.pt"), "reallm-forge", layout=layout)
     got, want = zip_records(streamed), zip_records(whole)
@@ -70,7 +74,7 @@ def test_reallm_forge_export_streams_the_whole_path_bytes(tmp_path, variant, lay
 
 
 @pytest.mark.parametrize("shard_bytes", [None, 20_000])
-def test_hf_export_streams_the_whole_path_bytes(tmp_path, shard_bytes, streamed_only):
+def test_hf_export_streams_the_whole_path_bytes(tmp_path, shard_bytes, watched):
     from forge_dist.io import stream_export
 
     torch.manual_seed(1)
@@ -80,6 +84,7 @@ def test_hf_export_streams_the_whole_path_bytes(tmp_path, shard_bytes, streamed_
         convert(src, str(tmp_path / "s"), "hf")
     else:  # several shards and their index
         stream_export.save_hf_streamed(stream_export.open_source(src), str(tmp_path / "s"), max_shard_bytes=shard_bytes)
+    assert not watched["whole"]
     whole_path(src, str(tmp_path / "w"), "hf", **({"max_shard_bytes": shard_bytes} if shard_bytes else {}))
     names = sorted(os.listdir(tmp_path / "w"))
     assert names == sorted(os.listdir(tmp_path / "s")) and (shard_bytes is None) == ("model.safetensors" in names)

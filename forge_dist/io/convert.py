@@ -13,8 +13,8 @@ The source format is detected; a forge-train checkpoint is verified against its 
 Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
 ReaLLM-Forge's run ``config`` travel along; optimizer state does not. A DeepSpeed checkpoint goes
 to --to forge one tensor at a time (io/deepspeed_stream.py), and our formats (DeepSpeed, sharded,
-a model directory) go to --to hf and --to reallm-forge one tensor at a time (io/stream_export.py),
-never whole in memory. A ReaLLM-Forge ckpt.pt or transformers source is converted whole.
+a model directory) and a ReaLLM-Forge ckpt.pt (memory-mapped) go to every target one tensor at a
+time (io/stream_export.py), never whole in memory. A transformers source is converted whole.
 """
 from __future__ import annotations
 
@@ -68,10 +68,9 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
         path, is_deepspeed, extra = find_source(os.fspath(src))
         if is_deepspeed:  # tensor by tensor from the mapped partitions: never the whole model
             return save_forge(path, dst, extra)
-    else:
-        written = _convert_streamed(src, dst, to, layout, tokenizer)
-        if written is not None:
-            return written
+    written = _convert_streamed(src, dst, to, layout, tokenizer)
+    if written is not None:
+        return written
     model, training = load_source(os.fspath(src))
     if to == "forge":
         forge_format.save_pretrained(model, dst, training=training)
@@ -87,13 +86,15 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
 
 
 def _convert_streamed(src: str, dst: str, to: str, layout: str, tokenizer) -> Optional[str]:
-    """--to hf / reallm-forge from our own formats, tensor by tensor (io/stream_export.py); None
-    where the source is another format or the export cannot be planned without the values."""
+    """Any target from our own formats or a ckpt.pt, tensor by tensor (io/stream_export.py); None
+    for a transformers source, or where the export cannot be planned without the values."""
     from forge_dist.io import stream_export
 
     source = stream_export.open_source(src)
     if source is None:
         return None
+    if to == "forge":
+        return stream_export.save_forge_streamed(source, dst)
     if to == "hf":
         from forge_dist.data.tokenizers import tokenizer_from_spec
 

@@ -316,14 +316,48 @@ def load_ckpt(path: str):
     from forge_dist.model.gpt import GPT
 
     ckpt = read_ckpt(path)
-    try:
-        cfg = model_config_from_model_args(ckpt["model_args"])
-    except ConfigError as e:
-        raise ConfigError(f"{ckpt_path(path)}: {e}") from None
-    model = GPT(cfg)
-    training = {k: ckpt[k] for k in ("iter_num", "best_iter") if isinstance(ckpt.get(k), int)}
+    model = GPT(_config(ckpt, path))
+    training = _training(ckpt, path)
     conv = Conversion(model, iter_num=training.get("iter_num", 0), extra=_extra_tensors(ckpt, path))
     load_state(model, from_upstream_state_dict(dict(ckpt["model"]), conv), ckpt_path(path))
+    return model, training
+
+
+def open_mapped(path: str):
+    """(model config, our state dict, training info) of a ckpt.pt, memory-mapped
+    (torch.load(mmap=True, weights_only=True)): the import rules run on the mapped tensors against a
+    meta-device GPT (renames and reshapes touch no data; a rule that computes reads only its own
+    tensors), so a tensor's pages are read when it is used, and no GPT is built."""
+    from forge_dist.model.gpt import GPT
+
+    ckpt = read_ckpt(path, mmap=True)
+    cfg = _config(ckpt, path)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    training = _training(ckpt, path)
+    conv = Conversion(model, iter_num=training.get("iter_num", 0), extra=_extra_tensors(ckpt, path))
+    return cfg, from_upstream_state_dict(dict(ckpt["model"]), conv), training
+
+
+def open_slices(path: str):
+    """(model config, SliceReader of our tensors) of a ckpt.pt for ``--init_from prev_run``
+    (open_mapped): each rank copies its pieces; the pages of what it does not hold are not read."""
+    from forge_dist.io.slice_read import StateDictSlices
+
+    cfg, state, _ = open_mapped(path)
+    return cfg, StateDictSlices(state, ckpt_path(path))
+
+
+def _config(ckpt: dict, path: str) -> ModelConfig:
+    try:
+        return model_config_from_model_args(ckpt["model_args"])
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt_path(path)}: {e}") from None
+
+
+def _training(ckpt: dict, path: str) -> dict:
+    """The training info a ckpt.pt carries (iteration, best loss, upstream's run config, ours)."""
+    training = {k: ckpt[k] for k in ("iter_num", "best_iter") if isinstance(ckpt.get(k), int)}
     best = ckpt.get("best_val_loss")
     if isinstance(best, (torch.Tensor, int, float)) and not isinstance(best, bool):
         training["best_val_loss"] = float(best.item() if isinstance(best, torch.Tensor) else best)
@@ -336,28 +370,7 @@ def load_ckpt(path: str):
             raise CheckpointError(f"{ckpt_path(path)}: {TOKENIZER_KEY} is not valid JSON") from None
     if isinstance(ckpt.get(DATA_DIR_KEY), str):
         training["data_dir"] = ckpt[DATA_DIR_KEY]
-    return model, training
-
-
-def open_slices(path: str):
-    """(model config, SliceReader of our tensors) of a ckpt.pt, for ``--init_from prev_run``: the
-    file is memory-mapped (torch.load(mmap=True, weights_only=True)), the import rules run on the
-    mapped tensors against a meta-device GPT (renames and reshapes touch no data; a rule that
-    computes reads only its own tensors), and each rank's ``read`` copies its pieces, so the pages
-    of what it does not hold are never read. No GPT is built."""
-    from forge_dist.io.slice_read import StateDictSlices
-    from forge_dist.model.gpt import GPT
-
-    ckpt = read_ckpt(path, mmap=True)
-    try:
-        cfg = model_config_from_model_args(ckpt["model_args"])
-    except ConfigError as e:
-        raise ConfigError(f"{ckpt_path(path)}: {e}") from None
-    with torch.device("meta"):
-        model = GPT(cfg)
-    iter_num = ckpt.get("iter_num") if isinstance(ckpt.get("iter_num"), int) else 0
-    conv = Conversion(model, iter_num=iter_num, extra=_extra_tensors(ckpt, path))
-    return cfg, StateDictSlices(from_upstream_state_dict(dict(ckpt["model"]), conv), ckpt_path(path))
+    return training
 
 
 def _extra_tensors(ckpt: dict, path: str) -> StateDict:

@@ -18,6 +18,7 @@ plus what the export rules derive from the config alone (upstream's causal-mask 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Callable, Dict, List, Optional
@@ -57,10 +58,12 @@ class TensorSource:
 
 
 def open_source(src: str) -> Optional[TensorSource]:
-    """The TensorSource of a forge-convert ``src`` in one of our formats (DeepSpeed, sharded, a
-    model directory), or None (a ReaLLM-Forge ckpt.pt or transformers directory: converted whole)."""
+    """The TensorSource of a forge-convert ``src``: a DeepSpeed checkpoint, a sharded one, a model
+    directory or a ReaLLM-Forge ckpt.pt (memory-mapped); None for a transformers directory
+    (converted whole)."""
     from forge_dist.io.convert import find_source
     from forge_dist.io.forge_format import WEIGHTS_NAME, is_forge_checkpoint, read_config
+    from forge_dist.io.pretrained import checkpoint_kind
 
     path, is_deepspeed, extra = find_source(os.fspath(src))
     if is_deepspeed:
@@ -81,12 +84,52 @@ def open_source(src: str) -> Optional[TensorSource]:
 
             get = ShardedWeights(path).get
         source = TensorSource(cfg, dict(training), get, path)
+    elif checkpoint_kind(path) == "reallm-forge":
+        source = _mapped_ckpt(path)
     else:
         return None
     for key, value in extra.items():  # as convert.load_source
         if not source.training.get(key):
             source.training[key] = value
     return source
+
+
+def _mapped_ckpt(path: str) -> TensorSource:
+    """A ckpt.pt, memory-mapped and mapped to our names (reallm_forge.open_mapped), checked as the
+    whole path's strict load checks it: every tensor of the model there, none more, tied ones equal."""
+    from forge_dist.io.reallm_forge import ckpt_path, open_mapped
+    from forge_dist.io.state import _short
+    from forge_dist.io.slice_read import tied_aliases
+
+    cfg, state, training = open_mapped(path)
+    source = TensorSource(cfg, training, lambda n: state[n].clone(), ckpt_path(path))
+    own = source.meta.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
+    untied = [a for a, f in tied_aliases(own).items()
+              if a in state and f in state and not torch.equal(state[a].to(state[f].dtype), state[f])]
+    if missing or unexpected or bad or untied:
+        raise CheckpointError(f"{ckpt_path(path)} does not fit the model built from its config: missing "
+                              f"{_short(missing)}; unexpected {_short(unexpected)}; other shape {_short(bad)}; "
+                              f"tied by the config but different {_short(untied)}")
+    return source
+
+
+def save_forge_streamed(source: TensorSource, dst: str) -> str:
+    """``save_pretrained`` of the source's model, tensor by tensor (the same files)."""
+    from forge_dist.atomic import atomic_directory
+    from forge_dist.io.deepspeed_stream import write_safetensors
+    from forge_dist.io.forge_format import ALIASES_KEY, WEIGHTS_NAME, is_forge_checkpoint, save_config
+    from forge_dist.io.slice_read import tied_aliases
+
+    own = source.meta.state_dict(keep_vars=True)
+    aliases = tied_aliases(own)
+    entries = {n: (t.dtype, tuple(t.shape)) for n, t in own.items() if n not in aliases}
+    with atomic_directory(os.fspath(dst), may_replace=is_forge_checkpoint) as tmp:
+        write_safetensors(os.path.join(tmp, WEIGHTS_NAME), entries, source.tensor,
+                          {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
+        save_config(source.meta.config, tmp, source.training)
+    return os.fspath(dst)
 
 
 def save_hf_streamed(source: TensorSource, dst: str, tokenizer=None, max_shard_bytes: Optional[int] = None) -> str:

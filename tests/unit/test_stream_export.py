@@ -2,6 +2,7 @@
 (io/stream_export.py, io/torch_zip_stream.py) and write what the whole-model path writes: the
 same zip records of the ckpt.pt (torch.save's), the same transformers files, byte for byte.
 DeepSpeed and sharded (DCP) sources: tests/dist/test_deepspeed.py and tests/dist/test_sharded_init.py."""
+import json
 import os
 import zipfile
 
@@ -29,6 +30,13 @@ def zip_records(file):
     """{record name without torch's archive folder (the file's stem): bytes}."""
     with zipfile.ZipFile(file) as z:
         return {n.split("/", 1)[1]: z.read(n) for n in z.namelist()}
+
+
+def safetensors_parts(file):
+    """(parsed header, data bytes): save_file orders a header's __metadata__ keys at random."""
+    raw = open(file, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
 def whole_path(src, dst, to, **kw):
@@ -90,6 +98,36 @@ def test_hf_export_streams_the_whole_path_bytes(tmp_path, shard_bytes, watched):
     assert names == sorted(os.listdir(tmp_path / "s")) and (shard_bytes is None) == ("model.safetensors" in names)
     for name in names:
         assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "w" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("variant", ["qk_scale_peri_ln", "manual_attention_untied", "bitlinear", "moe_softmax"])
+def test_a_reallm_forge_ckpt_converts_streamed_to_every_target(tmp_path, variant, watched):
+    """A ckpt.pt source is memory-mapped and read tensor by tensor: --to forge and --to reallm-forge
+    write the whole path's bytes (the same safetensors file and config; the same zip records)."""
+    from forge_dist.io.forge_format import WEIGHTS_NAME, save_pretrained as whole_forge
+
+    torch.manual_seed(2)
+    src = save_ckpt(GPT(ModelConfig(**{**TINY, **REALLM[variant]})), str(tmp_path / "up" / "ckpt.pt"),
+                    training={"iter_num": 3, "best_val_loss": 2.5})
+    convert(src, str(tmp_path / "s"), "forge")
+    again = convert(src, str(tmp_path / "s2" / "ckpt.pt"), "reallm-forge")
+    assert not watched["whole"] and len(watched["sources"]) == 2
+    model, training = load_source(src)
+    whole_forge(model, str(tmp_path / "w"), training=training)
+    assert safetensors_parts(tmp_path / "s" / WEIGHTS_NAME) == safetensors_parts(tmp_path / "w" / WEIGHTS_NAME)
+    assert (tmp_path / "s" / "config.json").read_bytes() == (tmp_path / "w" / "config.json").read_bytes()
+    assert zip_records(again) == zip_records(whole_path(src, str(tmp_path / "w2" / "ckpt.pt"), "reallm-forge"))
+
+
+def test_a_ckpt_with_a_missing_tensor_is_refused_as_the_whole_path_refuses(tmp_path):
+    from forge_dist.errors import CheckpointError
+
+    src = save_ckpt(GPT(ModelConfig(**TINY)), str(tmp_path / "ckpt.pt"))
+    ckpt = torch.load(src, weights_only=True)
+    del ckpt["model"]["transformer.h.1.mlp.c_fc.weight"]
+    torch.save(ckpt, src)
+    with pytest.raises(CheckpointError, match="missing transformer.h.1.mlp.c_fc.weight"):
+        convert(src, str(tmp_path / "out"), "forge")
 
 
 def test_a_planned_record_that_comes_back_different_is_refused(tmp_path):

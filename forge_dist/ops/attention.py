@@ -48,15 +48,14 @@ def _vector(p, acc: torch.dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=acc).reshape(-1)
 
 
-def _bias(bias: Optional[torch.Tensor], B: int, Hq: int, T: int, S: int, acc,
-          batch: bool) -> Optional[torch.Tensor]:
-    """(1 or Hq, T, S) in the accumulation type; with ``batch`` (the CPU op) a bias with a batch
-    dimension as (B, 1 or Hq, T, S); False when the bias has another layout."""
+def _bias(bias: Optional[torch.Tensor], B: int, Hq: int, T: int, S: int, acc) -> Optional[torch.Tensor]:
+    """(1 or Hq, T, S) in the accumulation type, or a bias with a batch dimension as (B, 1 or Hq, T, S);
+    False when the bias has another layout."""
     if bias is None:
         return None
     while bias.dim() > 3 and bias.shape[0] == 1:
         bias = bias.squeeze(0)
-    if bias.dim() == 4 and batch and bias.shape[0] == B and bias.shape[1] in (1, Hq):
+    if bias.dim() == 4 and bias.shape[0] == B and bias.shape[1] in (1, Hq):
         return bias.expand(B, bias.shape[1], T, S).to(acc)
     if bias.dim() > 3:
         return False
@@ -67,17 +66,16 @@ def _bias(bias: Optional[torch.Tensor], B: int, Hq: int, T: int, S: int, acc,
 
 
 def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
-                bias: Optional[torch.Tensor] = None, sink_logit=None, batch_bias: bool = False,
-                divide_after: bool = False):
+                bias: Optional[torch.Tensor] = None, sink_logit=None):
     """The attention_fwd op's arguments for ``spec`` (the one layout every fused attention kernel reads:
     this library's CPU op and the Triton kernels of forge_dist.ops.triton_attention), or None where
-    no kernel covers the call (a learned divisor, a transform without a kernel code, another bias layout).
-    ``batch_bias``: a (B, 1 or H, T, S) bias is passed as such (the CPU op reads it); ``divide_after``:
-    a learned divisor is left out of the op's constant factor, for the caller to divide by."""
+    no kernel covers the call (a transform without a kernel code, another bias layout). A bias is
+    (1 or H, T, S) or (B, 1 or H, T, S); a learned divisor is left out of the op's constant factor: the
+    caller divides the output by it (learned_divisor)."""
     acc, dev = _acc(q), q.device
     B, Hq, T, _ = q.shape
     S = k.shape[-2]
-    b = _bias(bias, B, Hq, T, S, acc, batch_bias)
+    b = _bias(bias, B, Hq, T, S, acc)
     if b is False:
         return None
     empty = q.new_zeros((0,), dtype=acc)
@@ -100,7 +98,7 @@ def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optiona
         args = (params, one, obo, sink, ELEMENTWISE, spec.kind, [float(c) for c in spec.consts], row)
     else:
         learned = torch.is_tensor(spec.divisor)
-        if spec.kernel_transform is None and spec.transform is not None or learned and not divide_after:
+        if spec.kernel_transform is None and spec.transform is not None:
             return None
         code, tparam = spec.kernel_transform if spec.transform is not None else (0, 0.0)
         obo = _vector(spec.obo, acc, dev)
@@ -115,6 +113,16 @@ def kernel_args(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optiona
     return (q, k, v, b) + args + (mask_args(mask), float(scale), float(softcap or 0.0))
 
 
+def learned_divisor(spec, q: torch.Tensor):
+    """A row-normalised variant's learned divisor as (1 or H, 1, 1) in q's dtype, which divides the
+    kernel's output (its gradient by autograd); None without one; False if shaped for no head layout."""
+    divisor = None if isinstance(spec, ElemSpec) else spec.divisor
+    if not torch.is_tensor(divisor):
+        return None
+    divisor = divisor.to(q.dtype).reshape(-1, 1, 1)
+    return divisor if divisor.shape[0] in (1, q.shape[1]) else False
+
+
 def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
               bias: Optional[torch.Tensor] = None, sink_logit=None, n_keys: Optional[int] = None):
     """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv), or None (no kernel).
@@ -123,12 +131,10 @@ def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[
     if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
             or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
         return None
-    divisor = None if isinstance(spec, ElemSpec) else spec.divisor  # a learned one divides the output
-    divisor = divisor.to(q.dtype).reshape(-1, 1, 1) if torch.is_tensor(divisor) else None
-    if divisor is not None and divisor.shape[0] not in (1, q.shape[1]):
+    divisor = learned_divisor(spec, q)
+    if divisor is False:
         return None
-    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit,
-                       batch_bias=True, divide_after=True)
+    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit)
     if args is None:
         return None
     out, _stats = torch.ops.forge_ops.attention_fwd(*args)

@@ -20,7 +20,6 @@ import torch
 
 from forge_dist.ops import attention as fused_op
 from forge_dist.ops import autograd, registry
-from forge_dist.ops.scores import ElemSpec
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _TRANSFORM, _SHIFT, _DIVIDE, _TPARAM, _GUESS, _OVERFLOW, _POST = range(7)  # the op's ``row`` list
@@ -51,11 +50,15 @@ def attention(q, k, v, spec, *, mask, scale: float, softcap: Optional[float] = N
     """forge_dist.ops.attention.attention's contract on the Triton kernel: (B, Hq, T, Dv), or None."""
     if not usable(q, k, v):
         return None
-    if isinstance(spec, ElemSpec) and (spec.table is not None or spec.divide):
-        return None  # TODO-free note: pfla_softmax's knot table is not in the Triton kernels yet
+    divisor = fused_op.learned_divisor(spec, q)
+    if divisor is False:
+        return None
     args = fused_op.kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
                                 sink_logit=sink_logit)
-    return None if args is None else torch.ops.forge_triton.attention_fwd(*args)[0]
+    if args is None:
+        return None
+    out = torch.ops.forge_triton.attention_fwd(*args)[0]
+    return out if divisor is None else out / divisor
 
 
 # --- launch -----------------------------------------------------------------------------------------
@@ -76,17 +79,20 @@ def _launch_config(q, k, v, bias, params, obo, sink, family, kind, consts, row, 
 
     window = NO_WINDOW if window < 0 else window
     square = (kind == scores.ELEM_KINDS["polymax"] and consts[2] == 2.0) or (
-        kind == scores.ELEM_KINDS["exppolymax"] and consts[1] == 2.0)  # scores.h dispatch_elem
+        kind == scores.ELEM_KINDS["exppolymax"] and consts[1] == 2.0) or (  # scores.h dispatch_elem
+        kind == scores.ELEM_KINDS["pfla_softmax"] and consts[0] != 0.0)  # pfla's quadratic mode
     block_d = max(16, 1 << (max(D, DV) - 1).bit_length())
     # interpreter: small tiles run faster; GPU: 64 x 64 tiles, 32 where the rows are wide enough to
     # pass the shared memory of one block (python -m forge_dist.ops.triton_compile prints it)
     block = 16 if q.device.type == "cpu" else 64 if q.element_size() * block_d <= 256 else 32
     runtime = dict(Hq=Hq, Hkv=Hkv, T=T, S=S, n_params=max(params.shape[0], 1) if params.dim() else 1,
+                   p_width=params.shape[1] if params.dim() == 2 else 2,  # [beta, gamma, pfla's knot table]
                    n_obo=max(obo.numel(), 1), q_offset=q_offset, n_sink=n_sink, window=window,
-                   bias_heads=0 if bias is None else bias.shape[0])
+                   bias_heads=0 if bias is None else bias.shape[-3],  # (1 or H, T, S) or (B, 1 or H, T, S)
+                   bias_batch=int(bias is not None and bias.dim() == 4 and bias.shape[0] > 1))
     meta = dict(D=D, DV=DV, FAMILY=int(family), KIND=int(kind), SQUARE=bool(square),
                 TRANSFORM=int(row[_TRANSFORM]) if family == fused_op.ROWNORM else 0,
-                DIVIDE=bool(row[_DIVIDE]) if family == fused_op.ROWNORM else False, CAUSAL=bool(causal),
+                DIVIDE=bool(row[_DIVIDE]), CAUSAL=bool(causal),
                 HAS_BIAS=bias is not None, SOFTCAP=softcap != 0.0,
                 # fp32 parity over tf32 speed; bf16 / fp16 dots native (upcast in the interpreter: tk.mm)
                 PREC="upcast" if q.device.type == "cpu" and q.element_size() == 2 else "ieee",
@@ -119,7 +125,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optio
     B, rt, meta = _launch_config(q, k, v, bias, params, obo, sink, family, kind, consts, row, mask, softcap)
     rownorm = family == fused_op.ROWNORM
     out = q.new_empty((B, rt["Hq"], rt["T"], v.shape[-1]))
-    stats = q.new_empty((B if rownorm else 0, rt["Hq"], rt["T"], 3), dtype=_acc(q))
+    stats = q.new_empty((B if rownorm or meta["DIVIDE"] else 0, rt["Hq"], rt["T"], 3), dtype=_acc(q))
     if out.numel() == 0:
         return out, stats
     f = _fargs(q, consts, row, scale, softcap)
@@ -145,12 +151,14 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dbias = (torch.zeros(bias.shape, dtype=acc, device=q.device) if need_dbias and bias is not None
              else q.new_zeros((0,), dtype=acc))
     parts = q.new_zeros((B, Hq, T, tk.N_ROW_PARTS), dtype=acc)
+    dtable = torch.zeros(params.shape, dtype=acc, device=q.device)  # pfla's knots (atomic adds), else unused
     if q.numel() and k.numel():
         f = _fargs(q, consts, row, scale, softcap)
         common = dict(Bias=_or(bias, f), Params=_or(params, f), C=_or(c, f), Obo=_or(obo, f), F=f,
                       Stats=_or(stats, f), Delta=delta, DO=grad)
         tk.attn_bwd_dq[(B * Hq, triton_cdiv(T, meta["BLOCK_M"]))](
-            Q=q, K=k, V=v, Sink=_or(sink, f), DQ=dq, DBias=_or(dbias, f), Parts=parts, n_sinkp=sink.numel(),
+            Q=q, K=k, V=v, Sink=_or(sink, f), DQ=dq, DBias=_or(dbias, f), Parts=parts, DParams=_or(dtable, f),
+            n_sinkp=sink.numel(),
             NEED_DBIAS=dbias.numel() > 0, **common, **rt, **meta)
         tk.attn_bwd_dkdv[(B * rt["Hkv"], triton_cdiv(rt["S"], meta["BLOCK_N"]))](
             Q=q, K=k, V=v, DK=dk, DV_=dv, **common, **rt, **meta)
@@ -165,8 +173,11 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         dsink = reduce(3, sink.numel()) if sink.numel() else torch.zeros_like(sink)
     else:
         n = params.shape[0]
-        dparams = torch.stack([reduce(0, n), reduce(1, n)], dim=1).reshape(params.shape).to(params.dtype)
-        dc, dobo, dsink = q.new_zeros((1,), dtype=acc), torch.zeros_like(obo), torch.zeros_like(sink)
+        dparams = torch.cat([torch.stack([reduce(0, n), reduce(1, n)], dim=1), dtable[:, 2:]], dim=1)
+        dparams, dc = dparams.reshape(params.shape).to(params.dtype), q.new_zeros((1,), dtype=acc)
+        divide = meta["DIVIDE"]  # a row sum of the curve: its addend and the sink have gradients
+        dobo = reduce(2, obo.numel()) if divide and obo.numel() else torch.zeros_like(obo)
+        dsink = reduce(3, sink.numel()) if divide and sink.numel() else torch.zeros_like(sink)
     return [dq, dk, dv, dbias, dparams, dc, dobo.to(obo.dtype), dsink.to(sink.dtype)]
 
 

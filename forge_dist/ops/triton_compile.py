@@ -14,17 +14,19 @@ import inspect
 import time
 
 _POINTERS_IO = ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV_")  # in the input dtype
-_POINTERS_ACC = ("Bias", "Params", "C", "Obo", "Sink", "F", "Stats", "Delta", "DBias", "Parts")  # accumulation
+_POINTERS_ACC = ("Bias", "Params", "C", "Obo", "Sink", "F", "Stats", "Delta", "DBias", "Parts", "DParams")  # accumulation
 
 # the variant setups compiled by default: one of each family, the costliest options on
 CONFIGS = {
     "elementwise": dict(FAMILY=0, KIND=0, SQUARE=False, TRANSFORM=0, DIVIDE=False),
     "rownorm": dict(FAMILY=1, KIND=0, SQUARE=False, TRANSFORM=2, DIVIDE=True),
+    # pfla_softmax's knot table, quadratic mode, divided by its row sum (the sink's knot gradients too)
+    "pfla": dict(FAMILY=0, KIND=9, SQUARE=True, TRANSFORM=0, DIVIDE=True),
 }
 
 
 def compile_kernels(arch: int = 90, dtype: str = "bf16", head_dim: int = 64, block: int = 64,
-                    configs=("elementwise", "rownorm"), log=print):
+                    configs=tuple(CONFIGS), log=print):
     """Compiles attn_fwd, attn_bwd_dq and attn_bwd_dkdv per config; returns [(config, kernel, shared bytes)]."""
     import triton
     from triton.backends.compiler import GPUTarget

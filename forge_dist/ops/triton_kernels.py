@@ -34,6 +34,7 @@ RELU2MAX = tl.constexpr(_codes.ELEM_KINDS["relu2max"])
 SIGMOIDMAX = tl.constexpr(_codes.ELEM_KINDS["sigmoidmax"])
 SOFTPLUS = tl.constexpr(_codes.ELEM_KINDS["softplus"])
 SQUAREPLUS = tl.constexpr(_codes.ELEM_KINDS["squareplus"])
+PFLA = tl.constexpr(_codes.ELEM_KINDS["pfla_softmax"])
 CLAMP = tl.constexpr(_codes.CLAMP)
 SIGSOFT = tl.constexpr(_codes.SIGSOFT)
 SHIFT_NONE = tl.constexpr(_codes.SHIFT_NONE)
@@ -62,12 +63,49 @@ def _sigmoid(x):
 
 
 @triton.jit
-def elem_formula(x, F, beta, gamma, KIND: tl.constexpr, SQUARE: tl.constexpr):
+def pfla_formula(x, Table, n_knots, gamma, QUAD: tl.constexpr):
+    """pfla_softmax (scores.h Pfla): the curve through knots Table[0:n] (positions) and Table[n:2n]
+    (values v = sqrt(y)), "linear" lerp of v^2 or (QUAD) x lerp(v)^2, the first segment extended left and
+    the last value held right, / gamma; 0 at non-finite x. Returns (y, dy/dx, dy/dgamma, k, and dy/d of
+    v_k, v_k+1, x_k, x_k+1), k the segment [x_k, x_k+1] holding min(x, x_{n-1})."""
+    fin = tl.abs(x) < float("inf")
+    x = tl.where(fin, x, 0.0)
+    x_last = tl.load(Table + n_knots - 1)
+    held = x >= x_last
+    xi = tl.where(held, x_last, x)
+    cnt = tl.where(xi >= x_last, 0, 0)  # searchsorted(right=True): the knots at or below xi
+    for i in range(0, n_knots):
+        cnt += tl.where(tl.load(Table + i) <= xi, 1, 0)
+    k = tl.minimum(tl.maximum(cnt - 1, 0), n_knots - 2)
+    x0 = tl.load(Table + k)
+    inv_w = 1.0 / (tl.load(Table + k + 1) - x0)
+    t = (xi - x0) * inv_w
+    v0 = tl.load(Table + n_knots + k)
+    v1 = tl.load(Table + n_knots + k + 1)
+    if QUAD:
+        ln = v0 + (v1 - v0) * t
+        c = x * ln * ln
+        two_xl = 2.0 * x * ln
+        dv0, dv1, dt, dx = two_xl * (1.0 - t), two_xl * t, two_xl * (v1 - v0), ln * ln
+    else:
+        c = v0 * v0 + (v1 * v1 - v0 * v0) * t
+        dv0, dv1, dt, dx = 2.0 * v0 * (1.0 - t), 2.0 * v1 * t, v1 * v1 - v0 * v0, x * 0.0
+    slope = tl.where(held, 0.0, dt * inv_w)  # dt/dx = 1/w, dt/dx_k = -(1 - t)/w, dt/dx_k+1 = -t/w
+    g = tl.where(fin, 1.0 / gamma, 0.0)
+    return (c * g, (dx + slope) * g, -c * g / gamma, k, dv0 * g, dv1 * g, -slope * (1.0 - t) * g,
+            -slope * t * g)
+
+
+@triton.jit
+def elem_formula(x, F, beta, gamma, Table, n_knots, KIND: tl.constexpr, SQUARE: tl.constexpr):
     """(f(x), df/dx, df/dbeta, df/dgamma) of the elementwise variant KIND (scores.h functors; constants
-    F + F_CONST in the ElemSpec layout)."""
+    F + F_CONST in the ElemSpec layout; Table, n_knots: pfla_softmax's knots, SQUARE its quadratic mode)."""
     zero = x * 0.0
     c0 = tl.load(F + F_CONST)
-    if KIND == CONSMAX:  # b^{min(x - beta, clamp)} / gamma; consts [ln b, clamp]
+    if KIND == PFLA:
+        y, d, dg, _k, _a, _b, _c, _d = pfla_formula(x, Table, n_knots, gamma, SQUARE)
+        y, d, db, dg = y, d, zero, dg
+    elif KIND == CONSMAX:  # b^{min(x - beta, clamp)} / gamma; consts [ln b, clamp]
         clampv = tl.load(F + F_CONST + 1)
         y = tl.exp(tl.minimum(x - beta, clampv) * c0) / gamma
         d = tl.where(x - beta <= clampv, c0 * y, zero)
@@ -213,14 +251,15 @@ def load_rows(P, base, offs, n, DIM: tl.constexpr, BLOCK_DIM: tl.constexpr):
 
 
 @triton.jit
-def head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY: tl.constexpr):
-    """(beta, gamma) of an elementwise variant, (c, obo) of a row-normalised one, for head h."""
+def head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY: tl.constexpr):
+    """(beta, gamma) of an elementwise variant, (c, obo) of a row-normalised one, for head h; and the
+    offset of the head's parameter row (width p_width: [beta, gamma, table...])."""
+    row = tl.where(n_params == 1, 0, h) * p_width
     if FAMILY == ELEMENTWISE:
-        i = tl.where(n_params == 1, 0, h)
-        p0, p1 = tl.load(Params + 2 * i), tl.load(Params + 2 * i + 1)
+        p0, p1 = tl.load(Params + row), tl.load(Params + row + 1)
     else:
         p0, p1 = tl.load(C), tl.load(Obo + tl.where(n_obo == 1, 0, h))
-    return p0, p1
+    return p0, p1, row
 
 
 @triton.jit
@@ -245,14 +284,16 @@ def row_consts(Stats, Delta, bh, offs_m, T, obo, DIVIDE: tl.constexpr):
 
 
 @triton.jit
-def tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY: tl.constexpr, KIND: tl.constexpr,
+def tile_grad(s, dp, vis, F, p0, p1, Table, n_knots, m, inv, dl, share, FAMILY: tl.constexpr, KIND: tl.constexpr,
               SQUARE: tl.constexpr, TRANSFORM: tl.constexpr):
     """(weights of v, dL/ds, and two per-element terms of the small gradients) of one tile: elementwise
-    (dbeta, dgamma); row-normalised (dc, 0). p0, p1: head_params."""
+    (dbeta, dgamma), its dL/df = (dP - delta) / D with a row-sum division (inv = 1/D, dl = delta), else
+    dP (inv 1, dl 0); row-normalised (dc, 0). p0, p1: head_params."""
     zero = s * 0.0
     if FAMILY == ELEMENTWISE:
-        y, d, db, dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
-        w, ds, r0, r1 = y, d * dp, db * dp, dg * dp
+        y, d, db, dg = elem_formula(s, F, p0, p1, Table, n_knots, KIND, SQUARE)
+        gy = (dp - dl[:, None]) * inv[:, None]
+        w, ds, r0, r1 = y * inv[:, None], d * gy, db * gy, dg * gy
     else:
         t, dt = row_transform(s, tl.load(F + F_TPARAM), TRANSFORM)
         q = tl.where(vis, tl.exp((tl.where(vis, t, m[:, None]) - m[:, None]) * p0) * inv[:, None], zero)
@@ -264,6 +305,16 @@ def tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY: tl.constexpr, KI
 
 
 @triton.jit
+def knot_grads(s, gy, vis, Table, DTable, n_knots, gamma, SQUARE: tl.constexpr):
+    """DTable (positions, then values) += the knots' gradients for dL/df = gy at scores s (pfla_formula)."""
+    _y, _d, _dg, k, dv0, dv1, dx0, dx1 = pfla_formula(s, Table, n_knots, gamma, SQUARE)
+    tl.atomic_add(DTable + k, dx0 * gy, mask=vis)
+    tl.atomic_add(DTable + k + 1, dx1 * gy, mask=vis)
+    tl.atomic_add(DTable + n_knots + k, dv0 * gy, mask=vis)
+    tl.atomic_add(DTable + n_knots + k + 1, dv1 * gy, mask=vis)
+
+
+@triton.jit
 def unfinish(ds, th, F, SOFTCAP: tl.constexpr):
     """dL/ds -> dL/d(q.k): back through cap tanh(. / cap) and the scale."""
     if SOFTCAP:
@@ -272,8 +323,8 @@ def unfinish(ds, th, F, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, n_params, n_obo, n_sinkp,
-             q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
+def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, n_params, p_width, n_obo, n_sinkp,
+             q_offset, n_sink, window, bias_heads, bias_batch, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
              KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr, SHIFT: tl.constexpr,
              DIVIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -283,10 +334,11 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
     bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
     b, h = bh // Hq, bh % Hq
     kv = (b * Hkv + h // (Hq // Hkv)) * S
-    bias_base = tl.where(bias_heads == 1, 0, h) * T * S
+    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
-    p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+    p0, p1, prow = head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY)
+    table, n_knots = Params + prow + 2, (p_width - 2) // 2
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=F.dtype.element_ty)
     zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
     mr, l_sum, ties = zeros - float("inf"), zeros, zeros  # running max, sum of e^{c (t - mr)}, ties of mr
@@ -303,8 +355,11 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
         s, _th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
                                   HAS_BIAS, SOFTCAP, PREC)
         if FAMILY == ELEMENTWISE:
-            y, _d, _db, _dg = elem_formula(s, F, p0, p1, KIND, SQUARE)
-            acc += mm(tl.where(vis, y, 0.0).to(v.dtype), v, PREC).to(acc.dtype)
+            y, _d, _db, _dg = elem_formula(s, F, p0, p1, table, n_knots, KIND, SQUARE)
+            y = tl.where(vis, y, 0.0)
+            if DIVIDE:
+                l_sum += tl.sum(y, 1)
+            acc += mm(y.to(v.dtype), v, PREC).to(acc.dtype)
         else:
             t, _dt = row_transform(s, tparam, TRANSFORM)
             t = tl.where(vis, t, -float("inf"))
@@ -317,6 +372,19 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
             ties = tl.where(m_new == mr, ties, 0.0) + tl.sum(tl.where(vis & (t == m_new[:, None]), 1.0, 0.0), 1)
             mr = m_new
     ok = offs_m < T
+    if FAMILY == ELEMENTWISE:
+        if DIVIDE:  # a curve divided by its row sum (pfla_softmax): D = addend + sum f (+ f(sink))
+            den = l_sum + tl.load(Obo + tl.where(n_obo == 1, 0, h))
+            if n_sinkp > 0:
+                ys, _d, _db, _dg = elem_formula(tl.load(Sink + tl.where(n_sinkp == 1, 0, h)), F, p0, p1, table,
+                                                n_knots, KIND, SQUARE)
+                den += ys
+            den = tl.where(den == 0.0, 1.0, den)
+            acc = acc / den[:, None]
+            row = (bh * T + offs_m) * 3
+            tl.store(Stats + row, zeros, mask=ok)
+            tl.store(Stats + row + 1, den, mask=ok)
+            tl.store(Stats + row + 2, zeros, mask=ok)
     if FAMILY == ROWNORM:  # from the running max to the variant's shift m
         m, use = _row_shift(mr, F, SHIFT)
         g = tl.where(mr > -float("inf"), tl.exp((mr - m) * p0), 0.0)
@@ -335,8 +403,8 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DBias, Parts, Hq, Hkv, T, S,
-                n_params, n_obo, n_sinkp, q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr,
+def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DBias, Parts, DParams, Hq, Hkv, T, S,
+                n_params, p_width, n_obo, n_sinkp, q_offset, n_sink, window, bias_heads, bias_batch, D: tl.constexpr, DV: tl.constexpr,
                 FAMILY: tl.constexpr, KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr,
                 DIVIDE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DBIAS: tl.constexpr,
                 SOFTCAP: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -347,15 +415,16 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
     bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
     b, h = bh // Hq, bh % Hq
     kv = (b * Hkv + h // (Hq // Hkv)) * S
-    bias_base = tl.where(bias_heads == 1, 0, h) * T * S
+    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
     offs_m = m0 + tl.arange(0, BLOCK_M)
     ok = offs_m < T
     q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
     do = load_rows(DO, bh * T * DV, offs_m, T, DV, BLOCK_DV)
-    p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+    p0, p1, prow = head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY)
+    table, n_knots = Params + prow + 2, (p_width - 2) // 2
     zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
-    m, inv, dl, share, delta = zeros, zeros, zeros, zeros, zeros
-    if FAMILY == ROWNORM:
+    m, inv, dl, share, delta = zeros, zeros + 1.0, zeros, zeros, zeros
+    if FAMILY == ROWNORM or DIVIDE:
         m, inv, dl, share, delta = row_consts(Stats, Delta, bh, offs_m, T, p1, DIVIDE)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=F.dtype.element_ty)
     part0, part1 = zeros, zeros
@@ -367,7 +436,10 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
         s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
                                  HAS_BIAS, SOFTCAP, PREC)
         dp = mm(do, tl.trans(v), PREC).to(dq.dtype)
-        _w, ds, r0, r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
+        _w, ds, r0, r1 = tile_grad(s, dp, vis, F, p0, p1, table, n_knots, m, inv, dl, share, FAMILY, KIND, SQUARE,
+                                   TRANSFORM)
+        if KIND == PFLA:  # the knot table's gradient (atomic: knots shared by every row and head)
+            knot_grads(s, (dp - dl[:, None]) * inv[:, None], vis, table, DParams + prow + 2, n_knots, p1, SQUARE)
         part0 += tl.sum(r0, 1)
         part1 += tl.sum(r1, 1)
         if NEED_DBIAS:
@@ -378,6 +450,18 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
     tl.store(DQ + bh * T * D + offs_m[:, None] * D + cols[None, :], dq.to(DQ.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < D))
     part2, part3 = zeros, zeros
+    if FAMILY == ELEMENTWISE:
+        if DIVIDE:  # dL/df at the sink (zero value) is -delta / D; the addend's gradient the same
+            part2 = -delta * inv
+            if n_sinkp > 0:
+                xs = tl.load(Sink + tl.where(n_sinkp == 1, 0, h))
+                _y, dys, dbs, dgs = elem_formula(xs, F, p0, p1, table, n_knots, KIND, SQUARE)
+                gs = tl.where(ok, -delta * inv, 0.0)
+                part0 += dbs * gs
+                part1 += dgs * gs
+                part3 = dys * gs
+                if KIND == PFLA:
+                    knot_grads(xs, tl.sum(gs, 0), xs == xs, table, DParams + prow + 2, n_knots, p1, SQUARE)
     if FAMILY == ROWNORM:
         if DIVIDE:
             part2 = -delta * inv  # dobo
@@ -395,8 +479,8 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, Hq, Hkv, T, S, n_params, n_obo,
-                  q_offset, n_sink, window, bias_heads, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
+def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, Hq, Hkv, T, S, n_params, p_width, n_obo,
+                  q_offset, n_sink, window, bias_heads, bias_batch, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
                   KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr, DIVIDE: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -415,20 +499,22 @@ def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, H
     for hh in range(0, rep):
         h = kvh * rep + hh
         bh = b * Hq + h
-        bias_base = tl.where(bias_heads == 1, 0, h) * T * S
-        p0, p1 = head_params(Params, C, Obo, F, n_params, n_obo, h, FAMILY)
+        bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
+        p0, p1, prow = head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY)
+        table, n_knots = Params + prow + 2, (p_width - 2) // 2
         for m0 in range(lo, hi, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
             do = load_rows(DO, bh * T * DV, offs_m, T, DV, BLOCK_DV)
             zeros = tl.zeros((BLOCK_M,), dtype=F.dtype.element_ty)
-            m, inv, dl, share = zeros, zeros, zeros, zeros
-            if FAMILY == ROWNORM:
+            m, inv, dl, share = zeros, zeros + 1.0, zeros, zeros
+            if FAMILY == ROWNORM or DIVIDE:
                 m, inv, dl, share, _delta = row_consts(Stats, Delta, bh, offs_m, T, p1, DIVIDE)
             s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window,
                                      CAUSAL, HAS_BIAS, SOFTCAP, PREC)
             dp = mm(do, tl.trans(v), PREC).to(dk.dtype)
-            w, ds, _r0, _r1 = tile_grad(s, dp, vis, F, p0, p1, m, inv, dl, share, FAMILY, KIND, SQUARE, TRANSFORM)
+            w, ds, _r0, _r1 = tile_grad(s, dp, vis, F, p0, p1, table, n_knots, m, inv, dl, share, FAMILY, KIND, SQUARE,
+                                        TRANSFORM)
             ds = unfinish(ds, th, F, SOFTCAP)
             dv += mm(tl.trans(w).to(do.dtype), do, PREC).to(dv.dtype)
             dk += mm(tl.trans(ds).to(q.dtype), q, PREC).to(dk.dtype)

@@ -4,9 +4,9 @@
     python bench/convert_memory.py --make DIR          # a forge_dist model directory to convert
     python bench/convert_memory.py --prev_run CKPT_PT  # one TP=2 rank's --init_from prev_run read
 
-SOURCE: a DeepSpeed checkpoint, a sharded training checkpoint or a forge_dist model directory.
-``--to forge`` (DeepSpeed only): io/deepspeed_stream.py against consolidate (zero_to_fp32) +
-save_pretrained. ``--to reallm-forge`` / ``--to hf``: io/stream_export.py against load_source +
+SOURCE: a DeepSpeed checkpoint, a sharded training checkpoint, a forge_dist model directory or a
+ReaLLM-Forge ckpt.pt. ``--to forge``: io/deepspeed_stream.py (DeepSpeed) or io/stream_export.py
+against consolidate (zero_to_fp32) or load_source, then save_pretrained. ``--to reallm-forge`` / ``--to hf``: io/stream_export.py against load_source +
 save_ckpt / save_hf. ``--prev_run``: io/reallm_forge.py ``open_slices`` (memory-mapped ckpt.pt, the
 pieces of rank 0 of 2 read: the first half of every tensor's rows) against load_ckpt (whole).
 
@@ -72,7 +72,8 @@ elif to == "prev_run":
 elif mode == "stream":
     convert(src, dst, to)
 elif to == "forge":
-    model, training = deepspeed_ckpt.load_deepspeed(src)
+    load = deepspeed_ckpt.load_deepspeed if deepspeed_ckpt.is_deepspeed_checkpoint(src) else load_source
+    model, training = load(src)
     forge_format.save_pretrained(model, dst, training=training)
 else:
     model, training = load_source(src)

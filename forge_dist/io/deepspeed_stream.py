@@ -226,7 +226,7 @@ def write_safetensors(file: str, entries: Dict[str, Tuple[torch.dtype, Tuple[int
             t = value(name)
             if t.dtype != entries[name][0] or tuple(t.shape) != tuple(entries[name][1]):
                 raise CheckpointError(f"{name}: got {t.dtype} {tuple(t.shape)}, expected {entries[name]}")
-            fh.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            fh.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))  # no copy of the bytes
             del t
 
 

@@ -33,8 +33,8 @@ def is_zero(optimizer) -> bool:
 
 def consolidate(optimizer) -> None:
     """Gather every replica's state on data-parallel rank 0 (collective over the group; nothing
-    for a replicated optimizer)."""
-    if is_zero(optimizer):
+    for a replicated optimizer; each part of an ExpertZeroOptimizer on its own group's rank 0)."""
+    if is_zero(optimizer) or hasattr(optimizer, "parts"):
         optimizer.consolidate_state_dict(to=0)
 
 
@@ -46,9 +46,20 @@ def consolidated_state(optimizer) -> Dict[torch.Tensor, dict]:
     return {params[i]: entry for i, entry in optimizer.state_dict()["state"].items()}
 
 
+def local_optimizers(optimizer) -> List[torch.optim.Optimizer]:
+    """The optimizers that step on this rank: ZeRO-1's local one, each part's of an
+    ExpertZeroOptimizer (parallel/expert/zero.py), or ``optimizer`` itself."""
+    if hasattr(optimizer, "parts"):
+        return [o for part in optimizer.optimizers for o in local_optimizers(part)]
+    return [optimizer.optim] if is_zero(optimizer) else [optimizer]
+
+
 def local_state(optimizer) -> Dict[torch.Tensor, dict]:
     """Parameter -> state entry this replica holds (its part under ZeRO-1)."""
-    return optimizer.optim.state if is_zero(optimizer) else optimizer.state
+    out: Dict[torch.Tensor, dict] = {}
+    for opt in local_optimizers(optimizer):
+        out.update(opt.state)
+    return out
 
 
 def group_layout(optimizer) -> List[Dict]:

@@ -7,8 +7,9 @@ and one process trains the same global batches with LocalEngine (plain GPT, same
 counting capacity per data-parallel row block). Compared at every iteration: the loss (mean over
 data-parallel ranks) and DeepSpeed's gradient norm (clipping acts at every step); after the last:
 the fp32 master weights by one-process name (every expert gathered). A checkpoint of the EP=4
-ZeRO-2 run is resumed at EP=4 (the same layout: exact) and at EP=1 (ZeRO-2 over 4 ranks). The
-control: the same run with the experts left undeclared to DeepSpeed must fail the comparison.
+ZeRO-2 run is resumed at EP=4 (the same layout: exact) and at EP=1 (ZeRO-2 over 4 ranks); its
+sharded checkpoint (forge-train's format) at other EP layouts and by the native engine, and a
+native EP=2 x DP=2 ZeRO-1 one by DeepSpeed (sharded_resumes). The control: the same run with the experts left undeclared to DeepSpeed must fail the comparison.
 """
 from __future__ import annotations
 
@@ -102,7 +103,30 @@ def make_engine(case: str, layout: str, stage: int, world: int, declare: bool = 
     return deepspeed_engine_factory(model, cfg, values, ctx), ctx
 
 
-def run(engine, ctx, iters, save_to=None) -> Dict:
+def make_native(case: str, layout: str, world: int, zero_stage: int = 1):
+    """forge_dist's own engine (ParallelEngine) over the same placed model and layout, with
+    --zero_stage 1 by default (dense moments over dp, experts' over expert_dp: parallel/expert/zero.py)."""
+    import torch.distributed as dist
+
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.parallel.groups import ProcessGroups
+    from forge_dist.train.context import RunContext
+    from forge_dist.train.model_build import shard_model
+    from forge_dist.train.parallel_engine import parallel_engine_factory
+
+    pc = ParallelConfig(**DS_EP_LAYOUTS.get(layout, {}))
+    groups = ProcessGroups.build(pc.topology(world))
+    ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp,
+                     groups=groups, parallel_config=pc)
+    model = shard_model(_model(case), ctx, 0)
+    return parallel_engine_factory(model, _train_config(groups.topology.dp), {"zero_stage": zero_stage}, ctx), ctx
+
+
+def run(engine, ctx, iters, save_to=None, sharded_to=None) -> Dict:
+    """Losses, grad norms and final weights; at SAVE_AT the gathered checkpoint (``save_to``: the
+    engine's own save_state) and forge-train's sharded one (``sharded_to``: its path in out["sharded"])."""
+    from forge_dist.train.sharded_save import ShardedCheckpointer
+
     cfg = engine.model.config
     out = {"loss": [], "grad_norm": []}
     for it in iters:
@@ -110,6 +134,8 @@ def run(engine, ctx, iters, save_to=None) -> Dict:
             os.makedirs(save_to, exist_ok=True)
             ctx.barrier()
             engine.save_state(save_to, ctx)
+        if sharded_to is not None and it == SAVE_AT:
+            out["sharded"] = ShardedCheckpointer(ctx).save(sharded_to, it, engine.model, engine, {"iteration": it})
         batches = [micro_batch(it, m, cfg.vocab_size, cfg.block_size, ctx.dp_rank, ctx.dp_size) for m in range(ACCUM)]
         loss = engine.forward_backward(batches)
         out["grad_norm"].append(engine.step(lr(it))["grad_norm"])
@@ -167,7 +193,7 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         engine, ctx = make_engine(case, layout, stage, world)
         ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
         save = layout == "EP4" and stage == 2 and case == "top2"
-        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None)
+        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None, sharded_to=ckpt + "_s" if save else None)
         blocks = ctx.dp_size * (2 if DS_EP_LAYOUTS[layout].get("expert_tensor_parallel_size") == 1 else 1)
         out["parity"][(layout, stage, case)] = errors(got, refs[(case, blocks)])
         opt = engine.ds.optimizer
@@ -179,6 +205,9 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         if save:
             out["uninterrupted"] = got
             out["saved"] = ckpt
+            out["saved_sharded"] = got["sharded"]
+            out["holds"] = [None] * world
+            torch.distributed.all_gather_object(out["holds"], local_experts(engine.model))
     # the control: undeclared experts are averaged with other ranks' experts; the comparison sees it
     out["undeclared"] = errors(run(*make_engine("top2", "EP2xDP2", 1, world, declare=False), range(ITERS)),
                                refs[("top2", 4)])
@@ -186,5 +215,58 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         engine, ctx = make_engine("top2", layout, 2, world)
         engine.load_state(out["saved"])
         out[f"resumed_{layout}"] = errors(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"], SAVE_AT)
+    out.update(sharded_resumes(out, world, workdir))
     out.pop("uninterrupted")
     return out
+
+
+def local_experts(model) -> list:
+    """The global names of this rank's expert tensors (parameters and buffers)."""
+    return sorted(n for n in model.state_dict() if ".experts." in n)
+
+
+def sharded_resumes(out: Dict, world: int, workdir: str) -> Dict:
+    """forge-train's sharded checkpoint with experts: the EP=4 ZeRO-2 one resumed by DeepSpeed at
+    EP=2 x DP=2 ZeRO-1 and EP=1 x DP=4, and by the native engine at EP=2 x DP=2 ZeRO-1; a native EP=2
+    x DP=2 ZeRO-1 one resumed by DeepSpeed at EP=4 ZeRO-1 and EP=1 x DP=4 ZeRO-2; each against its
+    uninterrupted run. What each rank wrote of the EP=4 and the native EP=2 checkpoints (DCP's index), and which
+    experts each rank holds there."""
+    import torch.distributed as dist
+
+    res: Dict = {}
+    saved, uninterrupted = out["saved_sharded"], out["uninterrupted"]
+    for name, (layout, stage) in {"s_EP2xDP2_z1": ("EP2xDP2", 1), "s_DP4_z2": ("DP4", 2)}.items():
+        engine, ctx = make_engine("top2", layout, stage, world)
+        engine.load_state(saved)
+        res[name] = errors(run(engine, ctx, range(SAVE_AT, ITERS)), uninterrupted, SAVE_AT)
+    engine, ctx = make_native("top2", "EP2xDP2", world)
+    engine.load_state(saved)
+    got = run(engine, ctx, range(SAVE_AT, ITERS))
+    res["s_native_EP2xDP2"] = errors(got, uninterrupted, SAVE_AT) if got["weights"] is not None else None
+    engine, ctx = make_native("top2", "EP2xDP2", world)  # native -> DeepSpeed
+    native = run(engine, ctx, range(ITERS), sharded_to=os.path.join(workdir, "native_EP2xDP2_s"))
+    holds = [None] * world
+    dist.all_gather_object(holds, local_experts(engine.model))
+    native["weights"] = native["weights"] if native["weights"] is not None else {}
+    for name, (layout, stage) in {"n_EP4_z1": ("EP4", 1), "n_DP4_z2": ("DP4", 2)}.items():
+        engine, ctx = make_engine("top2", layout, stage, world)
+        engine.load_state(native["sharded"])
+        got = run(engine, ctx, range(SAVE_AT, ITERS))
+        res[name] = errors(got, native, SAVE_AT) if native["weights"] else None
+    res["written"] = {"EP4_z2": (written_chunks(saved), out.pop("holds")),
+                      "native_EP2xDP2": (written_chunks(native["sharded"]), holds)}
+    return res
+
+
+def written_chunks(checkpoint: str) -> Dict[str, list]:
+    """{entry: (its elements, [(writing rank, elements of the chunk)])} of every weight and moment
+    of a sharded checkpoint."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from forge_dist.io.dcp_storage import read_index
+
+    index = read_index(os.path.join(checkpoint, "model", "dcp"))
+    return {fqn: (entry.size.numel(),
+                  [(int(index.storage_data[MetadataIndex(fqn, c.offsets)].relative_path.split("_")[2]),
+                    c.sizes.numel()) for c in entry.chunks])
+            for fqn, entry in index.state_dict_metadata.items() if not fqn.endswith("/step")}

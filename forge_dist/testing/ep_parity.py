@@ -14,6 +14,8 @@ Compared, each relative to the reference (||got - ref|| / ||ref||), with EP_TOLE
   step        the weights after one AdamW step against the one-process model stepped with the
               reduced gradients (exact: AdamW is elementwise; against the reference's own step
               the gap is the gradient gap magnified by 1/(|g| + eps) where |g| ~ eps)
+  zero-1 step (DP > 1) the same step under ZeRO-1 (parallel/expert/zero.py: dense moments over dp,
+              experts' over expert_dp), exact, each rank holding only its part of the moments
   per-token   the expert-parallel MoE layer's output against the per-token loop on one process
   checkpoint  (EP2xPP2) the pipeline engine's gathered weights and optimizer state, exact
 
@@ -29,7 +31,7 @@ import torch
 from forge_dist.testing.parity import ParityReport, rel_error
 
 EP_TOLERANCES: Dict[str, float] = {"loss": 1e-6, "grad": 1e-5, "grad norm": 1e-5, "records": 0.0, "step": 0.0,
-                                   "per-token": 1e-5, "checkpoint": 0.0}
+                                   "zero-1 step": 0.0, "per-token": 1e-5, "checkpoint": 0.0}
 
 ROUTERS = {  # name -> MoE options (aux and z losses on, so the router learns in every case)
     "top1": dict(moe_top_k=1),
@@ -149,17 +151,45 @@ def compare_expert_parallel(name: str, config_kwargs: dict, groups, parallel_con
     stepped.load_state_dict(ref.state_dict())
     for n, p in stepped.named_parameters():
         p.grad = None if grads.get(n) is None else grads[n].clone()
+    before = [p.detach().clone() for p in params]
     for opt in (_adamw(stepped.parameters()), _adamw(params)):
         opt.step()
     full = gather_full_state_dict(model, groups)
     own = stepped.state_dict()
     for n, t in full.items():
         errors[f"step: {n}"] = rel_error(t, own[n])
+    if dp > 1:  # the same step under ZeRO-1 (--zero_stage 1): experts' state over expert_dp, dense over dp
+        errors.update(_zero1_step(model, params, before, groups, own))
     report = _report(name, errors)
     report.worst["dropped"] = dropped  # > 0: the capacity cases do drop (in the reference)
     if rows_in and cfg.moe_capacity_factor is None:  # this rank's share of its replica's assignments
         report.worst["routed share"] = rows_in[0] / (batch * cfg.block_size * cfg.moe_top_k)
     return report
+
+
+def _zero1_step(model, params, before, groups, own) -> Dict[str, float]:
+    """The step from the same weights and gradients with the native engine's ZeRO-1 optimizer
+    (train/optim.build_optimizer: ExpertZeroOptimizer with placed experts) against ``own``, the
+    one-process model after one AdamW step; and each rank holds only its part of the moments."""
+    from forge_dist.parallel.expert.zero import ExpertZeroOptimizer
+    from forge_dist.parallel.tensor.metadata import gather_full_state_dict
+    from forge_dist.parallel.zero import is_zero, local_state, zero_optimizer
+
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    group = [{"params": params, "weight_decay": 0.1}]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99))  # _adamw's
+    experts = any(getattr(p, "allreduce", True) is False for p in params)
+    opt = ExpertZeroOptimizer(group, groups, **hyper) if experts else zero_optimizer(group, groups.dp, **hyper)
+    opt.step()
+    full = gather_full_state_dict(model, groups)
+    errors = {f"zero-1 step: {n}": rel_error(t, own[n]) for n, t in full.items()}
+    held = sum(1 for st in local_state(opt).values() if st)
+    parts = opt.optimizers if experts else [opt]
+    # a sharded part holds fewer states than its parameters (the rest are other replicas')
+    errors["zero-1 step: sharded"] = float(not any(is_zero(o) for o in parts) or held >= len(params))
+    return errors
 
 
 def _per_token_error(model, ref, groups, cfg, batch: int, seed: int) -> float:
@@ -347,7 +377,9 @@ def render_ep_section(rows) -> str:
              "Generated with the rest of this file; checked by `tests/dist/test_expert_parallel.py` "
              "(`forge_dist.testing.ep_parity`). A world of 4 against one process with the global batch: "
              "loss 1e-6, every gradient 1e-5 after the engine's reduction, grad norm 1e-5, tokens per expert "
-             "exact, AdamW step exact, the placed layer against the per-token loop 1e-5 (dropless). "
+             "exact, AdamW step exact, the same step under `--zero_stage 1` exact (every layout but EP2xPP2: "
+             "dense moments sharded over dp, the experts over expert_dp), the placed layer against the "
+             "per-token loop 1e-5 (dropless). "
              "Routers with aux and z losses; `expert=<variant>`: that MLP variant as every expert, top-2. "
              "EP2xTP2_ETP1: experts whole on each TP rank (`--expert_tensor_parallel_size 1`), the TP ranks "
              "splitting the tokens; _SP: with sequence parallelism (ETP1: dropless only); EP2xTP2_SP: "

@@ -15,7 +15,8 @@ gradients summed over their TP ranks by hooks.
 
 Expert parallelism (deepspeed_moe.py): placed experts declared as DeepSpeed MoE parameters, with our
 expert groups registered as DeepSpeed's and the optimizer groups split its way, so ZeRO-1/2 reduce
-expert gradients over ``expert_dp``; such a run checkpoints through the logical copy only.
+expert gradients over ``expert_dp``; its sharded checkpoint holds each rank's experts under their
+global names (optimizer.json: the groups before the experts' were split off).
 
 Checkpoints: a launched run writes forge-train's sharded format (train/deepspeed_sharded.py: each rank
 its ZeRO partitions, any engine and layout resumes it). The gathered format
@@ -79,7 +80,8 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
     tp_sums: Optional[str] = None  # None | coalesce | no_sync | hooks: see deepspeed_tp.tp_sum_mode
 
     def __init__(self, ds_engine, model, groups: ProcessGroups, resolved: ResolvedDeepSpeed, device: str,
-                 buffer_dtypes: Dict[str, torch.dtype], group_params: Optional[list] = None):
+                 buffer_dtypes: Dict[str, torch.dtype], group_params: Optional[list] = None,
+                 layout_params: Optional[list] = None):
         self.ds = ds_engine
         self.model = model  # the module DeepSpeed wraps (TP-sharded, ZeRO-3 partitioned, bf16 cast)
         self.groups = groups
@@ -96,8 +98,9 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
         self.layout = {"dp_size": groups.topology.dp, "tp_size": groups.topology.tp, "pp_size": groups.topology.pp,
                        "zero_stage": resolved.zero_stage, "precision": resolved.precision}
         self.ep = groups.ep.size
-        self.writes_sharded = self.ep == 1  # sharded_save.checkpointer_for: experts keep the gathered format
+        self.writes_sharded = True  # sharded_save.checkpointer_for: each rank its partitions (deepspeed_sharded.py)
         self._optim_group_params = group_params or []  # the optimizer's parameters by group: sharded checkpoints
+        self._layout_group_params = layout_params  # the same before the experts' groups were split off
         self._fragments_linked = False
         zero = resolved.config.get("zero_optimization", {})
         self._zero3_linear = resolved.zero_stage == 3 and zero.get("memory_efficient_linear", True) is not False
@@ -296,6 +299,7 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     if experts and resolved.zero_stage == 2:
         check_expert_zero(resolved, topo.ep, name)
     optim_groups = param_groups(model, train_cfg.adamw_weight_decay, train_cfg.weight_decay_split)
+    layout_params = [list(g["params"]) for g in optim_groups]  # the native engine's groups: optimizer.json
     if experts:  # DeepSpeed's expert groups are ours; its optimizer groups split dense/expert (deepspeed_moe.py)
         register_expert_groups(groups, {k: mpu.handle(k) for k in ("ep", "expert_dp")})
         optim_groups = moe_param_groups(optim_groups)
@@ -315,7 +319,7 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
     install_safe_checkpoint_engine(ds_engine)  # DeepSpeed's own loads unpickle anything
     if resolved.zero_stage == 3:
         share_fp32_master(ds_engine.optimizer)  # fp32: the partition is its own master (deepspeed_zero3.py)
-    engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes, group_params)
+    engine = DeepSpeedEngine(ds_engine, model, groups, resolved, device, buffer_dtypes, group_params, layout_params)
     engine.tp_sums = tp_sum_mode(ds_engine, model, groups)  # how partial gradients are summed (deepspeed_tp.py)
     if engine.tp_sums == "hooks":
         register_tp_grad_hooks(model, groups)

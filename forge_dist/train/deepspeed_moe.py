@@ -23,9 +23,10 @@ DeepSpeed divides every gradient by the data-parallel size and sums expert gradi
 native engine (forge_dist.parallel.expert.grads).
 
 Checkpoints: DeepSpeed's own MoE checkpoint files assume its MoE module layout (per-expert files
-named from ``deepspeed_moe.experts``), so an expert-parallel run saves the logical copy only
-(fp32 masters and Adam moments by one-process name, experts under their global index) and resumes
-from it at any layout, the same one included (exact in fp32).
+named from ``deepspeed_moe.experts``), so an expert-parallel run writes forge-train's sharded
+checkpoint (train/deepspeed_sharded.py: each rank its ZeRO partitions, experts under their global
+index) or, in the gathered format, the logical copy only (fp32 masters and Adam moments by
+one-process name, every expert gathered); either resumes at any layout (exact in fp32).
 """
 from __future__ import annotations
 

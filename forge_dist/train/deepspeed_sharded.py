@@ -144,16 +144,24 @@ class DeepSpeedShardedState:
 
     def optimizer_layout(self) -> Tuple[List[str], List[dict]]:
         """(parameter names in one process's optimizer order, its groups with indices and options):
-        the native engines' optimizer.json fields, so either engine resumes the other's checkpoint."""
+        the native engines' optimizer.json fields, so either engine resumes the other's checkpoint.
+        Under expert parallelism: our groups before DeepSpeed split off the experts' (the native
+        engine's groups), each placed layer's experts listed as all of them by global index."""
+        from forge_dist.parallel.expert.state import one_process_groups
+
         names = {id(p): n for n, p in self._named}
-        flat = [names[id(p)] for group in self._optim_group_params for p in group]
+        layout = getattr(self, "_layout_group_params", None) or self._optim_group_params
+        split = {id(p): i for i, group in enumerate(self._optim_group_params) for p in group}
+        local = [names[id(p)] for group in layout for p in group]
         groups, start = [], 0
-        for i, group in enumerate(self._optim_group_params):
-            options = self.ds.optimizer.param_groups[min(i, len(self.ds.optimizer.param_groups) - 1)]
-            groups.append({**{k: v for k, v in options.items() if k != "params" and plain_option(v)},
+        last = len(self.ds.optimizer.param_groups) - 1
+        for i, group in enumerate(layout):
+            options = self.ds.optimizer.param_groups[min(split.get(id(group[0]), i) if group else i, last)]
+            groups.append({**{k: v for k, v in options.items()
+                              if k not in ("params", "moe", "name") and plain_option(v)},
                            "params": list(range(start, start + len(group)))})
             start += len(group)
-        return flat, groups
+        return one_process_groups(groups, local, self.model)
 
     # --- resume -----------------------------------------------------------------------------------
     def load_sharded_state(self, path: str, verify: Optional[Callable[[List[str]], None]] = None) -> None:

@@ -185,10 +185,11 @@ def plan_launch(values: Mapping, model_config, train_config, env=None,
     from forge_dist.train.options import EngineOptions
 
     EngineOptions(**{f.name: values[f.name] for f in fields(EngineOptions) if f.name in values})  # its refusals
-    if values.get("zero_stage", 0) and pcfg.expert_parallel_size > 1:
-        raise ConfigError(f"zero_stage={values['zero_stage']} with expert_parallel_size={pcfg.expert_parallel_size}: "
-                          f"ZeRO-1 broadcasts each parameter from the replica that steps it, but the replicas hold "
-                          f"different experts; use --zero_stage 0 with expert parallelism")
+    if values.get("zero_stage", 0) and pcfg.expert_parallel_size > 1 and pcfg.pipeline_parallel_size > 1:
+        raise ConfigError(f"zero_stage={values['zero_stage']} with expert_parallel_size={pcfg.expert_parallel_size} "
+                          f"and pipeline_parallel_size={pcfg.pipeline_parallel_size}: the pipeline engine's ZeRO-1 "
+                          f"has no expert-data-parallel partition yet; use --zero_stage 0 with experts in pipeline "
+                          f"stages, or pipeline_parallel_size=1 (ZeRO-1 with expert parallelism)")
     if pcfg.pipeline_parallel_size > 1:
         check_pipeline(pcfg, model_config, train_config, values)
     backend = choose_backend(pcfg, train_config.resolved_device, env)

@@ -1,7 +1,8 @@
 """The model of a run: built with the run's seed (the same initial weights on every rank), weights
 copied from --prev_run_ckpt or loaded on resume, sharded over the tensor-parallel group; on a
 tensor-parallel launch only this rank's shards are ever materialised, on a pipelined one only this
-rank's stages (build_model), and only their pieces are read from the checkpoint (io/slice_read.py)."""
+rank's stages (build_model), on an expert-parallel one only this rank's experts, and only their
+pieces are read from the checkpoint (io/slice_read.py)."""
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def _prev_run_reader(prev_state):
 
 def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_state=None,
                 resume_path=None, notes: Optional[list] = None, on_meta: bool = False):
-    """(this rank's model, FLOPs per token of the full model). Tensor-parallel ranks build on the
-    meta device, apply the plan, then materialise only their shards (drawn, or read from the
+    """(this rank's model, FLOPs per token of the full model). Tensor- and expert-parallel ranks
+    build on the meta device, place the experts and apply the plan, then materialise only their
+    shards and experts (drawn, or read from the
     resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
     full model. The weights are the same either way. ``on_meta``: the model is left on the meta
     device (the TP plan applied) for an engine that materialises it itself (ZeRO-3 partitions:
@@ -57,11 +59,11 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
             resume_path = None
     reader = _prev_run_reader(prev_state)
     pc = ctx.parallel_config if ctx.groups is not None else None
-    # expert placement still starts from the full model (it regroups parameters); both pipeline
-    # engines (native, and DeepSpeed's under --deepspeed_config) materialise this rank's stages only
+    # both pipeline engines (native, and DeepSpeed's under --deepspeed_config) materialise this
+    # rank's stages only; tensor- and expert-parallel ranks their shards and their experts only
     pipelined = pc is not None and getattr(pc, "pipeline_parallel_size", 1) > 1
-    deferred = pipelined or (pc is not None and ctx.tp_size > 1 and getattr(pc, "expert_parallel_size", 1) == 1
-                             and getattr(pc, "pipeline_parallel_size", 1) == 1)
+    expert_parallel = pc is not None and getattr(pc, "expert_parallel_size", 1) > 1
+    deferred = pipelined or (pc is not None and (ctx.tp_size > 1 or expert_parallel))
     model = GPT(cfg, defer_init=deferred or on_meta)
     flops = flops_per_token(model)  # the full model's, before it is sharded
     if on_meta:  # ZeRO-3: the DeepSpeed engine draws it into partitions (train/deepspeed_init.py)
@@ -83,11 +85,11 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
         from forge_dist.parallel.materialize import materialize_shards
 
         shard_model(model, ctx, train_cfg.seed)
-        if weights is not None:
-            load_slices(model, weights[0], ctx.groups, partial=weights[1], fresh_ok=weights[1])
+        if weights is not None:  # the checkpoint also holds the experts other ranks place
+            load_slices(model, weights[0], ctx.groups, partial=weights[1] or expert_parallel, fresh_ok=weights[1])
         materialize_shards(model, ctx.groups)  # what no checkpoint gave
         return model.to(device), flops
-    if reader is not None:  # a full model (one process, DP, EP, DeepSpeed): every tensor whole
+    if reader is not None:  # a full model (one process, DP, DeepSpeed): every tensor whole
         from forge_dist.io.slice_read import load_slices
 
         load_slices(model, reader, None, partial=True, fresh_ok=True)

@@ -177,6 +177,9 @@ class ParallelEngine(LocalEngine):
         if self.ep > 1:  # one process's state dict: every expert's moments under its global index
             from forge_dist.parallel.expert.state import global_optimizer_state
 
+            from forge_dist.parallel.zero import consolidate
+
+            consolidate(self.optimizer)  # ZeRO-1: dense parts on dp rank 0, experts' on expert_dp rank 0
             full = None
             if self.groups.coord.edp == 0:
                 full = global_optimizer_state(self.full_optimizer_state(), self._names, self.model, self.groups)
@@ -243,6 +246,7 @@ def parallel_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
                            "(forge_dist.train.build.shard_model) before calling the engine factory")
     device = train_cfg.resolved_device
     zero_group = ctx.groups.dp if values.get("zero_stage", 0) == 1 else None  # ZeRO-1 over the replicas
-    optimizer = build_optimizer(model, train_cfg, torch.device(device).type, zero_group=zero_group)
+    optimizer = build_optimizer(model, train_cfg, torch.device(device).type, zero_group=zero_group,
+                                process_groups=ctx.groups)  # experts: ZeRO-1 over expert_dp (parallel/expert/zero.py)
     return ParallelEngine(model, optimizer, device, train_cfg.resolved_dtype, train_cfg.grad_clip,
                           train_cfg.compile, ctx.groups, ctx.parallel_config)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from forge_dist.errors import CheckpointError
 from forge_dist.io.dcp_storage import JsonMetadataReader, JsonMetadataWriter, read_index, single_process_quiet
 from forge_dist.parallel.groups import ProcessGroups
-from forge_dist.parallel.zero import is_zero, local_state
+from forge_dist.parallel.zero import local_optimizers, local_state
 from forge_dist.parallel.sharded_state import LocalShards, ShardLoadPlanner, ShardSavePlanner
 from forge_dist.parallel.tensor.metadata import shard_info
 
@@ -167,12 +167,12 @@ def async_save_sharded(directory: str, model: nn.Module, optimizer, groups: Opti
 def _create_adam_state(model: nn.Module, optimizer, step: torch.Tensor) -> None:
     """torch AdamW's state for every parameter this rank steps (zeros, ``step``), to load into:
     under ZeRO-1 the parameters this replica owns in the current partition."""
-    owner = optimizer.optim if is_zero(optimizer) else optimizer
-    for group in owner.param_groups:
-        for p in group["params"]:
-            if p not in owner.state or not owner.state[p]:
-                owner.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+    for owner in local_optimizers(optimizer):
+        for group in owner.param_groups:
+            for p in group["params"]:
+                if p not in owner.state or not owner.state[p]:
+                    owner.state[p] = {"step": step.clone(), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
 
 
 def pieces_of(state: Dict[str, object]) -> Dict[str, list]:

@@ -41,7 +41,7 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-SHARDED_ENGINES = ("local", "parallel", "pipeline")  # and DeepSpeed's engines without experts (writes_sharded)
+SHARDED_ENGINES = ("local", "parallel", "pipeline")  # and DeepSpeed's engines (writes_sharded)
 
 
 def is_sharded_checkpoint(path: str) -> bool:
@@ -49,28 +49,11 @@ def is_sharded_checkpoint(path: str) -> bool:
 
 
 def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
-    """Before any process group: --checkpoint_format / --async_checkpoint against the layout, and a
-    sharded checkpoint resumed by an engine that cannot read one."""
-    fmt, unsupported = values.get("checkpoint_format", "auto"), _unsupported(values)  # the value: TrainConfig's check
-    if unsupported and (fmt == "sharded" or values.get("async_checkpoint")):
-        option = "--async_checkpoint" if fmt != "sharded" else "checkpoint_format=sharded"
-        raise ConfigError(f"{option} is not supported with {unsupported} yet (their checkpoints are "
-                          f"gathered); use --checkpoint_format gathered (or auto) without --async_checkpoint")
-    if fmt == "gathered" and values.get("async_checkpoint"):
+    """Before any process group: --checkpoint_format / --async_checkpoint (every engine and layout
+    writes and reads the sharded format; ``resume_path`` kept for the callers)."""
+    if values.get("checkpoint_format", "auto") == "gathered" and values.get("async_checkpoint"):
         raise ConfigError("--async_checkpoint needs checkpoint_format=sharded (or auto): the gathered format "
                           "is written synchronously")
-    if unsupported and resume_path is not None and is_sharded_checkpoint(resume_path):
-        raise ConfigError(f"{resume_path} is a sharded checkpoint, which {unsupported} cannot resume yet; "
-                          f"resume it without those options, or start from its weights with --init_from "
-                          f"prev_run --prev_run_ckpt {resume_path}")
-
-
-def _unsupported(values: dict) -> str:
-    """The layout whose checkpoints are still gathered: DeepSpeed with expert parallelism (its MoE
-    groups keep the logical copy: train/deepspeed_moe.py)."""
-    if values.get("deepspeed_config") and int(values.get("expert_parallel_size") or 1) > 1:
-        return "--deepspeed_config with expert_parallel_size > 1"
-    return ""
 
 
 def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:

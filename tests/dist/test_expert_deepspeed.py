@@ -4,7 +4,9 @@ one world of 4, EP=4 (expert_dp of one rank), EP=2 x DP=2 (expert_dp of two) and
 of 2 micro-batches with clipping acting at every step. Loss and DeepSpeed's gradient norm 1e-5 at
 every iteration, fp32 weights (every expert gathered, one-process names) 1e-4 after the last. The
 EP=4 ZeRO-2 checkpoint resumes at EP=4 and at EP=1 (ZeRO-2 over 4 ranks) with the uninterrupted
-run's losses and weights. The control, experts left undeclared to DeepSpeed (so averaged with
+run's losses and weights; forge-train's sharded checkpoint of it resumes at EP=2 x DP=2 ZeRO-1,
+EP=1 and in the native engine, a native EP=2 x DP=2 ZeRO-1 one under DeepSpeed at EP=4 and EP=1,
+each expert written only by the ranks holding it. The control, experts left undeclared to DeepSpeed (so averaged with
 other ranks' experts as dense parameters), must fail the weight comparison."""
 import pytest
 
@@ -44,3 +46,35 @@ def test_expert_checkpoint_resumes_at_the_same_layout_and_at_ep1(world):
     print(world["resumed_EP4"], world["resumed_DP4"])
     assert all(world["resumed_EP4"][m] <= 1e-12 for m in TOL), world["resumed_EP4"]
     assert all(world["resumed_DP4"][m] <= TOL[m] for m in TOL), world["resumed_DP4"]
+
+
+@pytest.mark.timeout(300)
+def test_sharded_expert_checkpoint_resumes_across_ep_layouts_and_engines(world):
+    """forge-train's sharded format with experts: DeepSpeed EP=4 ZeRO-2 -> DeepSpeed EP=2 x DP=2 ZeRO-1,
+    EP=1 x DP=4 ZeRO-2 and the native engine at EP=2 x DP=2; native EP=2 x DP=2 -> DeepSpeed EP=4
+    ZeRO-1 and EP=1 x DP=4 ZeRO-2; each continuing its uninterrupted run (the bounds above)."""
+    for name in ("s_EP2xDP2_z1", "s_DP4_z2", "s_native_EP2xDP2", "n_EP4_z1", "n_DP4_z2"):
+        e = world[name]
+        print(name, {m: f"{v:.2g}" if isinstance(v, float) else v for m, v in e.items()})
+        assert all(e[m] <= TOL[m] for m in TOL), (name, e)
+
+
+@pytest.mark.timeout(300)
+def test_sharded_expert_checkpoint_ranks_write_only_their_experts(world):
+    """Every value of the sharded checkpoints is written once; each expert's weights and moments only
+    by ranks that hold that expert (EP=4 ZeRO-2: its one rank; native EP=2 x DP=2: its two replicas),
+    and no rank writes more than its share of the dense tensors plus its experts."""
+    for ckpt, (chunks, holds) in world["written"].items():
+        per_rank, experts = {}, 0
+        for fqn, (numel, written) in chunks.items():
+            name = fqn.split("/")[1]
+            assert sum(n for _, n in written) == numel, (ckpt, fqn, written, numel)  # each value once
+            for rank, n in written:
+                per_rank[rank] = per_rank.get(rank, 0) + n
+            if ".experts." in name:
+                experts += 1
+                assert all(name in holds[rank] for rank, _ in written), (ckpt, fqn, written)
+        total = sum(per_rank.values())
+        print(f"\n{ckpt}: elements written per rank {per_rank} of {total}; {experts} expert entries", end="")
+        assert experts and sorted(per_rank) == [0, 1, 2, 3], (ckpt, per_rank)
+        assert max(per_rank.values()) <= 0.4 * total, (ckpt, per_rank, total)

@@ -6,8 +6,9 @@ and EP=2 x TP=2; EP=2 inside each of PP=2 stages (the pipeline engine's reductio
 gathered checkpoint). With expert_tensor_parallel_size=1 each TP rank routes and dispatches half
 of its replica's tokens (checked), with and without sequence parallelism. Statuses must equal docs/support_matrix.md's expert-parallel section. Loss 1e-6, every gradient (router, experts,
 dense) 1e-5 after the engine's reduction (DDP over dp, experts over expert_dp), grad norm 1e-5,
-tokens per expert exact, weights after one AdamW step exact, and the placed MoE layer against the
-per-token loop 1e-5."""
+tokens per expert exact, weights after one AdamW step exact, the same step under --zero_stage 1
+(dense moments sharded over dp, experts' over expert_dp: parallel/expert/zero.py) exact, and the
+placed MoE layer against the per-token loop 1e-5."""
 import os
 
 import pytest
@@ -30,6 +31,8 @@ def test_expert_parallel_layouts_equal_one_process():
     assert not problems, "\n".join(problems)
     for layout, router, _, _, worst in rows:
         assert set(worst) >= {"loss", "grad", "grad norm", "records", "step"}, (layout, router)
+        if "PP" not in layout:  # every other layout has DP > 1: the same step under ZeRO-1, exact
+            assert "zero-1 step" in worst, (layout, router)
         if "capacity" in router:  # the capacity cases drop assignments, so the cut is compared too
             assert worst["dropped"] > 0, (layout, router)
         else:  # the grouped all-to-all path against the per-token loop

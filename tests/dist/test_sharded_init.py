@@ -170,9 +170,55 @@ def prev_run_cases(rank, world_size, workdir, dataset, gathered, sharded, upstre
     return out
 
 
+def expert_cases(rank, world_size, workdir):
+    """EP=2 through build_model (what forge-train calls): drawn on meta with only this rank's experts
+    materialised, equal to the full build placed; from --init_from prev_run's weights and from a
+    gathered checkpoint's (resume), reading no expert another rank holds."""
+    from forge_dist import ModelConfig
+    from forge_dist.io import save_pretrained
+    from forge_dist.io.slice_read import SafetensorsSlices
+    from forge_dist.model.gpt import GPT
+    from forge_dist.testing.ep_parity import ep_model_kwargs
+    from forge_dist.testing.runs import parallel_context
+    from forge_dist.train.model_build import build_model, seed_everything, shard_model
+    from forge_dist.train.options import TrainConfig
+
+    cfg = ModelConfig(**ep_model_kwargs("top2"))
+    ctx = parallel_context(rank, world_size, ep=2)
+    train_cfg = TrainConfig(device="cpu", dtype="float32", seed=7)
+    seed_everything(7)
+    out = {"drawn": _states_equal(shard_model(GPT(cfg), ctx, 7), build_model(cfg, train_cfg, ctx)[0])}
+    torch.manual_seed(5)
+    full = GPT(cfg)
+    ckpt = os.path.join(workdir, "moe_ckpt")
+    if rank == 0:
+        save_pretrained(full, os.path.join(ckpt, "model"))
+    torch.distributed.barrier()
+    want = shard_model(full, ctx, 7)
+    mine = sorted(n for n in want.state_dict() if ".experts." in n)  # parameters and buffers
+    for name in ("prev_run", "resume"):
+        reader = SafetensorsSlices(os.path.join(ckpt, "model"))
+        if name == "prev_run":
+            model = build_model(cfg, train_cfg, ctx, prev_state=reader)[0]
+        else:  # the resume reads through its own reader: record what this rank asked of the same file
+            import forge_dist.io.slice_read as slice_read
+
+            opened = []
+            real = slice_read.SafetensorsSlices
+            slice_read.SafetensorsSlices = lambda d: opened.append(real(d)) or opened[-1]
+            try:
+                model = build_model(cfg, train_cfg, ctx, resume_path=ckpt)[0]
+            finally:
+                slice_read.SafetensorsSlices = real
+            reader = opened[0]
+        asked = sorted({n for n, _, _ in reader.requests if ".experts." in n})
+        out[name] = (_states_equal(want, model), asked == mine and len(mine) > 0, asked)
+    return out
+
+
 def _world(rank, world_size, workdir, dataset, *sources):
     return compare_cases(rank, world_size, 2, "all", workdir), \
-        prev_run_cases(rank, world_size, workdir, dataset, *sources)
+        prev_run_cases(rank, world_size, workdir, dataset, *sources), expert_cases(rank, world_size, workdir)
 
 
 @pytest.mark.timeout(300)
@@ -208,7 +254,12 @@ def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
 
     per_rank = spawn(_world, 2, str(tmp_path), dataset, gathered, sharded, upstream, hf, timeout=280,
                      return_all=True)
-    for rank, (result, prev) in enumerate(per_rank):
+    for rank, (result, prev, experts) in enumerate(per_rank):
+        # EP=2: drawn, prev_run and resume each equal the full build placed; only this rank's experts read
+        assert experts["drawn"] is None, (rank, experts["drawn"])
+        for name in ("prev_run", "resume"):
+            differ, only_mine, asked = experts[name]
+            assert differ is None and only_mine, (rank, name, differ, asked)
         wrong = {k: v for k, v in result.items() if v not in ("same", "refused")}
         assert not wrong, f"rank {rank}: {wrong}"
         assert sum(v == "same" for v in result.values()) > len(result) // 2
@@ -235,7 +286,7 @@ def test_sharded_init_equals_sliced_full_build_for_every_case(tmp_path):
     # ... and each element of a TP-split tensor was asked for by exactly one of the two ranks
     for fmt in ("safetensors", "dcp", "reallm-forge", "hf"):
         per_name = {}
-        for _, prev in per_rank:
+        for _, prev, _ in per_rank:
             for name, _, sizes in prev[fmt]["requests"]:
                 per_name[name] = per_name.get(name, 0) + torch.Size(sizes).numel()
         for name in per_rank[0][1][fmt]["split"]:

@@ -96,8 +96,8 @@ def refused(capsys, dataset, tmp_path, *args):
                      "--expert_tensor_parallel_size", "3"], "expert_tensor_parallel_size=3: experts are either whole"),
     ("torchrun", 2, ["--tensor_parallel_size", "0"], "tensor_parallel_size=0 must be a positive integer"),
     ("torchrun", 2, ["--zero_stage", "2"], "zero_stage=2: the native engine runs ZeRO stage 0"),
-    ("torchrun", 4, ["--zero_stage", "1", "--expert_parallel_size", "2", "--use_moe"],
-     "zero_stage=1 with expert_parallel_size=2"),
+    ("torchrun", 4, ["--zero_stage", "1", "--expert_parallel_size", "2", "--use_moe", "--pipeline_parallel_size",
+                     "2"], "zero_stage=1 with expert_parallel_size=2 and pipeline_parallel_size=2"),
     ("torchrun", 2, ["--dist_backend", "nccl"], "dist_backend=nccl needs CUDA tensors but the device is cpu"),
     ("single", 1, ["--tensor_parallel_size", "2"], "torchrun --nproc_per_node 2 -m forge_dist.train"),
 ])

@@ -100,7 +100,7 @@ class ExpertZeroOptimizer:
         index = {id(p): i for i, p in enumerate(self._flat())}
         state: Dict[int, dict] = {}
         for opt, _, group in self.parts:
-            if is_zero(opt) and group.rank != 0:  # consolidated on the group's rank 0 only
+            if is_zero(opt) and (group.rank != 0 or not opt._all_state_dicts):  # consolidated there only
                 continue
             params = [p for g in opt.param_groups for p in g["params"]]
             for j, entry in opt.state_dict()["state"].items():

@@ -55,9 +55,13 @@ def local_optimizers(optimizer) -> List[torch.optim.Optimizer]:
 
 
 def local_state(optimizer) -> Dict[torch.Tensor, dict]:
-    """Parameter -> state entry this replica holds (its part under ZeRO-1)."""
+    """Parameter -> state entry this replica holds (its part under ZeRO-1): the optimizer's own dict
+    (entries set in it are the optimizer's), or for several local optimizers a merged copy."""
+    optimizers = local_optimizers(optimizer)
+    if len(optimizers) == 1:
+        return optimizers[0].state
     out: Dict[torch.Tensor, dict] = {}
-    for opt in local_optimizers(optimizer):
+    for opt in optimizers:
         out.update(opt.state)
     return out
 

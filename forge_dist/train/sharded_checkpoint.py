@@ -104,10 +104,10 @@ def _fill_copies(model: nn.Module, optimizer) -> None:
             c.copy_(copies[0])
         owner, state = _owned_state(model, optimizer, name, t)
         if state:
-            local = local_state(optimizer)
-            for c in copies:
-                if c is not owner and c in local:
-                    local[c] = {k: v.clone() for k, v in state.items()}
+            for opt in local_optimizers(optimizer):  # set in the optimizer that steps the copy
+                for c in copies:
+                    if c is not owner and c in opt.state:
+                        opt.state[c] = {k: v.clone() for k, v in state.items()}
 
 
 def save_sharded(directory: str, model: nn.Module, optimizer, groups: Optional[ProcessGroups],

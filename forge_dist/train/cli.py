@@ -84,7 +84,8 @@ PARALLEL_HELP = {
 ENGINE_HELP = {
     "deepspeed_config": "train with the DeepSpeed engine and this JSON config (docs/deepspeed.md).",
     "zero_stage": "native engine: 1 shards the AdamW state over the data-parallel replicas (ZeRO-1, "
-                  "torch's ZeroRedundancyOptimizer; with pipeline stages, over each stage's replicas); "
+                  "torch's ZeroRedundancyOptimizer; with pipeline stages, over each stage's replicas; an "
+                  "expert's over the replicas holding it); "
                   "ZeRO-2/3: --deepspeed_config.",
     "preflight": "check every rank and every process group first (forge-preflight); stop with exit 1 "
                  "naming the ranks that disagree or fail.",

@@ -5,8 +5,7 @@ forward and every gradient (q, k, v, bias, sink, the variant's learned parameter
 bf16 loosely; gradcheck in float64; opcheck (schema, autograd, fake tensors, AOT dispatch); the
 model routes to it by default and keeps the materialised path under FORGE_OPS=reference; and a
 training step at block_size 4096 never allocates anything of T x T elements."""
-import sys
-from pathlib import Path
+import functools
 
 import pytest
 import torch
@@ -17,29 +16,26 @@ from forge_dist.model.attention.core import _NO_POINTS, _materialised, attend
 from forge_dist.ops import attention as fused_op
 from forge_dist.ops.mask import MaskSpec
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_blocked_attention import CASES, MASKS, WRT, inputs, normaliser  # noqa: E402
+import attention_paths
+from attention_paths import CASES, MASKS, SCALE, WRT, case_ids, inputs, materialised, normaliser
 
 pytestmark = pytest.mark.timeout(300)
 KERNEL_CASES = CASES
-IDS = [f"{n}-{i}" for i, (n, _) in enumerate(KERNEL_CASES)]
+IDS = case_ids(KERNEL_CASES)
 
 
-def run(module, x, path):
-    n_rep = x["q"].shape[1] // x["k"].shape[1]
-    if path == "materialised":
-        return _materialised(x["q"], x["k"], x["v"], n_rep, module, x["mask"], 0.7, x["softcap"], x["bias"],
-                             x["sink"], 0.0, _NO_POINTS)
-    y = fused.fused_attend(x["q"], x["k"], x["v"], normalizer=module, mask=x["mask"], scale=0.7,
+def fused_kernel(module, x):
+    y = fused.fused_attend(x["q"], x["k"], x["v"], normalizer=module, mask=x["mask"], scale=SCALE,
                            softcap=x["softcap"], bias=x["bias"], sink_logit=x["sink"])
     assert y is not None, "the fused kernel did not take the call"
     return y
 
 
-def outputs_and_grads(module, x, path):
-    y = run(module, x, path)
-    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)  # a non-uniform output gradient
-    return y, torch.autograd.grad((y * w).sum(), WRT(module, x), allow_unused=True)
+def run(module, x, path):
+    return materialised(module, x) if path == "materialised" else fused_kernel(module, x)
+
+
+outputs_and_grads = functools.partial(attention_paths.outputs_and_grads, fused_kernel)
 
 
 @pytest.mark.parametrize("name,opts", KERNEL_CASES, ids=IDS)
@@ -202,16 +198,7 @@ def test_gradcheck_op_all_inputs_float64(family):
 @pytest.mark.parametrize("name", ["softmax", "consmax", "polymax", "strongermax", "sigsoftmax", "relu2max",
                                   "pfla_softmax"])
 def test_fused_bfloat16_close_to_float64(name):
-    torch.manual_seed(0)
-    m64, m16 = normaliser(name, {}, torch.float64), normaliser(name, {}, torch.bfloat16)
-    m16.load_state_dict(m64.state_dict())
-    x64, x16 = inputs(MASKS[0], torch.float64), inputs(MASKS[0], torch.bfloat16)
-    y64, g64 = outputs_and_grads(m64, x64, "materialised")
-    y16, g16 = outputs_and_grads(m16, x16, "fused")
-    assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.double(), y64, rtol=0, atol=0.03 * float(y64.detach().abs().max()))
-    for a, b in zip(g64[:3], g16[:3]):
-        torch.testing.assert_close(b.double(), a, rtol=0, atol=0.03 * float(a.abs().max()))
+    attention_paths.assert_bf16_close_to_float64(fused_kernel, name)
 
 
 @pytest.mark.parametrize("mode,expect", [("auto", True), ("reference", False)])

@@ -12,25 +12,24 @@ autograd registration); torch.compile traces the route as one op without a graph
 compiler takes the kernels to an sm_90 cubin without a GPU; the CUDA route order (Triton, then
 FlexAttention) and FORGE_OPS=reference keeping the materialised path.
 """
+import functools
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from forge_dist.model.attention import fused
-from forge_dist.model.attention.core import _NO_POINTS, _materialised
 from forge_dist.ops import attention as fused_op
 from forge_dist.ops import triton_attention
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_blocked_attention import CASES, MASKS, WRT, inputs, normaliser  # noqa: E402
+import attention_paths
+from attention_paths import CASES, MASKS, SCALE, WRT, case_ids, inputs, materialised, normaliser
 
 pytestmark = pytest.mark.timeout(300)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # pfla_softmax with 6 knots instead of 30: the interpreter runs the kernel's knot search knot by knot
 KERNEL_CASES = [(n, dict(o, pfla_softmax_num_points=6) if n == "pfla_softmax" else o) for n, o in CASES]
-IDS = [f"{n}-{i}" for i, (n, _) in enumerate(KERNEL_CASES)]
+IDS = case_ids(KERNEL_CASES)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,22 +51,19 @@ def to_device(x):
     return {k: v.detach().to(DEVICE).requires_grad_() if torch.is_tensor(v) else v for k, v in x.items()}
 
 
-def run(module, x, path):
-    if path == "materialised":
-        n_rep = x["q"].shape[1] // x["k"].shape[1]
-        return _materialised(x["q"], x["k"], x["v"], n_rep, module, x["mask"], 0.7, x["softcap"], x["bias"],
-                             x["sink"], 0.0, _NO_POINTS)
+def triton_kernel(module, x):
     spec = fused.spec_of(module, x["k"].shape[-2] - x["mask"].n_sink)
-    y = triton_attention.attention(x["q"], x["k"], x["v"], spec, mask=x["mask"], scale=0.7, softcap=x["softcap"],
+    y = triton_attention.attention(x["q"], x["k"], x["v"], spec, mask=x["mask"], scale=SCALE, softcap=x["softcap"],
                                    bias=x["bias"], sink_logit=x["sink"])
     assert y is not None, "the Triton kernel did not take the call"
     return y
 
 
-def outputs_and_grads(module, x, path):
-    y = run(module, x, path)
-    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)  # non-uniform dL/dy
-    return y, torch.autograd.grad((y * w).sum(), WRT(module, x), allow_unused=True)
+def run(module, x, path):
+    return materialised(module, x) if path == "materialised" else triton_kernel(module, x)
+
+
+outputs_and_grads = functools.partial(attention_paths.outputs_and_grads, triton_kernel)
 
 
 def check(name, opts, mask_ids, dtype, rtol, atol):
@@ -121,17 +117,7 @@ def test_triton_float32(name):
 
 @pytest.mark.parametrize("name", ["polymax", "strongermax"])
 def test_triton_bfloat16_close_to_float64(name):
-    """bf16 in, bf16 out, float32 accumulation; loosely against the float64 materialised path."""
-    torch.manual_seed(0)
-    m64, m16 = normaliser(name, {}, torch.float64).to(DEVICE), normaliser(name, {}, torch.bfloat16).to(DEVICE)
-    m16.load_state_dict(m64.state_dict())
-    x64, x16 = to_device(inputs(MASKS[0], torch.float64)), to_device(inputs(MASKS[0], torch.bfloat16))
-    y64, g64 = outputs_and_grads(m64, x64, "materialised")
-    y16, g16 = outputs_and_grads(m16, x16, "triton")
-    assert y16.dtype == torch.bfloat16
-    torch.testing.assert_close(y16.double(), y64, rtol=0, atol=0.03 * float(y64.detach().abs().max()))
-    for a, b in zip(g64[:3], g16[:3]):
-        torch.testing.assert_close(b.double(), a, rtol=0, atol=0.03 * float(a.abs().max()))
+    attention_paths.assert_bf16_close_to_float64(triton_kernel, name, DEVICE)
 
 
 @pytest.mark.parametrize("name", ["polymax", "strongermax"])

@@ -39,6 +39,7 @@ from forge_dist.model.gpt import GPT
 from forge_dist.model.softmax import build_softmax
 from forge_dist.ops.mask import MaskSpec
 from forge_dist.variants import SOFTMAX
+from timing import timed_step  # bench/timing.py
 
 
 def exact_rss() -> None:
@@ -147,21 +148,11 @@ def training_rows(variants, rounds, batch, seqs, clock):
             for key, disable in (("mat", True), ("fus", False)):
                 torch.manual_seed(0)
                 model = GPT(dataclasses.replace(cfg, disable_flash_attention=disable))
-                opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-
-                def step(model=model, opt=opt):
-                    _, loss = model(idx, idx)
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-                steps[key] = step
+                steps[key] = (model, torch.optim.SGD(model.parameters(), lr=1e-4))
             times = {"mat": [], "fus": []}
             for _ in range(rounds):
                 for key in ("mat", "fus"):
-                    t0 = clock()
-                    steps[key]()
-                    times[key].append(clock() - t0)
+                    times[key].append(timed_step(*steps[key], idx, clock))
             tm, tf = min(times["mat"]) * 1e3, min(times["fus"]) * 1e3
             norm = build_softmax(name, cfg, n_head=cfg.n_head)
             am, af = (x * cfg.n_layer for x in attention_call_ms(norm, B, cfg.n_head, T, cfg.n_embd // cfg.n_head,
@@ -178,17 +169,8 @@ def long_row(name: str, T: int = 4096):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     idx = torch.randint(0, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
     elapsed = []
-
-    def step():
-        t0 = time.perf_counter()
-        _, loss = model(idx, idx)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        elapsed.append(time.perf_counter() - t0)
-
     exact_rss()
-    peak = peak_extra_rss(step) / 2**20
+    peak = peak_extra_rss(lambda: elapsed.append(timed_step(model, opt, idx))) / 2**20
     scores = cfg.n_head * T * T * 4 / 2**20
     print(f"\n# training step at block_size {T}, batch 1, {cfg.n_layer}x{cfg.n_embd}, {name}, fused kernel: "
           f"{elapsed[0]:.1f} s, peak extra RSS {peak:.0f} MiB (weights and AdamW-free SGD state excluded); the "

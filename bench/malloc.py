@@ -19,27 +19,25 @@ import statistics
 import subprocess
 import sys
 
-_CHILD = r"""
-import json, statistics, sys, time, resource, torch
-import forge_dist.model  # noqa: F401
-from forge_dist import ModelConfig
-from forge_dist.model.gpt import GPT
-torch.manual_seed(0)
-steps, block, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-model = GPT(ModelConfig(block_size=block))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-x = torch.randint(0, model.config.vocab_size, (batch, block))
-times = []
-for _ in range(steps + 1):
-    t0 = time.perf_counter()
-    _, loss = model(x, x)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - t0)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"step_s": statistics.median(times[1:]), "max_rss_mb": rss}))
-"""
+
+def _child(steps: int, block: int, batch: int) -> None:
+    """Run in a fresh process: the median step and the peak RSS, as a JSON line."""
+    import resource
+
+    import torch
+
+    import forge_dist.model  # noqa: F401  (registers the variants)
+    from forge_dist import ModelConfig
+    from forge_dist.model.gpt import GPT
+    from timing import timed_step  # bench/timing.py
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=block))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, model.config.vocab_size, (batch, block))
+    times = [timed_step(model, opt, x) for _ in range(steps + 1)]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_s": statistics.median(times[1:]), "max_rss_mb": rss}))
 
 
 def _run(threshold, steps: int, block: int, batch: int) -> dict:
@@ -47,8 +45,8 @@ def _run(threshold, steps: int, block: int, batch: int) -> dict:
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
     if threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(steps), str(block), str(batch)], env=env,
-                         check=True, capture_output=True, text=True).stdout
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", str(steps), str(block), str(batch)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -77,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        _child(*(int(a) for a in sys.argv[2:5]))
+    else:
+        main()

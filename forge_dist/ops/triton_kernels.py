@@ -184,6 +184,33 @@ def unfinish(ds, th, F, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def query_block(Hq, Hkv, T, S, bias_heads, bias_batch, BLOCK_M: tl.constexpr):
+    """The BLOCK_M query rows of one (batch, query head) this program of attn_fwd / attn_bwd_dq takes:
+    (m0, bh, h, offset of its KV head's rows, offset of its bias plane, row offsets). Grid axis 0 (up to
+    2^31 - 1) is batch x heads, so the offsets are int64."""
+    m0 = tl.program_id(1) * BLOCK_M
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // Hq, bh % Hq
+    kv = (b * Hkv + h // (Hq // Hkv)) * S  # GQA: the query heads of a group read one KV head
+    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
+    return m0, bh, h, kv, bias_base, m0 + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def key_tile(blk, n_a, start, q, K, V, Bias, F, kv, bias_base, offs_m, T, S, q_offset, n_sink, window,
+             D: tl.constexpr, DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
+             PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Key block ``blk`` of key_blocks' sequence (the sink blocks, then from ``start``): (key offsets,
+    K rows, V rows, and tile_scores' scores, tanh of the capped ones and visibility)."""
+    offs_n = tl.where(blk < n_a, blk * BLOCK_N, start + (blk - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
+    k = load_rows(K, kv * D, offs_n, S, D, BLOCK_D)
+    v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
+    s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
+                             HAS_BIAS, SOFTCAP, PREC)
+    return offs_n, k, v, s, th, vis
+
+
+@triton.jit
 def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, n_params, p_width, n_obo, n_sinkp,
              q_offset, n_sink, window, bias_heads, bias_batch, D: tl.constexpr, DV: tl.constexpr, FAMILY: tl.constexpr,
              KIND: tl.constexpr, SQUARE: tl.constexpr, TRANSFORM: tl.constexpr, SHIFT: tl.constexpr,
@@ -191,12 +218,7 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
              PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, query head) over the key blocks they see."""
-    m0 = tl.program_id(1) * BLOCK_M
-    bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
-    b, h = bh // Hq, bh % Hq
-    kv = (b * Hkv + h // (Hq // Hkv)) * S
-    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m0, bh, h, kv, bias_base, offs_m = query_block(Hq, Hkv, T, S, bias_heads, bias_batch, BLOCK_M)
     q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
     p0, p1, prow = head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY)
     table, n_knots = Params + prow + 2, (p_width - 2) // 2
@@ -210,11 +232,9 @@ def attn_fwd(Q, K, V, Bias, Params, C, Obo, Sink, F, Out, Stats, Hq, Hkv, T, S, 
             mr, l_sum, ties = zeros + ts, zeros + 1.0, zeros + 1.0
     n_a, start, n_blocks = key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M, BLOCK_N, CAUSAL)
     for blk in range(0, n_blocks):
-        offs_n = tl.where(blk < n_a, blk * BLOCK_N, start + (blk - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = load_rows(K, kv * D, offs_n, S, D, BLOCK_D)
-        v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
-        s, _th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
-                                  HAS_BIAS, SOFTCAP, PREC)
+        offs_n, k, v, s, th, vis = key_tile(blk, n_a, start, q, K, V, Bias, F, kv, bias_base, offs_m, T, S, q_offset,
+                                            n_sink, window, D, DV, CAUSAL, HAS_BIAS, SOFTCAP, PREC, BLOCK_N, BLOCK_D,
+                                            BLOCK_DV)
         if FAMILY == ELEMENTWISE:
             y, _d, _db, _dg = elem_formula(s, F, p0, p1, table, n_knots, KIND, SQUARE)
             y = tl.where(vis, y, 0.0)
@@ -272,12 +292,7 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq of BLOCK_M query rows, dbias of their tiles (atomic: summed over batch and shared heads), and
     the rows' terms of the small gradients (Parts (B, Hq, T, ROW_PARTS))."""
-    m0 = tl.program_id(1) * BLOCK_M
-    bh = tl.program_id(0).to(tl.int64)  # grid axis 0 (up to 2^31 - 1): batch x heads; int64 offsets
-    b, h = bh // Hq, bh % Hq
-    kv = (b * Hkv + h // (Hq // Hkv)) * S
-    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m0, bh, h, kv, bias_base, offs_m = query_block(Hq, Hkv, T, S, bias_heads, bias_batch, BLOCK_M)
     ok = offs_m < T
     q = load_rows(Q, bh * T * D, offs_m, T, D, BLOCK_D)
     do = load_rows(DO, bh * T * DV, offs_m, T, DV, BLOCK_DV)
@@ -291,11 +306,9 @@ def attn_bwd_dq(Q, K, V, Bias, Params, C, Obo, Sink, F, Stats, Delta, DO, DQ, DB
     part0, part1 = zeros, zeros
     n_a, start, n_blocks = key_blocks(m0, S, q_offset, n_sink, window, BLOCK_M, BLOCK_N, CAUSAL)
     for blk in range(0, n_blocks):
-        offs_n = tl.where(blk < n_a, blk * BLOCK_N, start + (blk - n_a) * BLOCK_N) + tl.arange(0, BLOCK_N)
-        k = load_rows(K, kv * D, offs_n, S, D, BLOCK_D)
-        v = load_rows(V, kv * DV, offs_n, S, DV, BLOCK_DV)
-        s, th, vis = tile_scores(q, k, Bias, F, bias_base, offs_m, offs_n, T, S, q_offset, n_sink, window, CAUSAL,
-                                 HAS_BIAS, SOFTCAP, PREC)
+        offs_n, k, v, s, th, vis = key_tile(blk, n_a, start, q, K, V, Bias, F, kv, bias_base, offs_m, T, S, q_offset,
+                                            n_sink, window, D, DV, CAUSAL, HAS_BIAS, SOFTCAP, PREC, BLOCK_N, BLOCK_D,
+                                            BLOCK_DV)
         dp = mm(do, tl.trans(v), PREC).to(dq.dtype)
         _w, ds, r0, r1 = tile_grad(s, dp, vis, F, p0, p1, table, n_knots, m, inv, dl, share, FAMILY, KIND, SQUARE,
                                    TRANSFORM)

@@ -31,3 +31,13 @@ def test_the_pin_is_the_checked_range():
     for name in ("requirements-cpu.txt", "setup.py"):
         with open(os.path.join(root, name)) as f:
             assert "deepspeed" + deepspeed_internals.SUPPORTED in f.read().replace(" ", ""), name
+
+
+def test_class_sources_are_read_once_per_process(monkeypatch):
+    """Every engine build runs check_deepspeed: the classes' source (inspect tokenizes their whole
+    module) is read at the first check only; attribute checks still run every time (see above)."""
+    import inspect
+
+    deepspeed_internals.check_deepspeed()
+    monkeypatch.setattr(inspect, "getsource", lambda *a: pytest.fail("a class's source was read again"))
+    assert deepspeed_internals.missing_internals() == []

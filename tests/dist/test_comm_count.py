@@ -47,9 +47,19 @@ def _counts(rank, world_size):
     return out
 
 
+def _all_counts(rank, world_size):
+    """One spawned world for both tables (spawning costs seconds; a tiny model milliseconds)."""
+    return {"core": _counts(rank, world_size), "variants": _variant_counts(rank, world_size)}
+
+
 @pytest.fixture(scope="module")
-def counts():
-    return spawn(_counts, 2, timeout=150)
+def world():
+    return spawn(_all_counts, 2, timeout=280)
+
+
+@pytest.fixture(scope="module")
+def counts(world):
+    return world["core"]
 
 
 def per_layer(counts, variant, sp, phase):
@@ -57,21 +67,21 @@ def per_layer(counts, variant, sp, phase):
     return {k: c2.get(k, 0) - c1.get(k, 0) for k in set(c2) | set(c1) if c2.get(k, 0) - c1.get(k, 0)}, t2 - t1
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_megatron_count_per_layer(counts):
     for phase in ("forward", "backward"):
         assert per_layer(counts, "default", False, phase)[0] == {"all_reduce": 2}, phase
         assert per_layer(counts, "default", True, phase)[0] == {"all_gather": 2, "reduce_scatter": 2}, phase
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_sequence_parallel_moves_the_same_bytes_per_layer(counts):
     for phase in ("forward", "backward"):
         plain, seq = per_layer(counts, "default", False, phase)[1], per_layer(counts, "default", True, phase)[1]
         assert seq == pytest.approx(plain, rel=1e-12) and plain > 0, phase
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_whole_model_counts(counts):
     L = 2
     assert counts[("default", False, L)]["forward"][0] == {"all_reduce": 2 * L + 4}  # + embedding + 3 in the loss
@@ -84,7 +94,7 @@ def test_whole_model_counts(counts):
     assert counts[("default", True, L)]["grad_sync"][0] == {"all_reduce": 1}  # norm gains: one bucket
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_variants_add_only_gradient_syncs(counts):
     for variant in VARIANTS:
         for sp in (False, True):
@@ -142,9 +152,9 @@ def _variant_counts(rank, world_size):
     return out
 
 
-@pytest.mark.timeout(200)
-def test_collectives_per_layer_of_every_variant_family():
-    counts = spawn(_variant_counts, 2, timeout=180)
+@pytest.mark.timeout(300)
+def test_collectives_per_layer_of_every_variant_family(world):
+    counts = world["variants"]
     for (name, sp), expected in PER_LAYER.items():
         one, two = counts[(name, sp, 1)], counts[(name, sp, 2)]
         got = tuple({k: two[p].get(k, 0) - one[p].get(k, 0) for k in set(two[p]) | set(one[p])

@@ -13,6 +13,7 @@ NVCC = shutil.which("nvcc")
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]  # A100, H100/H200
+THREADS = ["--threads", "2"]  # the two architectures compiled side by side (the suite runs one test at a time)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (compile-only check)")]
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.mark.parametrize("source", sorted(p.name for p in (CSRC / "cuda").glob("*.cu")))
 def test_nvcc_compiles(source, tmp_path):
-    cmd = [NVCC, "-c", "-std=c++17", "-O3", "-Werror", "all-warnings", *TORCH_NVCC_FLAGS, *ARCHS,
+    cmd = [NVCC, "-c", "-std=c++17", "-O3", "-Werror", "all-warnings", *TORCH_NVCC_FLAGS, *ARCHS, *THREADS,
            f"-I{CSRC / 'include'}", str(CSRC / "cuda" / source), "-o", str(tmp_path / "k.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]

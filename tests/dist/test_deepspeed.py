@@ -738,8 +738,9 @@ def test_code_in_a_deepspeed_checkpoint_never_runs_on_resume(ds_resumed, tmp_pat
 
 
 def test_code_in_a_deepspeed_checkpoint_never_runs_in_forge_convert(ds_resumed, tmp_path, capsys):
-    """forge-convert consolidating through zero_to_fp32 (which passes weights_only=False) refuses a
-    payload in the model states and in the optimizer partitions."""
+    """forge-convert --to forge (streaming the partitions through deepspeed_safe's allow-list, where
+    DeepSpeed's zero_to_fp32 would pass weights_only=False) refuses a payload in the model states and
+    in the optimizer partitions."""
     from forge_dist.io.convert import main as convert_main
 
     for pattern in ("*_model_states.pt", "*_optim_states.pt"):

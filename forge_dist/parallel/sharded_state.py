@@ -153,13 +153,28 @@ class LocalShards:
 
 
 class ShardSavePlanner(DefaultSavePlanner):
-    """DCP's default save planner that resolves LocalShards pieces (contiguous, on CPU)."""
+    """DCP's default save planner that resolves LocalShards pieces (contiguous, on CPU), each as
+    an alias whose storage is exactly its bytes (``exact_storage``)."""
 
     def lookup_object(self, index: MetadataIndex):
         obj = self.state_dict[index.fqn]
         if isinstance(obj, LocalShards):
-            return obj.__get_tensor_shard__(index).detach().cpu().contiguous()
+            return exact_storage(obj.__get_tensor_shard__(index).detach().cpu().contiguous())
         return super().lookup_object(index)
+
+
+def exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (contiguous, CPU) over a storage of exactly its own bytes, sharing its memory.
+
+    DCP's file writer clones a tensor whose storage is larger than the tensor (so that torch.save
+    writes only its bytes) and keeps every clone until the file is closed (torch 2.13
+    ``_write_files_from_queue``): a piece that is a view of a flat partition (ZeRO-3, ZeRO-1/2
+    fragments, TP slices) would otherwise cost a second copy of this rank's whole state during
+    the save (docs/BENCHMARKS.md, ZeRO-3 save). A numpy view of the bytes gives torch a storage
+    of that size at the same address, kept alive by ``t``."""
+    if t.numel() == 0 or t.untyped_storage().nbytes() == t.nbytes or not t.is_contiguous() or t.device.type != "cpu":
+        return t
+    return torch.from_numpy(t.reshape(-1).view(torch.uint8).numpy()).view(t.dtype).view(t.shape)
 
 
 class ShardLoadPlanner(DefaultLoadPlanner):

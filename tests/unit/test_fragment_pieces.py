@@ -57,3 +57,31 @@ def _local(logical, info, rank):
         return logical
     blocks = logical.chunk(info.segments, info.dim)
     return torch.cat([b.chunk(info.num_shards, info.dim)[rank] for b in blocks], info.dim)
+
+
+def test_pieces_of_a_flat_partition_are_saved_without_copies(tmp_path, monkeypatch):
+    """DCP's writer clones a piece whose storage is larger than it and keeps the clone until its
+    file is closed; the save planner hands it aliases of exactly the piece's bytes instead
+    (exact_storage): no clone, the same memory, and the pieces read back exactly (bf16 too)."""
+    from forge_dist.io.dcp_storage import read_index
+    from forge_dist.parallel.sharded_state import LocalShards, exact_storage
+    from forge_dist.train.sharded_checkpoint import load_pieces, save_sharded
+
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = torch.arange(60, dtype=torch.float32).to(dtype)  # a partition holding two parameters
+        a, b = flat[:24].view(4, 6), flat[24:54].view(5, 6)
+        alias = exact_storage(a)
+        assert alias.data_ptr() == a.data_ptr() and alias.untyped_storage().nbytes() == a.nbytes
+        assert torch.equal(alias, a) and alias.dtype == dtype
+        state = {"model/a": LocalShards([(a, (0, 0))], (4, 6)), "model/b": LocalShards([(b, (0, 0))], (5, 6))}
+        clones = []
+        real_clone = torch.Tensor.clone
+        monkeypatch.setattr(torch.Tensor, "clone", lambda t, *x, **k: clones.append(t.numel()) or real_clone(t, *x, **k))
+        directory = str(tmp_path / str(dtype))
+        save_sharded(directory, None, None, None, state=state)
+        monkeypatch.setattr(torch.Tensor, "clone", real_clone)
+        assert not [n for n in clones if n >= 24], clones  # no piece was cloned
+        back = {"model/a": LocalShards([(torch.zeros(4, 6, dtype=dtype), (0, 0))], (4, 6)),
+                "model/b": LocalShards([(torch.zeros(5, 6, dtype=dtype), (0, 0))], (5, 6))}
+        load_pieces(directory, back, read_index(directory))
+        assert torch.equal(back["model/a"].pieces[0][0], a) and torch.equal(back["model/b"].pieces[0][0], b)

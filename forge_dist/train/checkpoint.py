@@ -21,6 +21,7 @@ loads any other); rank 0 writes the rest, the manifest and the pointers.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -95,7 +96,7 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
         os.makedirs(tmp)
     ctx.barrier()
     engine.save_state(tmp, ctx)
-    full = engine.full_state_dict() if hasattr(engine, "full_state_dict") else None  # collective
+    full = gathered_weights(engine, ctx)  # collective
     if ctx.is_main:
         save_weights(model, tmp, weights_training_info(iteration, trainer_state), state=full)
         save_state(trainer_state, tmp, "trainer_state")
@@ -104,6 +105,17 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
         _commit(root, tmp, final, name, iteration, is_best, keep)
     ctx.barrier()
     return final
+
+
+def gathered_weights(engine, ctx) -> Optional[dict]:
+    """The logical full weights for rank 0 to write (collective). An engine whose full_state_dict
+    takes ``keep`` (DeepSpeed's) gathers tensor by tensor and keeps them on rank 0 only: the other
+    ranks hold one full parameter at a time, never the model."""
+    if not hasattr(engine, "full_state_dict"):
+        return None
+    if "keep" in inspect.signature(engine.full_state_dict).parameters:
+        return engine.full_state_dict(keep=ctx.is_main)
+    return engine.full_state_dict()
 
 
 def weights_training_info(iteration: int, trainer_state: dict) -> dict:

@@ -111,10 +111,15 @@ class DeepSpeedLogicalState:
 
         return gather_experts(state, self.model, self.groups)
 
-    def full_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+    def full_state_dict(self, keep: bool = True) -> Optional["OrderedDict[str, torch.Tensor]"]:
         """Logical names -> full fp32 master weights and buffers (in their original dtype), tied
-        tensors under every name as in model.state_dict(). Every rank must call it."""
-        master = self._logical(self._master, all_experts=False)
+        tensors under every name as in model.state_dict(). Every rank must call it. ``keep``
+        False (every rank but the writer of a gathered checkpoint): each tensor is gathered for the
+        others and dropped at once, so this rank holds one full parameter at a time, never the
+        model, and gets None (under expert parallelism every rank keeps its copy: gather_experts
+        needs them)."""
+        keep = keep or self.groups.ep.size > 1
+        master = self._logical(self._master, keep=keep, all_experts=False)
         first = {id(p): name for name, p in self._named}
         out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         for name, t in self.model.state_dict(keep_vars=True).items():
@@ -122,8 +127,9 @@ class DeepSpeedLogicalState:
                 out[name] = master[first[id(t)]]
             else:
                 value = t.detach().to(self._buffer_dtypes.get(name, t.dtype))
-                out[name] = full_tensor(value, shard_info(t), self.groups).to("cpu", copy=True)
-        return self._all_experts(out)
+                full = full_tensor(value, shard_info(t), self.groups)
+                out[name] = full.to("cpu", copy=True) if keep else None
+        return self._all_experts(out) if keep else None
 
     def export_model(self, ctx) -> Optional[torch.nn.Module]:
         """A plain single-device GPT with the full fp32 weights on rank 0 (None elsewhere), for
@@ -131,7 +137,7 @@ class DeepSpeedLogicalState:
         from forge_dist.io.state import load_state as load_model_state
         from forge_dist.model.gpt import GPT
 
-        state = self.full_state_dict()
+        state = self.full_state_dict(keep=ctx.is_main)
         if not ctx.is_main:
             return None
         plain = GPT(self.model.config)

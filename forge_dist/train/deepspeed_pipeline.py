@@ -216,11 +216,13 @@ class DeepSpeedPipelineEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
         dist.gather_object(mine, parts, dst=pp.ranks[0], group=pp.handle)
         return parts
 
-    def full_state_dict(self) -> Optional[dict]:
-        """The logical fp32 weights (and buffers) on global rank 0; collective."""
+    def full_state_dict(self, keep: bool = True) -> Optional[dict]:
+        """The logical fp32 weights (and buffers) on global rank 0; collective. Only the ranks that
+        send their stage to it (TP rank 0 of replica 0) keep their stage's tensors, whatever ``keep``."""
         from forge_dist.parallel.tensor.metadata import full_tensor, shard_info
 
-        master = self._logical(self._master)  # collective over DP under ZeRO-1, over TP when split
+        sends = self.groups.coord.dp == 0 and self.groups.tp.rank == 0
+        master = self._logical(self._master, keep=sends)  # collective over DP under ZeRO-1, over TP when split
         ids = {id(p): name for name, p in self._named}
         mine = {}
         for chunk in self.chunks:

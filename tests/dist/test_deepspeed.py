@@ -113,21 +113,29 @@ def make_engine(stage, precision="fp32", groups=None, model_kwargs=TINY, paralle
     return deepspeed_engine_factory(model, cfg, values, ctx), ctx
 
 
-def run_iters(engine, ctx, iters, save_to=None, fixed_batch=False, sharded_to=None, sharded_at=SAVE_AT):
+def run_iters(engine, ctx, iters, save_to=None, fixed_batch=False, sharded_to=None, sharded_at=SAVE_AT,
+              asynchronous=False):
     """Train over ``iters``; checkpoint before iteration SAVE_AT into ``save_to`` (and a sharded
-    checkpoint before ``sharded_at`` under ``sharded_to``: its path in out["sharded"]); rank 0 gets
-    the losses, grad norms and final logical weights."""
+    checkpoint before ``sharded_at`` under ``sharded_to``: its path in out["sharded"]; with
+    ``asynchronous``, DCP's async save: written while the next iterations train, waited for at the
+    end); rank 0 gets the losses, grad norms and final logical weights."""
+    from forge_dist.train.sharded_save import ShardedCheckpointer
+
     out = {"loss": [], "grad_norm": []}
+    checkpointer = ShardedCheckpointer(ctx, asynchronous)
     for it in iters:
         if save_to is not None and it == SAVE_AT:
             save(engine, ctx, save_to)
         if sharded_to is not None and it == sharded_at:
-            out["sharded"] = sharded_save(engine, ctx, sharded_to, it)
+            out["sharded"] = checkpointer.save(sharded_to, it, engine.model, engine, {"iteration": it})
+            out["published_at_return"] = os.path.isdir(out["sharded"])  # async: usually not yet
         batches = [micro_batch(0 if fixed_batch else it, m, ctx.dp_rank, ctx.dp_size) for m in range(engine.gas)]
         loss = engine.forward_backward(batches)
         stats = engine.step(lr(it))
         out["loss"].append(ctx.mean(loss.item()))
         out["grad_norm"].append(stats["grad_norm"])
+    checkpointer.wait()  # collective: an async save in flight is published
+    checkpointer.close()
     out["weights"] = engine.full_state_dict()
     out["skipped_steps"] = stats["skipped_steps"]
     return out
@@ -616,13 +624,14 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ds_launch(corpus, tmp_path_factory):
     """DeepSpeed's launcher, 2 ranks, ZeRO-2 fp32, 6 iterations, checkpoints at 3 and 6: the sharded
-    format (``auto`` for a launched run: each rank writes its ZeRO partitions)."""
+    format (``auto`` for a launched run: each rank writes its ZeRO partitions), saved asynchronously
+    (staged to CPU memory, written while training goes on; ds_resumed resumes it bit for bit)."""
     from forge_dist.testing.spawn import free_port
 
     out = tmp_path_factory.mktemp("dslaunch") / "out"
     _launch([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "forge_dist.train",
              "--deepspeed_config", os.path.join(CONFIGS, "zero2_fp32.json"), *CLI, "--dataset", corpus,
-             "--out_dir", str(out)])
+             "--out_dir", str(out), "--async_checkpoint"])
     return out
 
 

@@ -16,7 +16,8 @@ draws only its own parameters):
   bf16 ZeRO-1                trains; weights within bf16 rounding of the fp32 run
   --use_gradient_checkpointing  ZeRO-0: the same numbers as without (a model built whole, not on meta)
   MoE at PP=4 x DP=1         aux and z losses of every stage: loss, gradients, weights
-  TP=2 x PP=2, ZeRO-0 and 1  with and without sequence parallelism: loss, grad norms, gradients, weights
+  TP=2 x PP=2, ZeRO-0 and 1  with and without sequence parallelism: loss, grad norms, gradients, weights;
+                             ZeRO-1's sharded checkpoint resumed at TP=1 x PP=2 x DP=2 and PP=1 x DP=4
 
 The checkpoint is then consolidated here (forge-convert's reader, no DeepSpeed process group).
 """
@@ -161,7 +162,14 @@ def world4(rank, world, workdir):
     out["moe"] = run_iters(*make_engine(0, pp=4, model_kwargs=MOE, accum=4), range(ITERS))  # 1f1b: >= P
     for stage in (0, 1):  # ZeRO-0 with sequence parallelism, ZeRO-1 with DeepSpeed's partitioned sends
         save_to = os.path.join(workdir, "tp_z1") if stage == 1 else None
-        out[f"tp_z{stage}"] = run_iters(*make_engine(stage, tp=2, sp=stage == 0), range(ITERS), save_to=save_to)
+        sharded_to = os.path.join(workdir, "s_tp_z1") if stage == 1 else None
+        out[f"tp_z{stage}"] = run_iters(*make_engine(stage, tp=2, sp=stage == 0), range(ITERS), save_to=save_to,
+                                        sharded_to=sharded_to)
+    out["s_tp_writers"] = writers(out["tp_z1"]["sharded"])
+    for key, kw in (("s_tp_pp2_dp2", dict(pp=2)), ("s_tp_pp1_dp4", dict(pp=1, full=True))):  # TP=2 -> TP=1
+        engine, ctx = make_engine(1, **kw)
+        engine.load_state(out["tp_z1"]["sharded"])
+        out[key] = run_iters(engine, ctx, range(SAVE_AT, ITERS))
     return out
 
 
@@ -284,6 +292,20 @@ def test_pipeline_sharded_checkpoint_resumes_here_and_at_pp1(runs):
         if not fqn.endswith("/step"):
             stage1 = ".h.1." in fqn or ".h.2." in fqn or "ln_f" in fqn
             assert ranks <= ({2, 3} if stage1 else {0, 1}), (fqn, ranks)
+
+
+def test_tp_pipeline_sharded_checkpoint_resumes_at_other_layouts(runs):
+    """TP=2 x PP=2 under DeepSpeed's pipeline engine (ZeRO-1) writes the sharded format, each rank its
+    TP shard of its stage, which PP=2 x DP=2 (TP=1) and PP=1 x DP=4 resume, finishing as the run did."""
+    out, _, _ = runs
+    full = out["tp_z1"]
+    for key in ("s_tp_pp2_dp2", "s_tp_pp1_dp4"):
+        resumed = out[key]
+        assert max(rel(a, b) for a, b in zip(resumed["loss"], full["loss"][SAVE_AT:])) <= 1e-6, key
+        assert worst(resumed["weights"], full["weights"]) <= 1e-6, key
+    written = out["s_tp_writers"]
+    for fqn in ("model/transformer.h.0.attn.c_attn_q.weight", "model/transformer.h.2.mlp.c_fc.weight"):
+        assert written[fqn] == ({0, 1} if ".h.0." in fqn else {2, 3}), (fqn, written[fqn])  # both TP halves
 
 
 def test_pipeline_checkpoint_converts(runs):

@@ -123,11 +123,18 @@ def sharded_chain(workdir, s1, world):
     from forge_dist.parallel.topology import Topology
 
     out = {}
-    engine, ctx = T.make_engine(3)
+    engine, ctx = T.make_engine(None, config=config("zero3_offload_param.json"))  # parameters and optimizer on CPU
     engine.load_state(s1)
     out["s_z3"] = T.run_iters(engine, ctx, range(T.SAVE_AT, T.ITERS), sharded_to=os.path.join(workdir, "s_z3"),
-                              sharded_at=SAVE_3)
+                              sharded_at=SAVE_3, asynchronous=True)  # written while SAVE_3.. train
+    out["s_z3_offload"] = (engine.resolved.offload_param, engine.resolved.offload_optimizer)
     s3 = out["s_z3"]["sharded"]
+    engine, ctx = T.make_engine(None, config=json_optimizer(3))  # DeepSpeed's own optimizer, from the JSON
+    engine.load_state(s1)
+    out["j_z3"] = T.run_iters(engine, ctx, range(T.SAVE_AT, T.ITERS), sharded_to=os.path.join(workdir, "j_z3"),
+                              sharded_at=SAVE_3)
+    out["j_z3_optimizer"] = (engine.resolved.ds_optimizer, type(engine.inner_optimizer).__name__)
+    out["gathered"] = gathered_on_writer_only(engine, ctx, out["j_z3"]["weights"])
     engine, ctx = T.make_engine(2)
     engine.load_state(s3)
     out["s_z2"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
@@ -143,6 +150,28 @@ def sharded_chain(workdir, s1, world):
     out["s_written"] = {name: T.written_per_rank(path) for name, path in (("z1", s1), ("z3", s3))}
     out["s_bf16"] = bf16_round_trip(workdir)
     return out
+
+
+def json_optimizer(stage):
+    """T.ds_config with an "optimizer" section: DeepSpeed builds the optimizer from the JSON (torch's
+    AdamW class through ``torch_adam``: FusedAdam would cost an 85 s JIT build on a CPU machine)."""
+    cfg = T.ds_config(stage)
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}
+    return cfg
+
+
+def gathered_on_writer_only(engine, ctx, weights):
+    """The gathered format's weights (train.checkpoint.gathered_weights): rank 0 gets the full
+    weights, the other ranks None (each tensor dropped as soon as it is gathered)."""
+    import torch.distributed as dist
+
+    from forge_dist.train.checkpoint import gathered_weights
+
+    held = gathered_weights(engine, ctx)
+    others = [None] * dist.get_world_size()
+    dist.all_gather_object(others, held is None)
+    same = held is not None and held.keys() == weights.keys() and all(torch.equal(held[k], weights[k]) for k in held)
+    return {"others_hold_none": others[1:], "writer_equal": same}
 
 
 def bf16_round_trip(workdir):
@@ -198,6 +227,9 @@ def world1(rank, world, workdir):
     engine, ctx = T.make_engine(1)  # the sharded ZeRO-3 checkpoint at DP 2 -> ZeRO-1 at DP 1
     engine.load_state(os.path.join(workdir, "s_z3", checkpoint_name(SAVE_3)))
     out["s_one"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
+    engine, ctx = T.make_engine(None, config=json_optimizer(1))  # DeepSpeed's optimizer: ZeRO-3 DP 2 -> ZeRO-1 DP 1
+    engine.load_state(os.path.join(workdir, "j_z3", checkpoint_name(SAVE_3)))
+    out["j_one"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
     return out
 
 
@@ -206,7 +238,7 @@ def runs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("resharding"))
     out = spawn(world2, 2, workdir, timeout=300)
     one = spawn(world1, 1, workdir, timeout=120)
-    out["one"], out["s_one"] = one["native"], one["s_one"]
+    out["one"], out["s_one"], out["j_one"] = one["native"], one["s_one"], one["j_one"]
     out["workdir"] = workdir
     return out
 
@@ -244,6 +276,33 @@ def test_sharded_checkpoint_across_zero_stages_engines_and_dp(runs):
                          ("s_one", SAVE_3), ("g_z3", SAVE_3 + 1)):
         e = T.errors(f"sharded {name} vs uninterrupted ZeRO-1", runs[name], runs["z1"], offset=offset)
         assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, (name, e)
+
+
+def test_sharded_checkpoint_with_deepspeeds_own_optimizer(runs):
+    """The DeepSpeed config's "optimizer" section (DeepSpeed builds the optimizer): it resumes our
+    ZeRO-1 checkpoint at ZeRO-3, saves its own, which ZeRO-1 at DP=1 resumes, each continuing the
+    uninterrupted run."""
+    assert runs["j_z3_optimizer"] == (True, "AdamW"), runs["j_z3_optimizer"]
+    for name, offset in (("j_z3", T.SAVE_AT), ("j_one", SAVE_3)):
+        e = T.errors(f"DeepSpeed's optimizer {name} vs uninterrupted ZeRO-1", runs[name], runs["z1"], offset=offset)
+        assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, (name, e)
+
+
+def test_zero3_offload_async_sharded_checkpoint(runs):
+    """ZeRO-3 with offload_param and offload_optimizer (cpu; torch AdamW steps the offloaded
+    partitions, no cpu_adam build) saving asynchronously (DCP's async save: this rank's partitions
+    copied to CPU memory before save returns, written while training goes on): it continues the
+    uninterrupted run, and the checkpoint it wrote in the background resumes exactly (s_z2, s_native,
+    s_one above read it)."""
+    assert runs["s_z3_offload"] == (True, True)
+    print(f"\nasync save published when save() returned: {runs['s_z3']['published_at_return']}", end="")
+    e = T.errors("offloaded ZeRO-3, async save, vs uninterrupted ZeRO-1", runs["s_z3"], runs["z1"], offset=T.SAVE_AT)
+    assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, e
+
+
+def test_gathered_weights_are_held_by_the_writer_only(runs):
+    """The gathered format under DeepSpeed at DP=2: rank 0 gets the full weights, rank 1 nothing."""
+    assert runs["gathered"] == {"others_hold_none": [True], "writer_equal": True}, runs["gathered"]
 
 
 def test_sharded_deepspeed_ranks_write_only_their_partitions(runs):

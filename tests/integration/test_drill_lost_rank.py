@@ -8,6 +8,10 @@ killing the survivors for us.
     rank 3, with out_dir/diagnostics/rank_<r>.txt; ``latest`` stays the previous checkpoint (2),
     which verifies, and ``--init_from resume`` continues with the losses the killed run had logged
     (fp32, bit for bit);
+  * SIGKILL of rank 0 of a DeepSpeed ZeRO-2 run (DP=2) while it publishes its async save of iteration 4
+    (the sealed checkpoint renamed into place, ``latest`` not yet moved): rank 1 fails (gloo's
+    connection reset, in DeepSpeed's own all-reduce);
+    ``latest`` stays 2, the resume from it replays the logged losses bit for bit and publishes 4 and 6;
   * a frozen rank (SIGSTOP: its sockets stay open, so the others hang in a collective): SIGUSR2
     to the survivor writes its diagnostics file at once; after --collective_timeout_s it names the
     frozen rank and exits 3.
@@ -43,14 +47,16 @@ def dataset(tmp_path_factory):
 
 def launch(n, args, fault=("KILL", -1, 1)):
     """Start ``n`` ranks of forge-train (through the drill wrapper: ``fault`` = signal, rank, and the
-    forward-backward call, or "save:N": inside the sharded save of iteration N)."""
+    forward-backward call, or "save:N": inside the sharded save of iteration N, or "publish:N":
+    rank 0 publishing it)."""
     port = str(free_port())
     procs = []
     for r in range(n):
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
         env.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FORGE_OPS="reference")
-        where = ["--in_save", fault[2][len("save:"):]] if str(fault[2]).startswith("save:") else ["--call", str(fault[2])]
+        kind, _, n_it = str(fault[2]).partition(":")
+        where = [f"--in_{kind}", n_it] if n_it else ["--call", str(fault[2])]
         cmd = [sys.executable, "-m", "forge_dist.testing.drill", "--signal", fault[0], "--rank", str(fault[1]),
                *where, "--", *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -107,6 +113,39 @@ def test_killed_rank_is_named_and_resume_is_exact(dataset, tmp_path):
     assert ckpt.resolve_checkpoint(str(out)).endswith("iter_0000006")
     stepped = [r for r in read_metrics(str(out)) if "loss" in r]
     assert all({"straggler_rank", "straggler_compute_s", "compute_s_median"} <= set(r) for r in stepped[-4:])
+
+
+DS_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed",
+                         "zero2_fp32.json")
+
+
+@pytest.mark.timeout(400)
+def test_rank0_killed_while_publishing_a_deepspeed_async_save(dataset, tmp_path):
+    out = tmp_path / "out"
+    args = TINY + ["--dataset", dataset, "--out_dir", str(out), "--max_iters", "6", "--collective_timeout_s", "10",
+                   "--async_checkpoint", "--eval_interval", "2", "--deepspeed_config", DS_CONFIG]
+    results = finish(launch(2, args, ("KILL", 0, "publish:4")))
+    assert results[0][0] == -signal.SIGKILL
+    assert results[1][0] != 0, results[1][2][-3000:]  # DeepSpeed's own all-reduce: gloo's "connection reset"
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "iter_0000002"
+    latest = ckpt.resolve_checkpoint(str(out))
+    assert latest.endswith("iter_0000002")
+    ckpt.verify_checkpoint(latest)
+    # renamed into place but not pointed to: whole and sealed (never half a checkpoint), never latest
+    ckpt.verify_checkpoint(str(root / "iter_0000004"))
+    assert not (root / ".tmp-iter_0000004").exists()
+    before = losses(out)
+    assert sorted(before)[:4] == list(range(4)), sorted(before)
+
+    results = finish(launch(2, args + ["--init_from", "resume"]))
+    assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
+    after = losses(out)
+    assert sorted(after) == list(range(6))
+    assert [after[i] for i in before if i >= 2] == [before[i] for i in before if i >= 2]  # replayed, bit for bit
+    assert ckpt.resolve_checkpoint(str(out)).endswith("iter_0000006")
+    for name in ("iter_0000004", "iter_0000006"):
+        ckpt.verify_checkpoint(str(root / name))
 
 
 def _wait_stopped(pid, timeout=120):

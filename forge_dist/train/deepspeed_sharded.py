@@ -186,7 +186,8 @@ class DeepSpeedShardedState:
         if has_optim and not isinstance(self.inner_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise CheckpointError(f"{path} holds torch AdamW state; this run steps with "
                                   f"{type(self.inner_optimizer).__name__} (the DeepSpeed config's \"optimizer\" "
-                                  f"section): remove the section to resume it")
+                                  f"section): add \"torch_adam\": true to its params (DeepSpeed then builds "
+                                  f"torch's AdamW) or remove the section to resume it")
         if has_optim:
             self._materialize_adam_state(1)  # zeros to load into; the saved step is set below
         state = self.sharded_state(with_optim=has_optim)

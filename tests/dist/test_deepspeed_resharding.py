@@ -12,7 +12,10 @@ process resumes the ZeRO-3 checkpoint with forge_dist's LocalEngine. forge-train
 (train/deepspeed_sharded.py) takes the same road: saved by ZeRO-1 at SAVE_AT, resumed at ZeRO-3
 (saving at SAVE_3), from there at ZeRO-2, by the native engine (saving both formats at SAVE_3 + 1,
 resumed by DeepSpeed ZeRO-0 and ZeRO-3), and at ZeRO-1 in one process (DP 2 -> 1), with what each
-rank wrote read from DCP's index. The same DP=2 world checks
+rank wrote read from DCP's index; the ZeRO-3 run there offloads parameters and optimizer to the CPU
+and saves asynchronously. DeepSpeed's own optimizer (the config's "optimizer" section) resumes the
+ZeRO-1 checkpoint at ZeRO-3 and saves one that ZeRO-1 at DP=1 resumes; its gathered weights stay on
+rank 0 (the writer) only. The same DP=2 world checks
 that ZeRO-3 from a meta-device model (deepspeed_init.py: no rank builds it whole) trains exactly as
 from a full build, for the shipped ZeRO-3 configs that run on a CPU."""
 import os

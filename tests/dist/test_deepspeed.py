@@ -624,14 +624,13 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ds_launch(corpus, tmp_path_factory):
     """DeepSpeed's launcher, 2 ranks, ZeRO-2 fp32, 6 iterations, checkpoints at 3 and 6: the sharded
-    format (``auto`` for a launched run: each rank writes its ZeRO partitions), saved asynchronously
-    (staged to CPU memory, written while training goes on; ds_resumed resumes it bit for bit)."""
+    format (``auto`` for a launched run: each rank writes its ZeRO partitions)."""
     from forge_dist.testing.spawn import free_port
 
     out = tmp_path_factory.mktemp("dslaunch") / "out"
     _launch([_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "forge_dist.train",
              "--deepspeed_config", os.path.join(CONFIGS, "zero2_fp32.json"), *CLI, "--dataset", corpus,
-             "--out_dir", str(out), "--async_checkpoint"])
+             "--out_dir", str(out)])
     return out
 
 

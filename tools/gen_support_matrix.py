@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 
-from forge_dist.testing.ep_parity import EP_SECTION, render_ep_section, run_ep_matrix
+from forge_dist.testing.ep_matrix import EP_SECTION, render_ep_section, run_ep_matrix
 from forge_dist.testing.parity import MODES, render_support_matrix, run_matrix
 from forge_dist.testing.pp_matrix import render_pp_section, replace_pp_section, statuses
 from forge_dist.testing.spawn import spawn

@@ -13,7 +13,8 @@ import os
 
 import pytest
 
-from forge_dist.testing.ep_parity import EP_LAYOUTS, ep_cases, read_ep_section, run_ep_matrix
+from forge_dist.testing.ep_matrix import EP_LAYOUTS, read_ep_section, run_ep_matrix
+from forge_dist.testing.ep_parity import ep_cases
 from forge_dist.testing.spawn import spawn
 
 MATRIX = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",

@@ -24,26 +24,12 @@ import sys
 from typing import List, Optional
 
 from forge_dist.errors import CheckpointError, ConfigError
-from forge_dist.io import checkpoint_read, deepspeed_ckpt, forge_format, reallm_forge
+from forge_dist.io import deepspeed_ckpt, forge_format, reallm_forge
+from forge_dist.io.convert_source import find_source  # noqa: F401  (forge-convert's source lookup)
 from forge_dist.io.deepspeed_stream import save_forge
 from forge_dist.io.pretrained import load_any
 
 TARGETS = ("forge", "reallm-forge", "hf")
-
-
-def find_source(src: str):
-    """(path to load, is it a DeepSpeed checkpoint, training info found beside it). A forge-train
-    out_dir, its checkpoints/ folder or one checkpoints/iter_N is verified against its manifest
-    first (a flipped byte is refused, never converted); its tokenizer and data_dir travel along."""
-    found = checkpoint_read.find_training_checkpoint(src, retry=checkpoint_read.CONVERT_RETRY)
-    if found is None:
-        return src, deepspeed_ckpt.is_deepspeed_checkpoint(src), {}
-    checkpoint_read.verify_checkpoint(found, retry=checkpoint_read.CONVERT_RETRY)
-    state = checkpoint_read.load_trainer_state(found)
-    extra = {key: state[key] for key in ("tokenizer", "data_dir") if state.get(key)}  # older model/ lacks them
-    if deepspeed_ckpt.is_deepspeed_checkpoint(found):  # ZeRO shards: model/ may hold a partition only
-        return found, True, extra
-    return os.path.join(found, checkpoint_read.MODEL_DIR), False, extra
 
 
 def load_source(src: str):

@@ -61,7 +61,7 @@ def open_source(src: str) -> Optional[TensorSource]:
     """The TensorSource of a forge-convert ``src``: a DeepSpeed checkpoint, a sharded one, a model
     directory or a ReaLLM-Forge ckpt.pt (memory-mapped); None for a transformers directory
     (converted whole)."""
-    from forge_dist.io.convert import find_source
+    from forge_dist.io.convert_source import find_source
     from forge_dist.io.forge_format import WEIGHTS_NAME, is_forge_checkpoint, read_config
     from forge_dist.io.pretrained import checkpoint_kind
 

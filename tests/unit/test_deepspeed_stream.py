@@ -12,7 +12,8 @@ from forge_dist.io.deepspeed_stream import _span, write_safetensors
 
 
 def _parts(file):
-    raw = open(file, "rb").read()
+    with open(file, "rb") as f:
+        raw = f.read()
     n = int.from_bytes(raw[:8], "little")
     return json.loads(raw[8:8 + n]), raw[8 + n:], n
 

@@ -230,6 +230,12 @@ def write_safetensors(file: str, entries: Dict[str, Tuple[torch.dtype, Tuple[int
             del t
 
 
+def iter_num(reader: "DeepSpeedReader", tag: Optional[str] = None):
+    """The iteration of the checkpoint ``reader`` reads: its global_stepN tag, as load_deepspeed."""
+    steps = re.fullmatch(r"global_step(\d+)", tag or reader.meta["tag"])
+    return int(steps.group(1)) if steps else reader.meta.get("global_steps")
+
+
 def save_forge(path: str, dst: str, training: Optional[dict] = None, tag: Optional[str] = None) -> str:
     """``forge-convert <DeepSpeed checkpoint> dst --to forge``, tensor by tensor: the plain GPT's
     names, dtypes and ties come from a meta-device build, each value from DeepSpeedReader."""
@@ -249,8 +255,7 @@ def save_forge(path: str, dst: str, training: Optional[dict] = None, tag: Option
     if unknown:
         raise CheckpointError(f"DeepSpeed checkpoint {path} does not fit the model built from its config: "
                               f"missing {', '.join(unknown[:8])}")
-    steps = re.fullmatch(r"global_step(\d+)", tag or reader.meta["tag"])  # as load_deepspeed
-    info = {"iter_num": int(steps.group(1)) if steps else reader.meta.get("global_steps"), **(training or {})}
+    info = {"iter_num": iter_num(reader, tag), **(training or {})}
     with atomic_directory(os.fspath(dst), may_replace=is_forge_checkpoint) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), entries,
                           lambda n: reader.tensor(n).to(entries[n][0]),

@@ -67,12 +67,11 @@ def open_source(src: str) -> Optional[TensorSource]:
 
     path, is_deepspeed, extra = find_source(os.fspath(src))
     if is_deepspeed:
-        from forge_dist.io.deepspeed_stream import DeepSpeedReader
+        from forge_dist.io.deepspeed_stream import DeepSpeedReader, iter_num
 
         reader = DeepSpeedReader(path)
-        steps = re.fullmatch(r"global_step(\d+)", reader.meta["tag"])  # as deepspeed_ckpt.load_deepspeed
-        training = {"iter_num": int(steps.group(1)) if steps else reader.meta.get("global_steps")}
-        source = TensorSource(reader.config, training, reader.tensor, f"DeepSpeed checkpoint {path}")
+        source = TensorSource(reader.config, {"iter_num": iter_num(reader)}, reader.tensor,
+                              f"DeepSpeed checkpoint {path}")
     elif is_forge_checkpoint(path):
         cfg, training = read_config(path)
         if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
@@ -120,10 +119,8 @@ def save_forge_streamed(source: TensorSource, dst: str) -> str:
     from forge_dist.atomic import atomic_directory
     from forge_dist.io.deepspeed_stream import write_safetensors
     from forge_dist.io.forge_format import ALIASES_KEY, WEIGHTS_NAME, is_forge_checkpoint, save_config
-    from forge_dist.io.slice_read import tied_aliases
 
-    own = source.meta.state_dict(keep_vars=True)
-    aliases = tied_aliases(own)
+    own, aliases = source.meta.state_dict(keep_vars=True), source._first
     entries = {n: (t.dtype, tuple(t.shape)) for n, t in own.items() if n not in aliases}
     with atomic_directory(os.fspath(dst), may_replace=is_forge_checkpoint) as tmp:
         write_safetensors(os.path.join(tmp, WEIGHTS_NAME), entries, source.tensor,
@@ -223,8 +220,8 @@ def save_ckpt_streamed(source: TensorSource, dst: str, layout: str = "snapshot")
         key = by_id[id(planned)]
         if key not in ready:
             g = owner.get(key)
-            if g is None:  # derived from the config
-                ready[key] = export({})[0][key]
+            if g is None:  # derived from the config: all of them in one run of the rules, kept until written
+                ready.update({k: v for k, v in export({})[0].items() if k in providers})
             else:  # one block's (or one outer tensor's) outputs, kept until torch writes them
                 made = export({n: source.tensor(n) for n in source.names if _group(n) == g})[0]
                 ready.update({k: v for k, v in made.items() if owner.get(k) == g and k in providers})

@@ -21,7 +21,6 @@ loads any other); rank 0 writes the rest, the manifest and the pointers.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -108,14 +107,10 @@ def save_checkpoint(root: str, iteration: int, model, engine, trainer_state: dic
 
 
 def gathered_weights(engine, ctx) -> Optional[dict]:
-    """The logical full weights for rank 0 to write (collective). An engine whose full_state_dict
-    takes ``keep`` (DeepSpeed's) gathers tensor by tensor and keeps them on rank 0 only: the other
-    ranks hold one full parameter at a time, never the model."""
-    if not hasattr(engine, "full_state_dict"):
-        return None
-    if "keep" in inspect.signature(engine.full_state_dict).parameters:
-        return engine.full_state_dict(keep=ctx.is_main)
-    return engine.full_state_dict()
+    """The logical full weights for rank 0 to write (collective). ``keep`` is rank 0's only:
+    DeepSpeed's engines gather tensor by tensor, so the other ranks hold one full parameter at a
+    time, never the model (the native engines ignore it)."""
+    return engine.full_state_dict(keep=ctx.is_main) if hasattr(engine, "full_state_dict") else None
 
 
 def weights_training_info(iteration: int, trainer_state: dict) -> dict:

@@ -180,7 +180,7 @@ def plan(argv: Sequence[str], prog: str = PROG):
         resolved = resolve_run(parsed, groups)
         launch = plan_launch(resolved.values, resolved.model_cfg, resolved.train_cfg, env=env)
         check_data(resolved, launch.dp_size)
-        check_checkpoint_options(resolved.values, resolved.resume_path)
+        check_checkpoint_options(resolved.values)
         diagnostics_options(resolved.values)
         BadStepOptions.from_values(resolved.values)
         resolved.notes += verify_data(resolved.data_dirs or [resolved.data_dir])

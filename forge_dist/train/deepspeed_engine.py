@@ -98,7 +98,6 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
         self.layout = {"dp_size": groups.topology.dp, "tp_size": groups.topology.tp, "pp_size": groups.topology.pp,
                        "zero_stage": resolved.zero_stage, "precision": resolved.precision}
         self.ep = groups.ep.size
-        self.writes_sharded = True  # sharded_save.checkpointer_for: each rank its partitions (deepspeed_sharded.py)
         self._optim_group_params = group_params or []  # the optimizer's parameters by group: sharded checkpoints
         self._layout_group_params = layout_params  # the same before the experts' groups were split off
         self._fragments_linked = False

@@ -107,7 +107,6 @@ class DeepSpeedPipelineEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
     """forge-train's engine seam over DeepSpeed's PipelineEngine (see forge_dist.train.engine)."""
 
     name = "deepspeed"  # DeepSpeed's step bookkeeping: a bad step stops the run (train/bad_steps.py)
-    writes_sharded = True  # sharded_save.checkpointer_for (train/deepspeed_sharded.py)
 
     def __init__(self, ds_engine, pipe, chunks: List[GPTChunk], canonical: Dict[str, str], groups, resolved,
                  device: str):

@@ -8,8 +8,8 @@ The trainer calls, per iteration::
 
 and ``engine.eval_loss(x, y)``, ``engine.train()/eval()``, ``engine.save_state(dir, ctx)`` /
 ``engine.load_state(dir)`` (optimizer, scaler: whatever the engine owns), ``engine.model`` (the
-module the engine trains), ``engine.full_state_dict()`` (collective: the logical full weights for
-the checkpoint's ``model/``, on rank 0 at least), ``engine.generation_model()`` (the module the
+module the engine trains), ``engine.full_state_dict(keep)`` (collective: the logical full weights for
+the checkpoint's ``model/``, on rank 0 at least; ``keep`` False lets an engine drop them on that rank), ``engine.generation_model()`` (the module the
 end-of-run sample is drawn from) and ``engine.forward_is_collective`` (True when every rank must
 run that sampling forward, as under tensor parallelism). A parallel engine also syncs gradients
 inside ``forward_backward``/``step``; the loop does not change.
@@ -63,7 +63,7 @@ class Engine(Protocol):
     def eval(self) -> None: ...
     def save_state(self, directory: str, ctx) -> None: ...
     def load_state(self, directory: str) -> None: ...
-    def full_state_dict(self) -> Optional[dict]: ...
+    def full_state_dict(self, keep: bool = True) -> Optional[dict]: ...
     def generation_model(self) -> nn.Module: ...
 
 
@@ -188,7 +188,7 @@ class LocalEngine:
             save_state({"optimizer": full, "scaler": self.scaler.state_dict(), "engine": self.name,
                         "layout": ctx.layout()}, directory, "optimizer")
 
-    def full_state_dict(self) -> dict:
+    def full_state_dict(self, keep: bool = True) -> dict:
         """The logical weights written to the checkpoint's model/ (the module's own state here)."""
         return self.model.state_dict()
 

@@ -128,7 +128,7 @@ class ParallelEngine(LocalEngine):
         return {"grad_norm": grad_norm, **scaler_stats}
 
     # --- weights and sampling -------------------------------------------------------------------
-    def full_state_dict(self) -> Optional[dict]:
+    def full_state_dict(self, keep: bool = True) -> Optional[dict]:
         """Logical names -> full tensors on data-parallel replica 0 (its TP ranks gather together);
         None on the other replicas, which hold the same values. Under expert parallelism the
         replicas of the first expert-parallel group gather the experts (global expert index)."""

@@ -116,7 +116,7 @@ class PipelineEngine(LocalEngine):
             return self.runner.forward_loss(self.to_device(x), self.to_device(y)).float()
 
     # --- weights ----------------------------------------------------------------------------------
-    def full_state_dict(self) -> Optional[dict]:
+    def full_state_dict(self, keep: bool = True) -> Optional[dict]:
         """The logical weights on global rank 0 (None elsewhere): each stage's TP-gathered state
         sent over the pipeline group of data-parallel replica 0, TP rank 0 (experts gathered over
         the expert-parallel group first)."""

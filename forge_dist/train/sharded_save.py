@@ -41,16 +41,16 @@ from forge_dist.io.checkpoint_read import MODEL_DIR, checkpoint_name, verify_fil
 from forge_dist.io.sharded_read import DCP_DIR, dcp_directory, is_sharded_model_dir
 from forge_dist.io.statefile import load_state, save_state
 
-SHARDED_ENGINES = ("local", "parallel", "pipeline")  # and DeepSpeed's engines (writes_sharded)
+SHARDED_ENGINES = ("local", "parallel", "pipeline", "deepspeed")  # DeepSpeed's: train/deepspeed_sharded.py
 
 
 def is_sharded_checkpoint(path: str) -> bool:
     return is_sharded_model_dir(os.path.join(path, MODEL_DIR))
 
 
-def check_checkpoint_options(values: dict, resume_path: Optional[str]) -> None:
+def check_checkpoint_options(values: dict) -> None:
     """Before any process group: --checkpoint_format / --async_checkpoint (every engine and layout
-    writes and reads the sharded format; ``resume_path`` kept for the callers)."""
+    writes and reads the sharded format)."""
     if values.get("checkpoint_format", "auto") == "gathered" and values.get("async_checkpoint"):
         raise ConfigError("--async_checkpoint needs checkpoint_format=sharded (or auto): the gathered format "
                           "is written synchronously")
@@ -62,7 +62,7 @@ def checkpointer_for(train_cfg, ctx, engine) -> Optional["ShardedCheckpointer"]:
     (one file set that any tool reads as is), unless --async_checkpoint asks for the sharded one."""
     fmt = getattr(train_cfg, "checkpoint_format", "auto")
     asynchronous = bool(getattr(train_cfg, "async_checkpoint", False))
-    supported = getattr(engine, "name", None) in SHARDED_ENGINES or getattr(engine, "writes_sharded", False)
+    supported = getattr(engine, "name", None) in SHARDED_ENGINES
     sharded = fmt == "sharded" or (fmt == "auto" and (ctx.world_size > 1 or asynchronous))
     return ShardedCheckpointer(ctx, asynchronous) if sharded and supported else None
 

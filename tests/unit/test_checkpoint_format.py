@@ -10,7 +10,7 @@ from forge_dist.train.sharded_save import check_checkpoint_options, checkpointer
 
 def test_refusals_name_the_option():
     with pytest.raises(ConfigError, match="needs checkpoint_format=sharded"):
-        check_checkpoint_options({"checkpoint_format": "gathered", "async_checkpoint": True}, None)
+        check_checkpoint_options({"checkpoint_format": "gathered", "async_checkpoint": True})
 
 
 def test_every_engine_and_layout_writes_and_resumes_the_sharded_format(tmp_path):
@@ -19,15 +19,13 @@ def test_every_engine_and_layout_writes_and_resumes_the_sharded_format(tmp_path)
     for pp, ep in ((1, 1), (2, 1), (1, 2), (1, 4)):  # DeepSpeed's engines, experts included
         check_checkpoint_options({"deepspeed_config": "ds.json", "checkpoint_format": "sharded",
                                   "async_checkpoint": True, "pipeline_parallel_size": pp,
-                                  "expert_parallel_size": ep}, str(tmp_path))
-    check_checkpoint_options({"pipeline_parallel_size": 2, "checkpoint_format": "sharded"}, str(tmp_path))
+                                  "expert_parallel_size": ep})
+    check_checkpoint_options({"pipeline_parallel_size": 2, "checkpoint_format": "sharded"})
 
 
 class _Engine:
-    def __init__(self, name, ep=1, writes_sharded=None):
+    def __init__(self, name, ep=1):
         self.name, self.ep = name, ep
-        if writes_sharded is not None:  # DeepSpeed's engines say whether they write the sharded format
-            self.writes_sharded = writes_sharded
 
 
 @pytest.mark.parametrize("fmt, world, engine, asynchronous, sharded", [
@@ -37,9 +35,9 @@ class _Engine:
     ("auto", 4, _Engine("parallel", ep=2), False, True),  # experts under their global names
     ("auto", 4, _Engine("pipeline"), False, True),     # each stage rank its stages' shards (the V shape's
     # tied copies too: tests/dist/test_sharded_resume.py's LV run)
-    ("auto", 4, _Engine("deepspeed", writes_sharded=True), False, True),   # DeepSpeed: its ZeRO partitions
-    ("auto", 4, _Engine("deepspeed", ep=2, writes_sharded=True), False, True),  # with experts: each rank its own
-    ("auto", 1, _Engine("deepspeed", writes_sharded=True), False, False),  # one process: gathered
+    ("auto", 4, _Engine("deepspeed"), False, True),   # DeepSpeed: its ZeRO partitions
+    ("auto", 4, _Engine("deepspeed", ep=2), False, True),  # with experts: each rank its own
+    ("auto", 1, _Engine("deepspeed"), False, False),  # one process: gathered
     ("sharded", 1, _Engine("local"), False, True),
     ("gathered", 4, _Engine("parallel"), False, False),
 ])

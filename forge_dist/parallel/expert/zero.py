@@ -75,10 +75,7 @@ class ExpertZeroOptimizer:
         """The state this rank holds (its part of each)."""
         from forge_dist.parallel.zero import local_state
 
-        out: Dict[torch.Tensor, dict] = {}
-        for opt in self.optimizers:
-            out.update(local_state(opt))
-        return out
+        return local_state(self)
 
     # --- the gathered format --------------------------------------------------------------------
     def consolidate_state_dict(self, to: int = 0) -> None:

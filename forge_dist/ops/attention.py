@@ -123,6 +123,17 @@ def learned_divisor(spec, q: torch.Tensor):
     return divisor if divisor.shape[0] in (1, q.shape[1]) else False
 
 
+def run_fwd(op, q, k, v, spec, **kw) -> Optional[torch.Tensor]:
+    """op (an attention_fwd: this library's CPU op or the Triton one) on kernel_args(q, k, v, spec, **kw),
+    its output divided by the learned divisor; None where no kernel covers the call."""
+    divisor = learned_divisor(spec, q)
+    args = None if divisor is False else kernel_args(q, k, v, spec, **kw)
+    if args is None:
+        return None
+    out = op(*args)[0]
+    return out if divisor is None else out / divisor
+
+
 def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[float] = None,
               bias: Optional[torch.Tensor] = None, sink_logit=None, n_keys: Optional[int] = None):
     """q (B, Hq, T, D), k (B, Hkv, S, D), v (B, Hkv, S, Dv) -> (B, Hq, T, Dv), or None (no kernel).
@@ -131,11 +142,5 @@ def attention(q, k, v, spec, *, mask: MaskSpec, scale: float, softcap: Optional[
     if (q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype)
             or not registry.kernel_device(q, "attention") or not has_kernel("cpu")):
         return None
-    divisor = learned_divisor(spec, q)
-    if divisor is False:
-        return None
-    args = kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias, sink_logit=sink_logit)
-    if args is None:
-        return None
-    out, _stats = torch.ops.forge_ops.attention_fwd(*args)
-    return out if divisor is None else out / divisor
+    return run_fwd(torch.ops.forge_ops.attention_fwd, q, k, v, spec, mask=mask, scale=scale, softcap=softcap,
+                   bias=bias, sink_logit=sink_logit)

@@ -50,15 +50,8 @@ def attention(q, k, v, spec, *, mask, scale: float, softcap: Optional[float] = N
     """forge_dist.ops.attention.attention's contract on the Triton kernel: (B, Hq, T, Dv), or None."""
     if not usable(q, k, v):
         return None
-    divisor = fused_op.learned_divisor(spec, q)
-    if divisor is False:
-        return None
-    args = fused_op.kernel_args(q, k, v, spec, mask=mask, scale=scale, softcap=softcap, bias=bias,
-                                sink_logit=sink_logit)
-    if args is None:
-        return None
-    out = torch.ops.forge_triton.attention_fwd(*args)[0]
-    return out if divisor is None else out / divisor
+    return fused_op.run_fwd(torch.ops.forge_triton.attention_fwd, q, k, v, spec, mask=mask, scale=scale,
+                            softcap=softcap, bias=bias, sink_logit=sink_logit)
 
 
 # --- launch -----------------------------------------------------------------------------------------

@@ -184,6 +184,12 @@ def unfinish(ds, th, F, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def bias_plane(b, h, T, S, bias_heads, bias_batch):
+    """The offset of batch b, query head h's (T, S) plane of a (1 or H, T, S) or (B, 1 or H, T, S) bias."""
+    return (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
+
+
+@triton.jit
 def query_block(Hq, Hkv, T, S, bias_heads, bias_batch, BLOCK_M: tl.constexpr):
     """The BLOCK_M query rows of one (batch, query head) this program of attn_fwd / attn_bwd_dq takes:
     (m0, bh, h, offset of its KV head's rows, offset of its bias plane, row offsets). Grid axis 0 (up to
@@ -192,8 +198,7 @@ def query_block(Hq, Hkv, T, S, bias_heads, bias_batch, BLOCK_M: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // Hq, bh % Hq
     kv = (b * Hkv + h // (Hq // Hkv)) * S  # GQA: the query heads of a group read one KV head
-    bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
-    return m0, bh, h, kv, bias_base, m0 + tl.arange(0, BLOCK_M)
+    return m0, bh, h, kv, bias_plane(b, h, T, S, bias_heads, bias_batch), m0 + tl.arange(0, BLOCK_M)
 
 
 @triton.jit
@@ -373,7 +378,7 @@ def attn_bwd_dkdv(Q, K, V, Bias, Params, C, Obo, F, Stats, Delta, DO, DK, DV_, H
     for hh in range(0, rep):
         h = kvh * rep + hh
         bh = b * Hq + h
-        bias_base = (tl.where(bias_batch == 1, b, 0) * bias_heads + tl.where(bias_heads == 1, 0, h)) * T * S
+        bias_base = bias_plane(b, h, T, S, bias_heads, bias_batch)
         p0, p1, prow = head_params(Params, C, Obo, F, n_params, p_width, n_obo, h, FAMILY)
         table, n_knots = Params + prow + 2, (p_width - 2) // 2
         for m0 in range(lo, hi, BLOCK_M):

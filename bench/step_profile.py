@@ -31,6 +31,7 @@ import forge_dist.model  # noqa: F401  (registers the variants)
 from forge_dist import ModelConfig
 from forge_dist.model.gpt import GPT
 from forge_dist.ops import registry
+from timing import train_step  # bench/timing.py
 
 ROUTES = ("reference", "auto")
 
@@ -45,14 +46,7 @@ def make_step(cfg: ModelConfig, idx: torch.Tensor):
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def step():
-        _, loss = model(idx, idx)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return lambda: train_step(model, opt, idx, clip=1.0)
 
 
 # op-name groups of the profile (self time); the first match wins

@@ -3,12 +3,18 @@ same thing: forward with the loss, backward, the optimizer's step, gradients dro
 from __future__ import annotations
 
 import time
+from typing import Optional
+
+import torch
 
 
-def train_step(model, opt, idx) -> None:
-    """One step of ``model`` (a GPT: the loss of ``idx`` predicting itself) under ``opt``."""
+def train_step(model, opt, idx, clip: Optional[float] = None) -> None:
+    """One step of ``model`` (a GPT: the loss of ``idx`` predicting itself) under ``opt``; with
+    ``clip``, the gradients clipped to that global norm first (as forge-train's grad_clip)."""
     _, loss = model(idx, idx)
     loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
 

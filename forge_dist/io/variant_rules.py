@@ -53,7 +53,11 @@ STORED_ACTIVATION_SUFFIXES = ("", "_scale", "_zero_point")
 def upstream_zero_point(t: torch.Tensor, method: str, bits: int) -> torch.Tensor:
     """The zero point upstream's eval stores for ``t``, as its (1,) int64 buffer. A private
     generator keeps stochastic_quant from drawing on the global random stream (its zero point is
-    0 whatever it draws)."""
+    0 whatever it draws). A meta ``t`` (forge-convert's streamed plan, io/stream_export.py) gets a
+    meta buffer of that shape and dtype: the value is computed from the weight when its block is
+    written."""
+    if t.is_meta:
+        return torch.empty(1, dtype=torch.int64, device="meta")
     zp = QUANTIZER.get(method)(t.detach(), bits, generator=torch.Generator(device=t.device))[0]
     return torch.round(zp).to(torch.int64).reshape(1).cpu()
 

@@ -11,10 +11,10 @@
 
 The source format is detected; a forge-train checkpoint is verified against its checksums first.
 Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
-ReaLLM-Forge's run ``config`` travel along; optimizer state does not. A DeepSpeed checkpoint goes
-to --to forge one tensor at a time (io/deepspeed_stream.py), and our formats (DeepSpeed, sharded,
-a model directory) and a ReaLLM-Forge ckpt.pt (memory-mapped) go to every target one tensor at a
-time (io/stream_export.py), never whole in memory. A transformers source is converted whole.
+ReaLLM-Forge's run ``config`` travel along; optimizer state does not. Every source (DeepSpeed,
+sharded, a model directory, a ReaLLM-Forge ckpt.pt memory-mapped, a transformers directory read
+through safetensors' lazy slices) goes to every target one tensor at a time (io/stream_export.py),
+never whole in memory; ``load_source`` (the whole model) is the library's and the tests' reference.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import List, Optional
 from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io import deepspeed_ckpt, forge_format, reallm_forge
 from forge_dist.io.convert_source import find_source  # noqa: F401  (forge-convert's source lookup)
-from forge_dist.io.deepspeed_stream import save_forge
 from forge_dist.io.pretrained import load_any
 
 TARGETS = ("forge", "reallm-forge", "hf")
@@ -50,10 +49,6 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
     if to not in TARGETS:
         raise ConfigError(f"--to {to!r} is not a checkpoint format; valid values: {', '.join(TARGETS)}")
     dst = os.fspath(dst)
-    if to == "forge":
-        path, is_deepspeed, extra = find_source(os.fspath(src))
-        if is_deepspeed:  # tensor by tensor from the mapped partitions: never the whole model
-            return save_forge(path, dst, extra)
     written = _convert_streamed(src, dst, to, layout, tokenizer)
     if written is not None:
         return written
@@ -72,25 +67,23 @@ def convert(src: str, dst: str, to: str, layout: str = "snapshot", tokenizer=Non
 
 
 def _convert_streamed(src: str, dst: str, to: str, layout: str, tokenizer) -> Optional[str]:
-    """Any target from our own formats or a ckpt.pt, tensor by tensor (io/stream_export.py); None
-    for a transformers source, or where the export cannot be planned without the values."""
+    """Any target from any source, tensor by tensor (io/stream_export.py); None where an export
+    rule registered for --to reallm-forge cannot be planned without the values."""
     from forge_dist.io import stream_export
 
-    source = stream_export.open_source(src)
-    if source is None:
-        return None
-    if to == "forge":
-        return stream_export.save_forge_streamed(source, dst)
-    if to == "hf":
-        from forge_dist.data.tokenizers import tokenizer_from_spec
+    with stream_export.open_source(src) as source:
+        if to == "forge":
+            return stream_export.save_forge_streamed(source, dst)
+        if to == "hf":
+            from forge_dist.data.tokenizers import tokenizer_from_spec
 
-        if tokenizer is None and source.training.get("tokenizer"):
-            tokenizer = tokenizer_from_spec(source.training["tokenizer"])
-        return stream_export.save_hf_streamed(source, dst, tokenizer)
-    try:
-        return stream_export.save_ckpt_streamed(source, dst, layout)
-    except stream_export.NotStreamable:
-        return None
+            if tokenizer is None and source.training.get("tokenizer"):
+                tokenizer = tokenizer_from_spec(source.training["tokenizer"])
+            return stream_export.save_hf_streamed(source, dst, tokenizer)
+        try:
+            return stream_export.save_ckpt_streamed(source, dst, layout)
+        except stream_export.NotStreamable:
+            return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ tensor is assembled only when it is asked for, from
 
 then its tensor-parallel shards are joined (``unshard``). ``DeepSpeedReader.tensor(name)`` returns
 a fresh fp32 tensor the caller drops before asking for the next, so the peak is one logical tensor
-(and its pieces) plus page cache. ``save_forge`` writes our model directory that way, in the exact
-bytes safetensors' ``save_file`` gives the same state dict.
+(and its pieces) plus page cache. io/stream_export.py writes every target that way (``save_forge``:
+--to forge), ``write_safetensors`` in the exact bytes safetensors' ``save_file`` gives the same state dict.
 """
 from __future__ import annotations
 
@@ -237,28 +237,10 @@ def iter_num(reader: "DeepSpeedReader", tag: Optional[str] = None):
 
 
 def save_forge(path: str, dst: str, training: Optional[dict] = None, tag: Optional[str] = None) -> str:
-    """``forge-convert <DeepSpeed checkpoint> dst --to forge``, tensor by tensor: the plain GPT's
-    names, dtypes and ties come from a meta-device build, each value from DeepSpeedReader."""
-    from forge_dist.atomic import atomic_directory
-    from forge_dist.io.forge_format import ALIASES_KEY, WEIGHTS_NAME, is_forge_checkpoint, save_config
-    from forge_dist.model.gpt import GPT
+    """``forge-convert <DeepSpeed checkpoint> dst --to forge`` (``tag``: another checkpoint than
+    ``latest`` names): io/stream_export.py's streamed --to forge, the one every source takes."""
+    from forge_dist.io.stream_export import deepspeed_source, save_forge_streamed
 
-    reader = DeepSpeedReader(path, tag)
-    with torch.device("meta"):
-        own = GPT(reader.config).state_dict(keep_vars=True)
-    first: Dict[int, str] = {}
-    for name, t in own.items():
-        first.setdefault(id(t), name)
-    aliases = {n: first[id(t)] for n, t in own.items() if first[id(t)] != n}
-    entries = {n: (t.dtype, tuple(t.shape)) for n, t in own.items() if n not in aliases}
-    unknown = sorted(set(own) - set(reader.names) - set(reader.aliases))
-    if unknown:
-        raise CheckpointError(f"DeepSpeed checkpoint {path} does not fit the model built from its config: "
-                              f"missing {', '.join(unknown[:8])}")
-    info = {"iter_num": iter_num(reader, tag), **(training or {})}
-    with atomic_directory(os.fspath(dst), may_replace=is_forge_checkpoint) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_NAME), entries,
-                          lambda n: reader.tensor(n).to(entries[n][0]),
-                          {"format": "pt", ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
-        save_config(reader.config, tmp, info)
-    return os.fspath(dst)
+    with deepspeed_source(path, tag) as source:
+        source.training.update(training or {})
+        return save_forge_streamed(source, dst)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,11 @@ class Conversion:
     @property
     def cfg(self) -> ModelConfig:
         return self.model.config
+
+    def layers(self) -> Iterable[int]:
+        """The transformer blocks the state dict being mapped holds: all of them (a part of it, one
+        block at a time: forge-convert's streamed export, io/stream_export.py)."""
+        return range(self.cfg.n_layer)
 
     def modules(self, cls) -> Iterator[Tuple[str, nn.Module]]:
         """(state-dict prefix, module) of every ``cls`` module, a shared one under every name it
@@ -142,7 +147,7 @@ class DerivedBuffer(StateDictRule):
         out, cfg = dict(sd), conv.cfg
         from forge_dist.model.sharing import module_config
 
-        for i in range(cfg.n_layer):
+        for i in conv.layers():
             kind = self.suffix.split(".")[0]  # "attn" or "mlp": the module the buffer belongs to
             t = self.build(module_config(cfg, i, kind), cfg)  # the config that module was built from
             if t is not None:

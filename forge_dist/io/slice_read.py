@@ -56,6 +56,21 @@ class SliceReader(ABC):
     def _read(self, wanted: Dict[str, List[Piece]]) -> None:
         """Fill the views of ``wanted`` (stored name -> pieces)."""
 
+    def close(self) -> None:
+        """Release the open files (a reader is also a context manager)."""
+
+    def __enter__(self) -> "SliceReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """One whole logical tensor in ``dtype`` (a one-piece read: forge-convert's streamed source)."""
+        out = torch.empty(self.shape(name), dtype=dtype)
+        self.read({name: [(out, (0,) * out.dim())]})
+        return out
+
     def stored(self, name: str) -> Optional[str]:
         name = self.aliases.get(name, name)
         return name if name in self._names() else None
@@ -104,6 +119,9 @@ class SafetensorsSlices(SliceReader):
         self._weights = WeightsReader(directory)
         self.source = self._weights.file
         self.aliases.update(self._weights._aliases)
+
+    def close(self) -> None:
+        self._weights.close()
 
     def stored_names(self) -> List[str]:
         return sorted(self._weights._stored)
@@ -240,7 +258,8 @@ def load_shards(model: nn.Module, directory: str, groups: ProcessGroups, partial
     parallelized model, reading only this rank's pieces of each tensor (load_slices). Strict like
     io.state; ``partial``: ``model`` holds part of the checkpoint's model (a pipeline stage under
     the GPT's names), so tensors it does not hold are not an error."""
-    load_slices(model, SafetensorsSlices(directory), groups, partial=partial)
+    with SafetensorsSlices(directory) as reader:
+        load_slices(model, reader, groups, partial=partial)
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
         raise RuntimeError(f"{left[:4]} are still on the meta device after loading {directory}")

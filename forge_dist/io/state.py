@@ -60,9 +60,17 @@ def expand_aliases(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, st
 
 @torch.no_grad()
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict load that names every missing/unexpected/mis-shaped key and checks that names the
-    model ties hold equal values in the checkpoint (else one would silently win)."""
+    """Strict load (``check_state``) into ``model``."""
     own = model.state_dict()
+    check_state(own, state, source, alias_groups(own))
+    model.load_state_dict(dict(state), strict=True)
+
+
+def check_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str,
+                ties: List[List[str]]) -> None:
+    """Name every missing/unexpected/mis-shaped key of ``state`` against a model's state dict
+    ``own`` (real or meta tensors) and check that the names the model ties (``ties``: groups, first
+    name first) hold equal values in the checkpoint (else one would silently win)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -72,13 +80,12 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
         if tuple(t.shape) != tuple(own[name].shape):
             raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, the model expects "
                                   f"{tuple(own[name].shape)}")
-    for group in alias_groups(own):
+    for group in ties:
         first = state[group[0]]
         for other in group[1:]:
             if not torch.equal(state[other].to(first.dtype), first):
                 raise CheckpointError(f"{source}: {other} and {group[0]} differ, but the config ties "
                                       f"them (wte_weight_tying / n_embd_wte_scale_tying / sharing)")
-    model.load_state_dict(dict(state), strict=True)
 
 
 def _short(names: List[str], n: int = 8) -> str:

@@ -1,7 +1,9 @@
-"""forge-convert from our own checkpoints to other formats, one tensor at a time.
+"""forge-convert from any checkpoint to any format, one tensor at a time.
 
 A DeepSpeed checkpoint (io/deepspeed_stream.py ``DeepSpeedReader``), a sharded training checkpoint
-(io/sharded_read.py ``ShardedWeights``) or a forge_dist model directory (io/weights_reader.py) is a
+(io/sharded_read.py ``ShardedWeights``), a forge_dist model directory (io/weights_reader.py), a
+ReaLLM-Forge ckpt.pt (memory-mapped) or a transformers directory (io/hf/slices.py ``HfSlices``:
+each of our tensors read through safetensors' lazy slices and its mapping's transform) is a
 ``TensorSource``: the model config, the training info, and ``tensor(name)``, one logical tensor
 read when asked for. The writers plan the output on a meta-device GPT (names, dtypes, shapes,
 which storages are shared) and fill it tensor by tensor, in the bytes the whole-model path writes:
@@ -14,7 +16,7 @@ which storages are shared) and fill it tensor by tensor, in the bytes the whole-
                           writer asks for each storage record in turn (io/torch_zip_stream.py)
 
 The peak is one output tensor and the tensors of ours it is made of (a block's, for ckpt.pt),
-plus what the export rules derive from the config alone (upstream's causal-mask buffers).
+(upstream's causal-mask buffer of that block included).
 """
 from __future__ import annotations
 
@@ -38,16 +40,24 @@ class TensorSource:
     """Our logical tensors of a checkpoint, one at a time; ``names``: the plain GPT's state-dict
     names (tied ones included, read under their first name)."""
 
-    def __init__(self, config, training: dict, get: Callable[[str], torch.Tensor], description: str):
+    def __init__(self, config, training: dict, get: Callable[[str], torch.Tensor], description: str,
+                 close: Callable[[], None] = lambda: None):
         from forge_dist.io.slice_read import tied_aliases
         from forge_dist.model.gpt import GPT
 
         self.config, self.training, self._get, self.description = config, training, get, description
+        self.close = close  # releases the source's open files (``with source:``)
         with torch.device("meta"):
             self.meta = GPT(config)
         own = self.meta.state_dict(keep_vars=True)
         self.names, self._first, self._dtypes = list(own), tied_aliases(own), {n: t.dtype for n, t in own.items()}
         self.reads: List[str] = []  # every tensor read, in order (tests: nothing is read twice)
+
+    def __enter__(self) -> "TensorSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def tensor(self, name: str) -> torch.Tensor:
         """A fresh tensor in the plain GPT's dtype (load_state's copy would convert the same way)."""
@@ -57,60 +67,89 @@ class TensorSource:
         return value if value.dtype == self._dtypes[name] else value.to(self._dtypes[name])
 
 
-def open_source(src: str) -> Optional[TensorSource]:
+def open_source(src: str) -> TensorSource:
     """The TensorSource of a forge-convert ``src``: a DeepSpeed checkpoint, a sharded one, a model
-    directory or a ReaLLM-Forge ckpt.pt (memory-mapped); None for a transformers directory
-    (converted whole)."""
+    directory, a ReaLLM-Forge ckpt.pt (memory-mapped) or a transformers directory."""
     from forge_dist.io.convert_source import find_source
     from forge_dist.io.forge_format import WEIGHTS_NAME, is_forge_checkpoint, read_config
     from forge_dist.io.pretrained import checkpoint_kind
 
     path, is_deepspeed, extra = find_source(os.fspath(src))
     if is_deepspeed:
-        from forge_dist.io.deepspeed_stream import DeepSpeedReader, iter_num
-
-        reader = DeepSpeedReader(path)
-        source = TensorSource(reader.config, {"iter_num": iter_num(reader)}, reader.tensor,
-                              f"DeepSpeed checkpoint {path}")
+        source = deepspeed_source(path)
     elif is_forge_checkpoint(path):
         cfg, training = read_config(path)
         if os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
             from forge_dist.io.weights_reader import WeightsReader
 
-            get = WeightsReader(path).get
+            weights = WeightsReader(path)
+            source = TensorSource(cfg, dict(training), weights.get, path, weights.close)
         else:
             from forge_dist.io.sharded_read import ShardedWeights
 
-            get = ShardedWeights(path).get
-        source = TensorSource(cfg, dict(training), get, path)
-    elif checkpoint_kind(path) == "reallm-forge":
-        source = _mapped_ckpt(path)
+            source = TensorSource(cfg, dict(training), ShardedWeights(path).get, path)
+    elif checkpoint_kind(path) == "hf":
+        source = _hf_source(path)
     else:
-        return None
+        source = _mapped_ckpt(path)
     for key, value in extra.items():  # as convert.load_source
         if not source.training.get(key):
             source.training[key] = value
     return source
 
 
+def deepspeed_source(path: str, tag: Optional[str] = None) -> TensorSource:
+    """A DeepSpeed checkpoint of any ZeRO stage (io/deepspeed_stream.py ``DeepSpeedReader``; ``tag``:
+    another one than ``latest`` names), refused by name when it lacks a tensor of its model."""
+    from forge_dist.io.deepspeed_stream import DeepSpeedReader, iter_num
+
+    reader = DeepSpeedReader(path, tag)
+    source = TensorSource(reader.config, {"iter_num": iter_num(reader, tag)}, reader.tensor,
+                          f"DeepSpeed checkpoint {path}")
+    unknown = sorted(set(source.names) - set(reader.names) - set(reader.aliases) - set(source._first))
+    if unknown:
+        raise CheckpointError(f"{source.description} does not fit the model built from its config: "
+                              f"missing {', '.join(unknown[:8])}")
+    return source
+
+
 def _mapped_ckpt(path: str) -> TensorSource:
-    """A ckpt.pt, memory-mapped and mapped to our names (reallm_forge.open_mapped), checked as the
-    whole path's strict load checks it: every tensor of the model there, none more, tied ones equal."""
+    """A ckpt.pt, memory-mapped and mapped to our names (reallm_forge.open_mapped), checked by the
+    whole path's strict load checks (io/state.py ``check_state``)."""
     from forge_dist.io.reallm_forge import ckpt_path, open_mapped
-    from forge_dist.io.state import _short
     from forge_dist.io.slice_read import tied_aliases
+    from forge_dist.io.state import check_state
 
     cfg, state, training = open_mapped(path)
     source = TensorSource(cfg, training, lambda n: state[n].clone(), ckpt_path(path))
     own = source.meta.state_dict(keep_vars=True)
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
-    untied = [a for a, f in tied_aliases(own).items()
-              if a in state and f in state and not torch.equal(state[a].to(state[f].dtype), state[f])]
-    if missing or unexpected or bad or untied:
-        raise CheckpointError(f"{ckpt_path(path)} does not fit the model built from its config: missing "
-                              f"{_short(missing)}; unexpected {_short(unexpected)}; other shape {_short(bad)}; "
-                              f"tied by the config but different {_short(untied)}")
+    check_state(own, state, source.description, [[f, a] for a, f in tied_aliases(own).items()])
+    return source
+
+
+def _hf_source(path: str) -> TensorSource:
+    """A transformers directory: each of our tensors read whole through its mapping's slicer
+    (io/hf/slices.py), the buffers the mapping leaves to the config (DERIVED_SUFFIXES) at their
+    constructor values, the directory's tokenizer along (as load_hf)."""
+    from forge_dist.io.hf import DERIVED_SUFFIXES
+    from forge_dist.io.hf.slices import HfSlices
+    from forge_dist.io.hf.tokenizer import read_tokenizer
+    from forge_dist.model.gpt import GPT
+
+    reader = HfSlices(path)
+    tokenizer = read_tokenizer(path)
+    derived: Dict[str, torch.Tensor] = {}
+
+    def get(name: str) -> torch.Tensor:
+        if name.endswith(DERIVED_SUFFIXES):
+            if not derived:  # the small constructor-valued tensors only: the drawn weights stay on meta
+                derived.update((n, t) for n, t in GPT(reader.config, defer_init=True).state_dict().items()
+                               if n.endswith(DERIVED_SUFFIXES))
+            return derived[name].clone()
+        return reader.full(name, source._dtypes[name])
+
+    source = TensorSource(reader.config, {"tokenizer": tokenizer.spec()} if tokenizer is not None else {}, get,
+                          path, reader.close)
     return source
 
 
@@ -154,12 +193,16 @@ def save_hf_streamed(source: TensorSource, dst: str, tokenizer=None, max_shard_b
 
 
 class _PartConversion(Conversion):
-    """A Conversion of part of the state dict: rules that walk the model's modules see only those
-    whose tensors are in the part."""
+    """A Conversion of part of the state dict: rules that walk the model's modules or its layers
+    see only those whose tensors are in the part."""
 
     def __init__(self, *args, names=(), **kw):
         super().__init__(*args, **kw)
         self.names = names
+        self._layers = sorted({int(m.group(1)) for m in map(re.compile(r"transformer\.h\.(\d+)\.").match, names) if m})
+
+    def layers(self):
+        return self._layers
 
     def modules(self, cls):
         for prefix, module in super().modules(cls):
@@ -191,7 +234,7 @@ def save_ckpt_streamed(source: TensorSource, dst: str, layout: str = "snapshot")
     try:
         with torch.device("meta"):  # the plan: names, shapes, shared storages; what each block makes
             plan, conv = export(dict(meta_sd), whole=True)
-            free = set(export({})[0])  # made from the config alone (upstream's causal-mask buffers)
+            free = set(export({})[0])  # made from the config alone (none among the built-in rules)
             owner = {}
             for g in dict.fromkeys(_group(n) for n in meta_sd):
                 for out in export({n: t for n, t in meta_sd.items() if _group(n) == g})[0]:

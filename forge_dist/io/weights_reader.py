@@ -42,7 +42,13 @@ class WeightsReader:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._f = None
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file now (safe_open's own exit), not when the handle is collected."""
+        if self._f is not None:
+            self._f.__exit__(None, None, None)
+            self._f = None
 
     def names(self) -> List[str]:
         return sorted(self._stored | set(self._aliases))

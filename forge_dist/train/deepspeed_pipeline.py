@@ -336,6 +336,8 @@ def deepspeed_pipeline_factory(model, train_cfg, ctx, resolved, groups) -> DeepS
     plan = pipeline_plan(ctx.parallel_config, model.config, train_cfg.gradient_accumulation_steps)
     weights = getattr(model, "pipeline_weights", None)  # train/model_build.py: (SliceReader, fresh_ok)
     pipe, chunks = pipeline_module(model, plan, groups, ctx.parallel_config, weights)  # this stage's only
+    if weights is not None:
+        weights[0].close()  # this stage's pieces are read
     for chunk in chunks:  # see the module doc (MoE)
         chunk.aux_grad_scale = 1.0 / train_cfg.gradient_accumulation_steps
     device = train_cfg.resolved_device

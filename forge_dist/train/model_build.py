@@ -86,7 +86,8 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
 
         shard_model(model, ctx, train_cfg.seed)
         if weights is not None:  # the checkpoint also holds the experts other ranks place
-            load_slices(model, weights[0], ctx.groups, partial=weights[1] or expert_parallel, fresh_ok=weights[1])
+            with weights[0]:
+                load_slices(model, weights[0], ctx.groups, partial=weights[1] or expert_parallel, fresh_ok=weights[1])
         materialize_shards(model, ctx.groups)  # what no checkpoint gave
         return model.to(device), flops
     if reader is not None:  # a full model (one process, DP, DeepSpeed): every tensor whole
@@ -95,6 +96,8 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
         load_slices(model, reader, None, partial=True, fresh_ok=True)
     if resume_path is not None:
         ckpt.load_weights(model, resume_path)
+    if weights is not None:
+        weights[0].close()  # its files are unmapped now, not when the reader is collected
     model = model.to(device)
     if ctx.groups is not None:
         shard_model(model, ctx, train_cfg.seed)

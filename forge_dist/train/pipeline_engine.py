@@ -203,6 +203,8 @@ def pipeline_engine_factory(model: nn.Module, train_cfg, values: dict, ctx):
             load_slices(chunk, weights[0], ctx.groups, partial=True, fresh_ok=weights[1])
     layout, runner = build_pipeline(model, ctx.groups, ctx.parallel_config, train_cfg.gradient_accumulation_steps,
                                     device, train_cfg.batch_size, load=load)
+    if weights is not None:
+        weights[0].close()  # this rank's stages are filled
     local = LocalStages(model.config, layout)
     zero_group = ctx.groups.dp if values.get("zero_stage", 0) == 1 else None  # ZeRO-1 over the stage's replicas
     optimizer = build_optimizer(local, train_cfg, torch.device(device).type, zero_group=zero_group)

@@ -18,41 +18,8 @@ import transformers  # noqa: E402  (requirements-cpu.txt; a missing package fail
 from forge_dist.errors import CheckpointError, ConfigError  # noqa: E402
 from forge_dist.io import convert  # noqa: E402
 from forge_dist.io.hf import load_hf, save_hf  # noqa: E402
+from forge_dist.testing.hf import ARCH, EXPORTS, ROTARY, export_model as _forge_model  # noqa: E402
 from forge_dist.testing.models import make_model, same_state  # noqa: E402
-
-ROTARY = dict(use_abs_pos_embeddings=False, use_rotary_embeddings=True, mlp_variant="swiglu",
-              activation_variant="silu")
-# one configuration per transformers architecture and option the mapping handles
-EXPORTS = {
-    "gpt2": dict(norm_variant_attn="layernorm", norm_variant_output="layernorm", bias=True),
-    "gpt2_nobias_untied_relu": dict(norm_variant_attn="layernorm", norm_variant_output="layernorm",
-                                    wte_weight_tying=False, activation_variant="relu", mlp_size=48),
-    "llama_gqa_tied": dict(ROTARY, n_kv_group=2, rmsnorm_eps=1e-6),
-    "llama_untied_bias": dict(ROTARY, wte_weight_tying=False, bias=True, mlp_up_bias=True, mlp_down_bias=True),
-    "llama_eps_free_gelu": dict(ROTARY, activation_variant="gelu", mlp_size=40),
-    "mistral_window": dict(ROTARY, n_kv_group=2, window_size=3),
-    "mixtral": dict(ROTARY, n_kv_group=2, use_moe=True, moe_layer_freq=1, n_experts=3, moe_top_k=2,
-                    wte_weight_tying=False),
-    "gemma2_softcap": dict(ROTARY, use_peri_ln=True, use_embedding_scale=True, attn_logit_softcapping=0.5,
-                           final_logit_softcapping=2.0, n_kv_group=2, activation_variant="gelu", bias=True,
-                           mlp_up_bias=False, mlp_down_bias=False, rmsnorm_eps=1e-6),
-    "gemma2_window_untied": dict(ROTARY, use_peri_ln=True, use_embedding_scale=True, window_size=4,
-                                 wte_weight_tying=False),
-}
-ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-        "mixtral": "MixtralForCausalLM", "gemma2": "Gemma2ForCausalLM"}
-
-
-def _forge_model(name, seed=3, **extra):
-    model = make_model(seed=seed, **{**EXPORTS[name], **extra})
-    with torch.no_grad():  # what the architecture fixes, back at its value after make_model's noise
-        if model.config.use_moe:  # Mixtral's router has no bias
-            for block in model.transformer.h:
-                block.mlp.router.route_linear.bias.zero_()
-        if model.config.use_embedding_scale:  # Gemma 2 scales embeddings by sqrt(hidden_size)
-            model.embedding_scale.fill_(model.config.n_embd ** 0.5)
-    return model
-
 
 def _our_logits(model, idx):
     return model(idx, targets=idx)[0]  # with targets: every position's logits

@@ -1,9 +1,10 @@
-"""forge-convert --to reallm-forge and --to hf from our formats stream tensor by tensor
-(io/stream_export.py, io/torch_zip_stream.py) and write what the whole-model path writes: the
-same zip records of the ckpt.pt (torch.save's), the same transformers files, byte for byte.
+"""forge-convert streams tensor by tensor from every source to every target (io/stream_export.py,
+io/torch_zip_stream.py) and writes what the whole-model path writes: the same zip records of the
+ckpt.pt (torch.save's), the same safetensors and transformers files, byte for byte.
 DeepSpeed and sharded (DCP) sources: tests/dist/test_deepspeed.py and tests/dist/test_sharded_init.py."""
 import json
 import os
+import re
 import zipfile
 from collections import Counter
 
@@ -122,6 +123,88 @@ def test_a_reallm_forge_ckpt_converts_streamed_to_every_target(tmp_path, variant
     assert zip_records(again) == zip_records(whole_path(src, str(tmp_path / "w2" / "ckpt.pt"), "reallm-forge"))
 
 
+def test_a_registered_rule_that_needs_values_takes_the_whole_path(tmp_path, monkeypatch, watched):
+    """No built-in rule needs the values to plan the file; one a user registers may: forge-convert
+    falls back to the whole model and still writes the file."""
+    from forge_dist.io import reallm_forge_rules as rules
+
+    class Norm(rules.StateDictRule):  # a value-dependent output: fails on the meta device
+        def to_upstream(self, sd, conv):
+            w = sd.get("transformer.wte.weight")
+            return sd if w is None else {**sd, "wte_norm": torch.tensor([float(w.norm())])}
+
+    monkeypatch.setattr(rules, "RULES", [*rules.RULES, Norm()])
+    src = str(tmp_path / "m")
+    save_pretrained(GPT(ModelConfig(**TINY)), src)
+    streamed = convert(src, str(tmp_path / "s" / "ckpt.pt"), "reallm-forge")
+    assert watched["whole"] and torch.load(streamed, weights_only=True)["model"]["wte_norm"].shape == (1,)
+
+
+def test_a_streamed_ckpt_builds_each_causal_mask_once(tmp_path, monkeypatch):
+    """Each block's export builds its own layer's mask buffer, not all L of them (O(L), not O(L^2))."""
+    from forge_dist.io.reallm_forge import RULES, DerivedBuffer
+
+    (rule,) = [r for r in RULES if isinstance(r, DerivedBuffer)]
+    built, build = [], rule.build
+    monkeypatch.setattr(rule, "build", lambda *a: built.append(torch.empty(()).is_meta) or build(*a))
+    src = str(tmp_path / "m")
+    save_pretrained(GPT(ModelConfig(**{**TINY, **REALLM["manual_attention_untied"], "n_layer": 4})), src)
+    convert(src, str(tmp_path / "s" / "ckpt.pt"), "reallm-forge")
+    assert built.count(False) == 4  # the values: one per layer (the plan on meta builds the rest)
+
+
+# one transformers directory per architecture (and Gemma 2's gain offset, GPT-2's fused transposed
+# qkv, RoPE row permutations, GQA, Mixtral's per-expert tensors and implied router bias)
+HF_SOURCES = ["gpt2", "llama_gqa_tied", "mistral_window", "mixtral", "gemma2_softcap"]
+
+
+@pytest.mark.parametrize("name", HF_SOURCES)
+def test_a_transformers_directory_converts_streamed_to_every_target(tmp_path, name, watched, monkeypatch):
+    """Each of our tensors is read through safetensors' get_slice and its mapping's slicer (io/hf/slices.py),
+    never a whole transformers tensor or the model; every target gets the whole path's bytes, or the
+    same refusal (a ckpt.pt has no rmsnorm_eps)."""
+    from forge_dist.data.tokenizer import CharTokenizer
+    from forge_dist.errors import ConfigError
+    from forge_dist.io.forge_format import WEIGHTS_NAME, save_pretrained as whole_forge
+    from forge_dist.io.hf import files, save_hf
+    from forge_dist.io.hf.slices import HfSlices
+    from forge_dist.testing.hf import export_model
+
+    tok = CharTokenizer.from_text("Hello world, the quick brown fox!\n")
+    src = str(tmp_path / "hf")
+    save_hf(export_model(name, seed=4, vocab_size=tok.vocab_size), src, tokenizer=tok)
+    model, training = load_source(src)
+    assert training["tokenizer"] == tok.spec()
+    whole = {"forge": lambda dst: whole_forge(model, dst, training=training) or dst,
+             "reallm-forge": lambda dst: save_ckpt(model, os.path.join(dst, "ckpt.pt"), training=training),
+             "hf": lambda dst: save_hf(model, dst, tokenizer=tok)}
+    readers, close, refused = [], HfSlices.close, []
+    with monkeypatch.context() as m:  # the streamed path never reads a tensor whole
+        m.setattr(files, "read_tensors", lambda path: pytest.fail("a transformers tensor read whole"))
+        m.setattr(HfSlices, "close", lambda self: readers.append(self) or close(self))
+        for to in whole:
+            dst = str(tmp_path / "s" / to) + ("/ckpt.pt" if to == "reallm-forge" else "")
+            try:
+                streamed = convert(src, dst, to)
+            except ConfigError as e:
+                with pytest.raises(ConfigError, match=re.escape(str(e))):
+                    whole[to](str(tmp_path / "w" / to))
+                refused.append(to)
+                continue
+            want = whole[to](str(tmp_path / "w" / to))
+            if to == "reallm-forge":
+                assert zip_records(streamed) == zip_records(want)
+                continue
+            assert sorted(os.listdir(streamed)) == sorted(os.listdir(want))
+            for f in os.listdir(want):
+                same = (safetensors_parts if f == WEIGHTS_NAME and to == "forge" else lambda p: open(p, "rb").read())
+                assert same(os.path.join(streamed, f)) == same(os.path.join(want, f)), (to, f)
+    assert refused == ([] if name in ("gpt2", "mistral_window", "mixtral") else ["reallm-forge"]), refused
+    assert not watched["whole"] and len(readers) == 3 and not any(r.whole_reads or r._files for r in readers)
+    for source in watched["sources"]:
+        assert len(source.reads) == len(set(source.reads)), name
+
+
 def test_a_ckpt_with_a_missing_tensor_is_refused_as_the_whole_path_refuses(tmp_path):
     from forge_dist.errors import CheckpointError
 
@@ -140,3 +223,24 @@ def test_a_planned_record_that_comes_back_different_is_refused(tmp_path):
     obj = {"a": torch.empty(3, device="meta")}
     with pytest.raises(CheckpointError, match="not the tensor planned"):
         save_streamed(obj, str(tmp_path / "x.pt"), lambda t: torch.zeros(4))
+
+
+def test_slice_readers_unmap_their_files_when_closed(tmp_path):
+    """SafetensorsSlices and HfSlices are context managers: leaving one unmaps its safetensors files."""
+    from forge_dist.io.hf import save_hf
+    from forge_dist.io.hf.slices import HfSlices
+    from forge_dist.io.slice_read import SafetensorsSlices
+
+    def mapped(path):
+        with open("/proc/self/maps") as f:
+            return str(path) in f.read()
+
+    model = GPT(ModelConfig(**TINY, **LLAMA))
+    save_pretrained(model, tmp_path / "m")
+    save_hf(model, tmp_path / "hf")
+    for reader_of, file in ((SafetensorsSlices, tmp_path / "m" / "model.safetensors"),
+                            (HfSlices, tmp_path / "hf" / "model.safetensors")):
+        with reader_of(str(file.parent)) as reader:
+            value = reader.full("transformer.h.0.attn.c_attn_q.weight", torch.float32)
+            assert mapped(file)
+        assert not mapped(file) and torch.equal(value, model.transformer.h[0].attn.c_attn_q.weight)

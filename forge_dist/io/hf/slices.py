@@ -37,6 +37,11 @@ class HfSlices(SliceReader):
         self._shapes = {n: tuple(t.shape) for n, t in own.items() if not n.endswith(DERIVED_SUFFIXES)}
         self.whole_reads: List[str] = []  # transformers tensors read whole (a block no slicer maps)
 
+    def close(self) -> None:
+        for handle in {id(f): f for f in self._files.values()}.values():
+            handle.__exit__(None, None, None)  # safe_open's exit unmaps its file
+        self._files = {}
+
     def stored_names(self) -> List[str]:
         return sorted(set(self._where) | set(self._implied))
 

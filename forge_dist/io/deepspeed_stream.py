@@ -15,8 +15,8 @@ tensor is assembled only when it is asked for, from
 
 then its tensor-parallel shards are joined (``unshard``). ``DeepSpeedReader.tensor(name)`` returns
 a fresh fp32 tensor the caller drops before asking for the next, so the peak is one logical tensor
-(and its pieces) plus page cache. io/stream_export.py writes every target that way (``save_forge``:
---to forge), ``write_safetensors`` in the exact bytes safetensors' ``save_file`` gives the same state dict.
+(and its pieces) plus page cache. io/stream_export.py writes every target that way (``deepspeed_source``;
+--to forge through ``write_safetensors``, in the exact bytes safetensors' ``save_file`` gives).
 """
 from __future__ import annotations
 
@@ -234,13 +234,3 @@ def iter_num(reader: "DeepSpeedReader", tag: Optional[str] = None):
     """The iteration of the checkpoint ``reader`` reads: its global_stepN tag, as load_deepspeed."""
     steps = re.fullmatch(r"global_step(\d+)", tag or reader.meta["tag"])
     return int(steps.group(1)) if steps else reader.meta.get("global_steps")
-
-
-def save_forge(path: str, dst: str, training: Optional[dict] = None, tag: Optional[str] = None) -> str:
-    """``forge-convert <DeepSpeed checkpoint> dst --to forge`` (``tag``: another checkpoint than
-    ``latest`` names): io/stream_export.py's streamed --to forge, the one every source takes."""
-    from forge_dist.io.stream_export import deepspeed_source, save_forge_streamed
-
-    with deepspeed_source(path, tag) as source:
-        source.training.update(training or {})
-        return save_forge_streamed(source, dst)

@@ -38,11 +38,12 @@ def parse(argv: Sequence[str]):
 
 
 def build_parsed(parsed, ctx):
+    """The engine forge-train picks: DeepSpeed's for --deepspeed_config, else forge_dist's own."""
     from forge_dist.train.build import build_run
     from forge_dist.train.cli import option_groups
-    from forge_dist.train.parallel_engine import parallel_engine_factory
+    from forge_dist.train.launch import engine_factory
 
-    return build_run(parsed, option_groups(), ctx, parallel_engine_factory)
+    return build_run(parsed, option_groups(), ctx, engine_factory(parsed.values))
 
 
 def build(argv: Sequence[str], ctx):

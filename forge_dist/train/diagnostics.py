@@ -83,6 +83,7 @@ class Diagnostics:
         self.host = socket.gethostname()
         self.store = _store() if ctx.distributed else None
         self.step: Optional[int] = None
+        self.rank0_host: Optional[str] = self.host if ctx.rank == 0 else None  # read once from its heartbeat
         self.warned: set = set()
         self.requests_seen = 0
         self._stop = threading.Event()
@@ -98,6 +99,7 @@ class Diagnostics:
             return self
         self._install_signal()
         self._heartbeat()
+        self._learn_rank0_host()
         self._thread = threading.Thread(target=self._watch, name="forge-diagnostics", daemon=True)
         self._thread.start()
         return self
@@ -149,6 +151,7 @@ class Diagnostics:
                 if time.time() >= next_beat:  # the store is shared by every rank: once per interval
                     self._heartbeat()
                     self._check_requests()
+                    self._learn_rank0_host()
                     next_beat = time.time() + self.heartbeat_s
                 self._check_hang()
             except Exception as e:  # noqa: BLE001  (the watchdog must never kill a healthy run)
@@ -178,6 +181,10 @@ class Diagnostics:
         if self.store is not None:
             self.store.set(f"hb/{self.ctx.rank}", json.dumps(self._position()))
 
+    def _learn_rank0_host(self) -> None:
+        if self.rank0_host is None and self.store is not None and self.store.check(["hb/0"]):
+            self.rank0_host = json.loads(self.store.get("hb/0"))["host"]
+
     def _heartbeats(self, ranks) -> Dict[int, Optional[dict]]:
         keys = [f"hb/{r}" for r in ranks]
         out: Dict[int, Optional[dict]] = {}
@@ -196,7 +203,8 @@ class Diagnostics:
                 continue  # it left after losing another rank: the culprit is in the store's "lost"
             if hb is None or now - hb["time"] > 3 * self.heartbeat_s + 1:
                 age = "never" if hb is None else f"none for {now - hb['time']:.0f} s"
-                fatal.append(f"rank {r} did not arrive (heartbeat: {age}; process gone, node down or frozen)")
+                host = "" if hb is None else f" on {hb['host']}"
+                fatal.append(f"rank {r}{host} did not arrive (heartbeat: {age}; process gone, node down or frozen)")
                 continue
             cur = hb.get("current")
             if cur is not None and cur["group"] == entry.group and cur["seq"] == entry.seq:
@@ -246,9 +254,17 @@ class Diagnostics:
             print(f"forge-train: warning: {head}: {'; '.join(slow) or 'waiting for the transport'}; still waiting "
                   f"(diagnostics in {path})", file=sys.stderr, flush=True)
 
-    def failed(self) -> bool:
-        """Whether a collective of this rank raised (a lost peer, a transport timeout)."""
-        return self.recorder is not None and self.recorder.failed is not None
+    def failed(self, error: Optional[BaseException] = None) -> bool:
+        """Whether a collective of this rank raised (a lost peer, a transport timeout): a recorded
+        one, or one outside the recorder (DeepSpeed's own) that ``error`` came from
+        (foreign_collectives.py), which is then recorded as the failed one."""
+        if self.recorder is None:
+            return False
+        if self.recorder.failed is None and error is not None:
+            from forge_dist.train.foreign_collectives import foreign_failure
+
+            self.recorder.failed = foreign_failure(error, self.ctx.world_size)
+        return self.recorder.failed is not None
 
     def report_failure(self, error: BaseException) -> str:
         """The line naming the lost rank after a collective raised (waits for heartbeats to go stale)."""
@@ -261,15 +277,34 @@ class Diagnostics:
             try:
                 fatal = self._blame([f for f in self.missing(entry)[0] if "heartbeat" in f])
             except Exception:  # noqa: BLE001  (the store itself died with its host, rank 0)
-                fatal = [f"rank 0 (which hosts the rendezvous store) is unreachable"] if self.ctx.rank else []
+                fatal = [f"rank 0{self._rank0_host()} (which hosts the rendezvous store{self._store_address()}) "
+                         f"is unreachable: process gone or node down"] if self.ctx.rank else []
                 break
             if not fatal:
                 time.sleep(0.5)
         who = "; ".join(fatal) or "no member's heartbeat stopped (a network failure?)"
         path = self.dump(f"collective failed: {entry.error}; {who}")
         self._leave()
-        return (f"rank {self.ctx.rank}: {entry.op} on {entry.group} #{entry.seq} (step {self.step}) failed: {who}; "
+        which = f"#{entry.seq}" if entry.seq else f"at {entry.site}"  # seq 0: a collective outside the recorder
+        step = f" (step {self.step})" if self.step is not None else ""
+        return (f"rank {self.ctx.rank}: {entry.op} on {entry.group} {which}{step} failed: {who}; "
                 f"diagnostics in {path}")
+
+    def _rank0_host(self) -> str:
+        """`` on HOST`` for rank 0 (its heartbeat, read while the store lived), else ''."""
+        return f" on {self.rank0_host}" if self.rank0_host else ""
+
+    @staticmethod
+    def _store_address() -> str:
+        try:
+            import torch.distributed as dist
+
+            store = dist.distributed_c10d._get_default_store()
+            while hasattr(store, "underlying_store"):
+                store = store.underlying_store
+            return f" at {store.host}:{store.port}" if hasattr(store, "host") else ""
+        except Exception:  # noqa: BLE001  (a private torch API: the message goes without it)
+            return ""
 
     # --- the file -------------------------------------------------------------------------------
     def dump(self, reason: str) -> str:

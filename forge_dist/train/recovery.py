@@ -10,6 +10,9 @@ verifies is the resume refused. A checkpoint named explicitly is never replaced 
 a CheckpointError that names the checkpoint, the cause and the last good checkpoint, after
 removing the partial ``.tmp-`` directory. The save is atomic (train/checkpoint.py), so the older
 checkpoints and the ``latest``/``best`` pointers are untouched.
+
+``clear_leftovers``: a resumed run removes what a crashed save left (``.tmp-``/``.trash-``
+directories) and says so; a sealed checkpoint newer than ``latest`` is named, kept and not resumed.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import shutil
 from typing import Callable, List, Optional
 
 from forge_dist.errors import CheckpointError
-from forge_dist.io.checkpoint_read import ROOT, checkpoint_name, list_checkpoints, verify_checkpoint
+from forge_dist.io.checkpoint_read import ROOT, checkpoint_name, list_checkpoints, read_pointer, verify_checkpoint
 
 
 def resume_checkpoint(out_dir: str, resolve: Callable[[], str], explicit: bool, notes: List[str]) -> str:
@@ -69,6 +72,36 @@ def save_failed(error: OSError, root: str, iteration: int, last_good: Optional[s
     kept = f"the last good checkpoint {last_good} is intact" if last_good else "no earlier checkpoint exists"
     return CheckpointError(f"saving checkpoint {checkpoint_name(iteration)} in {root} failed: {cause} ({error}); "
                            f"{kept}; free space (or fix the cause) and resume with --init_from resume")
+
+
+def clear_leftovers(root: str) -> List[str]:
+    """Rank 0, as a resumed run starts: what interrupted saves left in ``root``, one note each. A
+    ``.tmp-iter_N`` (shards of a save that was never sealed: never a checkpoint) and a ``.trash-iter_N``
+    (the older copy a re-save of N was replacing) are removed; a sealed ``iter_N`` newer than the one
+    ``latest`` names (renamed into place, then the run died before ``latest`` moved) is kept, never
+    resumed unless named (--init_from_ckpt), and replaced by this run's save of N."""
+    notes: List[str] = []
+    if not os.path.isdir(root):
+        return notes
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path) or not name.startswith((".tmp-", ".trash-")):
+            continue
+        kept = name.split("-", 1)[1]
+        if name.startswith(".trash-") and not os.path.isdir(os.path.join(root, kept)):
+            notes.append(f"{path} holds the only copy of {kept} (a re-save was interrupted); left in place")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        what = ("the unsealed files of an interrupted save, never a checkpoint" if name.startswith(".tmp-")
+                else f"the older copy of {kept} an interrupted re-save was replacing")
+        notes.append(f"removed {path}: {what}")
+    latest = read_pointer(root, "latest")
+    for name in list_checkpoints(root):
+        if latest is not None and name > latest:
+            notes.append(f"{os.path.join(root, name)} is sealed but was never published (the run stopped before "
+                         f"latest moved to it from {latest}): not resumed unless named with --init_from_ckpt; this "
+                         f"run's save of that iteration replaces it")
+    return notes
 
 
 VERIFY_LIMIT_BYTES = 1 << 30  # shards up to this size are hashed at start (about 1-2 s per GiB)

@@ -38,7 +38,7 @@ from forge_dist.train.metrics import MFU, TENSORBOARD_DIR, MetricsLog, read_metr
 from forge_dist.train.plots import plot_losses
 from forge_dist.train.diagnostics import CollectiveFailure, Diagnostics, straggler_fields
 from forge_dist.train.preemption import Preemption
-from forge_dist.train.recovery import save_failed
+from forge_dist.train.recovery import clear_leftovers, save_failed
 from forge_dist.train.reliability import diagnostics_options
 from forge_dist.train.progress import Progress
 from forge_dist.train.schedule import LRSchedule
@@ -80,6 +80,7 @@ class Trainer:
             os.makedirs(self.out_dir, exist_ok=True)
             if self.run.resumed_from is not None:
                 rewind_metrics(self.out_dir, self.run.start_iter)
+                self.run.notes += clear_leftovers(self.root)  # what a crashed save left
             else:
                 if os.path.isdir(self.root):
                     prev = self.root + ".prev"
@@ -234,7 +235,7 @@ class Trainer:
             try:
                 return self._fit()
             except Exception as e:
-                if self.diagnostics.failed():
+                if self.diagnostics.failed(e):  # a recorded collective, or DeepSpeed's own
                     raise CollectiveFailure(self.diagnostics.report_failure(e)) from e
                 raise
 

@@ -9,15 +9,17 @@ killing the survivors for us.
     which verifies, and ``--init_from resume`` continues with the losses the killed run had logged
     (fp32, bit for bit);
   * SIGKILL of rank 0 of a DeepSpeed ZeRO-2 run (DP=2) while it publishes its async save of iteration 4
-    (the sealed checkpoint renamed into place, ``latest`` not yet moved): rank 1 fails (gloo's
-    connection reset, in DeepSpeed's own all-reduce);
-    ``latest`` stays 2, the resume from it replays the logged losses bit for bit and publishes 4 and 6;
+    (the sealed checkpoint renamed into place, ``latest`` not yet moved): rank 1 fails in DeepSpeed's
+    own all-reduce (gloo's connection reset, outside our flight recorder) and still exits 3 naming
+    rank 0 and its host (the rendezvous store died with it); ``latest`` stays 2, the resume from it
+    names the unpublished iteration 4, replays the logged losses bit for bit and publishes 4 and 6;
   * a frozen rank (SIGSTOP: its sockets stay open, so the others hang in a collective): SIGUSR2
     to the survivor writes its diagnostics file at once; after --collective_timeout_s it names the
     frozen rank and exits 3.
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ from forge_dist.train import checkpoint as ckpt
 from forge_dist.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
+HOST = socket.gethostname()  # every rank of these drills runs here: each message names its host
 
 TINY = ["--n_layer", "2", "--n_head", "4", "--n_embd", "32", "--block_size", "32", "--batch_size", "4",
         "--eval_iters", "2", "--eval_interval", "4", "--log_interval", "1", "--device", "cpu", "--dtype", "float32",
@@ -47,16 +50,15 @@ def dataset(tmp_path_factory):
 
 def launch(n, args, fault=("KILL", -1, 1)):
     """Start ``n`` ranks of forge-train (through the drill wrapper: ``fault`` = signal, rank, and the
-    forward-backward call, or "save:N": inside the sharded save of iteration N, or "publish:N":
-    rank 0 publishing it)."""
+    forward-backward call, or "POINT:N": that point of the save of iteration N, e.g. "save:N" (this
+    rank's shards written) or "publish:N" (rank 0 publishing it): forge_dist.testing.kill_points)."""
     port = str(free_port())
     procs = []
     for r in range(n):
         env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
         env.update(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", FORGE_OPS="reference")
-        kind, _, n_it = str(fault[2]).partition(":")
-        where = [f"--in_{kind}", n_it] if n_it else ["--call", str(fault[2])]
+        where = ["--at", str(fault[2])] if ":" in str(fault[2]) else ["--call", str(fault[2])]
         cmd = [sys.executable, "-m", "forge_dist.testing.drill", "--signal", fault[0], "--rank", str(fault[1]),
                *where, "--", *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -91,7 +93,8 @@ def test_killed_rank_is_named_and_resume_is_exact(dataset, tmp_path):
     for rank, (code, _, err) in enumerate(results[:3]):
         last = err.strip().splitlines()[-1]
         # rank 0 names rank 3; another survivor may find rank 0 (the store's host) already gone after that
-        named = "rank 3 did not arrive" in last or (rank > 0 and "rank 0 (which hosts the rendezvous store)" in last)
+        named = (f"rank 3 on {HOST} did not arrive" in last
+                 or (rank > 0 and f"rank 0 on {HOST} (which hosts the rendezvous store" in last))
         assert code == 3 and last.startswith(f"forge-train: error: rank {rank}: ") and named, err
         text = (out / "diagnostics" / f"rank_{rank}.txt").read_text()
         assert f"rank: {rank} of 4" in text and "FAILED" in text and "python stacks (all threads):" in text
@@ -126,7 +129,13 @@ def test_rank0_killed_while_publishing_a_deepspeed_async_save(dataset, tmp_path)
                    "--async_checkpoint", "--eval_interval", "2", "--deepspeed_config", DS_CONFIG]
     results = finish(launch(2, args, ("KILL", 0, "publish:4")))
     assert results[0][0] == -signal.SIGKILL
-    assert results[1][0] != 0, results[1][2][-3000:]  # DeepSpeed's own all-reduce: gloo's "connection reset"
+    # rank 1 fails in DeepSpeed's own all-reduce (gloo's "connection reset"), outside our recorder; its
+    # error still names the lost rank and its host (train/foreign_collectives.py), like the native engine's
+    code, _, err = results[1]
+    last = err.strip().splitlines()[-1]
+    assert code == 3 and last.startswith("forge-train: error: rank 1: ") and " failed: " in last, err[-3000:]
+    assert f"rank 0 on {HOST} (which hosts the rendezvous store at 127.0.0.1:" in last, last
+    assert "FAILED: " in (out / "diagnostics" / "rank_1.txt").read_text()
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "iter_0000002"
     latest = ckpt.resolve_checkpoint(str(out))
@@ -140,12 +149,44 @@ def test_rank0_killed_while_publishing_a_deepspeed_async_save(dataset, tmp_path)
 
     results = finish(launch(2, args + ["--init_from", "resume"]))
     assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
+    assert "iter_0000004 is sealed but was never published" in results[0][1] + results[0][2]  # named, not resumed
     after = losses(out)
     assert sorted(after) == list(range(6))
     assert [after[i] for i in before if i >= 2] == [before[i] for i in before if i >= 2]  # replayed, bit for bit
     assert ckpt.resolve_checkpoint(str(out)).endswith("iter_0000006")
     for name in ("iter_0000004", "iter_0000006"):
         ckpt.verify_checkpoint(str(root / name))
+
+
+@pytest.mark.timeout(120)
+def test_deepspeed_collective_failure_names_the_lost_rank(tmp_path):
+    """Deterministically inside DeepSpeed's own all-reduce (the drill above may fail in one of ours):
+    rank 0 killed (the rendezvous store dies with it) and rank 1 killed (rank 0 reads its stale
+    heartbeat); two worlds of 2 at once."""
+    worlds = {}
+    for dies in (0, 1):
+        port, procs = str(free_port()), []
+        for r in range(2):
+            env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+            env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+            cmd = [sys.executable, "-m", "forge_dist.testing.lost_peer", "--dies", str(dies), str(tmp_path / str(dies))]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        worlds[dies] = procs
+    for dies, procs in worlds.items():
+        results = finish(procs, timeout=100)
+        survivor = 1 - dies
+        assert results[dies][0] == -signal.SIGKILL, results[dies][2][-2000:]
+        code, _, err = results[survivor]
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        head = f"forge-train: error: rank {survivor}: all_reduce on world(0,1) at "
+        assert code == 3 and last.startswith(head) and "in test_" not in last, err[-3000:]
+        assert "forge_dist/testing/lost_peer.py:" in last  # the caller of DeepSpeed's comm layer
+        lost = (f"rank 0 on {HOST} (which hosts the rendezvous store at 127.0.0.1:" if dies == 0 else
+                f"rank 1 on {HOST} did not arrive (heartbeat: none for ")
+        assert lost in last, last
+        text = (tmp_path / str(dies) / "diagnostics" / f"rank_{survivor}.txt").read_text()
+        assert "failed: #0" in text and "Connection" in text, text[:2000]
 
 
 def _wait_stopped(pid, timeout=120):
@@ -178,5 +219,5 @@ def test_frozen_rank_dump_on_request_then_named_after_timeout(dataset, tmp_path)
         procs[1].kill()
         procs[1].wait()
     last = err.strip().splitlines()[-1]
-    assert code == 3 and "has waited" in last and "rank 1 did not arrive (heartbeat: none for" in last, err
-    assert dump.read_text().startswith("forge_dist diagnostics: collective timeout: rank 1 did not arrive")
+    assert code == 3 and "has waited" in last and f"rank 1 on {HOST} did not arrive (heartbeat: none for" in last, err
+    assert dump.read_text().startswith(f"forge_dist diagnostics: collective timeout: rank 1 on {HOST} did not arrive")

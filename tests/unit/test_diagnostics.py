@@ -31,7 +31,7 @@ def test_verdicts_for_each_kind_of_member(tmp_path):
     _beat(diag, 3, seq={"world(0,1,2,3,4)": 6})  # computing, not yet at #7
     _beat(diag, 4, current={"group": "world(0,1,2,3,4)", "seq": 7, "op": "all_reduce", "site": "here"})
     fatal, slow = diag.missing(entry)
-    assert fatal == ["rank 1 did not arrive (heartbeat: none for 30 s; process gone, node down or frozen)",
+    assert fatal == ["rank 1 on node1 did not arrive (heartbeat: none for 30 s; process gone, node down or frozen)",
                      "rank 2 on node2 did not arrive: it is waiting in all_gather on tp(2,3) #12 at model.py:9 in forward"]
     assert slow == ["rank 3 on node3 did not arrive: it is not in a collective, at step 3"]
 

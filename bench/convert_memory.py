@@ -4,10 +4,11 @@
     python bench/convert_memory.py --make DIR          # a forge_dist model directory to convert
     python bench/convert_memory.py --prev_run CKPT_PT  # one TP=2 rank's --init_from prev_run read
 
-SOURCE: a DeepSpeed checkpoint, a sharded training checkpoint, a forge_dist model directory or a
-ReaLLM-Forge ckpt.pt. ``--to forge``: io/deepspeed_stream.py (DeepSpeed) or io/stream_export.py
+SOURCE: a DeepSpeed checkpoint, a sharded training checkpoint, a forge_dist model directory, a
+ReaLLM-Forge ckpt.pt or a transformers directory (``forge-convert DIR HF --to hf`` of the one --make
+writes). ``--to forge``: io/deepspeed_stream.py (DeepSpeed) or io/stream_export.py
 against consolidate (zero_to_fp32) or load_source, then save_pretrained. ``--to reallm-forge`` / ``--to hf``: io/stream_export.py against load_source +
-save_ckpt / save_hf. ``--prev_run``: io/reallm_forge.py ``open_slices`` (memory-mapped ckpt.pt, the
+save_ckpt / save_hf (a transformers source: io/hf/slices.py against load_hf). ``--prev_run``: io/reallm_forge.py ``open_slices`` (memory-mapped ckpt.pt, the
 pieces of rank 0 of 2 read: the first half of every tensor's rows) against load_ckpt (whole).
 
 Prints each path's peak resident memory above the process's baseline after imports: max RSS

@@ -16,6 +16,7 @@ dominates, as the issue's proof asks.
     python bench/memory.py                           # 8 x 1024 GPT (~0.4 GB fp32 weights), TP 1 and 2
     python bench/memory.py --tp 2 4 --n_layer 4 --n_embd 512 --steps 2
     python bench/memory.py --tp --zero3 2            # DeepSpeed ZeRO-3 at DP=2 (partitioned init)
+    python bench/memory.py --tp --ep 2 4             # an MoE GPT at EP=2 and EP=4 (ep_rows)
 
 ZeRO-3 rows (forge_dist.testing.measure_zero3) add ``built`` (the model drawn into this rank's
 partitions, before deepspeed.initialize; ratio to the TP=1 init) and ``backward``; their init
@@ -48,7 +49,15 @@ def main() -> None:
     ap.add_argument("--vocab_size", type=int, default=8192)
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--ep", type=int, nargs="*", default=[], help="expert-parallel sizes (an MoE GPT: ep_rows)")
+    ap.add_argument("--ep_dp", type=int, default=1, help="data-parallel replicas of each EP group (world EP x this)")
+    ap.add_argument("--ep_zero", type=int, nargs="*", default=[0], help="native --zero_stage values at EP")
+    ap.add_argument("--moe", type=int, nargs=3, default=[4, 384, 8], metavar=("LAYERS", "EMBD", "EXPERTS"))
     args = ap.parse_args()
+    if args.ep:
+        ep_rows(args)
+        if not args.tp and not args.zero3:
+            return
     cfg = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
                block_size=args.block, dropout=0.0, bias=False)
     weights_mb = None
@@ -81,6 +90,45 @@ def main() -> None:
                   f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); "
                   f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}), its next step "
                   f"{r['resume_step']:.0f} MB ({r['resume_step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+
+
+def ep_rows(args) -> None:
+    """Expert parallelism (forge_dist.testing.ep_memory): an MoE GPT whose experts hold most of the
+    parameters, through forge-train's build_model, native engine and sharded checkpoint, at each
+    EP size x --ep_dp against one process. Dense parameters are replicated over the EP ranks, so a
+    rank's expected share of one process's model state is (dense + experts / EP) / all (ZeRO-1:
+    the moments also / DP): the target is that share + 0.15. ``built`` and ``init`` are ratios to the
+    one-process build (fp32 weights; init also holds DDP's dense gradient buckets), the other phases
+    to the one-process step; ``resume`` builds a fresh world that loads the saved checkpoint."""
+    from forge_dist.testing.ep_memory import expected_share, measure_ep, moe_config, parameter_split
+    from forge_dist.testing.spawn import spawn
+
+    layers, embd, experts = args.moe
+    cfg = moe_config(layers, embd, experts, args.vocab_size, args.block)
+    dense, expert = parameter_split(cfg)
+    print(f"# MoE GPT {cfg}: {dense / 1e6:.1f}M dense + {expert / 1e6:.1f}M expert parameters "
+          f"({16 * (dense + expert) / 2 ** 20:.0f} MB of fp32 weights, gradients and AdamW moments)")
+    one = spawn(measure_ep, 1, cfg, args.steps, args.block, timeout=600)
+    print(f"{'one process':>14}: built {one['built']:.0f} MB; first step {one['first_step']:.0f} MB; "
+          f"step {one['step']:.0f} MB")
+    phases = ("built", "init", "first_step", "step", "save", "resume", "resume_step")
+    print(f"{'layout':>14} {'rank':>4} " + " ".join(f"{p:>15}" for p in phases) + f" {'expected':>8} {'target':>6}")
+    for ep in args.ep:
+        for zero in args.ep_zero:
+            world = ep * args.ep_dp
+            with tempfile.TemporaryDirectory() as tmp:
+                per_rank = spawn(measure_ep, world, cfg, args.steps, args.block, ep, tmp, None, zero, timeout=600,
+                                 return_all=True)
+                resumed = spawn(measure_ep, world, cfg, 1, args.block, ep, None, per_rank[0]["path"], zero,
+                                timeout=600, return_all=True)
+            share = expected_share(cfg, ep, world, zero)
+            name = f"EP{ep}" + (f"xDP{args.ep_dp}" if args.ep_dp > 1 else "") + (f" z{zero}" if zero else "")
+            for rank, (r, again) in enumerate(zip(per_rank, resumed)):
+                r["resume"], r["resume_step"] = again["resume"], again["step"]
+                cells = [f"{r[p]:>6.0f} ({r[p] / one['built' if p in ('built', 'init') else 'step']:.2f})"
+                         for p in phases]
+                print(f"{name:>14} {rank:>4} " + " ".join(f"{c:>15}" for c in cells) + f" {share:>8.2f} "
+                      f"{share + 0.15:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Dict
 import torch
 
 from forge_dist.testing.ep_parity import ep_model_kwargs
+from forge_dist.testing.ep_resharding import RESHARD_LAYOUTS, ep_tp_resharding
 
 DS_EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP4": dict(expert_parallel_size=4),  # expert_dp of one rank
@@ -76,6 +77,11 @@ def ds_config(stage: int) -> dict:
             "zero_optimization": {"stage": stage, "reduce_bucket_size": "auto"}}
 
 
+def layout_options(layout: str) -> dict:
+    """ParallelConfig options of a layout name (DS_EP_LAYOUTS, ep_resharding's; "DP4": none)."""
+    return {**RESHARD_LAYOUTS, **DS_EP_LAYOUTS}.get(layout, {})
+
+
 def make_engine(case: str, layout: str, stage: int, world: int, declare: bool = True):
     """The DeepSpeed engine over the placed model, as forge-train builds it (shard_model);
     ``declare`` False (the control): experts left undeclared, so DeepSpeed treats them as dense."""
@@ -87,7 +93,7 @@ def make_engine(case: str, layout: str, stage: int, world: int, declare: bool = 
     from forge_dist.train.deepspeed_engine import deepspeed_engine_factory, preflight
     from forge_dist.train.model_build import shard_model
 
-    pc = ParallelConfig(**DS_EP_LAYOUTS.get(layout, {}))
+    pc = ParallelConfig(**layout_options(layout))
     groups = ProcessGroups.build(pc.topology(world))
     model = _model(case)
     cfg, values = _train_config(groups.topology.dp), {"deepspeed_config": ds_config(stage)}
@@ -114,7 +120,7 @@ def make_native(case: str, layout: str, world: int, zero_stage: int = 1):
     from forge_dist.train.model_build import shard_model
     from forge_dist.train.parallel_engine import parallel_engine_factory
 
-    pc = ParallelConfig(**DS_EP_LAYOUTS.get(layout, {}))
+    pc = ParallelConfig(**layout_options(layout))
     groups = ProcessGroups.build(pc.topology(world))
     ctx = RunContext(rank=dist.get_rank(), world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp,
                      groups=groups, parallel_config=pc)
@@ -193,7 +199,10 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         engine, ctx = make_engine(case, layout, stage, world)
         ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
         save = layout == "EP4" and stage == 2 and case == "top2"
-        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None, sharded_to=ckpt + "_s" if save else None)
+        sharded = save or (layout, stage, case) == ("EP2xTP2", 2, "top2")  # resumed by ep_resharding
+        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None, sharded_to=ckpt + "_s" if sharded else None)
+        if sharded and not save:
+            out["ds_EP2xTP2"] = got
         blocks = ctx.dp_size * (2 if DS_EP_LAYOUTS[layout].get("expert_tensor_parallel_size") == 1 else 1)
         out["parity"][(layout, stage, case)] = errors(got, refs[(case, blocks)])
         opt = engine.ds.optimizer
@@ -216,7 +225,9 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         engine.load_state(out["saved"])
         out[f"resumed_{layout}"] = errors(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"], SAVE_AT)
     out.update(sharded_resumes(out, world, workdir))
+    out.update(ep_tp_resharding(out, world, workdir))
     out.pop("uninterrupted")
+    out.pop("ds_EP2xTP2")
     return out
 
 

@@ -6,7 +6,8 @@ every iteration, fp32 weights (every expert gathered, one-process names) 1e-4 af
 EP=4 ZeRO-2 checkpoint resumes at EP=4 and at EP=1 (ZeRO-2 over 4 ranks) with the uninterrupted
 run's losses and weights; forge-train's sharded checkpoint of it resumes at EP=2 x DP=2 ZeRO-1,
 EP=1 and in the native engine, a native EP=2 x DP=2 ZeRO-1 one under DeepSpeed at EP=4 and EP=1,
-each expert written only by the ranks holding it. The control, experts left undeclared to DeepSpeed (so averaged with
+each expert written only by the ranks holding it; forge-train's sharded checkpoint saved at EP=2 x TP=2 resumes at
+other EP, TP and DP sizes, by either engine and by one process (ep_resharding). The control, experts left undeclared to DeepSpeed (so averaged with
 other ranks' experts as dense parameters), must fail the weight comparison."""
 import pytest
 
@@ -78,3 +79,27 @@ def test_sharded_expert_checkpoint_ranks_write_only_their_experts(world):
         print(f"\n{ckpt}: elements written per rank {per_rank} of {total}; {experts} expert entries", end="")
         assert experts and sorted(per_rank) == [0, 1, 2, 3], (ckpt, per_rank)
         assert max(per_rank.values()) <= 0.4 * total, (ckpt, per_rank, total)
+
+
+RESHARD_TOL = {"loss": 1e-6, "grad_norm": 1e-6, "weights": 2e-6}  # fp32; measured <= 2e-7 (reduction order)
+
+
+@pytest.mark.timeout(300)
+def test_sharded_checkpoint_at_ep2_tp2_resumes_at_other_layouts(world):
+    """Saved at EP=2 x TP=2 (experts TP-split) by the native engine (ZeRO-1) and by DeepSpeed (ZeRO-2),
+    resumed at EP1 x TP2 x DP2, EP2 x TP1 x DP2, EP4, EP2 x TP2 with whole experts, by the other engine,
+    and by one process; DeepSpeed's EP4 checkpoint resumed by the native engine at EP2 x TP2. Losses, grad
+    norms and updated weights equal the uninterrupted run's (forge_dist.testing.ep_resharding). The
+    control, each rank's local experts swapped after the load, must fail the weight comparison."""
+    from forge_dist.testing.ep_resharding import NATIVE_RESUMES, resume_one_process
+
+    got = dict(world["ep_tp_resharding"])
+    for name, run in world["EP2xTP2_runs"].items():
+        got[f"{name}->one_process"] = resume_one_process(run)
+    control = got.pop("control_swapped_experts")
+    assert set(NATIVE_RESUMES) < set(got) and len(got) == len(NATIVE_RESUMES) + 6, sorted(got)
+    for name, e in sorted(got.items()):
+        print(name, {m: f"{v:.2g}" if isinstance(v, float) else v for m, v in e.items()})
+    bad = {k: e for k, e in got.items() if any(e[m] > RESHARD_TOL[m] for m in RESHARD_TOL)}
+    assert not bad, bad
+    assert control["weights"] > 1000 * RESHARD_TOL["weights"], control  # the test can tell

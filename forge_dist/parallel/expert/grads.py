@@ -20,9 +20,29 @@ from forge_dist.parallel.expert.placement import is_expert_param
 from forge_dist.parallel.groups import ProcessGroups
 
 
+BUCKET_BYTES = 25 * 2 ** 20  # as DDP's bucket_cap_mb (data_parallel.BUCKET_CAP_MB)
+
+
+def _buckets(grads: List[torch.Tensor], cap: int):
+    """Consecutive runs of ``grads`` of at most ``cap`` bytes (a larger tensor alone)."""
+    bucket: List[torch.Tensor] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if bucket and size + nbytes > cap:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(g)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 def reduce_expert_gradients(params: List[torch.Tensor], groups: ProcessGroups) -> int:
     """Expert gradients summed over ``expert_dp`` and divided by the dp size: one flattened
-    all-reduce per dtype (every expert runs each step, so every rank has the same gradients).
+    all-reduce per bucket of BUCKET_BYTES per dtype (every expert runs each step, so every rank has
+    the same gradients), so the copies are a bucket, never the rank's whole expert gradient; with
+    one rank in expert_dp (EP = DP) nothing is exchanged and the gradients are divided in place.
     Returns how many were reduced."""
     edp, dp = groups.expert_dp, groups.dp.size
     by_dtype = defaultdict(list)
@@ -33,11 +53,16 @@ def reduce_expert_gradients(params: List[torch.Tensor], groups: ProcessGroups) -
             by_dtype[p.grad.dtype].append(p.grad)
     n = 0
     for grads in by_dtype.values():
-        flat = edp.all_reduce(_flatten_dense_tensors(grads), phase="grad_sync")
-        flat = flat / dp
-        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
         n += len(grads)
+        if edp.size == 1:
+            if dp > 1:
+                torch._foreach_div_(grads, dp)
+            continue
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = edp.all_reduce(_flatten_dense_tensors(bucket), phase="grad_sync")
+            flat.div_(dp)
+            for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                g.copy_(synced)
     return n
 
 
@@ -53,7 +78,9 @@ def grad_norm(params: List[torch.Tensor], groups: ProcessGroups) -> torch.Tensor
             continue
         info = shard_info(p) or ShardInfo.replicated(p)
         copies = tp if info.dim is None else tp // info.num_shards
-        sums[int(is_expert_param(p))] += p.grad.detach().double().pow(2).sum() / copies
+        # each tensor's norm in its own dtype (as torch's clip_grad_norm_), no float64 copy of the
+        # gradient (two of the largest gradient were this rank's peak); the squares summed in float64
+        sums[int(is_expert_param(p))] += torch.linalg.vector_norm(p.grad.detach(), 2).double().pow(2) / copies
     sums = groups.tp.all_reduce(sums, phase="grad_sync")
     expert = groups.ep.all_reduce(sums[1:], phase="grad_sync")
     return (sums[0] + expert[0]).sqrt().float()

@@ -1,0 +1,100 @@
+"""forge-train's sharded checkpoint saved at EP=2 x TP=2 (experts TP-split inside) and resumed at
+other layouts, in the world of 4 of forge_dist.testing.ep_deepspeed (its model, batches, run and
+errors: losses and grad norms per iteration, the fp32 weights after the last, against the
+uninterrupted run from SAVE_AT on).
+
+  native  the native engine at EP2xTP2 (ZeRO-1), sharded checkpoint at SAVE_AT, resumed by the native
+          engine at EP1 x TP2 x DP2 (ZeRO-1), EP2 x TP1 x DP2 (no ZeRO), EP4 (ZeRO-1), EP2 x TP2 with
+          whole experts (expert_tensor_parallel_size 1), and by DeepSpeed at EP4 ZeRO-2
+  ds      DeepSpeed at EP2xTP2 ZeRO-2 (the uninterrupted run of ep_deepspeed's RUNS), resumed by
+          DeepSpeed at EP1 x TP2 x DP2 ZeRO-1 and by the native engine at EP2 x DP2
+  into    ep_deepspeed's DeepSpeed EP4 ZeRO-2 checkpoint resumed by the native engine at EP2xTP2
+  one     (the test process, no world) one process resumes each of the two (resume_one_process)
+  control the native checkpoint resumed at EP2 x DP2 with each rank's two local experts swapped
+          after the load (what a local-for-global index mix-up does): must fail the comparison
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+RESHARD_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4 (with ep_deepspeed.DS_EP_LAYOUTS)
+    "TP2xDP2": dict(tensor_parallel_size=2),
+    "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
+}
+NATIVE_RESUMES = {"native_TP2xDP2_z1": ("TP2xDP2", 1), "native_EP2xDP2_z0": ("EP2xDP2", 0),
+                  "native_EP4_z1": ("EP4", 1), "native_EP2xTP2_ETP1_z1": ("EP2xTP2_ETP1", 1)}
+
+
+def _swap_local_experts(model) -> None:
+    """The control: each placed layer's first two local experts exchange their weights."""
+    from forge_dist.parallel.expert import ExpertParallelExperts
+
+    for m in model.modules():
+        if isinstance(m, ExpertParallelExperts) and m.n_local >= 2:
+            a, b = m.local_experts()[:2]
+            with torch.no_grad():
+                for pa, pb in zip(a.parameters(), b.parameters()):
+                    tmp = pa.detach().clone()
+                    pa.copy_(pb)
+                    pb.copy_(tmp)
+
+
+def ep_tp_resharding(out: Dict, world: int, workdir: str) -> Dict:
+    """On every rank of run_ds_ep's world; ``out["ds_EP2xTP2"]``: the uninterrupted DeepSpeed
+    EP2xTP2 ZeRO-2 run with its sharded checkpoint (``["sharded"]``), ``out["uninterrupted"]`` the EP4
+    ZeRO-2 one (its checkpoint in ``out["saved_sharded"]``). Returns {case: errors} (rank 0's
+    matter; None where this rank gathered no weights) and both uninterrupted runs with their paths."""
+    from forge_dist.testing.ep_deepspeed import ITERS, SAVE_AT, errors, make_engine, make_native, run
+
+    def compare(got, ref):
+        return errors(got, ref, SAVE_AT) if got["weights"] is not None and ref["weights"] else None
+
+    res: Dict = {}
+    engine, ctx = make_native("top2", "EP2xTP2", world)
+    native = run(engine, ctx, range(ITERS), sharded_to=os.path.join(workdir, "native_EP2xTP2_s"))
+    for name, (layout, stage) in NATIVE_RESUMES.items():
+        engine, ctx = make_native("top2", layout, world, zero_stage=stage)
+        engine.load_state(native["sharded"])
+        res[name] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), native)
+    engine, ctx = make_engine("top2", "EP4", 2, world)
+    engine.load_state(native["sharded"])
+    res["native->ds_EP4_z2"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), native)
+    engine, ctx = make_native("top2", "EP2xDP2", world, zero_stage=0)
+    engine.load_state(native["sharded"])
+    _swap_local_experts(engine.model)
+    res["control_swapped_experts"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), native)
+
+    ds = out["ds_EP2xTP2"]
+    engine, ctx = make_engine("top2", "TP2xDP2", 1, world)
+    engine.load_state(ds["sharded"])
+    res["ds->ds_TP2xDP2_z1"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), ds)
+    engine, ctx = make_native("top2", "EP2xDP2", world)
+    engine.load_state(ds["sharded"])
+    res["ds->native_EP2xDP2_z1"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), ds)
+    engine, ctx = make_native("top2", "EP2xTP2", world)  # into EP2xTP2: ep_deepspeed's EP4 ZeRO-2 checkpoint
+    engine.load_state(out["saved_sharded"])
+    res["ds_EP4->native_EP2xTP2_z1"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"])
+    strip = lambda r: {k: r[k] for k in ("loss", "grad_norm", "weights", "sharded")}  # noqa: E731
+    return {"ep_tp_resharding": res, "EP2xTP2_runs": {"native": strip(native), "ds": strip(ds)}}
+
+
+def resume_one_process(uninterrupted: Dict) -> Dict:
+    """In a process with no world: the sharded checkpoint of ``uninterrupted`` (a run's dict with
+    its path in ``sharded``) resumed by LocalEngine on the global batch, against that run."""
+    from forge_dist.testing.ep_deepspeed import ACCUM, CLIP, ITERS, SAVE_AT, _model, _train_config, errors, lr, micro_batch
+    from forge_dist.train.engine import LocalEngine
+    from forge_dist.train.optim import build_optimizer
+
+    model = _model("top2")
+    engine = LocalEngine(model, build_optimizer(model, _train_config(1), "cpu"), "cpu", "float32", CLIP)
+    engine.load_state(uninterrupted["sharded"])
+    v, b = model.config.vocab_size, model.config.block_size
+    got = {"loss": [], "grad_norm": []}
+    for it in range(SAVE_AT, ITERS):
+        got["loss"].append(engine.forward_backward([micro_batch(it, m, v, b) for m in range(ACCUM)]).item())
+        got["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
+    got["weights"] = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    return errors(got, uninterrupted, SAVE_AT)

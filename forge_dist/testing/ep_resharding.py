@@ -77,8 +77,32 @@ def ep_tp_resharding(out: Dict, world: int, workdir: str) -> Dict:
     engine, ctx = make_native("top2", "EP2xTP2", world)  # into EP2xTP2: ep_deepspeed's EP4 ZeRO-2 checkpoint
     engine.load_state(out["saved_sharded"])
     res["ds_EP4->native_EP2xTP2_z1"] = compare(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"])
+    res["bucketed_reduction_equal"] = bucketed_reduction_equal(world)
     strip = lambda r: {k: r[k] for k in ("loss", "grad_norm", "weights", "sharded")}  # noqa: E731
     return {"ep_tp_resharding": res, "EP2xTP2_runs": {"native": strip(native), "ds": strip(ds)}}
+
+
+def bucketed_reduction_equal(world: int) -> bool:
+    """reduce_expert_gradients at EP2 x DP2 (expert_dp of two ranks) in buckets of 64 bytes (four
+    all-reduces here) gives exactly what one bucket gives."""
+    from forge_dist.config.parallel import ParallelConfig
+    from forge_dist.parallel.expert import grads
+    from forge_dist.parallel.groups import ProcessGroups
+
+    groups = ProcessGroups.build(ParallelConfig(expert_parallel_size=2).topology(world))
+    g, rank = torch.Generator(), torch.distributed.get_rank()
+    got = []
+    for cap in (grads.BUCKET_BYTES, 64):
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 17, 5, 30)]
+        for p in params:
+            p.allreduce, p.grad = False, torch.randn(p.shape, generator=g.manual_seed(100 * rank + p.numel()))
+        real, grads.BUCKET_BYTES = grads.BUCKET_BYTES, cap
+        try:
+            grads.reduce_expert_gradients(params, groups)
+        finally:
+            grads.BUCKET_BYTES = real
+        got.append([p.grad for p in params])
+    return all(torch.equal(a, b) for a, b in zip(*got)) and len(list(grads._buckets(got[1], 64))) == 4
 
 
 def resume_one_process(uninterrupted: Dict) -> Dict:

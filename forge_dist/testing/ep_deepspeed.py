@@ -200,7 +200,8 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         ckpt = os.path.join(workdir, f"{layout}_z{stage}_{case}")
         save = layout == "EP4" and stage == 2 and case == "top2"
         sharded = save or (layout, stage, case) == ("EP2xTP2", 2, "top2")  # resumed by ep_resharding
-        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None, sharded_to=ckpt + "_s" if sharded else None)
+        got = run(engine, ctx, range(ITERS), save_to=ckpt if save else None,
+                  sharded_to=ckpt + "_s" if sharded else None)
         if sharded and not save:
             out["ds_EP2xTP2"] = got
         blocks = ctx.dp_size * (2 if DS_EP_LAYOUTS[layout].get("expert_tensor_parallel_size") == 1 else 1)

@@ -23,7 +23,8 @@ from forge_dist.dist.malloc import pin_mmap_threshold
 from forge_dist.testing.memory import _peak_mb
 
 
-def moe_config(n_layer: int = 4, n_embd: int = 384, n_experts: int = 8, vocab_size: int = 8192, block: int = 32) -> dict:
+def moe_config(n_layer: int = 4, n_embd: int = 384, n_experts: int = 8, vocab_size: int = 8192,
+               block: int = 32) -> dict:
     """An MoE GPT whose experts hold most of the parameters (every layer an MoE layer, top-2)."""
     return dict(n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), vocab_size=vocab_size, block_size=block,
                 dropout=0.0, bias=False, use_moe=True, n_experts=n_experts, moe_layer_freq=1, moe_top_k=2)

@@ -108,7 +108,8 @@ def bucketed_reduction_equal(world: int) -> bool:
 def resume_one_process(uninterrupted: Dict) -> Dict:
     """In a process with no world: the sharded checkpoint of ``uninterrupted`` (a run's dict with
     its path in ``sharded``) resumed by LocalEngine on the global batch, against that run."""
-    from forge_dist.testing.ep_deepspeed import ACCUM, CLIP, ITERS, SAVE_AT, _model, _train_config, errors, lr, micro_batch
+    from forge_dist.testing.ep_deepspeed import (ACCUM, CLIP, ITERS, SAVE_AT, _model, _train_config, errors, lr,
+                                                 micro_batch)
     from forge_dist.train.engine import LocalEngine
     from forge_dist.train.optim import build_optimizer
 

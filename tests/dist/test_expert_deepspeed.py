@@ -6,9 +6,10 @@ every iteration, fp32 weights (every expert gathered, one-process names) 1e-4 af
 EP=4 ZeRO-2 checkpoint resumes at EP=4 and at EP=1 (ZeRO-2 over 4 ranks) with the uninterrupted
 run's losses and weights; forge-train's sharded checkpoint of it resumes at EP=2 x DP=2 ZeRO-1,
 EP=1 and in the native engine, a native EP=2 x DP=2 ZeRO-1 one under DeepSpeed at EP=4 and EP=1,
-each expert written only by the ranks holding it; forge-train's sharded checkpoint saved at EP=2 x TP=2 resumes at
-other EP, TP and DP sizes, by either engine and by one process (ep_resharding). The control, experts left undeclared to DeepSpeed (so averaged with
-other ranks' experts as dense parameters), must fail the weight comparison."""
+each expert written only by the ranks holding it; forge-train's sharded checkpoint saved at EP=2 x TP=2
+resumes at other EP, TP and DP sizes, by either engine and by one process (ep_resharding). The control,
+experts left undeclared to DeepSpeed (so averaged with other ranks' experts as dense parameters), must
+fail the weight comparison."""
 import pytest
 
 from forge_dist.testing.ep_deepspeed import RUNS, run_ds_ep

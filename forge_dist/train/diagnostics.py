@@ -282,7 +282,7 @@ class Diagnostics:
                 break
             if not fatal:
                 time.sleep(0.5)
-        who = "; ".join(fatal) or "no member's heartbeat stopped (a network failure?)"
+        who = "; ".join(fatal) or f"no member's heartbeat stopped (a network failure?): {entry.error}"
         path = self.dump(f"collective failed: {entry.error}; {who}")
         self._leave()
         which = f"#{entry.seq}" if entry.seq else f"at {entry.site}"  # seq 0: a collective outside the recorder

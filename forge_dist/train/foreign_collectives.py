@@ -18,16 +18,22 @@ from typing import List, Optional
 _TRANSPORT_MARKS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
                     "Socket Timeout", "Timed out waiting", "gloo/transport", "DistNetworkError", "DistBackendError")
 _COMM_DIRS = (os.path.join("torch", "distributed", ""), os.path.join("deepspeed", "comm", ""))
+_C10D = os.path.join("distributed", "distributed_c10d.py")
 
 
 def transport_error(error: BaseException) -> Optional[BaseException]:
-    """The transport failure in ``error``'s chain (causes and contexts), or None."""
+    """The transport failure in ``error``'s chain (causes and contexts), or None: torch's DistError,
+    or a RuntimeError raised inside a torch.distributed call that says a connection failed (gloo's;
+    an unrelated "Broken pipe" elsewhere is not one)."""
     import torch.distributed as dist
 
     seen, e = set(), error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TRANSPORT_MARKS)):
+        if isinstance(e, dist.DistError):
+            return e
+        if (isinstance(e, RuntimeError) and any(m in str(e) for m in _TRANSPORT_MARKS)
+                and any(_C10D in f.f_code.co_filename for f, _ in _frames(e))):
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -66,7 +72,7 @@ def foreign_failure(error: BaseException, world_size: int):
     frames = _frames(cause)
     op, ranks, site = "collective", tuple(range(world_size)), "?"
     for i, (frame, _) in enumerate(frames):
-        if frame.f_code.co_filename.endswith(os.path.join("distributed", "distributed_c10d.py")):
+        if frame.f_code.co_filename.endswith(_C10D):
             op = frame.f_code.co_name
             group = frame.f_locals.get("group")
             try:  # the call's own group; None is the world

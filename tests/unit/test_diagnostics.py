@@ -45,3 +45,37 @@ def test_a_rank_that_left_is_not_blamed_and_the_first_culprit_is_kept(tmp_path):
     assert diag._blame(first) == first
     assert diag._blame(["rank 2 did not arrive"]) == first  # a later reporter names the same rank
     assert diag._blame([]) == first
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        return e
+    raise AssertionError("did not raise")
+
+
+def test_a_failure_outside_the_recorder_is_read_from_the_exception():
+    """foreign_collectives: gloo's error inside a torch.distributed call (here a stand-in compiled
+    under torch's file name) gives the call, the world (group=None) and the caller; the same text
+    raised elsewhere, or another error, is not a transport failure."""
+    from forge_dist.train.foreign_collectives import foreign_failure
+
+    ns: dict = {}
+    exec(compile("def all_reduce(tensor, group=None):\n"
+                 "    raise RuntimeError('[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer')\n",
+                 "/site/torch/distributed/distributed_c10d.py", "exec"), ns)
+
+    def allreduce_bucket():
+        ns["all_reduce"](None)
+
+    entry = foreign_failure(_raised(allreduce_bucket), 2)
+    assert (entry.op, entry.group, entry.ranks, entry.seq) == ("all_reduce", "world(0,1)", (0, 1), 0)
+    assert entry.site.endswith("test_diagnostics.py:" + str(allreduce_bucket.__code__.co_firstlineno + 1)
+                               + " in allreduce_bucket") and "Connection reset by peer" in entry.error
+
+    def elsewhere():
+        raise RuntimeError("Connection reset by peer")  # e.g. a download, not a collective
+
+    assert foreign_failure(_raised(elsewhere), 2) is None
+    assert foreign_failure(ValueError("bad"), 2) is None

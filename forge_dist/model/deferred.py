@@ -2,30 +2,31 @@
 
     with deferred_weights():      # nn.Linear, nn.Embedding and LMHead allocate on the meta device
         model = ...               # every other parameter and buffer gets its constructor value
-    materialize(model, full_value, local=...)   # GPT.materialize: full_value draws by init_rules
+    materialize(model, value, keep=...)   # GPT.materialize: value draws by init_rules
 
-``materialize`` gets each meta parameter in full (``full_value(name, shape)``: drawn from its own
-seeded stream (model/init.py), or read from a checkpoint), asks
-``local(name, param, full)`` for the part this process keeps (the whole tensor by default; a
-tensor-parallel shard in forge_dist.parallel.materialize) and frees the rest before the next one,
-so the peak is the kept parameters plus one full parameter, never the whole model. The values do
-not depend on the order or the layout: a sharded build keeps exactly the slices of a single-process
-build. Meta construction draws nothing from the global generator, so the constructor-valued
+``materialize`` asks ``keep(name, param)`` what this process keeps of each meta parameter (None:
+all of it; a tensor-parallel shard, a ZeRO-3 partition of it: a forge_dist.parallel.kept.Kept)
+and draws it with ``value(name, full_shape, kept, dtype)`` (``drawn``: the parameter's own seeded
+stream, model/init.py). A kept part is drawn in pieces of the full value, only the kept elements
+copied (``Kept.take``), so the peak is the kept parameters plus one piece (plus, for a rule that
+needs its whole tensor at once, such as a rejection-sampled token table, that tensor), never a
+full parameter. The values do not depend on the order
+or the layout: a sharded build keeps exactly the slices of a single-process build. Meta construction draws nothing from the global generator, so the constructor-valued
 parameters (norm gains, learned scalars, steering tables) are the same in every build too.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from forge_dist.model.init import InitRule, param_generator
 
-Local = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-FullValue = Callable[[str, Tuple[int, ...]], torch.Tensor]
+Keep = Callable[[str, torch.Tensor], Any]  # (name, meta parameter) -> a Kept, or None: all of it
+Value = Callable[[str, Tuple[int, ...], Any, torch.dtype], torch.Tensor]  # (name, full shape, kept, dtype)
 
 
 def _on_meta(init):
@@ -64,15 +65,19 @@ def is_meta_default() -> bool:
     return torch.empty(()).is_meta
 
 
-def drawn(rules: Dict[str, InitRule], config, seed: int) -> FullValue:
-    """full_value drawing each parameter by its rule from its own stream."""
-    def full_value(name: str, shape: Tuple[int, ...]) -> torch.Tensor:
+def drawn(rules: Dict[str, InitRule], config, seed: int) -> Value:
+    """``value`` drawing each parameter by its rule from its own stream: all of it (``kept`` None,
+    the single-process build), or the kept part from the full value's pieces."""
+    def value(name: str, shape: Tuple[int, ...], kept=None, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         rule = rules.get(name)
         if rule is None:
             raise RuntimeError(f"parameter {name} is on the meta device but has no init rule "
                                f"(forge_dist.model.init.init_rules): give it one, or build it off meta")
-        return rule.build(config, shape, param_generator(seed, name))
-    return full_value
+        generator = param_generator(seed, name)
+        if kept is None:
+            return rule.build(config, shape, generator)
+        return kept.take(rule.chunks(config, shape, generator), dtype or torch.get_default_dtype())
+    return value
 
 
 def logical_shape(p: torch.Tensor) -> Tuple[int, ...]:
@@ -90,7 +95,7 @@ def replace_value(p: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, full_value: FullValue, local: Optional[Local] = None,
+def materialize(model: nn.Module, value: Value, keep: Optional[Keep] = None,
                 after: Optional[Callable[[str, nn.Parameter], None]] = None) -> int:
     """Give every meta parameter of ``model`` its value (see the module doc); returns how many.
     Names are the first names of named_parameters (they survive parallelization). ``after(name,
@@ -100,11 +105,7 @@ def materialize(model: nn.Module, full_value: FullValue, local: Optional[Local] 
     for name, p in model.named_parameters():
         if not p.is_meta:
             continue
-        full = full_value(name, logical_shape(p))
-        value = full if local is None else local(name, p, full)
-        del full
-        replace_value(p, value)
-        del value
+        replace_value(p, value(name, logical_shape(p), None if keep is None else keep(name, p), p.dtype))
         if after is not None:
             after(name, p)
         done += 1

@@ -79,10 +79,10 @@ class GPT(nn.Module):
         if not defer_init and not is_meta_default():
             self.materialize()
 
-    def materialize(self, local=None, after=None) -> int:
-        """Draw the weights still on the meta device (``local(name, param, full)`` keeps a part;
-        ``after(name, param)`` runs once each has its value)."""
-        return materialize(self, drawn(self.init_rules, self.config, self.init_seed), local, after)
+    def materialize(self, keep=None, after=None) -> int:
+        """Draw the weights still on the meta device (``keep(name, param)`` says which part this
+        process keeps: model/deferred.py; ``after(name, param)`` runs once each has its value)."""
+        return materialize(self, drawn(self.init_rules, self.config, self.init_seed), keep, after)
 
     def _build(self, config: ModelConfig) -> None:
         self.transformer = nn.ModuleDict(dict(

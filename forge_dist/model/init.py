@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,10 +26,14 @@ from forge_dist.errors import ConfigError
 from forge_dist.variants import EMBED_INIT
 
 
+def _gaussian_args(config) -> Tuple[float, float]:
+    return config.embedding_mean_init, config.embedding_std_init
+
+
 @EMBED_INIT.register("gaussian")
 def gaussian_init(config, shape, generator=None) -> torch.Tensor:
     """N(embedding_mean_init, embedding_std_init)."""
-    return torch.empty(shape).normal_(config.embedding_mean_init, config.embedding_std_init, generator=generator)
+    return torch.empty(shape).normal_(*_gaussian_args(config), generator=generator)
 
 
 @EMBED_INIT.register("onehot")
@@ -156,6 +160,10 @@ def build_embedding_init(config, shape, generator=None) -> torch.Tensor:
 # parameter's value does not depend on what was drawn before it: a sharded run can build the
 # model on the meta device and draw one full parameter at a time, keeping only its shard
 # (forge_dist.model.deferred), and get exactly the values of a single-process build.
+# Drawn in pieces of CHUNK elements (a multiple of 16: see InitRule.chunks), 1 MiB in fp32.
+CHUNK = 1 << 18
+
+
 @dataclass(frozen=True)
 class InitRule:
     """How a parameter is drawn: ``normal`` (mean, std), ``zeros``, or ``embedding`` (the
@@ -170,6 +178,47 @@ class InitRule:
         if self.kind == "embedding":
             return build_embedding_init(config, shape, generator=generator)
         return torch.empty(shape).normal_(self.mean, self.std, generator=generator)
+
+    def normal_args(self, config) -> Optional[Tuple[float, float]]:
+        """(mean, std) when ``build`` is one ``normal_`` draw over the whole tensor, else None."""
+        if self.kind == "normal":
+            return self.mean, self.std
+        if self.kind == "embedding" and config.init_variant == "gaussian":
+            return _gaussian_args(config)
+        return None
+
+    def chunks(self, config, shape, generator: torch.Generator, chunk: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """``build(config, shape, generator).reshape(-1)``, bit for bit, in consecutive pieces of
+        about ``chunk`` elements, so that a process keeping part of the tensor never holds all of it
+        (forge_dist.parallel.kept). Each piece is a view of one reused buffer, valid until the next
+        piece is drawn. Zeros and normal draws stream; other rules (the rejection-sampled or
+        row-normalised token tables) yield the whole tensor as one piece.
+
+        Why pieces of a normal draw are exact: torch's CPU ``normal_`` of a contiguous tensor of
+        n >= 16 elements (aten/src/ATen/native/cpu/DistributionTemplates.h ``normal_fill``, and its
+        AVX2 variant) draws the n uniforms in order, then maps each block of 16 by Box-Muller
+        (element i with i + 8), and when n % 16 != 0 draws 16 more uniforms for the last 16
+        elements. So pieces of a multiple of 16 elements, the last one at least 16, produce the
+        same values and leave the generator in the same state (tests/unit/test_init_stream.py
+        checks it for every rule, both dtypes and odd sizes; under 16 elements it is one piece)."""
+        chunk = CHUNK if chunk is None else chunk
+        if chunk <= 0 or chunk % 16:
+            raise ValueError(f"chunk={chunk} must be a positive multiple of 16")
+        numel = math.prod(shape)
+        if self.kind == "zeros":
+            buf = torch.zeros(min(numel, chunk))
+            for done in range(0, numel, chunk):
+                yield buf[:min(chunk, numel - done)]
+            return
+        args = self.normal_args(config)
+        if args is None:
+            yield self.build(config, shape, generator).reshape(-1)
+            return
+        buf, done = torch.empty(min(numel, chunk + 15)), 0
+        while numel - done >= chunk + 16:  # the last piece keeps >= 16 elements
+            yield buf[:chunk].normal_(*args, generator=generator)
+            done += chunk
+        yield buf[:numel - done].normal_(*args, generator=generator)
 
 
 def param_generator(seed: int, name: str) -> torch.Generator:

@@ -8,10 +8,10 @@
     #   (train/pipeline_engine.py: io.slice_read.load_slices(chunk, reader, groups, partial=True),
     #   only this rank's pieces read; what a --init_from prev_run checkpoint lacks is then drawn)
 
-Each local parameter gets its full value from its own seeded stream (forge_dist.model.init: the
+Each local parameter's TP shard is drawn from its own seeded stream (forge_dist.model.init: the
 stream is keyed by the parameter's first name in the GPT, ``layout.canonical``, so a tied head
-or a shared module on a later stage draws exactly the one-process value), this rank's TP shard
-kept and the rest freed before the next parameter; or only this rank's pieces are read from a
+or a shared module on a later stage draws exactly the one-process value), piece by piece with only
+the shard kept (forge_dist.parallel.kept); or only this rank's pieces are read from a
 layout-free checkpoint (io/slice_read.py). The layers of other stages stay on the meta device:
 they never take memory. Single-process and pipelined builds are equal (tests/dist/test_pp_parity.py
 checks every local value before the first step). DeepSpeed's PipelineModule builds only its
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from forge_dist.model.deferred import drawn, logical_shape, replace_value
-from forge_dist.parallel.materialize import shard_local
+from forge_dist.parallel.materialize import shard_keep
 from forge_dist.parallel.pipeline.stage import StageLayout
 
 
@@ -63,17 +63,13 @@ def _fill(model, chunks, local_params: Dict[str, List[nn.Parameter]], groups, lo
         for chunk in chunks:
             load(chunk)
         done = before - sum(p.is_meta for ps in local_params.values() for p in ps)
-    local = shard_local(groups)
-    full_value = drawn(model.init_rules, model.config, model.init_seed)
+    keep = shard_keep(groups)
+    value = drawn(model.init_rules, model.config, model.init_seed)
     for name, ps in sorted(local_params.items()):
-        if not any(p.is_meta for p in ps):
-            continue
-        full = full_value(name, logical_shape(ps[0]))
-        for p in ps:
+        for p in ps:  # a tied pair on one rank draws its stream twice: twice the time, never a full tensor
             if p.is_meta:
-                replace_value(p, local(name, p, full))
+                replace_value(p, value(name, logical_shape(p), keep(name, p), p.dtype))
                 done += 1
-        del full
     left = [n for c in chunks for n, b in c.named_buffers() if b.is_meta]
     if left:
         raise RuntimeError(f"buffers {left[:4]} are on the meta device after materialisation")

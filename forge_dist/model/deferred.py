@@ -10,9 +10,10 @@ and draws it with ``value(name, full_shape, kept, dtype)`` (``drawn``: the param
 stream, model/init.py). A kept part is drawn in pieces of the full value, only the kept elements
 copied (``Kept.take``), so the peak is the kept parameters plus one piece (plus, for a rule that
 needs its whole tensor at once, such as a rejection-sampled token table, that tensor), never a
-full parameter. The values do not depend on the order
-or the layout: a sharded build keeps exactly the slices of a single-process build. Meta construction draws nothing from the global generator, so the constructor-valued
-parameters (norm gains, learned scalars, steering tables) are the same in every build too.
+full parameter. The values do not depend on the order or the layout: a sharded build keeps
+exactly the slices of a single-process build. Meta construction draws nothing from the global
+generator, so the constructor-valued parameters (norm gains, learned scalars, steering tables) are
+the same in every build too.
 """
 from __future__ import annotations
 

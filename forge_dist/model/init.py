@@ -5,8 +5,9 @@ other embedding) ~ N(embedding_mean_init, embedding_std_init); ``init_variant`` 
 table (EMBED_INIT, upstream's initialization_variations.py); finally residual output projections
 (parameter names ending in ``c_proj.weight``) are drawn with std 0.02/sqrt(2 n_layer) (GPT-2's
 scaled init). A tied lm_head shares the token table's values. Each parameter is drawn from its
-own stream (``param_generator``), so a sharded build can draw one parameter at a time
-(forge_dist.model.deferred) and get the values of a single-process build.
+own stream (``param_generator``), so a sharded build can draw one parameter at a time, and of
+it only its shard (``InitRule.chunks``, forge_dist.model.deferred), and get the values of a
+single-process build.
 
 Each variant builds a (vocab, width) table for the token table's actual shape, so factorised
 tables (width n_embd_wte) work too; upstream builds (vocab, n_embd) and fails on them.
@@ -158,8 +159,9 @@ def build_embedding_init(config, shape, generator=None) -> torch.Tensor:
 # --- the initial value of every parameter, one seeded stream per parameter ----------------------
 # Each drawn parameter gets its own generator, seeded from (the model's init seed, its name), so a
 # parameter's value does not depend on what was drawn before it: a sharded run can build the
-# model on the meta device and draw one full parameter at a time, keeping only its shard
-# (forge_dist.model.deferred), and get exactly the values of a single-process build.
+# model on the meta device and draw each parameter's full value piece by piece, keeping only its
+# shard (forge_dist.model.deferred), and get exactly the values of a single-process build.
+
 # Drawn in pieces of CHUNK elements (a multiple of 16: see InitRule.chunks), 1 MiB in fp32.
 CHUNK = 1 << 18
 

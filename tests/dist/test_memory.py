@@ -22,12 +22,16 @@ def single():
 
 @pytest.mark.timeout(240)
 def test_tp2_rank_peak_memory_is_half_of_one_process_plus_15_percent(single):
+    """Both phases per rank: the build alone (each shard drawn piece by piece, parallel/kept.py:
+    0.54-0.55 of the one-process build, margin 0.10; 0.58 when a full parameter was drawn at a
+    time) and the step (0.52), against 1/2 + 15%."""
     from forge_dist.testing.memory import measure
 
     per_rank = spawn(measure, 2, CFG, 1, 32, timeout=110, return_all=True)
     weights_mb = single["local_params"] * 4 / 2 ** 20
     assert 3 * weights_mb > 350, "the model must be several hundred MB with its AdamW state"
     for rank, r in enumerate(per_rank):
+        assert r["init"] <= (0.5 + 0.15) * single["init"], (rank, r, single)
         assert r["step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
         assert r["local_params"] < 0.6 * single["local_params"]
 
@@ -35,8 +39,10 @@ def test_tp2_rank_peak_memory_is_half_of_one_process_plus_15_percent(single):
 @pytest.mark.timeout(240)
 def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percent(single, tmp_path):
     """ZeRO-3 at DP=2 (forge_dist.train.deepspeed_init): a rank's peak after the model is drawn into
-    its partitions is its half plus one full parameter (the 25 MB embedding), far below the full
-    model a one-process build holds; a rank building the model whole would be above 1.0 + 0.5.
+    its partitions is its half plus the engine's groups (no full parameter: each rank draws only its
+    partition's range, parallel/kept.py): 0.61-0.62 of the one-process build, guarded at 1/2 + 15%
+    (margin 0.03, 4 MB; 22 MB of the 83 are the engine's process groups, which a 1 x 48 GPT's
+    build holds too); 0.65-0.66 drawing one full parameter at a time, above 1.0 building it whole.
     Its first step stays within 1/2 + 15% of the one-process step (was 1.0 before
     train/deepspeed_zero3.py and the ZeRO-3 bounds of config/deepspeed.py, 1.7 with glibc's dynamic
     mmap threshold). From the second step on, AdamW's moments are held through the backward too
@@ -50,7 +56,7 @@ def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percen
     per_rank = spawn(measure_zero3, 2, CFG, 2, 32, str(tmp_path), timeout=200, return_all=True)
     for rank, r in enumerate(per_rank):
         assert r["local_params"] == single["local_params"] // 2, (rank, r)
-        assert r["built"] <= 0.75 * single["init"], (rank, r, single)
+        assert r["built"] <= (0.5 + 0.15) * single["init"], (rank, r, single)
         assert r["first_step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
         assert r["step"] <= 0.75 * single["step"], (rank, r, single)
         assert r["save"] <= 0.75 * single["step"], (rank, r, single)

@@ -41,8 +41,9 @@ def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percen
     """ZeRO-3 at DP=2 (forge_dist.train.deepspeed_init): a rank's peak after the model is drawn into
     its partitions is its half plus the engine's groups (no full parameter: each rank draws only its
     partition's range, parallel/kept.py): 0.61-0.62 of the one-process build, guarded at 1/2 + 15%
-    (margin 0.03, 4 MB; 22 MB of the 83 are the engine's process groups, which a 1 x 48 GPT's
-    build holds too); 0.65-0.66 drawing one full parameter at a time, above 1.0 building it whole.
+    (margin 0.03, 4 MB; 22 MB of the 83 a 1 x 48 GPT's build holds too, 19 MB of them the DeepSpeed
+    modules check_deepspeed imports); 0.65-0.66 drawing one full parameter at a time, above 1.0
+    building it whole.
     Its first step stays within 1/2 + 15% of the one-process step (was 1.0 before
     train/deepspeed_zero3.py and the ZeRO-3 bounds of config/deepspeed.py, 1.7 with glibc's dynamic
     mmap threshold). From the second step on, AdamW's moments are held through the backward too

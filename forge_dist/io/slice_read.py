@@ -20,6 +20,7 @@ keeps the overlap, so there the peak is one stored chunk (at most one full tenso
 """
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, List, Optional, Tuple
@@ -65,6 +66,10 @@ class SliceReader(ABC):
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _record(self, name: str, offsets, shape, element_size: int) -> None:
+        self.requests.append((name, tuple(offsets), tuple(shape)))
+        self.bytes_read += math.prod(shape) * element_size
+
     def full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """One whole logical tensor in ``dtype`` (a one-piece read: forge-convert's streamed source)."""
         out = torch.empty(self.shape(name), dtype=dtype)
@@ -99,8 +104,7 @@ class SliceReader(ABC):
                 raise CheckpointError(f"{self.source} has no tensor {name!r}")
             by_stored.setdefault(stored, []).extend(pieces)
             for view, offsets in pieces:
-                self.requests.append((name, tuple(offsets), tuple(view.shape)))
-                self.bytes_read += view.numel() * view.element_size()
+                self._record(name, offsets, view.shape, view.element_size())
         if by_stored:
             self._read(by_stored)
 

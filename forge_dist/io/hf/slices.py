@@ -11,7 +11,7 @@ so the peak is one tensor, never the model.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -48,6 +48,30 @@ class HfSlices(SliceReader):
     def _shape(self, stored: str) -> Tuple[int, ...]:
         return self._shapes[stored]
 
+    def _block(self, name: str, index: tuple) -> Optional[torch.Tensor]:
+        """Block ``index`` of our ``name``, made from only the block of the transformers tensor its
+        transform's slicer names; None where no slicer maps it (or for a 0-d tensor)."""
+        t, k = self._where[name]
+        slicer = getattr(t.from_hf, "slicer", None)
+        mapped = slicer(k, index) if slicer is not None and index else None
+        if mapped is None:
+            return None
+        theirs_index, convert = mapped
+        return convert(self._files[t.theirs].get_slice(t.theirs)[theirs_index])
+
+    def full(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """SliceReader.full, returning the block the slicer makes (no second copy of the tensor)."""
+        stored = self.stored(name)
+        shape = self._shape(stored) if stored in self._where else ()
+        block = self._block(stored, tuple(slice(0, n) for n in shape)) if shape else None
+        if block is None:
+            return super().full(name, dtype)
+        self._record(name, (0,) * len(shape), shape, block.element_size())
+        value = block.reshape(shape).to(dtype)
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            value = value.clone()  # a view into more than the block (get_slice of a fused bias): its own storage
+        return value
+
     def _read(self, wanted: Dict[str, List[Piece]]) -> None:
         whole: Dict[str, list] = {}  # a transformers tensor read whole, converted, until its parts are done
         done: Dict[str, bool] = {}
@@ -57,17 +81,15 @@ class HfSlices(SliceReader):
                     view.copy_(self._implied[name][_index(view, offsets)])
                 continue
             t, k = self._where[name]
-            f, slicer = self._files[t.theirs], getattr(t.from_hf, "slicer", None)
             for view, offsets in pieces:
                 index = _index(view, offsets)
-                mapped = slicer(k, index) if slicer is not None and view.dim() else None
-                if mapped is not None:
-                    theirs_index, convert = mapped
-                    view.copy_(convert(f.get_slice(t.theirs)[theirs_index]).reshape(view.shape))
+                block = self._block(name, index)
+                if block is not None:
+                    view.copy_(block.reshape(view.shape))
                     continue
                 if t.theirs not in whole:
                     self.whole_reads.append(t.theirs)
-                    whole[t.theirs] = t.from_hf(f.get_tensor(t.theirs))
+                    whole[t.theirs] = t.from_hf(self._files[t.theirs].get_tensor(t.theirs))
                 view.copy_(whole[t.theirs][k][index] if view.dim() else whole[t.theirs][k].reshape(()))
             if t.theirs in whole and all(n not in wanted or n == name or done.get(n) for n in t.ours):
                 del whole[t.theirs]  # every part asked for is filled: drop it before the next tensor

@@ -84,6 +84,18 @@ class RankGroup:
             dist.all_reduce(out, op=op, group=self.handle)
         return out
 
+    def all_reduce_(self, x: torch.Tensor, op=dist.ReduceOp.SUM, phase: Optional[str] = None) -> torch.Tensor:
+        """all_reduce into ``x`` itself (contiguous, the caller's own buffer: a flattened bucket),
+        without all_reduce's copy."""
+        if self.size == 1:
+            return x
+        if not x.is_contiguous():
+            raise ValueError("all_reduce_ needs a contiguous tensor")
+        self._record("all_reduce", x.numel() * x.element_size(), phase)
+        with self._flight("all_reduce", x):
+            dist.all_reduce(x, op=op, group=self.handle)
+        return x
+
     def all_gather(self, x: torch.Tensor, dim: int, phase: Optional[str] = None) -> torch.Tensor:
         """Concatenate every member's ``x`` along ``dim``, in group order."""
         if self.size == 1:

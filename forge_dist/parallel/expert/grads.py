@@ -59,7 +59,7 @@ def reduce_expert_gradients(params: List[torch.Tensor], groups: ProcessGroups) -
                 torch._foreach_div_(grads, dp)
             continue
         for bucket in _buckets(grads, BUCKET_BYTES):
-            flat = edp.all_reduce(_flatten_dense_tensors(bucket), phase="grad_sync")
+            flat = edp.all_reduce_(_flatten_dense_tensors(bucket), phase="grad_sync")  # one bucket's copy
             flat.div_(dp)
             for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                 g.copy_(synced)

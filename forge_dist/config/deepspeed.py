@@ -281,11 +281,6 @@ def resolve_deepspeed_config(raw: dict, train_cfg, dp_size: int, model_config=No
     zero = _zero(cfg, model_config, pipeline_parallel_size, source)
     offload_opt = _offloaded(zero, "offload_optimizer")
     ds_optimizer = _optimizer(cfg, train_cfg, offload_opt, source)
-    if ds_optimizer and offload_opt and train_cfg.resolved_device == "cpu":
-        _fail(source, "DeepSpeed's CPU Adam (an \"optimizer\" section with offload_optimizer; the *_cpu_adam_gpu.json "
-                      "configs) is for GPU runs that offload the optimizer step to the host. On a CPU-only run "
-                      "forge_dist's torch AdamW steps the offloaded partitions, without a 70 s JIT build: remove the "
-                      "\"optimizer\" section (configs/deepspeed/zero2_offload_optimizer.json, zero3_offload_param.json)")
     _leftover_auto(cfg, "", source)
     return ResolvedDeepSpeed(cfg, int(zero.get("stage", 0)), precision, ds_optimizer, offload_opt,
                              _offloaded(zero, "offload_param"), source)

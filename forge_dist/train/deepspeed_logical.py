@@ -16,6 +16,7 @@ from forge_dist.errors import CheckpointError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.io.deepspeed_safe import weights_only_loads
 from forge_dist.parallel.tensor.metadata import full_tensor, shard_info, shard_tensor
+from forge_dist.train.deepspeed_adam import adam_kind, current_step, new_step, replay_bias_correction
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -145,10 +146,7 @@ class DeepSpeedLogicalState:
         return plain.eval()
 
     def _adam_step(self) -> int:
-        for state in self.inner_optimizer.state.values():
-            if "step" in state:
-                return int(state["step"])
-        return 0
+        return current_step(self.inner_optimizer)
 
     def logical_optimizer_state(self, keep: bool = True) -> dict:
         """fp32 master weights and Adam moments by logical name, TP shards gathered (collective;
@@ -186,10 +184,10 @@ class DeepSpeedLogicalState:
             raise CheckpointError(f"not a forge_dist logical optimizer state (format {state.get('format')!r})")
         step = int(state["step"])
         inner = self.inner_optimizer
-        if step and not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            raise CheckpointError(f"changing the layout re-partitions torch AdamW state; this run steps with "
-                                  f"{type(inner).__name__} (the config's \"optimizer\" section): resume at the "
-                                  f"saved layout {state['layout']} or remove the section")
+        if step and adam_kind(inner) is None:
+            raise CheckpointError(f"changing the layout re-partitions Adam state; this run steps with "
+                                  f"{type(inner).__name__}: resume at the saved layout {state['layout']} or with "
+                                  f"an Adam optimizer (torch's, FusedAdam or DeepSpeedCPUAdam)")
         missing = [n for n, _ in self._named if n not in state["params"]]
         if missing:
             raise CheckpointError(f"the logical optimizer state lacks {missing[:4]}: it is from another model")
@@ -211,7 +209,7 @@ class DeepSpeedLogicalState:
         self.ds.skipped_steps = int(state["skipped_steps"])
 
     def _materialize_adam_state(self, step: int) -> None:
-        """Create torch AdamW's state (zeros, ``step``) for every tensor the optimizer steps, and
+        """Create Adam's state (zeros, ``step``) for every tensor the optimizer steps, and
         link DeepSpeed's ZeRO-1/2/bf16 fragments to it (DeepSpeed does both at its first step)."""
         inner = self.inner_optimizer
         on_device = any(g.get("fused") or g.get("capturable") for g in inner.param_groups)
@@ -220,9 +218,9 @@ class DeepSpeedLogicalState:
         if stepped is None:
             stepped = [p for g in inner.param_groups for p in g["params"]]
         for p in stepped:
-            inner.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32,
-                                                   device=p.device if on_device else "cpu"),
+            inner.state[p] = {"step": new_step(inner, step, p.device if on_device else "cpu"),
                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        replay_bias_correction(inner, step)  # DeepSpeed's CPU kernel: deepspeed_adam.py
         self.link_adam_fragments()
 
     def link_adam_fragments(self) -> None:

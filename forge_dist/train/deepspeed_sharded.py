@@ -29,6 +29,7 @@ import torch.distributed as dist
 from forge_dist.errors import CheckpointError
 from forge_dist.parallel.sharded_state import LocalShards, fragment_pieces
 from forge_dist.parallel.tensor.metadata import shard_info
+from forge_dist.train.deepspeed_adam import adam_kind, set_step
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -183,11 +184,10 @@ class DeepSpeedShardedState:
         metadata = read_index(directory)
         index = metadata.state_dict_metadata
         has_optim = any(k.startswith("optim/") for k in index)
-        if has_optim and not isinstance(self.inner_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise CheckpointError(f"{path} holds torch AdamW state; this run steps with "
-                                  f"{type(self.inner_optimizer).__name__} (the DeepSpeed config's \"optimizer\" "
-                                  f"section): add \"torch_adam\": true to its params (DeepSpeed then builds "
-                                  f"torch's AdamW) or remove the section to resume it")
+        if has_optim and adam_kind(self.inner_optimizer) is None:
+            raise CheckpointError(f"{path} holds Adam state; this run steps with "
+                                  f"{type(self.inner_optimizer).__name__}, which keeps another state: resume "
+                                  f"with an Adam optimizer (torch's, FusedAdam or DeepSpeedCPUAdam)")
         if has_optim:
             self._materialize_adam_state(1)  # zeros to load into; the saved step is set below
         state = self.sharded_state(with_optim=has_optim)
@@ -207,8 +207,7 @@ class DeepSpeedShardedState:
                     self._set_fragment(p, key, value)
         step = _saved_step(state, self._named)
         if has_optim:
-            for entry in self.inner_optimizer.state.values():
-                entry["step"].fill_(float(step))
+            set_step(self.inner_optimizer, step)  # and DeepSpeed's CPU kernel (deepspeed_adam.py)
         self._refresh_forward_params()
         saved = extra.get("deepspeed") or {}
         self.ds.global_steps = int(saved.get("global_steps", step))

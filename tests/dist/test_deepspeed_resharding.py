@@ -1,7 +1,7 @@
 """ZeRO-stage resharding: a checkpoint saved by DeepSpeed at ZeRO-1 resumes at ZeRO-3, and that
 one without DeepSpeed (forge_dist's ParallelEngine at DP=2, and one process: DP 2 -> 1), each
 continuing the uninterrupted ZeRO-1 run in fp32 (losses to 1e-6, weights to 1e-5 relative, the
-bounds of test_deepspeed.py's data-parallel resumes).
+bounds of test_deepspeed_dp.py's data-parallel resumes).
 
 One DP=2 world: ZeRO-1 for ITERS iterations, checkpoint at SAVE_AT; ZeRO-3 resumed from it,
 checkpoint at SAVE_AT + 2, the rest; the native engine resumed from the ZeRO-3 checkpoint (weights
@@ -26,58 +26,11 @@ import torch
 
 from forge_dist.testing.spawn import spawn
 
-import test_deepspeed as T  # the DeepSpeed test harness (engines, batches, the learning rate)
+import deepspeed_harness as T  # the DeepSpeed test harness (engines, batches, the learning rate)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 SAVE_3 = T.SAVE_AT + 2
-
-
-def native_engine(checkpoint, groups=None):
-    """forge_dist's own engine (no DeepSpeed) with the weights of a DeepSpeed checkpoint and its
-    optimizer state: ParallelEngine over ``groups``, else LocalEngine."""
-    import torch.distributed as dist
-
-    from forge_dist import ModelConfig
-    from forge_dist.io.deepspeed_ckpt import consolidate
-    from forge_dist.io.state import load_state
-    from forge_dist.model.gpt import GPT
-    from forge_dist.train.context import RunContext
-    from forge_dist.train.parallel_engine import parallel_engine_factory
-    from forge_dist.train.sharded_save import is_sharded_checkpoint
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ctx = RunContext(rank=rank, world_size=world, dp_rank=rank, dp_size=world)
-    model = GPT(ModelConfig(**T.TINY))
-    if not is_sharded_checkpoint(checkpoint):  # a sharded one: the engine reads the weights with the moments
-        state, _, _ = consolidate(os.path.join(checkpoint, "deepspeed"))
-        load_state(model, state, "the consolidated DeepSpeed checkpoint")
-    if groups is not None:
-        from forge_dist.config.parallel import ParallelConfig
-
-        ctx.groups, ctx.parallel_config = groups, ParallelConfig()
-    engine = parallel_engine_factory(model, T.train_config(world), {}, ctx)
-    engine.load_state(checkpoint)
-    return engine, ctx
-
-
-def run_native(engine, ctx, iters, sharded_to=None, sharded_at=None, gathered_to=None):
-    """test_deepspeed.run_iters for forge_dist's engines: losses and the final logical weights (and
-    checkpoints before ``sharded_at``: the sharded format, and the gathered one under ``gathered_to``)."""
-    from forge_dist.train.checkpoint import save_checkpoint
-
-    out = {"loss": []}
-    for it in iters:
-        if sharded_to is not None and it == sharded_at:
-            out["sharded"] = T.sharded_save(engine, ctx, sharded_to, it)
-            if gathered_to is not None:
-                out["gathered"] = save_checkpoint(gathered_to, it, engine.model, engine, {"iteration": it}, ctx)
-        loss = engine.forward_backward([T.micro_batch(it, m, ctx.dp_rank, ctx.dp_size) for m in range(T.ACCUM)])
-        engine.step(T.lr(it))
-        out["loss"].append(ctx.mean(loss.item()))
-    full = engine.full_state_dict()  # collective under TP; None on data-parallel replicas but the first
-    out["weights"] = None if full is None else {k: v.detach().clone() for k, v in full.items()}
-    return out
 
 
 def world2(rank, world, workdir):
@@ -95,8 +48,8 @@ def world2(rank, world, workdir):
     T.save(engine, ctx, z3)
     out["z3"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
     out["z3"]["loss"] = first["loss"] + out["z3"]["loss"]
-    engine, ctx = native_engine(z3, ProcessGroups.build(Topology(world)))  # ZeRO-3 -> no ZeRO
-    out["native"] = run_native(engine, ctx, range(SAVE_3, T.ITERS))
+    engine, ctx = T.native_engine(z3, ProcessGroups.build(Topology(world)))  # ZeRO-3 -> no ZeRO
+    out["native"] = T.run_native(engine, ctx, range(SAVE_3, T.ITERS))
     out.update(sharded_chain(workdir, out["z1"]["sharded"], world))
     poisoned = os.path.join(workdir, "z3_poisoned")
     if rank == 0:
@@ -141,8 +94,8 @@ def sharded_chain(workdir, s1, world):
     engine, ctx = T.make_engine(2)
     engine.load_state(s3)
     out["s_z2"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
-    engine, ctx = native_engine(s3, ProcessGroups.build(Topology(world)))
-    out["s_native"] = run_native(engine, ctx, range(SAVE_3, T.ITERS), sharded_to=os.path.join(workdir, "s_native"),
+    engine, ctx = T.native_engine(s3, ProcessGroups.build(Topology(world)))
+    out["s_native"] = T.run_native(engine, ctx, range(SAVE_3, T.ITERS), sharded_to=os.path.join(workdir, "s_native"),
                                  sharded_at=SAVE_3 + 1, gathered_to=os.path.join(workdir, "g_native"))
     engine, ctx = T.make_engine(0)
     engine.load_state(out["s_native"]["sharded"])
@@ -225,8 +178,8 @@ def world1(rank, world, workdir):
     from forge_dist.io.checkpoint_read import checkpoint_name
 
     T.quiet()
-    engine, ctx = native_engine(os.path.join(workdir, "z3"))  # DP 2 -> 1, ZeRO-3 -> one process
-    out = {"native": run_native(engine, ctx, range(SAVE_3, T.ITERS))}
+    engine, ctx = T.native_engine(os.path.join(workdir, "z3"))  # DP 2 -> 1, ZeRO-3 -> one process
+    out = {"native": T.run_native(engine, ctx, range(SAVE_3, T.ITERS))}
     engine, ctx = T.make_engine(1)  # the sharded ZeRO-3 checkpoint at DP 2 -> ZeRO-1 at DP 1
     engine.load_state(os.path.join(workdir, "s_z3", checkpoint_name(SAVE_3)))
     out["s_one"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))

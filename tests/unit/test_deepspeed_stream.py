@@ -1,6 +1,6 @@
 """The tensor-by-tensor safetensors writer of forge-convert's DeepSpeed path (io/deepspeed_stream.py)
 writes the bytes safetensors' save_file writes; the DeepSpeed checkpoints themselves are tested in
-tests/dist/test_deepspeed.py (test_forge_convert_streams_zero_checkpoints_one_tensor_at_a_time)."""
+tests/dist/test_deepspeed_dp.py (test_forge_convert_streams_zero_checkpoints_one_tensor_at_a_time)."""
 import json
 
 import pytest

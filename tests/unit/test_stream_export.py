@@ -1,7 +1,7 @@
 """forge-convert streams tensor by tensor from every source to every target (io/stream_export.py,
 io/torch_zip_stream.py) and writes what the whole-model path writes: the same zip records of the
 ckpt.pt (torch.save's), the same safetensors and transformers files, byte for byte.
-DeepSpeed and sharded (DCP) sources: tests/dist/test_deepspeed.py and tests/dist/test_sharded_init.py."""
+DeepSpeed and sharded (DCP) sources: tests/dist/test_deepspeed_dp.py and tests/dist/test_sharded_init.py."""
 import json
 import os
 import re

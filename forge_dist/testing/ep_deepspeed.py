@@ -19,8 +19,11 @@ from typing import Dict
 import torch
 
 from forge_dist.testing.ep_parity import ep_model_kwargs
-from forge_dist.testing.ep_resharding import RESHARD_LAYOUTS, ep_tp_resharding
 
+RESHARD_LAYOUTS = {  # name -> ParallelConfig options: layouts only ep_resharding resumes at, in a world of 4
+    "TP2xDP2": dict(tensor_parallel_size=2),
+    "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
+}
 DS_EP_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4
     "EP4": dict(expert_parallel_size=4),  # expert_dp of one rank
     "EP2xDP2": dict(expert_parallel_size=2),  # expert_dp of two ranks
@@ -186,7 +189,8 @@ def errors(run_out: Dict, ref: Dict, offset: int = 0) -> Dict[str, float]:
 
 
 def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
-    """On every rank of a spawned world of 4 (the test's worker); rank 0's dict is the result."""
+    """On every rank of a spawned world of 4, the DeepSpeed EP parity runs and their checkpoints'
+    resumes (ep_resharding.run_ds_ep_world adds the EP2 x TP2 resharding); rank 0's dict is the result."""
     import logging
     import warnings
 
@@ -226,9 +230,6 @@ def run_ds_ep(rank: int, world: int, workdir: str) -> Dict:
         engine.load_state(out["saved"])
         out[f"resumed_{layout}"] = errors(run(engine, ctx, range(SAVE_AT, ITERS)), out["uninterrupted"], SAVE_AT)
     out.update(sharded_resumes(out, world, workdir))
-    out.update(ep_tp_resharding(out, world, workdir))
-    out.pop("uninterrupted")
-    out.pop("ds_EP2xTP2")
     return out
 
 

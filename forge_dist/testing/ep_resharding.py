@@ -20,10 +20,8 @@ from typing import Dict
 
 import torch
 
-RESHARD_LAYOUTS = {  # name -> ParallelConfig options, in a world of 4 (with ep_deepspeed.DS_EP_LAYOUTS)
-    "TP2xDP2": dict(tensor_parallel_size=2),
-    "EP2xTP2_ETP1": dict(expert_parallel_size=2, tensor_parallel_size=2, expert_tensor_parallel_size=1),
-}
+from forge_dist.testing.ep_deepspeed import ITERS, SAVE_AT, errors, make_engine, make_native, run, run_ds_ep
+
 NATIVE_RESUMES = {"native_TP2xDP2_z1": ("TP2xDP2", 1), "native_EP2xDP2_z0": ("EP2xDP2", 0),
                   "native_EP4_z1": ("EP4", 1), "native_EP2xTP2_ETP1_z1": ("EP2xTP2_ETP1", 1)}
 
@@ -42,13 +40,21 @@ def _swap_local_experts(model) -> None:
                     pb.copy_(tmp)
 
 
+def run_ds_ep_world(rank: int, world: int, workdir: str) -> Dict:
+    """test_expert_deepspeed's worker, on every rank of a world of 4: ep_deepspeed.run_ds_ep's parity
+    runs and resumes, then the EP2 x TP2 resharding below; rank 0's dict is the result."""
+    out = run_ds_ep(rank, world, workdir)
+    out.update(ep_tp_resharding(out, world, workdir))
+    out.pop("uninterrupted")
+    out.pop("ds_EP2xTP2")
+    return out
+
+
 def ep_tp_resharding(out: Dict, world: int, workdir: str) -> Dict:
-    """On every rank of run_ds_ep's world; ``out["ds_EP2xTP2"]``: the uninterrupted DeepSpeed
+    """On every rank of run_ds_ep_world's world; ``out["ds_EP2xTP2"]``: the uninterrupted DeepSpeed
     EP2xTP2 ZeRO-2 run with its sharded checkpoint (``["sharded"]``), ``out["uninterrupted"]`` the EP4
     ZeRO-2 one (its checkpoint in ``out["saved_sharded"]``). Returns {case: errors} (rank 0's
     matter; None where this rank gathered no weights) and both uninterrupted runs with their paths."""
-    from forge_dist.testing.ep_deepspeed import ITERS, SAVE_AT, errors, make_engine, make_native, run
-
     def compare(got, ref):
         return errors(got, ref, SAVE_AT) if got["weights"] is not None and ref["weights"] else None
 

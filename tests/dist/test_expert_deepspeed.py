@@ -12,7 +12,8 @@ experts left undeclared to DeepSpeed (so averaged with other ranks' experts as d
 fail the weight comparison."""
 import pytest
 
-from forge_dist.testing.ep_deepspeed import RUNS, run_ds_ep
+from forge_dist.testing.ep_deepspeed import RUNS
+from forge_dist.testing.ep_resharding import run_ds_ep_world
 from forge_dist.testing.spawn import spawn
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -22,7 +23,7 @@ TOL = {"loss": 1e-5, "grad_norm": 1e-5, "weights": 1e-4}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return spawn(run_ds_ep, 4, str(tmp_path_factory.mktemp("ds_ep")), timeout=280)
+    return spawn(run_ds_ep_world, 4, str(tmp_path_factory.mktemp("ds_ep")), timeout=280)
 
 
 @pytest.mark.timeout(300)

@@ -218,14 +218,15 @@ def open_slices(model_dir: str, verify: Optional[Callable[[List[str]], None]] = 
 
 @torch.no_grad()
 def load_slices(model: nn.Module, reader, groups: Optional[ProcessGroups], partial: bool = False,
-                fresh_ok: bool = False) -> List[str]:
+                fresh_ok: bool = False, meta: bool = True) -> List[str]:
     """Fill ``model`` (logical names; a deferred, parallelized model, a pipeline stage under the
     GPT's names, or a plain one with ``groups`` None) from ``reader`` (io/slice_read.py), reading
     only the pieces this rank's tensors hold (parallel/sharded_state.py shard_pieces): meta
     parameters get a new local tensor, the others are written in place. Strict like io.state,
     unless ``partial`` (the checkpoint may hold tensors the model lacks) or ``fresh_ok`` (tensors
-    the checkpoint lacks keep their value, or stay on meta to be drawn: prev_run). Returns the
-    names the checkpoint lacked."""
+    the checkpoint lacks keep their value, or stay on meta to be drawn: prev_run). ``meta`` False:
+    meta tensors are only checked and stay on meta (ZeRO-3 reads its partitions of them itself:
+    ``read_kept``). Returns the names the checkpoint lacked."""
     from forge_dist.parallel.sharded_state import shard_pieces
     from forge_dist.parallel.tensor.metadata import shard_info
 
@@ -245,6 +246,8 @@ def load_slices(model: nn.Module, reader, groups: Optional[ProcessGroups], parti
         if reader.shape(name) != logical_shape(t):
             raise CheckpointError(f"{reader.source}: {name} has shape {reader.shape(name)}, the model "
                                   f"expects {logical_shape(t)}")
+        if t.is_meta and not meta:
+            continue
         local = torch.zeros(t.shape, dtype=t.dtype) if t.is_meta else t  # zeros: a padded shard's tail
         info = shard_info(t)
         pieces = shard_pieces(local, info, groups) if groups is not None else [(local, (0,) * local.dim())]
@@ -255,6 +258,23 @@ def load_slices(model: nn.Module, reader, groups: Optional[ProcessGroups], parti
     for t, local in fills:
         replace_value(t, local)
     return missing
+
+
+def read_kept(reader: SliceReader, name: str, kept, dtype: torch.dtype,
+              groups: Optional[ProcessGroups]) -> torch.Tensor:
+    """The part ``kept`` (forge_dist.parallel.kept.Kept: a tensor-parallel shard's flat range, a
+    ZeRO-3 partition) of the logical tensor ``name``, in a shard-shaped tensor of which only that
+    range is written, so the rest is never resident (as ``Kept.take`` draws it); only the range's
+    boxes are read (parallel/sharded_state.py fragment_pieces), padding rows left as zeros."""
+    from forge_dist.parallel.sharded_state import fragment_pieces
+
+    out = torch.empty(kept.shape, dtype=dtype)
+    flat = out.view(-1)
+    start, stop = kept.start, flat.numel() if kept.stop is None else kept.stop
+    if start < stop:
+        fragment = flat[start:stop].zero_()
+        reader.read({name: fragment_pieces(fragment, start, tuple(kept.shape), kept.info, groups)})
+    return out
 
 
 def load_shards(model: nn.Module, directory: str, groups: ProcessGroups, partial: bool = False) -> None:

@@ -87,7 +87,7 @@ def build_run(parsed: ParsedOptions, groups: Sequence[OptionGroup], ctx: Optiona
     r = resolved or resolve_run(parsed, groups)
     train_cfg = _rank_train_config(r.train_cfg, ctx)
     wants_meta = getattr(engine_factory, "wants_meta_model", None)  # ZeRO-3 draws it into partitions
-    on_meta = bool(wants_meta and r.prev_state is None and wants_meta(r.values))
+    on_meta = bool(wants_meta and wants_meta(r.values))
     model, flops = build_model(r.model_cfg, train_cfg, ctx, r.prev_state, r.resume_path, r.notes, on_meta=on_meta)
     engine = engine_factory(model, train_cfg, r.values, ctx)
     loader = open_loader(r.data_dirs or [r.data_dir], r.model_cfg, train_cfg, ctx.dp_rank, ctx.dp_size)

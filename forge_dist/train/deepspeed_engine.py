@@ -288,7 +288,11 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
         if resolved.zero_stage != 3:
             raise ConfigError(f"the model is on the meta device but the DeepSpeed config has ZeRO stage "
                               f"{resolved.zero_stage}: only stage 3 materialises it (partitioned)")
-        partitioned_materialize(model, resolved.config, groups, mpu)
+        weights = getattr(model, "prev_run_weights", None)  # build_model: --init_from prev_run's SliceReader
+        partitioned_materialize(model, resolved.config, groups, mpu, weights)
+        if weights is not None:
+            weights.close()  # this rank's partitions are read
+            model.prev_run_weights = None
     buffer_dtypes = {n: b.dtype for n, b in model.named_buffers()}
     device = train_cfg.resolved_device
     # The rate starts at 0: our schedule sets it before every step, and DeepSpeed's fp16/bf16

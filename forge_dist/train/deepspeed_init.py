@@ -9,7 +9,9 @@ partition in flight; the values are those of a single-process ``GPT(cfg)``. Ever
 rank draws the same stream, so zero.Init's broadcast from data-parallel rank 0 is skipped for
 drawn parameters (kept for the constructor-valued ones, and for hpZ, whose secondary partition
 reads other ranges: there the whole shard is drawn). ``deepspeed.initialize`` then finds every
-parameter already partitioned.
+parameter already partitioned. With ``--init_from prev_run`` the same ranges are read instead from
+the checkpoint (io/slice_read.py ``read_kept``: only the boxes of this rank's partition), what it
+lacks drawn; the constructor-valued parameters and buffers it holds are read whole (they are small).
 
     wants_meta_model(values)            # build.build_run: leave the model on meta for the engine
     partitioned_materialize(model, ...) # the DeepSpeed engine factory, before deepspeed.initialize
@@ -28,12 +30,12 @@ def _stage(raw: dict):
 
 def wants_meta_model(values: dict) -> bool:
     """Whether a run with these options builds its model under ZeRO-3's partitioned initialisation
-    (``--deepspeed_config`` naming stage 3, and no ``--init_from prev_run``, which copies weights
-    by name into a full model)."""
+    (``--deepspeed_config`` naming stage 3; ``--init_from prev_run``'s weights are read into the
+    partitions)."""
     from forge_dist.config.deepspeed import load_deepspeed_config
 
     source = values.get("deepspeed_config")
-    if not source or values.get("init_from") == "prev_run":
+    if not source:
         return False
     return _stage(source if isinstance(source, dict) else load_deepspeed_config(source)) == 3
 
@@ -42,19 +44,23 @@ def has_meta_parameters(model) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def partitioned_materialize(model, config: dict, groups: ProcessGroups, mpu) -> int:
+def partitioned_materialize(model, config: dict, groups: ProcessGroups, mpu, weights=None) -> int:
     """Draw ``model``'s meta parameters one by one into ZeRO-3 partitions over ``mpu``'s
-    data-parallel group (see the module doc); the constructor-valued ones (norm gains, scalars)
+    data-parallel group (see the module doc), or read them from ``weights`` (a SliceReader: the
+    prev_run checkpoint; what it lacks is drawn); the constructor-valued ones (norm gains, scalars)
     are partitioned after. Collective over the data-parallel group; returns how many were drawn."""
     import deepspeed
 
+    from forge_dist.io.slice_read import load_slices, read_kept
+    from forge_dist.model.deferred import drawn, materialize
     from forge_dist.parallel.materialize import shard_keep
 
     # deepspeed.comm over our (already initialised) default group: zero.Init reads sizes from it
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
     init = deepspeed.zero.Init(config_dict_or_path=config, mpu=mpu, data_parallel_group=mpu.get_data_parallel_group(),
                                remote_device="cpu" if _offloads_params(config) else None)
-    tp_shard = shard_keep(groups if groups.topology.tp > 1 else None)
+    tp_groups = groups if groups.topology.tp > 1 else None
+    tp_shard = shard_keep(tp_groups)
     # hpZ (a secondary partition over a sub-group) copies other ranges: draw the whole shard there
     own_range = getattr(init, "zero_param_process_group", None) is None
     for p in model.parameters():  # allocated in DeepSpeed's dtype from the start (a cast reads it all)
@@ -80,10 +86,20 @@ def partitioned_materialize(model, config: dict, groups: ProcessGroups, mpu) -> 
                                f"{p.ds_zero_partition_world_size}, not {init.rank} of {init.dp_world_size}")
         p.partition()
 
-    drawn = model.materialize(keep=keep, after=drawn_partition)
+    fresh = drawn(model.init_rules, model.config, model.init_seed)
+    value = fresh
+    if weights is not None:  # names and shapes checked; the constructor-valued tensors read in place
+        load_slices(model, weights, tp_groups, partial=True, fresh_ok=True, meta=False)
+
+        def value(name, shape, kept, dtype):
+            if weights.stored(name) is None:  # prev_run: what the checkpoint lacks keeps its fresh value
+                return fresh(name, shape, kept, dtype)
+            return read_kept(weights, name, kept, dtype, tp_groups)
+
+    count = materialize(model, value, keep=keep, after=drawn_partition)
     for p in model.parameters():  # the constructor-valued ones
         _partition(init, p)
-    return drawn
+    return count
 
 
 def _partition(init, p) -> None:

@@ -41,7 +41,8 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
     resumed checkpoint tensor by tensor: forge_dist.parallel.materialize); other runs build the
     full model. The weights are the same either way. ``on_meta``: the model is left on the meta
     device (the TP plan applied) for an engine that materialises it itself (ZeRO-3 partitions:
-    train/deepspeed_init.py), and a resume's weights come with that engine's state."""
+    train/deepspeed_init.py, reading prev_run's weights from ``model.prev_run_weights``), and a
+    resume's weights come with that engine's state."""
     from forge_dist.model.gpt import GPT
     from forge_dist.train.metrics import flops_per_token
 
@@ -66,9 +67,10 @@ def build_model(cfg: ModelConfig, train_cfg: TrainConfig, ctx: RunContext, prev_
     deferred = pipelined or (pc is not None and (ctx.tp_size > 1 or expert_parallel))
     model = GPT(cfg, defer_init=deferred or on_meta)
     flops = flops_per_token(model)  # the full model's, before it is sharded
-    if on_meta:  # ZeRO-3: the DeepSpeed engine draws it into partitions (train/deepspeed_init.py)
+    if on_meta:  # ZeRO-3: the DeepSpeed engine draws it (or reads prev_run's) into partitions (train/deepspeed_init.py)
         if ctx.groups is not None:
             shard_model(model, ctx, train_cfg.seed)
+        model.prev_run_weights = reader  # a SliceReader or None: deepspeed_engine.py reads its partitions
         return model, flops
     if resume_path is not None:  # a gathered checkpoint: its weights, strictly
         from forge_dist.io.slice_read import SafetensorsSlices

@@ -2,13 +2,16 @@
 parallelism and a replicated KV head (partial gradients), ZeRO 0-3 against the single-process run
 (forge_dist's LocalEngine, in this process), and the same without the TP gradient sums (which must
 then fail: the test can tell); the sharded ZeRO-1 checkpoint resumed at ZeRO-3 and at TP=1 x DP=4
-ZeRO-2 (train/deepspeed_sharded.py); ZeRO-3 drawn from the meta device; the ZeRO-2 checkpoint
+ZeRO-2 (train/deepspeed_sharded.py); ZeRO-3 drawn from the meta device, and from --init_from
+prev_run's weights (each rank reading only its partitions); the ZeRO-2 checkpoint
 consolidated and converted. Harness: deepspeed_harness.py."""
 import json
+import math
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from forge_dist.testing.spawn import spawn
 
@@ -58,6 +61,7 @@ def world4_tp(rank, world, workdir):
     meta_engine = deepspeed_engine.deepspeed_engine_factory(meta, train_config(2, clip=CLIP_TP),
                                                             {"deepspeed_config": ds_config(3)}, ctx)
     out["zero3_meta"] = run_iters(meta_engine, ctx, range(ITERS))
+    out["prev_run"] = zero3_prev_run(out["tp2_z2_saved"], groups, pc)
     real = deepspeed_engine.sum_partial_grads
     deepspeed_engine.sum_partial_grads = lambda *args: 0
     try:  # the control: without summing partial gradients over TP the run must diverge
@@ -74,6 +78,57 @@ def world4_tp(rank, world, workdir):
         engine.step(lr(0))
         out["tp_counts"][n_layer] = counter.count(phase="grad_sync")
     return out
+
+
+PREV_LACKS = "transformer.h.1.mlp.c_fc.weight"  # what the prev_run checkpoint lacks keeps its drawn value
+
+
+def zero3_prev_run(saved, groups, pc):
+    """--init_from prev_run under ZeRO-3 at TP=2 x DP=2 (build_model on meta; each rank reads only
+    its partitions of its TP shards: deepspeed_init.py), against the full build that loads the
+    weights by name, then sliced: (full, meta) of the initial weights and 3 iterations each, and
+    per rank the elements it asked for of each tensor and the size of its partitions."""
+    from forge_dist import ModelConfig
+    from forge_dist.io.slice_read import StateDictSlices
+    from forge_dist.parallel.parallelize import parallelize
+    from forge_dist.parallel.tensor.metadata import shard_info
+    from forge_dist.train.context import RunContext
+    from forge_dist.train.deepspeed_engine import deepspeed_engine_factory
+    from forge_dist.train.model_build import build_model
+
+    from test_sharded_init import _NoWholeModel  # every whole-model conversion path raises
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, train_cfg = ModelConfig(**TP_MODEL), train_config(2, clip=CLIP_TP)
+    prev = {k: v for k, v in saved.items() if k != PREV_LACKS}
+    values = {"deepspeed_config": ds_config(3)}
+    out = {}
+    for case in ("full", "meta"):
+        reader = StateDictSlices(prev, "the prev_run weights")
+        ctx = RunContext(rank=rank, world_size=world, dp_rank=groups.coord.dp, dp_size=groups.topology.dp)
+        if case == "full":  # every rank builds the whole model and copies the weights by name
+            model, _ = build_model(cfg, train_cfg, ctx, prev_state=reader)
+            ctx.groups, ctx.parallel_config = groups, pc
+            engine = deepspeed_engine_factory(parallelize(model, groups, pc), train_cfg, values, ctx)
+        else:
+            ctx.groups, ctx.parallel_config = groups, pc
+            with _NoWholeModel():
+                model, _ = build_model(cfg, train_cfg, ctx, prev_state=reader, on_meta=True)
+                assert all(p.is_meta for p in model.transformer.h.parameters() if p.dim() > 1)
+                engine = deepspeed_engine_factory(model, train_cfg, values, ctx)
+            asked = {}  # elements read per tensor
+            for name, _, sizes in reader.requests:
+                asked[name] = asked.get(name, 0) + math.prod(sizes)
+            r, dp = groups.coord.dp, groups.topology.dp  # this rank's partition: [r * ceil(n / DP), +ceil(n / DP))
+            parts = {n: (min(-(-p.ds_numel // dp), max(0, p.ds_numel - -(-p.ds_numel // dp) * r)),
+                         getattr(shard_info(p), "padded_size", None) is not None)
+                     for n, p in model.named_parameters() if len(p.ds_shape) > 1}
+            out["read_by_rank"] = [None] * world
+            dist.all_gather_object(out["read_by_rank"], (asked, parts))
+        initial = engine.full_state_dict()
+        out[case] = (initial, run_iters(engine, ctx, range(3)))
+    return out
+
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +169,38 @@ def test_tp2_dp2_zero3_drawn_into_partitions_equals_a_full_build(tp_dp):
     assert tp_dp["zero3_meta"]["loss"] == tp_dp[3]["loss"]
     for k, v in tp_dp[3]["weights"].items():
         assert torch.equal(tp_dp["zero3_meta"]["weights"][k], v), k
+
+
+def test_tp2_dp2_zero3_prev_run_reads_only_its_partitions(tp_dp):
+    """--init_from prev_run under ZeRO-3 at TP=2 x DP=2: the model stays on meta and each rank reads
+    from the checkpoint only its ZeRO-3 partition of each TP shard (no whole-model path is called),
+    the tensor the checkpoint lacks is drawn, and the initial weights and 3 iterations equal the full
+    build that copies the weights by name, exactly."""
+    from forge_dist.train.deepspeed_init import wants_meta_model
+
+    assert wants_meta_model({"deepspeed_config": ds_config(3), "init_from": "prev_run"})  # build_run: on meta
+    prev = tp_dp["prev_run"]
+    (full_init, full), (meta_init, meta) = prev["full"], prev["meta"]
+    assert full_init.keys() == meta_init.keys()
+    for k, v in full_init.items():
+        assert torch.equal(meta_init[k], v), k
+    saved = tp_dp["tp2_z2_saved"]
+    assert not torch.equal(full_init[PREV_LACKS], saved[PREV_LACKS])  # drawn, not read
+    assert torch.equal(full_init["transformer.h.0.mlp.c_fc.weight"], saved["transformer.h.0.mlp.c_fc.weight"])
+    assert meta["loss"] == full["loss"]
+    for k, v in full["weights"].items():
+        assert torch.equal(meta["weights"][k], v), k
+    by_rank = prev["read_by_rank"]
+    names = [n for n in by_rank[0][1] if n != PREV_LACKS]
+    assert len(names) > 10 and all(PREV_LACKS not in asked for asked, _ in by_rank)
+    for asked, parts in by_rank:  # exactly this rank's partition of its TP shard (vocabulary padding unread)
+        for name in names:
+            numel, padded = parts[name]
+            assert asked.get(name, 0) == numel or (padded and asked.get(name, 0) < numel), (name, asked, numel)
+        assert sum(asked.get(n, 0) for n in names) < 0.5 * sum(saved[n].numel() for n in names)
+    for name in names:  # each element by one rank, or by both TP ranks of a replicated tensor
+        total = sum(asked.get(name, 0) for asked, _ in by_rank)
+        assert total in (saved[name].numel(), 2 * saved[name].numel()), (name, total)
 
 
 def test_tp2_dp2_sharded_checkpoint_resumes_at_zero3_and_at_tp1_dp4(tp_dp):

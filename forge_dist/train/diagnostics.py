@@ -20,7 +20,9 @@ will never come. Here each rank runs a small daemon thread that
 
 A collective that fails (gloo raises when a peer's connection closes: a rank died) is reported the
 same way from the main thread: ``report_failure`` waits for the dead rank's heartbeat to go stale
-and returns the line naming it; forge-train prints it and exits 3.
+and returns the line naming it; forge-train prints it and exits 3. One survivor per failure reads
+the heartbeats and the others take its verdict from the store (verdict.py), so the store serves
+O(N) reads per failure, not N per survivor.
 
 File format (text; one section per heading)::
 
@@ -41,6 +43,8 @@ import sys
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
+
+from forge_dist.train.verdict import POLL_S, failure_key, read_heartbeats, shared_verdict
 
 DIAGNOSTICS_DIR = "diagnostics"
 EXIT_LOST_RANK = 3
@@ -80,6 +84,7 @@ class Diagnostics:
         self.dir = os.path.join(out_dir, DIAGNOSTICS_DIR)
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = min(10.0, max(0.5, self.timeout_s / 8))
+        self.verdict_wait_s = 4 * self.heartbeat_s + 3  # the judge's reading window, and a margin
         self.host = socket.gethostname()
         self.store = _store() if ctx.distributed else None
         self.step: Optional[int] = None
@@ -185,20 +190,13 @@ class Diagnostics:
         if self.rank0_host is None and self.store is not None and self.store.check(["hb/0"]):
             self.rank0_host = json.loads(self.store.get("hb/0"))["host"]
 
-    def _heartbeats(self, ranks) -> Dict[int, Optional[dict]]:
-        keys = [f"hb/{r}" for r in ranks]
-        out: Dict[int, Optional[dict]] = {}
-        for r, key in zip(ranks, keys):
-            out[r] = json.loads(self.store.get(key)) if self.store.check([key]) else None
-        return out
-
     # --- verdicts -------------------------------------------------------------------------------
     def missing(self, entry) -> Tuple[List[str], List[str]]:
         """(members that are lost or elsewhere: a reason to stop, members that are only slow)."""
         if self.store is None:
             return [], []
         fatal, slow, now = [], [], time.time()
-        for r, hb in self._heartbeats([r for r in entry.ranks if r != self.ctx.rank]).items():
+        for r, hb in read_heartbeats(self.store, [r for r in entry.ranks if r != self.ctx.rank]).items():
             if hb is not None and hb.get("exiting"):
                 continue  # it left after losing another rank: the culprit is in the store's "lost"
             if hb is None or now - hb["time"] > 3 * self.heartbeat_s + 1:
@@ -272,16 +270,16 @@ class Diagnostics:
         if entry is None:
             return f"rank {self.ctx.rank}: {' '.join(str(error).split())[:300]}"
         fatal: List[str] = []
-        end = time.time() + 3 * self.heartbeat_s + 2
-        while not fatal and time.time() < end and self.store is not None:
-            try:
-                fatal = self._blame([f for f in self.missing(entry)[0] if "heartbeat" in f])
+        if self.store is not None:
+            try:  # one judge per failure reads the heartbeats; the others take its verdict (verdict.py)
+                fatal = shared_verdict(self.store, failure_key(entry), lambda: self._judge_failure(entry),
+                                       self.verdict_wait_s)
+                fatal = self._blame([]) if fatal == [] else fatal  # a culprit named since, elsewhere
+                if fatal is None:  # the judge died before publishing: judge alone, as every rank once did
+                    fatal = self._judge_failure(entry)
             except Exception:  # noqa: BLE001  (the store itself died with its host, rank 0)
                 fatal = [f"rank 0{self._rank0_host()} (which hosts the rendezvous store{self._store_address()}) "
                          f"is unreachable: process gone or node down"] if self.ctx.rank else []
-                break
-            if not fatal:
-                time.sleep(0.5)
         who = "; ".join(fatal) or f"no member's heartbeat stopped (a network failure?): {entry.error}"
         path = self.dump(f"collective failed: {entry.error}; {who}")
         self._leave()
@@ -289,6 +287,17 @@ class Diagnostics:
         step = f" (step {self.step})" if self.step is not None else ""
         return (f"rank {self.ctx.rank}: {entry.op} on {entry.group} {which}{step} failed: {who}; "
                 f"diagnostics in {path}")
+
+    def _judge_failure(self, entry) -> List[str]:
+        """The members of the failed collective whose heartbeat stopped (or the culprit another
+        reporter named first), read again every 0.5 s until one goes stale (3 intervals) or that
+        long has passed."""
+        end = time.time() + 3 * self.heartbeat_s + 2
+        while True:
+            fatal = self._blame([f for f in self.missing(entry)[0] if "heartbeat" in f])
+            if fatal or time.time() >= end:
+                return fatal
+            time.sleep(POLL_S)
 
     def _rank0_host(self) -> str:
         """`` on HOST`` for rank 0 (its heartbeat, read while the store lived), else ''."""

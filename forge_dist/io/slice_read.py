@@ -134,12 +134,57 @@ class SafetensorsSlices(SliceReader):
         return self._weights.shape(stored)
 
     def _read(self, wanted: Dict[str, List[Piece]]) -> None:
-        f = self._weights._f
-        for name, pieces in wanted.items():
-            part = f.get_slice(name)
-            for view, offsets in pieces:
-                value = part[_index(view, offsets)] if view.dim() else f.get_tensor(name)
-                view.copy_(value.reshape(view.shape))
+        _read_safetensors(self._weights._f, wanted)
+
+
+def _read_safetensors(f, wanted: Dict[str, List[Piece]], key: Callable[[str], str] = str) -> None:
+    """Fill each piece from an open safetensors file (``key``: the stored name's key in it)."""
+    for name, pieces in wanted.items():
+        part = f.get_slice(key(name))
+        for view, offsets in pieces:
+            value = part[_index(view, offsets)] if view.dim() else f.get_tensor(key(name))
+            view.copy_(value.reshape(view.shape))
+
+
+class StateFileSlices(SliceReader):
+    """A state file (io/statefile.py: ``name.json`` + ``name.safetensors``) read lazily: its tensors
+    under their paths in the structure (``params/<name>/fp32``), each piece through get_slice, so a
+    rank reads only its pieces of, say, a gathered checkpoint's logical optimizer copy."""
+
+    def __init__(self, directory: str, name: str):
+        import json
+
+        from safetensors import safe_open
+
+        super().__init__()
+        self.source = os.path.join(directory, f"{name}.safetensors")
+        try:
+            with open(os.path.join(directory, f"{name}.json"), encoding="utf-8") as fh:
+                self.structure = json.load(fh)
+            self._f = safe_open(self.source, framework="pt", device="cpu")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {name} state in {directory}: {e}") from None
+        self._keys: Dict[str, str] = {}
+        self._walk(self.structure, "")
+
+    def _walk(self, obj, path: str) -> None:
+        if isinstance(obj, dict) and "__tensor__" in obj:
+            self._keys[path] = obj["__tensor__"]
+        elif isinstance(obj, dict) and not any(k.startswith("__") for k in obj):
+            for k, v in obj.items():
+                self._walk(v, f"{path}/{k}" if path else k)
+
+    def close(self) -> None:
+        self._f = None
+
+    def stored_names(self) -> List[str]:
+        return sorted(self._keys)
+
+    def _shape(self, stored: str) -> Tuple[int, ...]:
+        return tuple(self._f.get_slice(self._keys[stored]).get_shape())
+
+    def _read(self, wanted: Dict[str, List[Piece]]) -> None:
+        _read_safetensors(self._f, wanted, self._keys.__getitem__)
 
 
 class DcpSlices(SliceReader):

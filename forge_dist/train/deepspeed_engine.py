@@ -57,7 +57,7 @@ from forge_dist.train.deepspeed_zero3 import memory_efficient_linear, share_fp32
 from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
                                           sum_partial_grads, tp_sum_mode)
 from forge_dist.train.optim import build_optimizer, param_groups
-from forge_dist.train.statefile import load_state, save_state
+from forge_dist.train.statefile import save_state
 
 Batch = Sequence[torch.Tensor]
 
@@ -193,7 +193,7 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
             self.load_logical_optimizer_state(logical_from_native(directory, self.optimizer_layout()[0]))
             return
         if self.ep > 1 or not os.path.isdir(ds_dir):  # expert parallelism, or saved by one: the logical copy
-            self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+            self.load_logical_file(directory)
             return
         self.load_own_or_logical_state(directory)
 

@@ -163,8 +163,6 @@ class DeepSpeedLogicalState:
     def load_own_or_logical_state(self, directory: str) -> None:
         """Resume through DeepSpeed's own files when the layout is the saved one (its partitions load
         as they are), else re-partition from the logical copy, which any layout reads."""
-        from forge_dist.train.statefile import load_state
-
         ds_dir = os.path.join(directory, dsc.DS_DIR)
         meta = dsc.read_layout(ds_dir)
         if meta["layout"] == self.layout:
@@ -174,12 +172,13 @@ class DeepSpeedLogicalState:
             if path is None:
                 raise CheckpointError(f"DeepSpeed could not load {ds_dir} (tag {meta['tag']})")
             return
-        self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+        self.load_logical_file(directory)
         if self.groups.global_rank == 0:
             print(f"resumed {directory} on a new layout {self.layout} (saved as {meta['layout']}): optimizer "
                   f"state re-partitioned from its logical copy", file=sys.stderr, flush=True)
 
-    def load_logical_optimizer_state(self, state: dict) -> None:
+    def _logical_step(self, state: dict) -> int:
+        """The step of a logical optimizer copy (decoded, or its JSON structure), checked against this run."""
         if state.get("format") != dsc.LOGICAL_FORMAT:
             raise CheckpointError(f"not a forge_dist logical optimizer state (format {state.get('format')!r})")
         step = int(state["step"])
@@ -191,6 +190,38 @@ class DeepSpeedLogicalState:
         missing = [n for n, _ in self._named if n not in state["params"]]
         if missing:
             raise CheckpointError(f"the logical optimizer state lacks {missing[:4]}: it is from another model")
+        return step
+
+    def load_logical_file(self, directory: str) -> None:
+        """A gathered checkpoint's logical optimizer copy (``deepspeed_logical.*``) on this layout.
+        Under ZeRO-3 each rank reads only its partitions of it (the pieces ``sharded_state`` lists,
+        through safetensors' get_slice: io/slice_read.StateFileSlices), never the copy whole; the
+        other stages and expert-parallel runs still load it whole."""
+        from forge_dist.io.slice_read import StateFileSlices
+        from forge_dist.io.statefile import load_state
+
+        if self.groups.ep.size > 1 or not any(hasattr(p, "ds_id") for _, p in self._named):
+            self.load_logical_optimizer_state(load_state(directory, dsc.LOGICAL_NAME))
+            return
+        with StateFileSlices(directory, dsc.LOGICAL_NAME) as reader:
+            saved = reader.structure
+            step = self._logical_step(saved)
+            if step:
+                self._materialize_adam_state(step)
+            state = self.sharded_state(with_optim=bool(step))  # views of this rank's partitions
+            keys = {"fp32": "model/{}", **{k: "optim/{}/" + k for k in (ADAM_KEYS if step else ())}}
+            reader.read({f"params/{name}/{key}": state[entry.format(name)].pieces for name, _ in self._named
+                         for key, entry in keys.items() if entry.format(name) in state})
+        with torch.no_grad():
+            for _, p, key, value in self._targets:
+                if key != "buffer":  # the logical copy holds parameters only
+                    self._set_fragment(p, key, value)
+        self._refresh_forward_params()
+        self.ds.global_steps = int(saved["global_steps"])
+        self.ds.skipped_steps = int(saved["skipped_steps"])
+
+    def load_logical_optimizer_state(self, state: dict) -> None:
+        step = self._logical_step(state)
         tp_rank, tp = self.groups.tp.rank, self.groups.tp.size
 
         def local(name: str, p, key: str) -> torch.Tensor:

@@ -18,6 +18,7 @@ ZeRO-1 checkpoint at ZeRO-3 and saves one that ZeRO-1 at DP=1 resumes; its gathe
 rank 0 (the writer) only. The same DP=2 world checks
 that ZeRO-3 from a meta-device model (deepspeed_init.py: no rank builds it whole) trains exactly as
 from a full build, for the shipped ZeRO-3 configs that run on a CPU."""
+import contextlib
 import os
 import shutil
 
@@ -33,6 +34,30 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 SAVE_3 = T.SAVE_AT + 2
 
 
+@contextlib.contextmanager
+def partitions_read():
+    """The bytes each read of a logical optimizer copy by partitions took (a list), while loading
+    the copy whole raises."""
+    import forge_dist.io.statefile as statefile
+    from forge_dist.io import slice_read
+
+    real_load, real_close, read = statefile.load_state, slice_read.StateFileSlices.close, []
+
+    def load_state(directory, name, *args, **kwargs):
+        if name == "deepspeed_logical":
+            raise AssertionError("the logical optimizer copy was loaded whole")
+        return real_load(directory, name, *args, **kwargs)
+
+    def close(self):
+        read.append(self.bytes_read)
+        real_close(self)
+    statefile.load_state, slice_read.StateFileSlices.close = load_state, close
+    try:
+        yield read
+    finally:
+        statefile.load_state, slice_read.StateFileSlices.close = real_load, real_close
+
+
 def world2(rank, world, workdir):
     from forge_dist.errors import CheckpointError
     from forge_dist.parallel.groups import ProcessGroups
@@ -43,7 +68,9 @@ def world2(rank, world, workdir):
     z1, z3 = os.path.join(workdir, "z1"), os.path.join(workdir, "z3")
     out = {"z1": T.run_iters(*T.make_engine(1), range(T.ITERS), save_to=z1, sharded_to=os.path.join(workdir, "s_z1"))}
     engine, ctx = T.make_engine(3)
-    engine.load_state(z1)  # ZeRO-1 -> ZeRO-3: re-partitioned from the logical copy
+    with partitions_read() as read:  # ZeRO-1 -> ZeRO-3: re-partitioned from the logical copy
+        engine.load_state(z1)
+    out["z3_logical_read"] = (read, os.path.getsize(os.path.join(z1, "deepspeed_logical.safetensors")))
     first = T.run_iters(engine, ctx, range(T.SAVE_AT, SAVE_3))
     T.save(engine, ctx, z3)
     out["z3"] = T.run_iters(engine, ctx, range(SAVE_3, T.ITERS))
@@ -202,6 +229,14 @@ def runs(tmp_path_factory):
 def test_zero1_resumes_at_zero3(runs):
     e = T.errors("ZeRO-1 -> ZeRO-3 (DP=2) vs uninterrupted ZeRO-1", runs["z3"], runs["z1"], offset=T.SAVE_AT)
     assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, e
+
+
+def test_zero3_reads_only_its_partitions_of_the_gathered_logical_copy(runs):
+    """ZeRO-1 -> ZeRO-3 from a gathered checkpoint: each rank reads its partitions of the logical
+    optimizer copy (weights and both moments) and never loads it whole (the resume's parity is
+    test_zero1_resumes_at_zero3)."""
+    read, size = runs["z3_logical_read"]
+    assert len(read) == 1 and 0.4 * size < read[0] < 0.6 * size, (read, size)
 
 
 def test_zero3_resumes_without_deepspeed(runs):

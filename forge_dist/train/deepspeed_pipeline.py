@@ -58,6 +58,7 @@ import torch.distributed as dist
 from forge_dist.errors import ConfigError
 from forge_dist.io import deepspeed_ckpt as dsc
 from forge_dist.io.deepspeed_safe import install as install_safe_checkpoint_engine
+from forge_dist.parallel.grad_norm import global_grad_norm
 from forge_dist.parallel.pipeline.stage import GPTChunk, merge_stage_parts
 from forge_dist.train.deepspeed_logical import DeepSpeedLogicalState
 from forge_dist.train.deepspeed_pipe_module import canonical_names, pipeline_module
@@ -170,13 +171,9 @@ class DeepSpeedPipelineEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
 
     def _plain_grad_norm(self) -> torch.Tensor:
         """The global norm DeepSpeed's fp32 stage-0 path does not keep: each logical gradient once
-        (the copies _mark_norm_params counts)."""
-        total = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.grad is not None and p.model_parallel:
-                total += p.grad.detach().double().pow(2).sum()
-        total = self.groups.tp.all_reduce(total, phase="grad_sync")
-        return self.groups.pp.all_reduce(total, phase="grad_sync").sqrt()
+        (the copies _mark_norm_params counts; parallel/grad_norm.py)."""
+        terms = ((p.grad, 1, False) for p in self.model.parameters() if p.grad is not None and p.model_parallel)
+        return global_grad_norm(terms, [self.groups.tp, self.groups.pp], device=self.device)
 
     def step(self, lr: float) -> dict:
         if not self._step_pending:

@@ -17,6 +17,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from forge_dist.parallel.expert.placement import is_expert_param
+from forge_dist.parallel.grad_norm import global_grad_norm
 from forge_dist.parallel.groups import ProcessGroups
 
 
@@ -67,20 +68,12 @@ def reduce_expert_gradients(params: List[torch.Tensor], groups: ProcessGroups) -
 
 
 def grad_norm(params: List[torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
-    """The 2-norm of the whole model's gradient: TP shards and replicas counted once (as
-    tensor.metadata.tp_grad_norm), expert gradients summed over the expert-parallel group."""
-    from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info
+    """The 2-norm of the whole model's gradient (parallel/grad_norm.py): TP shards and replicas
+    counted once (as tensor.metadata.tp_grad_norm), expert gradients summed over the
+    expert-parallel group."""
+    from forge_dist.parallel.tensor.metadata import tp_copies
 
     tp = groups.tp.size
-    sums = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else None)
-    for p in params:
-        if p.grad is None:
-            continue
-        info = shard_info(p) or ShardInfo.replicated(p)
-        copies = tp if info.dim is None else tp // info.num_shards
-        # each tensor's norm in its own dtype (as torch's clip_grad_norm_), no float64 copy of the
-        # gradient (two of the largest gradient were this rank's peak); the squares summed in float64
-        sums[int(is_expert_param(p))] += torch.linalg.vector_norm(p.grad.detach(), 2).double().pow(2) / copies
-    sums = groups.tp.all_reduce(sums, phase="grad_sync")
-    expert = groups.ep.all_reduce(sums[1:], phase="grad_sync")
-    return (sums[0] + expert[0]).sqrt().float()
+    terms = ((p.grad, tp_copies(p, tp), is_expert_param(p)) for p in params if p.grad is not None)
+    return global_grad_norm(terms, [groups.tp], experts=groups.ep,
+                            device=params[0].device if params else None)

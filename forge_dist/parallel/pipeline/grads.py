@@ -25,8 +25,9 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from forge_dist.parallel.expert.placement import is_expert_param
+from forge_dist.parallel.grad_norm import global_grad_norm
 from forge_dist.parallel.pipeline.stage import StageLayout
-from forge_dist.parallel.tensor.metadata import ShardInfo, shard_info
+from forge_dist.parallel.tensor.metadata import tp_copies
 
 
 def distinct_params(layout: StageLayout) -> List[torch.nn.Parameter]:
@@ -137,21 +138,16 @@ def dp_average(params: List[torch.nn.Parameter], group) -> None:
             bucket, size = [], 0
 
 
-@torch.no_grad()
 def grad_norm(layout: StageLayout, groups) -> torch.Tensor:
-    """The global 2-norm over every pipeline stage and TP shard (collective over tp and pp)."""
+    """The global 2-norm over every pipeline stage and TP shard (parallel/grad_norm.py; collective
+    over tp, pp and, for the placed experts, ep)."""
     tp = groups.tp.size
-    total = torch.zeros(2, dtype=torch.float64)  # dense, experts (different on each expert-parallel rank)
-    for c, ps in layout.local_params().items():
+    counted, local = [], layout.local_params()
+    for c, ps in local.items():
         holders = layout.holders.get(c)
         if holders is not None and holders[0] != layout.pp_rank:
             continue  # counted on the lowest pipeline rank holding it
-        p = ps[0]
-        if p.grad is None:
-            continue
-        info = shard_info(p) or ShardInfo.replicated(p)
-        copies = tp if info.dim is None else tp // info.num_shards
-        total[int(is_expert_param(p))] += p.grad.detach().double().pow(2).sum() / copies
-    total = groups.pp.all_reduce(groups.tp.all_reduce(total, phase="grad_sync"), phase="grad_sync")
-    experts = groups.ep.all_reduce(total[1:], phase="grad_sync") if groups.ep.size > 1 else total[1:]
-    return (total[0] + experts[0]).sqrt()
+        counted.append(ps[0])
+    terms = ((p.grad, tp_copies(p, tp), is_expert_param(p)) for p in counted if p.grad is not None)
+    return global_grad_norm(terms, [groups.tp, groups.pp], experts=groups.ep,
+                            device=next((ps[0].device for ps in local.values()), None))

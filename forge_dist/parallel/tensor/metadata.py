@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from forge_dist.parallel.grad_norm import global_grad_norm
 from forge_dist.parallel.groups import ProcessGroups, RankGroup
 
 ATTR = "_forge_shard"
@@ -183,21 +184,19 @@ def tp_grad_sync(model: nn.Module, groups: ProcessGroups,
     return n
 
 
+def tp_copies(p: torch.Tensor, tp: int) -> int:
+    """How many TP ranks hold the value of ``p`` (all of them for a replicated parameter)."""
+    info = shard_info(p) or ShardInfo.replicated(p)
+    return tp if info.dim is None else tp // info.num_shards
+
+
 def tp_grad_norm(model: nn.Module, groups: ProcessGroups, norm_type: float = 2.0) -> torch.Tensor:
     """The 2-norm of the full model's gradient, from sharded gradients (after tp_grad_sync):
-    each distinct value counted once. Collective over the TP group."""
+    each distinct value counted once (parallel/grad_norm.py). Collective over the TP group."""
     if norm_type != 2.0:
         raise ValueError("tp_grad_norm computes the 2-norm only")
     tp = groups.tp.size
-    total = None
-    for p in _unique_params(model):
-        if p.grad is None:
-            continue
-        info = shard_info(p) or ShardInfo.replicated(p)
-        copies = tp if info.dim is None else tp // info.num_shards  # ranks holding this value
-        sq = p.grad.detach().float().pow(2).sum() / copies
-        total = sq if total is None else total + sq
-    if total is None:
-        return torch.zeros(())
-    return groups.tp.all_reduce(total, phase="grad_sync").sqrt()
+    params = _unique_params(model)
+    return global_grad_norm(((p.grad, tp_copies(p, tp), False) for p in params if p.grad is not None),
+                            [groups.tp], device=params[0].device if params else None)
 

@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from forge_dist.train.verdict import POLL_S, failure_key, read_heartbeats, shared_verdict
+from forge_dist.train.verdict import POLL_S, failure_key, leased_verdict, read_heartbeats, shared_verdict
 
 DIAGNOSTICS_DIR = "diagnostics"
 EXIT_LOST_RANK = 3
@@ -84,6 +84,7 @@ class Diagnostics:
         self.dir = os.path.join(out_dir, DIAGNOSTICS_DIR)
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = min(10.0, max(0.5, self.timeout_s / 8))
+        self.poll_s = min(1.0, self.heartbeat_s / 2)  # the watchdog's
         self.verdict_wait_s = 4 * self.heartbeat_s + 3  # the judge's reading window, and a margin
         self.host = socket.gethostname()
         self.store = _store() if ctx.distributed else None
@@ -142,7 +143,7 @@ class Diagnostics:
 
     # --- the watchdog thread --------------------------------------------------------------------
     def _watch(self) -> None:
-        poll = min(1.0, self.heartbeat_s / 2)
+        poll = self.poll_s
         next_beat = time.time() + self.heartbeat_s
         while not self._stop.is_set():
             if self._pipe is not None:
@@ -236,7 +237,11 @@ class Diagnostics:
         if current is None or time.time() - current.start < self.timeout_s:
             return
         waited = time.time() - current.start
-        fatal, slow = self.missing(current)
+        verdict = self.missing(current) if self.store is None else leased_verdict(
+            self.store, failure_key(current, "hung"), self.ctx.rank, lambda: self.missing(current), 3 * self.poll_s + 2)
+        if verdict is None:
+            return  # the member judging this collective has not published yet (verdict.py)
+        fatal, slow = verdict
         fatal = self._blame(fatal)
         head = (f"rank {self.ctx.rank}: {current.op} on {current.group} #{current.seq} (step {self.step}) has waited "
                 f"{waited:.0f} s (--collective_timeout_s {self.timeout_s:g})")

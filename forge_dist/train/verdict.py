@@ -9,6 +9,10 @@ publishes the verdict under that key. Every other survivor polls that one key an
 verdict: O(1) store operations each, independent of the world size; the judge's O(N) bytes are
 paid once per failure. A survivor whose judge died too before publishing (the wait is bounded)
 judges for itself, as every survivor did before.
+
+A hung collective is judged again at every poll of the watchdog, so there the judge holds a lease:
+its latest verdict, with its time, under the collective's key. The other members read that record
+and use it while it is fresh; when it is stale (the judge left or died) one of them takes it over.
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ def read_heartbeats(store, ranks: Iterable[int]) -> Dict[int, Optional[dict]]:
     return out
 
 
-def failure_key(entry) -> str:
-    """The store key every survivor of the same failed collective derives alike: its group (with
-    the ranks), sequence number and op, hashed (a 1,000-rank group's name is kilobytes long)."""
-    return "verdict/" + hashlib.sha1(f"{entry.group}#{entry.seq}:{entry.op}".encode()).hexdigest()[:20]
+def failure_key(entry, kind: str = "failed") -> str:
+    """The store key every member of the same collective derives alike (``kind``: failed, hung):
+    its group with the ranks, sequence number and op, hashed to a short fixed length."""
+    return f"verdict/{kind}/" + hashlib.sha1(f"{entry.group}#{entry.seq}:{entry.op}".encode()).hexdigest()[:20]
 
 
 def shared_verdict(store, key: str, judge: Callable[[], list], wait_s: float, poll_s: float = POLL_S) -> Optional[list]:
@@ -54,3 +58,22 @@ def shared_verdict(store, key: str, judge: Callable[[], list], wait_s: float, po
         if time.time() >= end:
             return None
         time.sleep(min(poll_s, max(0.0, end - time.time())))
+
+
+def leased_verdict(store, key: str, me: int, judge: Callable[[], list], max_age_s: float) -> Optional[list]:
+    """For a wait that goes on (a hung collective): a verdict of ``judge()`` at most ``max_age_s``
+    old. The member holding ``key``'s lease judges at each call and publishes; the others read its
+    latest record (one request), and take the lease over when the record is stale. None while the
+    judge's first verdict is not out yet."""
+    record = f"{key}/latest"
+    now = time.time()
+    claim = json.dumps({"rank": me, "time": now, "verdict": None})
+    current = store.compare_set(record, "", claim).decode()  # creates the record (the lease) when absent
+    latest = json.loads(current)
+    if latest["rank"] != me and now - latest["time"] > max_age_s:  # the judge is gone: take over
+        latest = json.loads(store.compare_set(record, current, claim))
+    if latest["rank"] != me:
+        return latest["verdict"] if now - latest["time"] <= max_age_s else None
+    verdict = judge()
+    store.set(record, json.dumps({"rank": me, "time": time.time(), "verdict": verdict}))
+    return verdict

@@ -158,3 +158,38 @@ def test_a_survivor_whose_judge_died_judges_alone(tmp_path):
     line = diag.report_failure(RuntimeError("Connection reset by peer"))
     assert re.match(r"rank 1: all_reduce_max on world\(0,1,2\) #34 \(step 6\) failed: rank 2 on node2 did not "
                     r"arrive \(heartbeat: none for 3[01] s", line), line
+
+
+def test_a_hung_collective_is_judged_by_one_member_and_the_lease_passes_on(tmp_path, capsys):
+    """64 members of a 65-rank world wait past --collective_timeout_s for rank 64, which computes:
+    at each poll one member reads the heartbeats and the others its verdict (a warning each,
+    once); when that judge's record goes stale, the next member to look takes the lease over."""
+    world = 65
+    store = _CountingStore(dist.PrefixStore("test/", dist.HashStore()))
+    members = _survivors(tmp_path, world, store)
+    group = members[0].recorder.failed.group
+    _beat(members[0], world - 1, seq={group: 33})  # alive, computing, not yet at #34
+    for diag in members:
+        diag.recorder.failed, diag.recorder.current = None, Entry(
+            34, "all_reduce_max", group, tuple(range(world)), ((1,),), "float32", "here", time.time() - 60)
+    store.log.clear()
+    for _ in range(3):  # three polls of every watchdog
+        for diag in members:
+            diag._check_hang()
+    heartbeat_reads = sum(k.startswith("hb/") for name, keys in store.log if name != "set" for k in keys)
+    assert heartbeat_reads == 3 * 2 * (world - 1), heartbeat_reads  # rank 0 judged: 3 batched reads
+    assert len(store.log) <= 3 * 3 * (world - 1), len(store.log)  # every member reading: 3 x 64 x 128 keys
+    for rank in range(world - 1):
+        first = (tmp_path / "diagnostics" / f"rank_{rank}.txt").read_text().splitlines()[0]
+        assert first == (f"forge_dist diagnostics: slow collective: rank {world - 1} on node{world - 1} did not "
+                         f"arrive: it is not in a collective, at step 3"), first
+    assert capsys.readouterr().err.count("still waiting") == world - 1  # once per member
+
+    from forge_dist.train.verdict import failure_key
+
+    key = failure_key(members[0].recorder.current, "hung") + "/latest"
+    store.set(key, json.dumps({**json.loads(store.get(key)), "time": time.time() - 60}))  # rank 0 is gone
+    store.log.clear()
+    members[5]._check_hang()
+    assert json.loads(store.get(key))["rank"] == 5
+    assert sum(name == "multi_get" for name, _ in store.log) == 1  # rank 5 judged

@@ -6,7 +6,8 @@ will never come. Here each rank runs a small daemon thread that
   * publishes a heartbeat every ``heartbeat_s`` seconds to the rendezvous store (the c10d store
     every rank already shares): time, step, the collective in flight, its sequence number;
   * watches the collective in flight (forge_dist.parallel.flight): when it has waited longer than
-    ``--collective_timeout_s``, it reads the heartbeats of the group's members and names the rank
+    ``--collective_timeout_s``, the heartbeats of the group's members are read (by one waiting
+    member, which shares its verdict through the store: verdict.py) and it names the rank
     that did not arrive: no heartbeat for a while (process gone, node down, frozen), or alive but
     in another collective (the ranks took different branches: a deadlock). Either way it writes
     ``out_dir/diagnostics/rank_<r>.txt``, prints one line naming that rank and ends the process

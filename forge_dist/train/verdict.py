@@ -1,13 +1,13 @@
-"""One verdict per failed collective, shared through the rendezvous store.
+"""One verdict per failed or hung collective, shared through the rendezvous store.
 
 When a collective on a large group fails, every survivor asks the same question: which member's
 heartbeat stopped? Each reading every member's heartbeat is N reads per survivor, about N^2
 requests on the one store at the moment the job is failing (a million at 1,000 ranks, every
 half second). Here the first survivor to claim the failure's key (``store.add``) is its judge: it
 reads the members' heartbeats in one batched request (``check`` + ``multi_get``) per attempt and
-publishes the verdict under that key. Every other survivor polls that one key and takes the
-verdict: O(1) store operations each, independent of the world size; the judge's O(N) bytes are
-paid once per failure. A survivor whose judge died too before publishing (the wait is bounded)
+publishes the verdict under that key. Every other survivor polls that one key (every 0.5 s while
+the judge waits for a heartbeat to go stale) and takes the verdict: a bounded number of small
+requests each, independent of the world size; the judge's O(N) read is paid once per attempt. A survivor whose judge died too before publishing (the wait is bounded)
 judges for itself, as every survivor did before.
 
 A hung collective is judged again at every poll of the watchdog, so there the judge holds a lease:

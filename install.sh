@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# OpenMPI (mpirun, mpi4py) and SLURM with munge (tools/local_slurm.sh runs a one-node cluster for
+# OpenMPI (mpirun, mpi4py), SLURM with munge (tools/local_slurm.sh runs a one-node cluster for
 # the sbatch/srun path and its tests): only what is missing.
 apt_packages=()
 command -v mpirun >/dev/null 2>&1 || apt_packages+=(openmpi-bin libopenmpi-dev)
 command -v slurmd >/dev/null 2>&1 || apt_packages+=(slurm-wlm)
+# libaio: DeepSpeed's async_io op (NVMe offload), JIT-built on first use
+[ -f /usr/include/libaio.h ] || apt_packages+=(libaio-dev)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

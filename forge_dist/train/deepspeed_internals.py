@@ -84,6 +84,17 @@ INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
     ("DeepSpeedZeroOptimizer_Stage3.fp32_partitioned_groups_flat (ZeRO-3 Adam state on a new layout)",
      _source_mentions("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
                       "fp32_partitioned_groups_flat")),
+    ("DeepSpeedZeroOptimizer_Stage3.swap_optimizer / _swappable_optimizer_subgroup / "
+     "_optimizer_states_and_gradient_swap_{in,out} (NVMe offload: sharded loads through the swapper)",
+     lambda: _class_has("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3",
+                        "_swappable_optimizer_subgroup", "_optimizer_states_and_gradient_swap_in",
+                        "_optimizer_states_and_gradient_swap_out")()
+     and _source_mentions("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "swap_optimizer")()),
+    ("FusedAdam.multi_tensor_adam / _dummy_overflow_buf / adam_w_mode, DeepSpeedCPUAdam.ds_opt_adam / opt_id "
+     "(the CPU Adam kernel's beta^t product replayed on resume, train/deepspeed_adam.py)",
+     lambda: _source_mentions("deepspeed.ops.adam.fused_adam", "FusedAdam", "multi_tensor_adam",
+                              "_dummy_overflow_buf", "adam_w_mode")()
+     and _source_mentions("deepspeed.ops.adam.cpu_adam", "DeepSpeedCPUAdam", "ds_opt_adam", "opt_id")()),
     ("DeepSpeedEngine.coalesce_grad_reduction / no_sync / allreduce_gradients (TP partial-gradient sums)",
      _class_has("deepspeed.runtime.engine", "DeepSpeedEngine", "coalesce_grad_reduction", "no_sync",
                 "allreduce_gradients", "get_global_grad_norm", "set_gradient_accumulation_boundary")),

@@ -248,9 +248,16 @@ class DeepSpeedLogicalState:
         stepped = getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", None)
         if stepped is None:
             stepped = [p for g in inner.param_groups for p in g["params"]]
-        for p in stepped:
+        zero = self.ds.optimizer
+        for i, p in enumerate(stepped):
+            # NVMe offload: a swapped sub-group exists in memory between DeepSpeed's swap-in and swap-out
+            swapped = getattr(zero, "swap_optimizer", False) and zero._swappable_optimizer_subgroup(i)
+            if swapped:
+                zero._optimizer_states_and_gradient_swap_in(i)
             inner.state[p] = {"step": new_step(inner, step, p.device if on_device else "cpu"),
                               "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            if swapped:
+                zero._optimizer_states_and_gradient_swap_out(i)
         replay_bias_correction(inner, step)  # DeepSpeed's CPU kernel: deepspeed_adam.py
         self.link_adam_fragments()
 

@@ -58,9 +58,12 @@ class DeepSpeedShardedState:
             from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
             if key is None:
-                return safe_get_local_fp32_param(p)
-            state = self.inner_optimizer.state.get(self.ds.optimizer.fp32_partitioned_groups_flat[0])
-            return safe_get_local_optimizer_state(p, key) if state else None
+                value = safe_get_local_fp32_param(p)
+            else:
+                state = self.inner_optimizer.state.get(self.ds.optimizer.fp32_partitioned_groups_flat[0])
+                value = safe_get_local_optimizer_state(p, key) if state else None
+            # NVMe offload: the view is of a swap buffer DeepSpeed reuses for the next sub-group
+            return value.clone() if value is not None and nvme_swapped(self.ds.optimizer) else value
         if hasattr(p, "_hp_mapping"):
             m = p._hp_mapping
             if key is None:
@@ -219,7 +222,12 @@ class DeepSpeedShardedState:
         opt = self.ds.optimizer
         if any(hasattr(p, "ds_id") for _, p in self._named):  # what ZeRO-3's step does after the update
             for i in range(len(opt.fp16_groups)):
+                swapped = nvme_swapped(opt) and opt._swappable_optimizer_subgroup(i)
+                if swapped:  # the sub-group's fp32 partition is in memory only while swapped in
+                    opt._optimizer_states_and_gradient_swap_in(i)
                 opt._reassign_or_swap_out_partitioned_parameters(i)
+                if swapped:
+                    opt._optimizer_states_and_gradient_swap_out(i)
             if opt.persistent_parameters:
                 opt.persistent_parameters[0].all_gather(opt.persistent_parameters)
             opt.invalidate_secondary_tensor()
@@ -232,6 +240,13 @@ class DeepSpeedShardedState:
                 base, _ = self._masters[id(p)]
                 if base is not p:
                     p.copy_(self._master(p).to(p.dtype))
+
+
+def nvme_swapped(zero_optimizer) -> bool:
+    """Whether ZeRO-3 swaps optimizer sub-groups to NVMe (``offload_optimizer.device: nvme``): their
+    fp32 partitions and moments are then in DeepSpeed's swap buffers only between a swap-in and the
+    next one, so this rank's state is copied out while it is read (the save stages it in CPU memory)."""
+    return bool(getattr(zero_optimizer, "swap_optimizer", False))
 
 
 def plain_option(value) -> bool:

@@ -19,3 +19,17 @@ def deepspeed_adam_ops():
         seconds[name] = round(time.perf_counter() - start, 1)
     print(f"\nDeepSpeed ops loaded (built on first use) in seconds: {seconds}", end="")
     return seconds
+
+
+@pytest.fixture(scope="session")
+def deepspeed_aio_op():
+    """DeepSpeed's async_io op (NVMe offload; with pin_memory, which it loads first), JIT-built here
+    once per machine like deepspeed_adam_ops. It links libaio: install.sh installs libaio-dev."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if not builder.is_compatible():
+        pytest.fail("DeepSpeed's async_io op needs libaio (apt-get install libaio-dev; install.sh does it)")
+    start = time.perf_counter()
+    builder.load(verbose=False)
+    print(f"\nDeepSpeed async_io loaded (built on first use) in {time.perf_counter() - start:.1f} s", end="")

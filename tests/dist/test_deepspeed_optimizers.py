@@ -38,7 +38,9 @@ from forge_dist.testing.spawn import spawn
 
 import deepspeed_harness as T
 
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+# the first test's setup builds DeepSpeed's fused_adam, cpu_adam and async_io ops on a fresh machine
+# (about 275 s on an idle 2-core one: docs/deepspeed.md) before the world runs; cached, a few seconds
+pytestmark = [pytest.mark.dist, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SAVE = 4
 KERNEL = 5e-6  # measured worst 6.3e-7 (weights; losses 1.1e-7): printed by pytest -s

@@ -54,6 +54,7 @@ from forge_dist.train.deepspeed_logical import ADAM_KEYS, DeepSpeedLogicalState,
 from forge_dist.train.deepspeed_sharded import DeepSpeedShardedState
 from forge_dist.train.deepspeed_moe import declared_moe, has_placed_experts, moe_param_groups, register_expert_groups
 from forge_dist.train.deepspeed_zero3 import memory_efficient_linear, share_fp32_master
+from forge_dist.train import deepspeed_gloo
 from forge_dist.train.deepspeed_tp import (one_reduction_per_step, register_tp_grad_hooks, set_model_parallel_attributes,
                                           sum_partial_grads, tp_sum_mode)
 from forge_dist.train.optim import build_optimizer, param_groups
@@ -71,6 +72,34 @@ def skip_shm_build() -> None:
         module = importlib.import_module("deepspeed.comm.torch")
         if hasattr(module, "build_shm_op"):
             module.build_shm_op = lambda: None
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> bool:
+    """DeepSpeed's ZeRO and bf16 optimizers import its Muon module to ask whether the optimizer is
+    Muon, and that module's kernels are decorated with ``torch.compile`` at import, which loads all
+    of Inductor (measured: 2.5 s and 43 MB of resident memory on every rank, docs/BENCHMARKS.md,
+    "ZeRO-3 under DeepSpeed at DP=2"). forge-train trains with AdamW only (config/deepspeed.py
+    refuses any other optimizer), so Muon never runs here: it is imported once, first, with the
+    decorator DeepSpeed itself uses where torch has no compile (``compiler.dummy_decorator``). A
+    no-op once the module is imported; returns whether this call imported it."""
+    import sys
+
+    if MUON_MODULE in sys.modules:
+        return False
+    from deepspeed.runtime import compiler
+
+    real = compiler.compile
+    compiler.compile = lambda: compiler.dummy_decorator
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:  # a DeepSpeed without Muon: nothing to skip
+        return False
+    finally:
+        compiler.compile = real
+    return True
 
 
 class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
@@ -278,6 +307,8 @@ def deepspeed_engine_factory(model, train_cfg, values: dict, ctx) -> DeepSpeedEn
 
     check_deepspeed()  # the internals used below are where this engine expects them
     skip_shm_build()
+    import_muon_uncompiled()
+    deepspeed_gloo.install()  # ZeRO's gloo all-gathers and reduce-scatters in place (same bits)
     if topo.pp > 1:  # DeepSpeed's PipelineModule over our stages
         from forge_dist.train.deepspeed_pipeline import deepspeed_pipeline_factory
 

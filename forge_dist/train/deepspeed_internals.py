@@ -56,6 +56,12 @@ def _source_mentions(module: str, cls: str, *names: str) -> Callable[[], bool]:
 INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
     ("deepspeed.comm.torch.build_shm_op (skipped: a 35 s JIT build training never uses)",
      _has("deepspeed.comm.torch", "build_shm_op")),
+    ("deepspeed.runtime.compiler.compile / dummy_decorator (Muon's module imported without Inductor)",
+     _has("deepspeed.runtime.compiler", "compile", "dummy_decorator")),
+    ("coalesced_collectives._torch_reduce_scatter_fn, partition_parameters._dist_allgather_fn (ZeRO's gloo "
+     "collectives in place, train/deepspeed_gloo.py)",
+     lambda: _has("deepspeed.runtime.comm.coalesced_collectives", "_torch_reduce_scatter_fn")()
+     and _has("deepspeed.runtime.zero.partition_parameters", "_dist_allgather_fn")()),
     ("deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state} (logical optimizer state)",
      _has("deepspeed.utils", "safe_get_full_fp32_param", "safe_get_full_optimizer_state",
           "safe_set_full_fp32_param", "safe_set_full_optimizer_state")),

@@ -47,11 +47,13 @@ def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percen
     Its first step stays within 1/2 + 15% of the one-process step (was 1.0 before
     train/deepspeed_zero3.py and the ZeRO-3 bounds of config/deepspeed.py, 1.7 with glibc's dynamic
     mmap threshold). From the second step on, AdamW's moments are held through the backward too
-    and the peak is 0.70 of it, of which about 0.11 is DeepSpeed's runtime, which does not grow
-    with the model (bench/memory.py, docs/BENCHMARKS.md): guarded at 0.75 (0.05 margin). The sharded
-    checkpoint save adds nothing above that peak since its pieces reach DCP's writer as aliases, not
-    clones (0.75 before; the gathered logical copy it replaced was 1.25 on rank 0): guarded at 0.75
-    too. Resume needs a fresh world (bench/memory.py measures it: 0.57)."""
+    and the peak is 0.63 of it (0.70-0.71 before DeepSpeed's Muon module was imported without
+    loading Inductor, deepspeed_engine.import_muon_uncompiled, and ZeRO-3's gloo collectives ran
+    in place, train/deepspeed_gloo.py; bench/memory.py, docs/BENCHMARKS.md): guarded at 1/2 + 15%
+    (margin 0.02, about 10 MB). The sharded checkpoint save adds nothing above that peak since its
+    pieces reach DCP's writer as aliases, not clones (0.75 before; the gathered logical copy it
+    replaced was 1.25 on rank 0): guarded at 1/2 + 15% too. Resume needs a fresh world
+    (bench/memory.py measures it: 0.50, its next step 0.63)."""
     from forge_dist.testing.memory import measure_zero3
 
     per_rank = spawn(measure_zero3, 2, CFG, 2, 32, str(tmp_path), timeout=200, return_all=True)
@@ -59,8 +61,8 @@ def test_zero3_ranks_never_build_the_whole_model_and_step_in_half_plus_15_percen
         assert r["local_params"] == single["local_params"] // 2, (rank, r)
         assert r["built"] <= (0.5 + 0.15) * single["init"], (rank, r, single)
         assert r["first_step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
-        assert r["step"] <= 0.75 * single["step"], (rank, r, single)
-        assert r["save"] <= 0.75 * single["step"], (rank, r, single)
+        assert r["step"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
+        assert r["save"] <= (0.5 + 0.15) * single["step"], (rank, r, single)
 
 
 # --- expert parallelism (forge_dist.testing.ep_memory) -------------------------------------------

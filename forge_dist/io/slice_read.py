@@ -168,11 +168,17 @@ class StateFileSlices(SliceReader):
         self._walk(self.structure, "")
 
     def _walk(self, obj, path: str) -> None:
-        if isinstance(obj, dict) and "__tensor__" in obj:
+        """Name every tensor by its path (an int-keyed dict's keys too: ``optimizer/state/0/exp_avg``)."""
+        if not isinstance(obj, dict):
+            return
+        if "__tensor__" in obj:
             self._keys[path] = obj["__tensor__"]
-        elif isinstance(obj, dict) and not any(k.startswith("__") for k in obj):
-            for k, v in obj.items():
-                self._walk(v, f"{path}/{k}" if path else k)
+            return
+        items = obj["__items__"] if "__items__" in obj else obj.items()
+        if "__items__" in obj or not any(k.startswith("__") for k in obj):
+            for k, v in items:
+                if isinstance(k, (str, int)):
+                    self._walk(v, f"{path}/{k}" if path else str(k))
 
     def close(self) -> None:
         self._f = None

@@ -219,7 +219,8 @@ class DeepSpeedEngine(DeepSpeedShardedState, DeepSpeedLogicalState):
                 raise CheckpointError(f"{directory} is a gathered checkpoint of forge_dist's own engine, which "
                                       f"--deepspeed_config with expert_parallel_size > 1 cannot resume yet; resume "
                                       f"it without --deepspeed_config, or from a sharded checkpoint")
-            self.load_logical_optimizer_state(logical_from_native(directory, self.optimizer_layout()[0]))
+            if not self.load_native_partitions(directory):  # ZeRO-3: this rank's partitions only
+                self.load_logical_optimizer_state(logical_from_native(directory, self.optimizer_layout()[0]))
             return
         if self.ep > 1 or not os.path.isdir(ds_dir):  # expert parallelism, or saved by one: the logical copy
             self.load_logical_file(directory)

@@ -205,20 +205,64 @@ class DeepSpeedLogicalState:
             return
         with StateFileSlices(directory, dsc.LOGICAL_NAME) as reader:
             saved = reader.structure
-            step = self._logical_step(saved)
-            if step:
-                self._materialize_adam_state(step)
-            state = self.sharded_state(with_optim=bool(step))  # views of this rank's partitions
-            keys = {"fp32": "model/{}", **{k: "optim/{}/" + k for k in (ADAM_KEYS if step else ())}}
-            reader.read({f"params/{name}/{key}": state[entry.format(name)].pieces for name, _ in self._named
-                         for key, entry in keys.items() if entry.format(name) in state})
-        with torch.no_grad():
-            for _, p, key, value in self._targets:
-                if key != "buffer":  # the logical copy holds parameters only
-                    self._set_fragment(p, key, value)
-        self._refresh_forward_params()
+            self._partitions_from(self._logical_step(saved), lambda name, key: (reader, f"params/{name}/{key}"))
         self.ds.global_steps = int(saved["global_steps"])
         self.ds.skipped_steps = int(saved["skipped_steps"])
+
+    def load_native_partitions(self, directory: str) -> bool:
+        """forge_dist's own gathered checkpoint (``model/`` weights, one process's AdamW state in
+        ``optimizer.*``) under ZeRO-3 without experts: each rank reads only its partitions of the
+        weights and moments (get_slice), never the files whole. False where it does not apply
+        (``logical_from_native`` then reads them whole)."""
+        from forge_dist.io.checkpoint_read import MODEL_DIR
+        from forge_dist.io.slice_read import SafetensorsSlices, StateFileSlices
+
+        if self.groups.ep.size > 1 or not any(hasattr(p, "ds_id") for _, p in self._named):
+            return False
+        names = self.optimizer_layout()[0]
+        with StateFileSlices(directory, "optimizer") as opt, \
+                SafetensorsSlices(os.path.join(directory, MODEL_DIR)) as weights:
+            sd = opt.structure.get("optimizer") or {}
+            check_native_count(directory, sd, names)
+            entries = sd.get("state") or {}
+            entries = dict(entries["__items__"]) if "__items__" in entries else entries
+            step = next((e["step"] for e in entries.values() if "step" in e), 0)
+            if isinstance(step, dict):  # a tensor (torch's AdamW)
+                i = next(k for k, e in entries.items() if "step" in e)
+                step = opt.full(f"optimizer/state/{i}/step", torch.float64)
+            step = int(float(step))
+            index = {n: i for i, n in enumerate(names)}
+
+            def source(name: str, key: str):
+                if key == "fp32":
+                    return weights, name
+                stored = f"optimizer/state/{index[name]}/{key}"
+                return (opt, stored) if opt.stored(stored) is not None else None  # none: zeros
+            self._partitions_from(step, source)
+        self.ds.global_steps, self.ds.skipped_steps = step, 0
+        return True
+
+    def _partitions_from(self, step: int, source: Callable) -> None:
+        """Fill this rank's ZeRO-3 partitions of the fp32 masters (and, when ``step``, the Adam
+        moments, created at that step) from ``source(name, key)``: (SliceReader, its name there),
+        or None (left as zeros); each reader is asked only for the pieces ``sharded_state`` lists."""
+        if step:
+            self._materialize_adam_state(step)
+        state = self.sharded_state(with_optim=bool(step))  # views of this rank's partitions
+        wanted: Dict[int, tuple] = {}
+        for name, _ in self._named:
+            for key in ("fp32", *ADAM_KEYS) if step else ("fp32",):
+                entry = f"model/{name}" if key == "fp32" else f"optim/{name}/{key}"
+                found = source(name, key) if entry in state else None
+                if found is not None:
+                    wanted.setdefault(id(found[0]), (found[0], {}))[1][found[1]] = state[entry].pieces
+        for reader, pieces in wanted.values():
+            reader.read(pieces)
+        with torch.no_grad():
+            for _, p, key, value in self._targets:
+                if key != "buffer":  # parameters only
+                    self._set_fragment(p, key, value)
+        self._refresh_forward_params()
 
     def load_logical_optimizer_state(self, state: dict) -> None:
         step = self._logical_step(state)
@@ -285,10 +329,7 @@ def logical_from_native(directory: str, names) -> dict:
 
     saved = load_state(directory, "optimizer", map_location="cpu")
     sd = saved.get("optimizer") or {}
-    count = sum(len(g["params"]) for g in sd.get("param_groups", ()))
-    if count != len(names):
-        raise CheckpointError(f"the optimizer state in {directory} has {count} parameters, this model {len(names)}: "
-                              f"it is from another model (or another weight_decay_split)")
+    check_native_count(directory, sd, names)
     weights = read_weights(os.path.join(directory, MODEL_DIR))
     step = next((int(float(e["step"])) for e in sd["state"].values() if "step" in e), 0)
     params = {}
@@ -316,3 +357,11 @@ def one_process_adamw_state(logical: dict, order, hyper) -> dict:
         groups.append({**h, "params": list(range(start, start + len(names)))})
         start += len(names)
     return {"state": state, "param_groups": groups}
+
+
+def check_native_count(directory: str, sd: dict, names) -> None:
+    """A native optimizer state (or its JSON structure) steps as many parameters as this model."""
+    count = sum(len(g["params"]) for g in sd.get("param_groups", ()))
+    if count != len(names):
+        raise CheckpointError(f"the optimizer state in {directory} has {count} parameters, this model {len(names)}: "
+                              f"it is from another model (or another weight_decay_split)")

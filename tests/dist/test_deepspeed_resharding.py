@@ -36,26 +36,34 @@ SAVE_3 = T.SAVE_AT + 2
 
 @contextlib.contextmanager
 def partitions_read():
-    """The bytes each read of a logical optimizer copy by partitions took (a list), while loading
-    the copy whole raises."""
+    """The bytes each read by partitions of a gathered checkpoint's files took (a list), while
+    loading the logical optimizer copy or the native optimizer state whole raises."""
     import forge_dist.io.statefile as statefile
     from forge_dist.io import slice_read
 
-    real_load, real_close, read = statefile.load_state, slice_read.StateFileSlices.close, []
+    real_load, read = statefile.load_state, []
+    readers = (slice_read.StateFileSlices, slice_read.SafetensorsSlices)
+    real_close = [r.close for r in readers]
 
     def load_state(directory, name, *args, **kwargs):
-        if name == "deepspeed_logical":
-            raise AssertionError("the logical optimizer copy was loaded whole")
+        if name in ("deepspeed_logical", "optimizer"):
+            raise AssertionError(f"{name} was loaded whole")
         return real_load(directory, name, *args, **kwargs)
 
-    def close(self):
-        read.append(self.bytes_read)
-        real_close(self)
-    statefile.load_state, slice_read.StateFileSlices.close = load_state, close
+    def recording(close):
+        def recorded(self):
+            read.append(self.bytes_read)
+            close(self)
+        return recorded
+    statefile.load_state = load_state
+    for r, close in zip(readers, real_close):
+        r.close = recording(close)
     try:
         yield read
     finally:
-        statefile.load_state, slice_read.StateFileSlices.close = real_load, real_close
+        statefile.load_state = real_load
+        for r, close in zip(readers, real_close):
+            r.close = close
 
 
 def world2(rank, world, workdir):
@@ -128,7 +136,11 @@ def sharded_chain(workdir, s1, world):
     engine.load_state(out["s_native"]["sharded"])
     out["s_z0"] = T.run_iters(engine, ctx, range(SAVE_3 + 1, T.ITERS))
     engine, ctx = T.make_engine(3)  # the native engine's gathered format (optimizer.*) -> ZeRO-3
-    engine.load_state(out["s_native"]["gathered"])
+    with partitions_read() as read:
+        engine.load_state(out["s_native"]["gathered"])
+    g = out["s_native"]["gathered"]
+    out["g_z3_read"] = (sum(read), sum(os.path.getsize(f) for f in (os.path.join(g, "optimizer.safetensors"),
+                                                                   os.path.join(g, "model", "model.safetensors"))))
     out["g_z3"] = T.run_iters(engine, ctx, range(SAVE_3 + 1, T.ITERS))
     out["s_written"] = {name: T.written_per_rank(path) for name, path in (("z1", s1), ("z3", s3))}
     out["s_bf16"] = bf16_round_trip(workdir)
@@ -231,12 +243,15 @@ def test_zero1_resumes_at_zero3(runs):
     assert e["loss"] <= 1e-6 and e["weights"] <= 1e-5, e
 
 
-def test_zero3_reads_only_its_partitions_of_the_gathered_logical_copy(runs):
-    """ZeRO-1 -> ZeRO-3 from a gathered checkpoint: each rank reads its partitions of the logical
-    optimizer copy (weights and both moments) and never loads it whole (the resume's parity is
-    test_zero1_resumes_at_zero3)."""
+def test_zero3_reads_only_its_partitions_of_gathered_checkpoints(runs):
+    """ZeRO-1 -> ZeRO-3 from a gathered checkpoint, and the native engine's gathered checkpoint ->
+    ZeRO-3: each rank reads its partitions of the logical optimizer copy (weights and both moments),
+    or of model.safetensors and optimizer.*, and never loads them whole (the resumes' parity:
+    test_zero1_resumes_at_zero3, test_sharded_checkpoint_across_zero_stages_engines_and_dp)."""
     read, size = runs["z3_logical_read"]
     assert len(read) == 1 and 0.4 * size < read[0] < 0.6 * size, (read, size)
+    read, size = runs["g_z3_read"]  # the native engine's gathered checkpoint: weights and moments
+    assert 0.4 * size < read < 0.6 * size, (read, size)
 
 
 def test_zero3_resumes_without_deepspeed(runs):

@@ -17,6 +17,7 @@ dominates, as the issue's proof asks.
     python bench/memory.py --tp 2 4 --n_layer 4 --n_embd 512 --steps 2
     python bench/memory.py --tp --zero3 2            # DeepSpeed ZeRO-3 at DP=2 (partitioned init)
     python bench/memory.py --tp --ep 2 4             # an MoE GPT at EP=2 and EP=4 (ep_rows)
+    python bench/memory.py --tp --zero3 2 --prev_run # ZeRO-3 from --init_from prev_run's weights
 
 ZeRO-3 rows (forge_dist.testing.measure_zero3) add ``built`` (the model drawn into this rank's
 partitions, before deepspeed.initialize; ratio to the TP=1 init) and ``backward``; their init
@@ -25,7 +26,9 @@ includes the fp32 partitions, gradient partitions and AdamW moments DeepSpeed al
 the first step, ``step`` through all of them (from the second on, AdamW's moments are held during
 the forward and backward too), ``save`` through forge-train's sharded checkpoint save, ``resume`` through a
 fresh world building the engine, loading that checkpoint and taking one more step. A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
-pages), which does not grow with the model. Every layout pins glibc's mmap threshold as
+pages), which does not grow with the model. ``--prev_run`` adds ZeRO-3 rows starting from a saved
+model.safetensors (each rank reading its partitions: ``built`` counts the checkpoint pages it
+mapped, ``anon`` the anonymous memory only). Every layout pins glibc's mmap threshold as
 train/launch.py does (forge_dist.dist.malloc).
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="*", default=[2])
     ap.add_argument("--zero3", type=int, nargs="*", default=[], help="DeepSpeed ZeRO-3 data-parallel sizes")
+    ap.add_argument("--prev_run", action="store_true", help="ZeRO-3 rows also from a saved model's weights")
     ap.add_argument("--n_layer", type=int, default=8)
     ap.add_argument("--n_embd", type=int, default=1024)
     ap.add_argument("--n_head", type=int, default=16)
@@ -73,6 +77,8 @@ def main() -> None:
                   f"{r['step']:>9.0f} {r['step'] / single['step']:>6.2f} {1 / tp + 0.15:>7.2f}")
     tiny = dict(cfg, n_layer=1, n_embd=48, n_head=4, vocab_size=256)
     for dp in args.zero3:
+        if args.prev_run:
+            zero3_prev_run_rows(cfg, dp, args, single)
         runtime = spawn(measure_zero3, dp, tiny, args.steps, args.block, timeout=600)
         print(f"ZeRO-3 runtime (a 1 x 48 GPT, the memory that does not grow with the model): step "
               f"{runtime['step']:.0f} MB ({runtime['step'] / single['step']:.2f} of the TP=1 step)")
@@ -90,6 +96,25 @@ def main() -> None:
                   f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); "
                   f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}), its next step "
                   f"{r['resume_step']:.0f} MB ({r['resume_step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+
+
+def zero3_prev_run_rows(cfg: dict, dp: int, args, single: dict) -> None:
+    """ZeRO-3 at DP=``dp`` from --init_from prev_run's weights (a saved model.safetensors)."""
+    from forge_dist.config.model_config import ModelConfig
+    from forge_dist.io import save_pretrained
+    from forge_dist.model.gpt import GPT
+    from forge_dist.testing.memory import measure_zero3
+    from forge_dist.testing.spawn import spawn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(GPT(ModelConfig(**cfg)), tmp)
+        per_rank = spawn(measure_zero3, dp, cfg, args.steps, args.block, None, None, None, tmp, timeout=600,
+                         return_all=True)
+    for rank, r in enumerate(per_rank):
+        print(f"{'ZeRO3x%d' % dp:>8} {rank:>4} prev_run built {r['built']:.0f} MB ({r['built'] / single['init']:.2f}; "
+              f"anon {r['built_anon']:.0f} MB, {r['built_anon'] / single['init']:.2f}); init {r['init']:.0f} MB "
+              f"({r['init'] / single['step']:.2f}); step {r['step']:.0f} MB ({r['step'] / single['step']:.2f}); "
+              f"target {1 / dp + 0.15:.2f}")
 
 
 def ep_rows(args) -> None:

@@ -28,7 +28,7 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
     cfg = ModelConfig(**cfg_kwargs)
     groups = ProcessGroups.build(Topology(world_size, tp=world_size)) if world_size > 1 else None
     torch.empty(2, device="meta").normal_()  # meta ops import torch._dynamo once: library, not model, memory
-    base = _peak_mb()
+    base, anon = _peak_mb(), _anon_mb()
     torch.manual_seed(0)
     if groups is None:
         model = GPT(cfg)
@@ -52,13 +52,21 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
     return out
 
 
+def _anon_mb() -> float:
+    """This process's anonymous resident memory now (RssAnon: not the file pages it has mapped)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssAnon:")) / 1024.0
+
+
 def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int, save_dir=None,
-                  zero: dict = None, resume_from: str = None) -> dict:
+                  zero: dict = None, resume_from: str = None, prev_run: str = None) -> dict:
     """``measure`` for forge-train's DeepSpeed engine at ZeRO-3 over ``world_size`` data-parallel
     ranks (fp32, torch AdamW), the model drawn into partitions (train/deepspeed_init.py); with
     ``save_dir`` also the peak through forge-train's sharded checkpoint save into it (its path in
     ``path``); with ``resume_from`` (such a path) the peak after loading it (``resume``), before the steps;
-    ``zero``: entries of zero_optimization to override."""
+    ``zero``: entries of zero_optimization to override; ``prev_run``: a model directory whose
+    weights are read into the partitions (--init_from prev_run), ``built_anon`` then says how much
+    of ``built`` is anonymous memory (the rest: the checkpoint's pages this rank mapped and read)."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.train.context import RunContext
@@ -71,7 +79,7 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
     pin_mmap_threshold()
     cfg = ModelConfig(**cfg_kwargs)
     torch.empty(2, device="meta").normal_()
-    base = _peak_mb()
+    base, anon = _peak_mb(), _anon_mb()
     torch.manual_seed(0)
     ctx = RunContext(rank=rank, world_size=world_size, dp_rank=rank, dp_size=world_size)
     train_cfg = TrainConfig(batch_size=1, gradient_accumulation_steps=1, device="cpu", dtype="float32",
@@ -86,12 +94,12 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
 
     def recorded(*args):  # the model drawn into partitions, before deepspeed.initialize
         drawn = real(*args)
-        out["built"] = _peak_mb() - base
+        out["built"], out["built_anon"] = _peak_mb() - base, _anon_mb() - anon
         return drawn
 
     dse.partitioned_materialize = recorded
     try:
-        engine = _engine(dse, cfg, train_cfg, ds_config, ctx)
+        engine = _engine(dse, cfg, train_cfg, ds_config, ctx, prev_run)
     finally:
         dse.partitioned_materialize = real
     unique = {id(p): p for p in engine.model.parameters()}.values()
@@ -118,7 +126,11 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
     return out
 
 
-def _engine(dse, cfg, train_cfg, ds_config, ctx):
+def _engine(dse, cfg, train_cfg, ds_config, ctx, prev_run=None):
+    from forge_dist.io.slice_read import SafetensorsSlices
     from forge_dist.model.gpt import GPT
 
-    return dse.deepspeed_engine_factory(GPT(cfg, defer_init=True), train_cfg, {"deepspeed_config": ds_config}, ctx)
+    model = GPT(cfg, defer_init=True)
+    if prev_run is not None:  # what build_model hands the engine for --init_from prev_run
+        model.prev_run_weights = SafetensorsSlices(prev_run)
+    return dse.deepspeed_engine_factory(model, train_cfg, {"deepspeed_config": ds_config}, ctx)

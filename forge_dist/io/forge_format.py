@@ -95,16 +95,16 @@ def read_config(path: str) -> Tuple[ModelConfig, dict]:
 
 def read_weights(path: str) -> dict:
     """The full state dict (aliases expanded) from a checkpoint directory."""
-    from safetensors import SafetensorError, safe_open
+    from forge_dist.io.safetensors_file import SafetensorsFile
 
     file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(file):
         raise CheckpointError(f"{path} is not a forge_dist checkpoint: {WEIGHTS_NAME} is missing")
     try:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with SafetensorsFile(file) as f:  # read into fresh memory, no mapped pages left resident
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
     return expand_aliases(tensors, aliases, file)
 

@@ -5,7 +5,7 @@ gathered checkpoint, ``--init_from prev_run``) needs, per tensor, the pieces its
 (parallel/sharded_state.py ``shard_pieces``: views of the local tensor with their offsets in the
 logical one). A ``SliceReader`` fills such views from the checkpoint without reading the rest:
 
-    reader = open_slices(model_dir)   # model.safetensors: safetensors' lazy get_slice per piece
+    reader = open_slices(model_dir)   # model.safetensors: each piece pread (io/safetensors_file.py)
                                       # model/dcp (sharded): DCP reads the saved chunks overlapping a piece
     reader.read({name: [(view, offsets), ...], ...})
     load_slices(model, reader, groups)  # a deferred, parallelized model (or a pipeline stage) filled
@@ -114,7 +114,7 @@ def _index(view: torch.Tensor, offsets) -> tuple:
 
 
 class SafetensorsSlices(SliceReader):
-    """A forge_dist ``model.safetensors`` (io/weights_reader.py), each piece through get_slice."""
+    """A forge_dist ``model.safetensors`` (io/weights_reader.py), each piece read alone (pread)."""
 
     def __init__(self, directory: str):
         from forge_dist.io.weights_reader import WeightsReader
@@ -138,7 +138,8 @@ class SafetensorsSlices(SliceReader):
 
 
 def _read_safetensors(f, wanted: Dict[str, List[Piece]], key: Callable[[str], str] = str) -> None:
-    """Fill each piece from an open safetensors file (``key``: the stored name's key in it)."""
+    """Fill each piece from an open io/safetensors_file.SafetensorsFile (``key``: the stored name's
+    key in it): only the piece's bytes are read, into fresh memory (no mapped file pages)."""
     for name, pieces in wanted.items():
         part = f.get_slice(key(name))
         for view, offsets in pieces:
@@ -148,20 +149,21 @@ def _read_safetensors(f, wanted: Dict[str, List[Piece]], key: Callable[[str], st
 
 class StateFileSlices(SliceReader):
     """A state file (io/statefile.py: ``name.json`` + ``name.safetensors``) read lazily: its tensors
-    under their paths in the structure (``params/<name>/fp32``), each piece through get_slice, so a
+    under their paths in the structure (``params/<name>/fp32``), each piece read alone, so a
     rank reads only its pieces of, say, a gathered checkpoint's logical optimizer copy."""
 
     def __init__(self, directory: str, name: str):
         import json
 
-        from safetensors import safe_open
+        from forge_dist.io.safetensors_file import SafetensorsFile
 
         super().__init__()
+        self._f = None
         self.source = os.path.join(directory, f"{name}.safetensors")
         try:
             with open(os.path.join(directory, f"{name}.json"), encoding="utf-8") as fh:
                 self.structure = json.load(fh)
-            self._f = safe_open(self.source, framework="pt", device="cpu")
+            self._f = SafetensorsFile(self.source)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {name} state in {directory}: {e}") from None
         self._keys: Dict[str, str] = {}
@@ -181,7 +183,9 @@ class StateFileSlices(SliceReader):
                     self._walk(v, f"{path}/{k}" if path else str(k))
 
     def close(self) -> None:
-        self._f = None
+        if self._f is not None:
+            self._f.close()
+            self._f = None
 
     def stored_names(self) -> List[str]:
         return sorted(self._keys)

@@ -7,7 +7,8 @@ tensor at a time and keeps its slice, so no rank ever holds the whole model whil
         weights.get(name)          # one tensor (an alias reads its stored name)
 
 io/slice_read.py reads only a rank's pieces of each tensor through it (``load_shards``,
-``load_slices``: safetensors' lazy slices).
+``load_slices``): io/safetensors_file.py reads each piece with pread into fresh memory, never
+mapping the file, so a rank's resident memory holds its pieces, not the checkpoint's pages.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ from forge_dist.io.forge_format import ALIASES_KEY, WEIGHTS_NAME
 
 class WeightsReader:
     def __init__(self, directory: str):
-        from safetensors import SafetensorError, safe_open
+        from forge_dist.io.safetensors_file import SafetensorsFile
 
+        self._f = None
         self.file = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(self.file):
             raise CheckpointError(f"{directory} is not a forge_dist checkpoint: {WEIGHTS_NAME} is missing")
         try:
-            self._f = safe_open(self.file, framework="pt", device="cpu")
+            self._f = SafetensorsFile(self.file)
             self._stored = set(self._f.keys())
             self._aliases = json.loads((self._f.metadata() or {}).get(ALIASES_KEY, "{}"))
-        except (SafetensorError, OSError, ValueError) as e:
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{self.file} is not a readable safetensors file: {e}") from None
         bad = {a: n for a, n in self._aliases.items() if n not in self._stored}
         if bad:
@@ -45,9 +47,9 @@ class WeightsReader:
         self.close()
 
     def close(self) -> None:
-        """Unmap the file now (safe_open's own exit), not when the handle is collected."""
+        """Close the file now, not when the handle is collected."""
         if self._f is not None:
-            self._f.__exit__(None, None, None)
+            self._f.close()
             self._f = None
 
     def names(self) -> List[str]:

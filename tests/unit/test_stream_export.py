@@ -160,7 +160,7 @@ HF_SOURCES = ["gpt2", "llama_gqa_tied", "mistral_window", "mixtral", "gemma2_sof
 
 @pytest.mark.parametrize("name", HF_SOURCES)
 def test_a_transformers_directory_converts_streamed_to_every_target(tmp_path, name, watched, monkeypatch):
-    """Each of our tensors is read through safetensors' get_slice and its mapping's slicer (io/hf/slices.py),
+    """Each of our tensors is read as a block (io/safetensors_file.py) through its mapping's slicer (io/hf/slices.py),
     never a whole transformers tensor or the model; every target gets the whole path's bytes, or the
     same refusal (a ckpt.pt has no rmsnorm_eps)."""
     from forge_dist.data.tokenizer import CharTokenizer
@@ -227,8 +227,10 @@ def test_a_planned_record_that_comes_back_different_is_refused(tmp_path):
         save_streamed(obj, str(tmp_path / "x.pt"), lambda t: torch.zeros(4))
 
 
-def test_slice_readers_unmap_their_files_when_closed(tmp_path):
-    """SafetensorsSlices and HfSlices are context managers: leaving one unmaps its safetensors files."""
+def test_slice_readers_never_map_their_files_and_close_them(tmp_path):
+    """SafetensorsSlices and HfSlices read pieces with pread (io/safetensors_file.py): the file is
+    never memory-mapped (its pages would count in the rank's resident memory), and leaving the
+    reader (a context manager) closes its descriptor."""
     from forge_dist.io.hf import save_hf
     from forge_dist.io.hf.slices import HfSlices
     from forge_dist.io.slice_read import SafetensorsSlices
@@ -237,6 +239,10 @@ def test_slice_readers_unmap_their_files_when_closed(tmp_path):
         with open("/proc/self/maps") as f:
             return str(path) in f.read()
 
+    def opened(path):
+        return any(os.path.realpath(os.path.join("/proc/self/fd", fd)) == str(path)
+                   for fd in os.listdir("/proc/self/fd"))
+
     model = GPT(ModelConfig(**TINY, **LLAMA))
     save_pretrained(model, tmp_path / "m")
     save_hf(model, tmp_path / "hf")
@@ -244,5 +250,5 @@ def test_slice_readers_unmap_their_files_when_closed(tmp_path):
                             (HfSlices, tmp_path / "hf" / "model.safetensors")):
         with reader_of(str(file.parent)) as reader:
             value = reader.full("transformer.h.0.attn.c_attn_q.weight", torch.float32)
-            assert mapped(file)
-        assert not mapped(file) and torch.equal(value, model.transformer.h[0].attn.c_attn_q.weight)
+            assert opened(file) and not mapped(file)
+        assert not opened(file) and not mapped(file) and torch.equal(value, model.transformer.h[0].attn.c_attn_q.weight)

@@ -140,23 +140,34 @@ def weight_files(path: str) -> List[str]:
 
 
 def open_tensors(path: str) -> Dict[str, object]:
-    """{tensor name: its open safetensors file} (safe_open: the header only; a tensor or a slice
-    of it is read when asked for, io/hf/slices.py)."""
-    from safetensors import SafetensorError, safe_open
+    """{tensor name: its open safetensors file} (io/safetensors_file.py: the header only; a tensor
+    or a block of it is read when asked for, io/hf/slices.py; close them after use)."""
+    from forge_dist.io.safetensors_file import SafetensorsFile
 
     handles = {}
     for file in weight_files(path):
         try:
-            f = safe_open(file, framework="pt", device="cpu")
-            handles.update({k: f for k in f.keys()})
-        except (SafetensorError, OSError, ValueError) as e:
+            f = SafetensorsFile(file)
+        except (OSError, ValueError) as e:
+            close_tensors(handles)
             raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+        handles.update({k: f for k in f.keys()})
     return handles
+
+
+def close_tensors(handles: Dict[str, object]) -> None:
+    """Close every file of an open_tensors answer."""
+    for f in {id(f): f for f in handles.values()}.values():
+        f.close()
 
 
 def read_tensors(path: str) -> Dict[str, torch.Tensor]:
     """Every tensor of the directory's safetensors file(s), read whole."""
-    return {k: f.get_tensor(k) for k, f in open_tensors(path).items()}
+    handles = open_tensors(path)
+    try:
+        return {k: f.get_tensor(k) for k, f in handles.items()}
+    finally:
+        close_tensors(handles)
 
 
 def read_directory(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:

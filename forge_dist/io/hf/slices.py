@@ -4,7 +4,7 @@ each rank reads only the blocks of the safetensors tensors its shards need.
 Every one of our tensors comes from one transformers tensor through that tensor's ``from_hf``
 (mapping.py). Where the transform says which block of theirs makes a block of ours (its
 ``slicer``: identity and elementwise maps, transposes, fused qkv splits, RoPE row permutations
-over whole heads), the block is read through safetensors' lazy ``get_slice``; otherwise the one
+over whole heads), only the block is read (io/safetensors_file.py, pread); otherwise the one
 transformers tensor is read whole, converted, and the piece kept (``whole_reads`` names those),
 so the peak is one tensor, never the model.
 """
@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from forge_dist.io.hf import files
 from forge_dist.io.slice_read import Piece, SliceReader, _index
 
 
@@ -23,7 +24,7 @@ class HfSlices(SliceReader):
     of its config, nothing read until ``read``)."""
 
     def __init__(self, path: str):
-        from forge_dist.io.hf import DERIVED_SUFFIXES, files, placement, read_hf_config
+        from forge_dist.io.hf import DERIVED_SUFFIXES, placement, read_hf_config
         from forge_dist.model.gpt import GPT
 
         super().__init__()
@@ -38,8 +39,7 @@ class HfSlices(SliceReader):
         self.whole_reads: List[str] = []  # transformers tensors read whole (a block no slicer maps)
 
     def close(self) -> None:
-        for handle in {id(f): f for f in self._files.values()}.values():
-            handle.__exit__(None, None, None)  # safe_open's exit unmaps its file
+        files.close_tensors(self._files)
         self._files = {}
 
     def stored_names(self) -> List[str]:
@@ -69,7 +69,7 @@ class HfSlices(SliceReader):
         self._record(name, (0,) * len(shape), shape, block.element_size())
         value = block.reshape(shape).to(dtype)
         if value.untyped_storage().nbytes() != value.numel() * value.element_size():
-            value = value.clone()  # a view into more than the block (get_slice of a fused bias): its own storage
+            value = value.clone()  # a view into more than the block (a convert's view): its own storage
         return value
 
     def _read(self, wanted: Dict[str, List[Piece]]) -> None:

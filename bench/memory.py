@@ -27,8 +27,9 @@ the first step, ``step`` through all of them (from the second on, AdamW's moment
 the forward and backward too), ``save`` through forge-train's sharded checkpoint save, ``resume`` through a
 fresh world building the engine, loading that checkpoint and taking one more step. A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
 pages), which does not grow with the model. ``--prev_run`` adds ZeRO-3 rows starting from a saved
-model.safetensors (each rank reading its partitions: ``built`` counts the checkpoint pages it
-mapped, ``anon`` the anonymous memory only). Every layout pins glibc's mmap threshold as
+model.safetensors (each rank reading its partitions: ``built`` is the peak RSS, ``anon`` the
+anonymous memory only; they differ by the file pages a rank maps, none since the readers pread:
+io/safetensors_file.py). Every layout pins glibc's mmap threshold as
 train/launch.py does (forge_dist.dist.malloc).
 """
 from __future__ import annotations

@@ -43,9 +43,11 @@ class SafetensorsFile:
     """The header parsed at open; tensors and blocks read on demand into fresh memory. Raises
     ValueError on a malformed file (callers turn it into CheckpointError naming the file)."""
 
+    _fd: Optional[int] = None  # set first thing: __del__ of a failed open finds it
+
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self._fd: Optional[int] = os.open(self.path, os.O_RDONLY)
+        self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self._parse_header()
         except BaseException:
@@ -71,7 +73,8 @@ class SafetensorsFile:
         self._entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int]] = {}
         for name, e in header.items():
             try:
-                dtype, shape, (begin, end) = DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+                dtype, shape = DTYPES[e["dtype"]], tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"tensor {name!r} has a bad header entry {e!r}") from None
             nbytes = math.prod(shape) * dtype.itemsize

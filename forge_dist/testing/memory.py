@@ -66,7 +66,7 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
     ``path``); with ``resume_from`` (such a path) the peak after loading it (``resume``), before the steps;
     ``zero``: entries of zero_optimization to override; ``prev_run``: a model directory whose
     weights are read into the partitions (--init_from prev_run), ``built_anon`` then says how much
-    of ``built`` is anonymous memory (the rest: the checkpoint's pages this rank mapped and read)."""
+    of ``built`` is anonymous memory (the rest: file pages mapped; the readers pread, so a few MB)."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.train.context import RunContext

@@ -195,7 +195,7 @@ class DeepSpeedLogicalState:
     def load_logical_file(self, directory: str) -> None:
         """A gathered checkpoint's logical optimizer copy (``deepspeed_logical.*``) on this layout.
         Under ZeRO-3 each rank reads only its partitions of it (the pieces ``sharded_state`` lists,
-        through safetensors' get_slice: io/slice_read.StateFileSlices), never the copy whole; the
+        block reads: io/slice_read.StateFileSlices), never the copy whole; the
         other stages and expert-parallel runs still load it whole."""
         from forge_dist.io.slice_read import StateFileSlices
         from forge_dist.io.statefile import load_state
@@ -212,7 +212,7 @@ class DeepSpeedLogicalState:
     def load_native_partitions(self, directory: str) -> bool:
         """forge_dist's own gathered checkpoint (``model/`` weights, one process's AdamW state in
         ``optimizer.*``) under ZeRO-3 without experts: each rank reads only its partitions of the
-        weights and moments (get_slice), never the files whole. False where it does not apply
+        weights and moments (block reads, no mmap), never the files whole. False where it does not apply
         (``logical_from_native`` then reads them whole)."""
         from forge_dist.io.checkpoint_read import MODEL_DIR
         from forge_dist.io.slice_read import SafetensorsSlices, StateFileSlices

@@ -66,8 +66,14 @@ def test_blocks_equal_safetensors_get_slice(tmp_path, monkeypatch, chunk, short)
 
 def test_malformed_files_are_refused(tmp_path):
     path = tmp_path / "bad.safetensors"
-    for data in [b"\x01", (10**6).to_bytes(8, "little") + b"{}", (2).to_bytes(8, "little") + b"[]",
-                 (48).to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}']:
+    def file(header: bytes, data: bytes = b"") -> bytes:
+        return len(header).to_bytes(8, "little") + header + data
+
+    for data in [b"\x01", (10**6).to_bytes(8, "little") + b"{}", file(b"[]"), file(b"{nope"),
+                 file(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'),  # data past the end
+                 file(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}', bytes(16)),  # wrong size
+                 file(b'{"a":{"dtype":"X9","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+                 file(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":["x",4]}}', bytes(4))]:
         path.write_bytes(data)
         with pytest.raises(ValueError):
             SafetensorsFile(str(path))

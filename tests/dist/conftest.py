@@ -4,6 +4,13 @@ import time
 import pytest
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    """A directory of this test module's own, shared by the worlds its fixtures spawn in turn (one
+    saves, the next resumes)."""
+    return str(tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+
+
 @pytest.fixture(scope="session")
 def deepspeed_adam_ops():
     """DeepSpeed's fused_adam and cpu_adam ops, the optimizers a DeepSpeed config's "optimizer"

@@ -84,11 +84,6 @@ def world1_resume(rank, world, workdir):
 
 # --- fixtures: the worlds, in dependency order ------------------------------------------------------
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("deepspeed"))
-
-
-@pytest.fixture(scope="module")
 def dp1(workdir):
     return spawn(world1_save, 1, workdir, timeout=240)
 

@@ -130,12 +130,6 @@ def zero3_prev_run(saved, groups, pc):
     return out
 
 
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("deepspeed_tp"))
-
-
 @pytest.fixture(scope="module")
 def tp_dp(workdir):
     return spawn(world4_tp, 4, workdir, timeout=400)

@@ -156,19 +156,12 @@ def run(engine, ctx, iters, save_to=None, sharded_to=None) -> Dict:
 def reference(case: str, blocks: int) -> Dict:
     """One process, the global batch; capacity counted per block of each of ``blocks`` routing
     ranks (the data-parallel ranks, times TP when the TP ranks split the tokens)."""
-    from forge_dist.train.engine import LocalEngine
-    from forge_dist.train.optim import build_optimizer
+    from forge_dist.testing.local_run import local_engine, run_local
 
     model = _model(case, capacity_groups=blocks)
-    cfg = _train_config(1)
-    engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
     v, b = model.config.vocab_size, model.config.block_size
-    out = {"loss": [], "grad_norm": []}
-    for it in range(ITERS):
-        out["loss"].append(engine.forward_backward([micro_batch(it, m, v, b) for m in range(ACCUM)]).item())
-        out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
-    out["weights"] = {k: t.detach().clone() for k, t in model.state_dict().items()}
-    return out
+    return run_local(local_engine(model, _train_config(1), CLIP), model, range(ITERS),
+                     lambda it: [micro_batch(it, m, v, b) for m in range(ACCUM)], lr)
 
 
 def _rel(a, b) -> float:

@@ -116,16 +116,12 @@ def resume_one_process(uninterrupted: Dict) -> Dict:
     its path in ``sharded``) resumed by LocalEngine on the global batch, against that run."""
     from forge_dist.testing.ep_deepspeed import (ACCUM, CLIP, ITERS, SAVE_AT, _model, _train_config, errors, lr,
                                                  micro_batch)
-    from forge_dist.train.engine import LocalEngine
-    from forge_dist.train.optim import build_optimizer
+    from forge_dist.testing.local_run import local_engine, run_local
 
     model = _model("top2")
-    engine = LocalEngine(model, build_optimizer(model, _train_config(1), "cpu"), "cpu", "float32", CLIP)
+    engine = local_engine(model, _train_config(1), CLIP)
     engine.load_state(uninterrupted["sharded"])
     v, b = model.config.vocab_size, model.config.block_size
-    got = {"loss": [], "grad_norm": []}
-    for it in range(SAVE_AT, ITERS):
-        got["loss"].append(engine.forward_backward([micro_batch(it, m, v, b) for m in range(ACCUM)]).item())
-        got["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
-    got["weights"] = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    got = run_local(engine, model, range(SAVE_AT, ITERS), lambda it: [micro_batch(it, m, v, b) for m in range(ACCUM)],
+                    lr)
     return errors(got, uninterrupted, SAVE_AT)

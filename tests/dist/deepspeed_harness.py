@@ -202,19 +202,12 @@ def run_native(engine, ctx, iters, sharded_to=None, sharded_at=None, gathered_to
 def reference(model_kwargs=TINY, clip=CLIP):
     from forge_dist import ModelConfig
     from forge_dist.model.gpt import GPT
-    from forge_dist.train.engine import LocalEngine
-    from forge_dist.train.optim import build_optimizer
+    from forge_dist.testing.local_run import local_engine, run_local
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**model_kwargs))
-    cfg = train_config(1, clip=clip)
-    engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", clip)
-    out = {"loss": [], "grad_norm": []}
-    for it in range(ITERS):
-        out["loss"].append(engine.forward_backward([micro_batch(it, m) for m in range(ACCUM)]).item())
-        out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
-    out["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return out
+    return run_local(local_engine(model, train_config(1, clip=clip), clip), model, range(ITERS),
+                     lambda it: [micro_batch(it, m) for m in range(ACCUM)], lr)
 
 
 def rel(a, b) -> float:

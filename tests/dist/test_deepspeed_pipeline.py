@@ -29,24 +29,18 @@ import torch.distributed as dist
 
 from forge_dist.testing.spawn import spawn
 
+from deepspeed_harness import GLOBAL_MICRO, TINY, micro_batch  # the DeepSpeed tests' model size and batches
+
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-MODEL = dict(n_layer=3, n_head=4, n_embd=32, block_size=16, vocab_size=64, dropout=0.0)
+MODEL = dict(TINY, n_layer=3)
 MOE = dict(MODEL, n_layer=4, use_moe=True, n_experts=4, moe_top_k=2, moe_layer_freq=1, moe_aux_loss_coef=0.01,
            moe_z_loss_coef=0.001)  # at PP=4 x DP=1: every stage's auxiliary losses in the objective
-GLOBAL_MICRO, ACCUM, ITERS, SAVE_AT, CLIP = 4, 2, 4, 2, 0.5  # clipping acts at every step
+ACCUM, ITERS, SAVE_AT, CLIP = 2, 4, 2, 0.5  # clipping acts at every step
 
 
 def lr(it: int) -> float:
     return 1e-2 * (it + 1) / ITERS
-
-
-def micro_batch(it: int, m: int, dp_rank: int = 0, dp_size: int = 1):
-    g = torch.Generator().manual_seed(1000 * it + m)
-    x = torch.randint(0, MODEL["vocab_size"], (GLOBAL_MICRO, MODEL["block_size"]), generator=g)
-    y = torch.randint(0, MODEL["vocab_size"], (GLOBAL_MICRO, MODEL["block_size"]), generator=g)
-    rows = GLOBAL_MICRO // dp_size
-    return x[dp_rank * rows:(dp_rank + 1) * rows], y[dp_rank * rows:(dp_rank + 1) * rows]
 
 
 def train_config(dp_size: int, dtype: str = "float32", accum: int = ACCUM):
@@ -188,21 +182,12 @@ def writers(checkpoint):
 def reference(model_kwargs=MODEL, accum=ACCUM):
     from forge_dist import ModelConfig
     from forge_dist.model.gpt import GPT
-    from forge_dist.train.engine import LocalEngine
-    from forge_dist.train.optim import build_optimizer
+    from forge_dist.testing.local_run import local_engine, run_local
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(**model_kwargs))
-    cfg = train_config(1, accum=accum)
-    engine = LocalEngine(model, build_optimizer(model, cfg, "cpu"), "cpu", "float32", CLIP)
-    out = {"loss": [], "grad_norm": []}
-    for it in range(ITERS):
-        out["loss"].append(engine.forward_backward([micro_batch(it, m) for m in range(accum)]).item())
-        if it == 0:
-            out["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        out["grad_norm"].append(float(engine.step(lr(it))["grad_norm"]))
-    out["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return out
+    return run_local(local_engine(model, train_config(1, accum=accum), CLIP), model, range(ITERS),
+                     lambda it: [micro_batch(it, m) for m in range(accum)], lr, grads_at=0)
 
 
 def rel(a, b) -> float:

@@ -111,8 +111,13 @@ INTERNALS: List[Tuple[str, Callable[[], bool]]] = [
                           "_coalesce_grad_reduction")()),
     ("DeepSpeedEngine.checkpoint_engine (wrapped: forge_dist.io.deepspeed_safe loads without pickle)",
      _source_mentions("deepspeed.runtime.engine", "DeepSpeedEngine", "checkpoint_engine")),
-    ("deepspeed.zero.Init._convert_to_zero_parameters (ZeRO-3 parameters partitioned as they are drawn)",
-     _class_has("deepspeed.runtime.zero.partition_parameters", "Init", "_convert_to_zero_parameters")),
+    ("deepspeed.zero.Init._convert_to_zero_parameters / _convert_to_deepspeed_param / rank / dp_world_size / "
+     "zero_param_process_group (ZeRO-3 parameters partitioned as they are drawn, each rank its own range: "
+     "train/deepspeed_init.py)",
+     lambda: _class_has("deepspeed.runtime.zero.partition_parameters", "Init", "_convert_to_zero_parameters",
+                        "_convert_to_deepspeed_param")()
+     and _source_mentions("deepspeed.runtime.zero.partition_parameters", "Init", "rank", "dp_world_size",
+                          "zero_param_process_group")()),
     ("deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint (forge-convert)",
      _has("deepspeed.utils.zero_to_fp32", "get_fp32_state_dict_from_zero_checkpoint")),
     ("PipelineEngine._INSTRUCTION_MAP / _exec_optimizer_step / reset_activation_shape (pipeline: the "

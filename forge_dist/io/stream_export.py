@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from forge_dist.errors import CheckpointError
+from forge_dist.errors import CheckpointError, ConfigError
 from forge_dist.io.reallm_forge import Conversion
 
 
@@ -240,6 +240,8 @@ def save_ckpt_streamed(source: TensorSource, dst: str, layout: str = "snapshot")
                 for out in export({n: t for n, t in meta_sd.items() if _group(n) == g})[0]:
                     if out not in free:
                         owner.setdefault(out, g)
+    except (ConfigError, CheckpointError):  # a refusal (``layout``, a rule's own check): the user's to fix
+        raise
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:  # a rule that needs values
         raise NotStreamable(f"an export rule does not run on the meta device ({type(e).__name__}: {e})") from None
     unknown = [k for k in plan if k not in owner and k not in free]

@@ -252,3 +252,15 @@ def test_slice_readers_never_map_their_files_and_close_them(tmp_path):
             value = reader.full("transformer.h.0.attn.c_attn_q.weight", torch.float32)
             assert opened(file) and not mapped(file)
         assert not opened(file) and not mapped(file) and torch.equal(value, model.transformer.h[0].attn.c_attn_q.weight)
+
+
+def test_a_bad_layout_is_refused_by_name_without_loading_the_model(tmp_path, watched):
+    """A ConfigError of the export (``layout``) is the user's to fix, not a rule that needs values:
+    it is raised as is, never turned into the whole-model fallback (which would load the model first)."""
+    from forge_dist.errors import ConfigError
+
+    src = str(tmp_path / "m")
+    save_pretrained(GPT(ModelConfig(**TINY)), src)
+    with pytest.raises(ConfigError, match="layout='bogus'.*valid values: snapshot"):
+        convert(src, str(tmp_path / "s" / "ckpt.pt"), "reallm-forge", layout="bogus")
+    assert not watched["whole"] and not os.path.exists(tmp_path / "s")

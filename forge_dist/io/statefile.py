@@ -68,10 +68,12 @@ def save_state(obj: Any, directory: str, name: str) -> None:
 
 
 def load_state(directory: str, name: str, map_location: str = "cpu") -> Any:
+    from safetensors import SafetensorError  # a corrupt header: not an OSError or ValueError
+
     try:
         tensors = load_file(os.path.join(directory, f"{name}.safetensors"), device=map_location)
         with open(os.path.join(directory, f"{name}.json"), encoding="utf-8") as fh:
             structure = json.load(fh)
-    except (OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {name} state in {directory}: {e}") from None
     return _decode(structure, tensors)

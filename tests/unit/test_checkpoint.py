@@ -53,6 +53,17 @@ def test_statefile_round_trip(tmp_path):
     assert back["py"] == obj["py"]
 
 
+def test_a_corrupt_statefile_is_refused_as_a_checkpoint_error(tmp_path):
+    """A damaged safetensors header raises safetensors' own SafetensorError (neither an OSError nor
+    a ValueError): load_state names the state and the directory instead."""
+    save_state({"w": torch.ones(2)}, str(tmp_path), "s")
+    with open(tmp_path / "s.safetensors", "r+b") as fh:
+        fh.seek(8)
+        fh.write(b"!")
+    with pytest.raises(CheckpointError, match="cannot read s state"):
+        load_state(str(tmp_path), "s")
+
+
 def test_save_verify_load_round_trip(tmp_path, tiny_config):
     from forge_dist.model.gpt import GPT
 

@@ -28,8 +28,9 @@ the forward and backward too), ``save`` through forge-train's sharded checkpoint
 fresh world building the engine, loading that checkpoint and taking one more step. A 1 x 48 GPT run the same way gives the runtime's own memory (DeepSpeed, gloo groups, code
 pages), which does not grow with the model. ``--prev_run`` adds ZeRO-3 rows starting from a saved
 model.safetensors (each rank reading its partitions: ``built`` is the peak RSS, ``anon`` the
-anonymous memory only; they differ by the file pages a rank maps, none since the readers pread:
-io/safetensors_file.py). Every layout pins glibc's mmap threshold as
+anonymous memory (RssAnon) once read, a current value, not a peak; they differ by the file pages
+a rank maps, none since the readers pread: io/safetensors_file.py). Every layout pins glibc's
+mmap threshold as
 train/launch.py does (forge_dist.dist.malloc).
 """
 from __future__ import annotations

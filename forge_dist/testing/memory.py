@@ -28,7 +28,7 @@ def measure(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int
     cfg = ModelConfig(**cfg_kwargs)
     groups = ProcessGroups.build(Topology(world_size, tp=world_size)) if world_size > 1 else None
     torch.empty(2, device="meta").normal_()  # meta ops import torch._dynamo once: library, not model, memory
-    base, anon = _peak_mb(), _anon_mb()
+    base = _peak_mb()
     torch.manual_seed(0)
     if groups is None:
         model = GPT(cfg)
@@ -66,7 +66,8 @@ def measure_zero3(rank: int, world_size: int, cfg_kwargs: dict, steps: int, bloc
     ``path``); with ``resume_from`` (such a path) the peak after loading it (``resume``), before the steps;
     ``zero``: entries of zero_optimization to override; ``prev_run``: a model directory whose
     weights are read into the partitions (--init_from prev_run), ``built_anon`` then says how much
-    of ``built`` is anonymous memory (the rest: file pages mapped; the readers pread, so a few MB)."""
+    of ``built`` is anonymous memory (RssAnon once read: a current value, not a peak; the rest: file
+    pages mapped; the readers pread, so a few MB)."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.model.gpt import GPT
     from forge_dist.train.context import RunContext

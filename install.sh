@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs forge_dist for CPU work on a fresh Debian/Ubuntu machine: OpenMPI and SLURM from apt, a .venv
+# Installs forge_dist for CPU work on a fresh Debian/Ubuntu machine: OpenMPI, SLURM and libaio from apt, a .venv
 # with the pinned CPU torch and the project's requirements, then the package itself (editable).
 # GPU users: see README ("Installing on a GPU machine").
 set -euo pipefail

@@ -6,10 +6,11 @@
 
 SOURCE: a DeepSpeed checkpoint, a sharded training checkpoint, a forge_dist model directory, a
 ReaLLM-Forge ckpt.pt or a transformers directory (``forge-convert DIR HF --to hf`` of the one --make
-writes). ``--to forge``: io/deepspeed_stream.py (DeepSpeed) or io/stream_export.py
-against consolidate (zero_to_fp32) or load_source, then save_pretrained. ``--to reallm-forge`` / ``--to hf``: io/stream_export.py against load_source +
-save_ckpt / save_hf (a transformers source: io/hf/slices.py against load_hf). ``--prev_run``: io/reallm_forge.py ``open_slices`` (memory-mapped ckpt.pt, the
-pieces of rank 0 of 2 read: the first half of every tensor's rows) against load_ckpt (whole).
+writes). Streaming: forge-convert (io/stream_export.py; a DeepSpeed source through
+io/deepspeed_stream.py, a transformers one through io/hf/slices.py). Whole-model path: consolidate
+(zero_to_fp32) or load_source, then save_pretrained / save_ckpt / save_hf. ``--prev_run``:
+io/reallm_forge.py ``open_slices`` (memory-mapped ckpt.pt, the pieces of rank 0 of 2 read: the first
+half of every tensor's rows) against load_ckpt (whole).
 
 Prints each path's peak resident memory above the process's baseline after imports: max RSS
 (``resource.getrusage``; it counts memory-mapped file pages, page cache the kernel can drop) and

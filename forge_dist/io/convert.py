@@ -13,8 +13,8 @@ The source format is detected; a forge-train checkpoint is verified against its 
 Weights and the model configuration convert exactly; iter_num, best_val_loss, the tokenizer and
 ReaLLM-Forge's run ``config`` travel along; optimizer state does not. Every source (DeepSpeed,
 sharded, a model directory, a ReaLLM-Forge ckpt.pt memory-mapped, a transformers directory read
-through safetensors' lazy slices) goes to every target one tensor at a time (io/stream_export.py),
-never whole in memory; ``load_source`` (the whole model) is the library's and the tests' reference.
+block by block, io/safetensors_file.py) goes to every target one tensor at a time
+(io/stream_export.py), never whole in memory; ``load_source`` (the whole model) is the library's and the tests' reference.
 """
 from __future__ import annotations
 

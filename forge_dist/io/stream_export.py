@@ -3,7 +3,7 @@
 A DeepSpeed checkpoint (io/deepspeed_stream.py ``DeepSpeedReader``), a sharded training checkpoint
 (io/sharded_read.py ``ShardedWeights``), a forge_dist model directory (io/weights_reader.py), a
 ReaLLM-Forge ckpt.pt (memory-mapped) or a transformers directory (io/hf/slices.py ``HfSlices``:
-each of our tensors read through safetensors' lazy slices and its mapping's transform) is a
+each of our tensors made from the block of theirs its mapping's transform names, read alone) is a
 ``TensorSource``: the model config, the training info, and ``tensor(name)``, one logical tensor
 read when asked for. The writers plan the output on a meta-device GPT (names, dtypes, shapes,
 which storages are shared) and fill it tensor by tensor, in the bytes the whole-model path writes:
@@ -15,8 +15,8 @@ which storages are shared) and fill it tensor by tensor, in the bytes the whole-
                           tensor outside the blocks) at a time for the values; torch.save's own
                           writer asks for each storage record in turn (io/torch_zip_stream.py)
 
-The peak is one output tensor and the tensors of ours it is made of (a block's, for ckpt.pt),
-(upstream's causal-mask buffer of that block included).
+The peak is one output tensor and the tensors of ours it is made of (for ckpt.pt, one transformer
+block's, its derived buffers such as upstream's causal mask included).
 """
 from __future__ import annotations
 

@@ -69,6 +69,9 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         self._metadata = header.pop("__metadata__", None)
+        if self._metadata is not None and not (isinstance(self._metadata, dict) and all(
+                isinstance(v, str) for v in self._metadata.values())):
+            raise ValueError("__metadata__ is not a map of strings to strings")
         self._data_start = 8 + n
         self._entries: Dict[str, Tuple[torch.dtype, Tuple[int, ...], int]] = {}
         for name, e in header.items():
@@ -78,7 +81,7 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise ValueError(f"tensor {name!r} has a bad header entry {e!r}") from None
             nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0 or self._data_start + end > size:
+            if any(s < 0 for s in shape) or end - begin != nbytes or begin < 0 or self._data_start + end > size:
                 raise ValueError(f"tensor {name!r}: data_offsets {[begin, end]} do not hold its {nbytes} "
                                  f"bytes inside the file")
             self._entries[name] = (dtype, shape, self._data_start + begin)

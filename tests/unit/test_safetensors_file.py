@@ -73,7 +73,10 @@ def test_malformed_files_are_refused(tmp_path):
                  file(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'),  # data past the end
                  file(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}', bytes(16)),  # wrong size
                  file(b'{"a":{"dtype":"X9","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
-                 file(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":["x",4]}}', bytes(4))]:
+                 file(b'{"a":{"dtype":"F32","shape":[1],"data_offsets":["x",4]}}', bytes(4)),
+                 file(b'{"__metadata__":["x"],"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+                 file(b'{"__metadata__":{"k":1},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+                 file(b'{"a":{"dtype":"F32","shape":[-1],"data_offsets":[4,0]}}', bytes(4))]:  # as safetensors refuses
         path.write_bytes(data)
         with pytest.raises(ValueError):
             SafetensorsFile(str(path))

@@ -210,6 +210,10 @@ def write_safetensors(file: str, entries: Dict[str, Tuple[torch.dtype, Tuple[int
                       value: Callable[[str], torch.Tensor], metadata: Dict[str, str]) -> None:
     """A safetensors file of ``entries`` ({name: (dtype, shape)}): the header first, then each
     tensor's bytes from ``value(name)``, which is dropped before the next one is asked for."""
+    unknown = sorted({str(d) for d, _ in entries.values() if d not in _ST_RANK})
+    if unknown:
+        raise CheckpointError(f"{file}: safetensors cannot hold dtype(s) {unknown}; "
+                              f"valid: {[str(d) for d in _ST_DTYPES]}")
     order = sorted(entries, key=lambda n: (-_ST_RANK[entries[n][0]], n))
     header: "OrderedDict[str, object]" = OrderedDict([("__metadata__", dict(sorted(metadata.items())))])
     offset = 0

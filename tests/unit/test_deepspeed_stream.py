@@ -42,3 +42,9 @@ def test_span_crosses_partition_boundaries_and_refuses_a_short_one():
     assert torch.equal(torch.cat(_span(flats, 3, 5)), torch.arange(3, 8.0))
     with pytest.raises(CheckpointError, match="truncated"):
         _span(flats, 8, 4)
+
+
+def test_a_dtype_safetensors_cannot_hold_is_refused_by_name(tmp_path):
+    with pytest.raises(CheckpointError, match=r"torch\.uint16.*valid"):
+        write_safetensors(str(tmp_path / "x"), {"a": (torch.uint16, (2,))}, lambda n: torch.zeros(2), {})
+    assert not (tmp_path / "x").exists()

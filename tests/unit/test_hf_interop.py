@@ -282,3 +282,11 @@ def test_a_transformers_tokenizer_prepares_data_and_samples(tmp_path, capsys):
     convert(str(tmp_path / "forge"), str(tmp_path / "hf2"), "hf")
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
     assert again(text[:500]).input_ids == hf_tok(text[:500]).input_ids
+
+
+def test_an_unreadable_tokenizer_is_reported_not_silently_dropped(tmp_path):
+    from forge_dist.io.hf.tokenizer import read_tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="tokenizer_config|could not be read"):
+        assert read_tokenizer(str(tmp_path)) is None

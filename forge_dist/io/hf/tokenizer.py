@@ -132,6 +132,11 @@ def read_tokenizer(path: str):
             from forge_dist.data.spm import SentencePieceTokenizer
 
             return SentencePieceTokenizer.load(os.path.join(path, "tokenizer.model"))
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        # the weights convert without it; say so rather than drop a tokenizer the user expects
+        import warnings
+
+        warnings.warn(f"{path}: its tokenizer files could not be read ({type(e).__name__}: {e}); "
+                      f"continuing without a tokenizer", stacklevel=2)
         return None
     return None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import tempfile
 
@@ -77,6 +78,7 @@ def main() -> None:
         for rank, r in enumerate(spawn(measure, tp, cfg, args.steps, args.block, timeout=600, return_all=True)):
             print(f"{'TP=%d' % tp:>8} {rank:>4} {r['init']:>9.0f} {r['init'] / single['init']:>6.2f} "
                   f"{r['step']:>9.0f} {r['step'] / single['step']:>6.2f} {1 / tp + 0.15:>7.2f}")
+        tp_checkpoint_rows(cfg, tp, args, single)
     tiny = dict(cfg, n_layer=1, n_embd=48, n_head=4, vocab_size=256)
     for dp in args.zero3:
         if args.prev_run:
@@ -98,6 +100,30 @@ def main() -> None:
                   f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); "
                   f"resume {r['resume']:.0f} MB ({r['resume'] / single['step']:.2f}), its next step "
                   f"{r['resume_step']:.0f} MB ({r['resume_step'] / single['step']:.2f}); target {1 / dp + 0.15:.2f}")
+
+
+def tp_checkpoint_rows(cfg: dict, tp: int, args, single: dict) -> None:
+    """TP=tp through forge-train's own path (build_model on meta, the parallel engine, the sharded
+    checkpoint): the save after the steps, and a fresh world resuming it (this rank's pieces only),
+    as ratios to ``single``'s step (the one-process peak); the one-process save through LocalEngine
+    beside them."""
+    from forge_dist.testing.ep_memory import measure_ep
+    from forge_dist.testing.spawn import spawn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        one = spawn(measure_ep, 1, cfg, args.steps, args.block, 1, os.path.join(tmp, "one"), timeout=600)
+        per_rank = spawn(measure_ep, tp, cfg, args.steps, args.block, 1, os.path.join(tmp, "tp"), None, 0, tp,
+                         timeout=600, return_all=True)
+        resumed = spawn(measure_ep, tp, cfg, 1, args.block, 1, None, per_rank[0]["path"], 0, tp, timeout=600,
+                        return_all=True)  # a fresh world: built on meta, then this rank's pieces loaded
+    print(f"{'TP=1':>8} {0:>4} forge-train path: step {one['step']:.0f} MB ({one['step'] / single['step']:.2f}); "
+          f"save {one['save']:.0f} MB ({one['save'] / single['step']:.2f})")
+    for rank, (r, again) in enumerate(zip(per_rank, resumed)):
+        print(f"{'TP=%d' % tp:>8} {rank:>4} forge-train path: built {r['built']:.0f} MB "
+              f"({r['built'] / single['init']:.2f}); step {r['step']:.0f} MB ({r['step'] / single['step']:.2f}); "
+              f"save {r['save']:.0f} MB ({r['save'] / single['step']:.2f}); resume {again['resume']:.0f} MB "
+              f"({again['resume'] / single['step']:.2f}), its next step {again['step']:.0f} MB "
+              f"({again['step'] / single['step']:.2f}); target {1 / tp + 0.15:.2f}")
 
 
 def zero3_prev_run_rows(cfg: dict, dp: int, args, single: dict) -> None:

@@ -57,10 +57,11 @@ def expected_share(cfg_kwargs: dict, ep: int, dp: int = None, zero_stage: int = 
 
 
 def measure_ep(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: int, ep: int = None,
-               save_dir: str = None, resume_from: str = None, zero_stage: int = 0) -> dict:
+               save_dir: str = None, resume_from: str = None, zero_stage: int = 0, tp: int = 1) -> dict:
     """Peaks above the idle baseline of this rank (MB) by phase; ``ep`` defaults to the world size
-    (1: one process). ``save_dir``: also the sharded save (its path in ``path``); ``resume_from``:
-    the model and optimizer state come from that checkpoint (``resume``) before the steps."""
+    over ``tp`` (1: one process). ``save_dir``: also the sharded save (its path in ``path``); ``resume_from``:
+    the model and optimizer state come from that checkpoint (``resume``) before the steps. ``tp``: a
+    dense GPT at TP=tp through the same path (bench/memory.py's TP save and resume rows; ``ep=1``)."""
     from forge_dist.config.model_config import ModelConfig
     from forge_dist.testing.runs import parallel_context
     from forge_dist.train.context import RunContext
@@ -71,7 +72,7 @@ def measure_ep(rank: int, world_size: int, cfg_kwargs: dict, steps: int, block: 
 
     pin_mmap_threshold()  # as train/launch.py does in every run
     cfg = ModelConfig(**cfg_kwargs)
-    ctx = parallel_context(rank, world_size, ep=ep or world_size) if world_size > 1 else RunContext()
+    ctx = parallel_context(rank, world_size, tp=tp, ep=ep or world_size // tp) if world_size > 1 else RunContext()
     train_cfg = TrainConfig(batch_size=1, gradient_accumulation_steps=1, device="cpu", dtype="float32",
                             learning_rate=1e-4, grad_clip=1.0, seed=0)
     torch.empty(2, device="meta").normal_()  # meta ops import torch._dynamo once: library, not model, memory

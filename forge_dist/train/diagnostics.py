@@ -93,6 +93,7 @@ class Diagnostics:
         self.rank0_host: Optional[str] = self.host if ctx.rank == 0 else None  # read once from its heartbeat
         self.warned: set = set()
         self.requests_seen = 0
+        self.steps_seen = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._pipe: Optional[Tuple[int, int]] = None
@@ -141,6 +142,12 @@ class Diagnostics:
         self.step = it
         if self.recorder is not None:
             self.recorder.step = it
+            self.steps_seen += 1
+            if self.rank0_host is None and self.steps_seen > 1:
+                # rank 0 wrote its heartbeat in start(), before its first collective, which every rank
+                # has passed by its second step: from then on rank 0's host is known even if the store
+                # dies with it (the watchdog thread's reads may all have come too early under load)
+                self._learn_rank0_host()
 
     # --- the watchdog thread --------------------------------------------------------------------
     def _watch(self) -> None:

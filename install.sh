@@ -24,4 +24,9 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q torch==2.13.0                      # first, so nothing else can pull a CUDA build
 DS_BUILD_OPS=0 pip install -q -r requirements-cpu.txt
 pip install -q --no-build-isolation -e .
+if [ "${1:-}" = "--test" ]; then
+  # the DeepSpeed CPU ops the tests load, built once here rather than inside a test (tests/conftest.py
+  # points TORCH_EXTENSIONS_DIR at the same .torch_extensions/)
+  TORCH_EXTENSIONS_DIR="$(pwd)/.torch_extensions" DS_ACCELERATOR=cpu python tools/build_deepspeed_ops.py
+fi
 echo "forge_dist installed in $(pwd)/.venv"

@@ -9,7 +9,8 @@ os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 os.environ.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
 os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
 os.environ.setdefault("OMPI_MCA_btl", "self,vader,tcp")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
+_EXTENSIONS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", _EXTENSIONS)  # install.sh --test builds DeepSpeed's ops there
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
